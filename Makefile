@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fastdiff-installed
 # The torch wheel pip picks when none is installed yet (a CPU build where one is on disk).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install ext bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Rebuild only the C++ extension in place (serialised, so parallel rebuilds do not collide).
+ext: $(STAMP)
+	flock /tmp/fastdiff-build.lock $(PY) setup.py -q build_ext --inplace
 
 demo: $(STAMP)
 	$(PY) -m fastdiff demo

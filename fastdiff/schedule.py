@@ -237,6 +237,11 @@ class Schedule:
         """What the network is fed at t: the timestep index (discrete), t, or sigma (EDM)."""
         return self._core.model_time(t)
 
+    def t_from_model_time(self, model_time: float | np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`model_time`: the schedule t a network input corresponds to."""
+        mt = np.asarray(model_time, dtype=np.float64)
+        return mt / self.config["time_scale"] if self.kind == "flow" else mt
+
     def t_from_log_snr(self, log_snr: float | np.ndarray) -> np.ndarray:
         """Inverse of :meth:`log_snr` on [t_min, t_max] (bisection in float64)."""
         return self._core.t_from_log_snr(log_snr)
