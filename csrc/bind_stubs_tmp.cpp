@@ -1,5 +1,4 @@
 #include "bindings.h"
 namespace fastdiff {
 void bind_philox(pybind11::module_&) {}
-void bind_coefficients(pybind11::module_&) {}
 }

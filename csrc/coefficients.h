@@ -1,0 +1,55 @@
+// Sampler coefficient programs (DESIGN.md, principle 2).
+//
+// A program is a list of stages. Stage k feeds the network the current state at model_time[k] and
+// then applies one row of float64 coefficients:
+//   x_next = c_x x + c_m m + c_h0 h0 + c_h1 h1 + c_h2 h2 + c_z z
+//   h_new  = d_x x + d_m m          (written to a history slot for later stages)
+//   x0_hat = e_x x + e_m m          (the denoised estimate, when the caller asks for it)
+// with the prediction type (eps, x0, v, score, flow) already folded in, so the kernel never divides
+// by alpha or sigma. meta[k] names the history slots the row reads (h0..h2, -1 = unused), the slot
+// h_new goes to (-1 = none) and the sampler step the stage belongs to.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "schedule.h"
+
+namespace fastdiff {
+
+constexpr int kNumCoef = 10;  // c_x, c_m, c_h0, c_h1, c_h2, c_z, d_x, d_m, e_x, e_m
+constexpr int kNumMeta = 5;   // read slot 0, read slot 1, read slot 2, write slot, step index
+enum Coef { CX, CM, CH0, CH1, CH2, CZ, DX, DM, EX, EM };
+enum Meta { READ0, READ1, READ2, WRITE, STEP };
+
+struct SamplerOptions {
+  double eta = 0.0;                           // ddim: 0 deterministic, 1 = ddpm fixed_small
+  std::string variance_type = "fixed_small";  // ddpm: "fixed_small" or "fixed_large"
+};
+
+struct Program {
+  int stages = 0;
+  std::vector<double> coef;       // [stages, kNumCoef]
+  std::vector<int32_t> meta;      // [stages, kNumMeta]
+  std::vector<double> t;          // [stages] schedule time of the state the network sees
+  std::vector<double> model_time; // [stages] what the network is fed
+
+  // Appends a stage with every coefficient zero and no history; returns its index.
+  int add_stage(const Schedule& sch, double t_now, int step);
+  double& at(int stage, Coef c) { return coef[stage * kNumCoef + c]; }
+  int32_t& meta_at(int stage, Meta m) { return meta[stage * kNumMeta + m]; }
+};
+
+// x0 and eps as linear functions of (x, m) for a prediction type at (alpha, sigma).
+struct Linear {
+  double x = 0, m = 0;
+};
+void prediction_to_x0_eps(const std::string& prediction, double alpha, double sigma, Linear& x0, Linear& eps);
+
+const std::vector<std::string>& sampler_names();
+const std::vector<std::string>& prediction_names();
+
+Program make_program(const Schedule& schedule, const std::vector<double>& grid_t, const std::string& sampler,
+                     const std::string& prediction, const SamplerOptions& options);
+
+}  // namespace fastdiff

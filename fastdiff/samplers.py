@@ -1,0 +1,52 @@
+"""The samplers fastdiff knows, with what each one is.
+
+Every fixed-step sampler is a coefficient program built in C++ (csrc/coefficients.cpp) and run by the
+one fused step kernel; this module holds what a user needs to choose one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+ALL_PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What a sampler is: its order, whether it injects noise, network evaluations per step, and the
+    prediction types it accepts."""
+
+    name: str
+    order: int
+    stochastic: bool
+    nfe_per_step: int
+    predictions: Tuple[str, ...]
+    uses_eta: bool
+    summary: str
+
+
+SAMPLERS: Dict[str, SamplerInfo] = {
+    info.name: info
+    for info in (
+        SamplerInfo("ddpm", 1, True, 1, ALL_PREDICTIONS, False,
+                    "DDPM ancestral step; variance_type 'fixed_small' or 'fixed_large' (diffusers' DDPMScheduler)"),
+        SamplerInfo("ddim", 1, False, 1, ALL_PREDICTIONS, True,
+                    "DDIM with eta in [0, 1]: eta=0 is the PF-ODE's exponential-integrator step, eta=1 equals ddpm"),
+        SamplerInfo("euler_maruyama", 1, True, 1, ALL_PREDICTIONS, False,
+                    "Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dW, in t"),
+        SamplerInfo("pf_ode_euler", 1, False, 1, ALL_PREDICTIONS, False,
+                    "Euler on the probability-flow ODE dx = [f - g^2 score / 2] dt, in t"),
+    )
+}
+
+
+def get_sampler(name: str) -> SamplerInfo:
+    """The :class:`SamplerInfo` for ``name``; an unknown name raises ValueError listing the known ones."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]
+
+
+def list_samplers() -> Tuple[SamplerInfo, ...]:
+    """Every known sampler, sorted by name."""
+    return tuple(SAMPLERS[n] for n in sorted(SAMPLERS))
