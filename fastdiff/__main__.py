@@ -1,0 +1,4 @@
+"""``python -m fastdiff``: see fastdiff.cli."""
+from fastdiff.cli import main
+
+main()
