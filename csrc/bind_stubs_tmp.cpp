@@ -1,4 +1,3 @@
 #include "bindings.h"
 namespace fastdiff {
-void bind_philox(pybind11::module_&) {}
 }
