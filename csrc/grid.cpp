@@ -79,7 +79,9 @@ std::vector<double> make_grid(const Schedule& sch, int steps, const std::string&
                                   " schedule");
     for (double l : np_linspace(l_hi, l_lo, n_spaced)) t.push_back(sch.t_from_log_snr(l));
     t.front() = hi;
-    t.back() = lo;
+    // Fix: with a single spaced point (steps = 1 on a schedule with a clean end) front and back are
+    // the same element, and setting back = t_min moved the only model evaluation from t_max to t_min.
+    if (n_spaced > 1) t.back() = lo;
   } else if (spacing == "karras") {
     double s_max = sch.edm_sigma(hi), s_min = sch.edm_sigma(lo);
     if (!std::isfinite(s_max))

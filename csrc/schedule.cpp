@@ -54,7 +54,9 @@ Schedule Schedule::sub_vp(double beta_min, double beta_max, double t_eps) {
 
 Schedule Schedule::vp_cosine(double s, double t_eps, double t_max) {
   require_range("s", s, 0.0, INFINITY, true, true);
-  require_range("t_max", t_max, 0.0, 1.0, true, true);
+  // t_max = 1 (the Python default, abar(1) = 0) is allowed: the interval is (0, 1], not (0, 1).
+  // (Fix: it was open at 1, so Schedule.vp_cosine() with its defaults raised ValueError.)
+  require_range("t_max", t_max, 0.0, 1.0, true, false);
   require_range("t_eps", t_eps, 0.0, t_max, true, true);
   Schedule out;
   out.kind_ = Kind::VPCosine;
@@ -72,18 +74,21 @@ Schedule Schedule::vp_tabulated(const std::vector<double>& t, const std::vector<
     require_range("beta", beta[i], 0.0, INFINITY, false, true);
     if (i > 0 && !(t[i] > t[i - 1])) throw std::invalid_argument("t must be strictly increasing");
   }
-  if (t[0] < 0) throw std::invalid_argument("t must start at t >= 0");
+  // abar(t) = exp(-int_0^t beta) needs beta from t = 0. (Fix: a grid starting at t[0] > 0 used to be
+  // accepted with beta extrapolated flat on [0, t[0]], a silent guess whose error the documented
+  // trapezoid bound does not cover; now it is rejected.)
+  if (t[0] != 0) {
+    std::ostringstream msg;
+    msg.precision(17);
+    msg << "t must start at 0 (abar(t) = exp(-int_0^t beta) needs beta from t = 0), got t[0] = " << t[0];
+    throw std::invalid_argument(msg.str());
+  }
   Schedule out;
   out.kind_ = Kind::VPTabulated;
-  // Integrate from 0: prepend t = 0 with beta extrapolated flat when the grid starts later.
   out.grid_t_ = t;
   out.grid_beta_ = beta;
-  if (t[0] > 0) {
-    out.grid_t_.insert(out.grid_t_.begin(), 0.0);
-    out.grid_beta_.insert(out.grid_beta_.begin(), beta[0]);
-  }
   out.grid_B_ = cumulative_trapezoid(out.grid_t_, out.grid_beta_);
-  out.t_min_ = t.front() > 0 ? t.front() : t[1];
+  out.t_min_ = t[1];  // log-SNR is +inf at t = 0
   out.t_max_ = t.back();
   return out;
 }
@@ -308,15 +313,34 @@ double bisect(F f, double target, double lo, double hi, double sign) {
   }
   return 0.5 * (lo + hi);
 }
+
+
+// Rejects a target outside the range [min(a, b), max(a, b)] that the function takes on [t_min, t_max]:
+// bisection would silently clamp it to an end. A relative slack of 1e-9 absorbs rounding in the
+// targets the grid builders compute (e.g. pow(pow(sigma_max, 1/rho), rho)).
+void require_reached(const char* name, double v, double a, double b) {
+  double lo = std::min(a, b), hi = std::max(a, b), scale = 1.0;
+  if (std::isfinite(lo)) scale = std::max(scale, std::abs(lo));
+  if (std::isfinite(hi)) scale = std::max(scale, std::abs(hi));
+  if (!(v >= lo - 1e-9 * scale && v <= hi + 1e-9 * scale)) {
+    std::ostringstream msg;
+    msg.precision(17);
+    msg << name << " must be in [" << lo << ", " << hi << "] (its range over [t_min, t_max]), got " << v;
+    throw std::invalid_argument(msg.str());
+  }
+}
 }  // namespace
 
+// (Fix: both inverses used to clamp out-of-range targets to t_min or t_max without a word.)
 double Schedule::t_from_log_snr(double lam) const {
   require_finite("log_snr", lam);
+  require_reached("log_snr", lam, log_snr(t_min_), log_snr(t_max_));
   return bisect([this](double t) { return log_snr(t); }, lam, t_min_, t_max_, -1.0);
 }
 
 double Schedule::t_from_edm_sigma(double s) const {
   require_finite("sigma", s);
+  require_reached("sigma", s, edm_sigma(t_min_), edm_sigma(t_max_));
   if (kind_ == Kind::EDM) return s;
   return bisect([this](double t) { return edm_sigma(t); }, s, t_min_, t_max_, 1.0);
 }

@@ -69,8 +69,9 @@ class Schedule:
             raise TypeError(f"num_train_timesteps must be an int, got {type(num_train_timesteps).__name__}")
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
-        betas = C.make_betas(int(num_train_timesteps), beta_schedule, float(beta_start), float(beta_end),
-                             bool(rescale_zero_terminal_snr))
+        _require_bool("rescale_zero_terminal_snr", rescale_zero_terminal_snr)
+        betas = C.make_betas(int(num_train_timesteps), beta_schedule, _as_float("beta_start", beta_start),
+                             _as_float("beta_end", beta_end), bool(rescale_zero_terminal_snr))
         return cls(C.Schedule.vp_discrete(betas), dict(
             kind="vp_discrete", num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
             beta_start=beta_start, beta_end=beta_end, rescale_zero_terminal_snr=rescale_zero_terminal_snr))
@@ -83,12 +84,12 @@ class Schedule:
 
     @classmethod
     def from_beta_function(cls, t: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray) -> "Schedule":
-        """Continuous VP schedule from beta(t) given on an increasing grid ``t`` (t[0] >= 0).
+        """Continuous VP schedule from beta(t) given on an increasing grid ``t`` starting at t[0] = 0.
 
         ``int_0^t beta`` is tabulated by the composite trapezoid rule, whose error up to t is at most
-        ``(t - t[0]) * h_max**2 * max|beta''| / 12`` (:func:`trapezoid_error_bound`), and read
-        between grid points by cubic Hermite interpolation. t runs over ``[t[0], t[-1]]``
-        (``[t[1], t[-1]]`` when ``t[0] == 0``).
+        ``t * h_max**2 * max|beta''| / 12`` (:func:`trapezoid_error_bound`), and read between grid
+        points by cubic Hermite interpolation. t runs over ``[t[1], t[-1]]`` (the log-SNR is infinite
+        at t = 0). A grid starting later is rejected rather than extrapolated.
         """
         tt, bb = _as_float64_vector("t", t), _as_float64_vector("beta", beta)
         return cls(C.Schedule.vp_tabulated(tt, bb), dict(kind="vp_tabulated"))
@@ -96,7 +97,8 @@ class Schedule:
     @classmethod
     def vp_linear(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_eps: float = 1e-3) -> "Schedule":
         """Continuous VP SDE with linear beta(t) (score-SDE's VP), t in [t_eps, 1]."""
-        return cls(C.Schedule.vp_linear(float(beta_min), float(beta_max), float(t_eps)),
+        return cls(C.Schedule.vp_linear(_as_float("beta_min", beta_min), _as_float("beta_max", beta_max),
+                                         _as_float("t_eps", t_eps)),
                    dict(kind="vp_linear", beta_min=beta_min, beta_max=beta_max, t_eps=t_eps))
 
     @classmethod
@@ -106,33 +108,36 @@ class Schedule:
         abar reaches 0 at t = 1; pass ``t_max < 1`` (DPM-Solver uses 0.9946) to start where the
         log-SNR is finite, which noise-predicting samplers need.
         """
-        return cls(C.Schedule.vp_cosine(float(s), float(t_eps), float(t_max)),
+        return cls(C.Schedule.vp_cosine(_as_float("s", s), _as_float("t_eps", t_eps), _as_float("t_max", t_max)),
                    dict(kind="vp_cosine", s=s, t_eps=t_eps, t_max=t_max))
 
     @classmethod
     def sub_vp(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_eps: float = 1e-3) -> "Schedule":
         """score-SDE's sub-VP SDE: alpha = exp(-B/2), sigma = 1 - exp(-B), t in [t_eps, 1]."""
-        return cls(C.Schedule.sub_vp(float(beta_min), float(beta_max), float(t_eps)),
+        return cls(C.Schedule.sub_vp(_as_float("beta_min", beta_min), _as_float("beta_max", beta_max),
+                                      _as_float("t_eps", t_eps)),
                    dict(kind="sub_vp", beta_min=beta_min, beta_max=beta_max, t_eps=t_eps))
 
     @classmethod
     def ve(cls, sigma_min: float = 0.01, sigma_max: float = 50.0) -> "Schedule":
         """Variance-exploding SDE: alpha = 1, sigma(t) = sigma_min (sigma_max/sigma_min)^t, t in [0, 1]."""
-        return cls(C.Schedule.ve(float(sigma_min), float(sigma_max)),
+        return cls(C.Schedule.ve(_as_float("sigma_min", sigma_min), _as_float("sigma_max", sigma_max)),
                    dict(kind="ve", sigma_min=sigma_min, sigma_max=sigma_max))
 
     @classmethod
     def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> "Schedule":
         """EDM (Karras et al.): alpha = 1 and t is sigma itself, in [sigma_min, sigma_max]; the model is
         fed sigma. ``sigma_data`` is kept for the network's preconditioning."""
-        return cls(C.Schedule.edm(float(sigma_min), float(sigma_max), float(sigma_data)),
+        return cls(C.Schedule.edm(_as_float("sigma_min", sigma_min), _as_float("sigma_max", sigma_max),
+                                   _as_float("sigma_data", sigma_data)),
                    dict(kind="edm", sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data))
 
     @classmethod
     def flow(cls, t_min: float = 1e-3, t_max: float = 1.0, time_scale: float = 1000.0) -> "Schedule":
         """Rectified flow: x_t = (1 - t) x0 + t eps, t in [t_min, t_max], clean end t = 0. The network is
         fed ``t * time_scale`` (diffusers' flow-matching transformers take sigma * 1000)."""
-        return cls(C.Schedule.flow(float(t_min), float(t_max), float(time_scale)),
+        return cls(C.Schedule.flow(_as_float("t_min", t_min), _as_float("t_max", t_max),
+                                    _as_float("time_scale", time_scale)),
                    dict(kind="flow", t_min=t_min, t_max=t_max, time_scale=time_scale))
 
     @classmethod
@@ -140,15 +145,19 @@ class Schedule:
         """Discrete VP schedule from a diffusers scheduler or its config (dict or FrozenDict).
 
         Reads ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
-        ``rescale_betas_zero_snr`` and ``trained_betas``.
+        ``rescale_betas_zero_snr`` and ``trained_betas`` (which diffusers also rescales when asked).
         """
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         if not isinstance(config, Mapping):
-            raise TypeError("from_diffusers takes a diffusers scheduler or its config mapping, got "
+            raise TypeError("scheduler_or_config must be a diffusers scheduler or its config mapping, got "
                             f"{type(scheduler_or_config).__name__}")
         trained = config.get("trained_betas")
         if trained is not None:
-            return cls.from_betas(np.asarray(trained, dtype=np.float64))
+            betas = _as_float64_vector("trained_betas", trained)
+            # Fix: diffusers applies rescale_betas_zero_snr to trained_betas too; this used to be ignored.
+            if config.get("rescale_betas_zero_snr", False):
+                betas = _rescale_zero_terminal_snr(betas)
+            return cls.from_betas(betas)
         return cls.vp_discrete(
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
             beta_schedule=config.get("beta_schedule", "linear"),
@@ -274,7 +283,7 @@ class Schedule:
         spacing = self.default_spacing() if spacing is None else spacing
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        t = self._core.grid(int(steps), spacing, int(steps_offset), float(rho))
+        t = self._core.grid(int(steps), spacing, int(steps_offset), _as_float("rho", rho))
         return Grid(t=t, alpha=self.alpha(t), sigma=self.sigma(t), log_snr=self.log_snr(t),
                     model_time=self.model_time(t))
 
@@ -289,8 +298,32 @@ def trapezoid_error_bound(t: Sequence[float] | np.ndarray, max_abs_beta2: float)
     return C.trapezoid_error_bound(_as_float64_vector("t", t), float(max_abs_beta2))
 
 
+def _as_float(name: str, value: Any) -> float:
+    """``float(value)`` for a real number; a TypeError naming the argument otherwise (a string or None
+    used to fail inside float() with a message that did not say which argument was wrong)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _require_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1 (diffusers' rescale_zero_terminal_snr), in float64."""
+    q = np.sqrt(np.cumprod(1.0 - betas))
+    q0, qT = q[0], q[-1]
+    abar = ((q - qT) * (q0 / (q0 - qT))) ** 2
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+
+
 def _as_float64_vector(name: str, values: Any) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of real numbers ({exc})") from None
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
