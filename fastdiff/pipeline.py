@@ -173,6 +173,46 @@ class Pipeline:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         return x_T.to(device=self.device, dtype=self.dtype).contiguous().clone()
 
+    # ------------------------------------------------------------------ programs, likelihood, inversion
+    def run_program(self, program: Program, x: torch.Tensor, seed: SeedLike = 0, progress: bool = False,
+                    model_kwargs: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
+        """Runs a coefficient program (:func:`fastdiff.program.build_program`) from state ``x``.
+
+        ``x`` ([batch, ...], not modified) is taken at the program grid's first point and the state at its
+        last point is returned, in the pipeline's dtype. A DDIM program on a grid running from low to
+        high t is DDIM inversion (see :func:`fastdiff.likelihood.encode`). ``seed`` keys the noise of
+        stochastic programs as in :meth:`sample`.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        state = x.detach().to(device=self.device, dtype=self.dtype).contiguous().clone()
+        _check_shape(state.shape)
+        seeds = derive_seeds(seed, state.shape[0]).to(self.device)
+        kwargs = dict(model_kwargs or {})
+        _check_model_kwargs(kwargs, state.shape[0])
+        out, _ = self._run(program, state, seeds, kwargs, None, False, progress)
+        return out
+
+    def log_likelihood(self, x0: torch.Tensor, method: str = "exact", n_probes: int = 1, probe: str = "rademacher",
+                       rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0, dtype: Optional[torch.dtype] = None,
+                       bits_per_dim: bool = False, batch_size: Optional[int] = None,
+                       **kwargs: Any) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
+        """Per-sample log p(x0) through the probability-flow ODE: :func:`fastdiff.likelihood.log_likelihood`.
+
+        Further keyword arguments (``autodiff``, ``model_kwargs``, ``max_steps``, ``return_info``) are passed on.
+        """
+        from fastdiff.likelihood import log_likelihood
+        return log_likelihood(self, x0, method=method, n_probes=n_probes, probe=probe, rtol=rtol, atol=atol,
+                              seed=seed, dtype=dtype, bits_per_dim=bits_per_dim, batch_size=batch_size, **kwargs)
+
+    def encode(self, x0: torch.Tensor, steps: int = 50, sampler: str = "ddim", **kwargs: Any) -> torch.Tensor:
+        """The PF-ODE's latent code x_T of ``x0`` (DDIM inversion or rk45): :func:`fastdiff.likelihood.encode`.
+
+        ``self.sample(x0.shape, sampler=sampler, steps=steps, x_T=code)`` decodes it.
+        """
+        from fastdiff.likelihood import encode
+        return encode(self, x0, steps=steps, sampler=sampler, **kwargs)
+
 
 def _default_device(model: Any) -> torch.device:
     params = getattr(model, "parameters", None)
