@@ -1,3 +1,0 @@
-#include "bindings.h"
-namespace fastdiff {
-}
