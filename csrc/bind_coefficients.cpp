@@ -16,10 +16,14 @@ void bind_coefficients(py::module_& m) {
   m.def(
       "make_program",
       [](const Schedule& sch, const std::vector<double>& grid_t, const std::string& sampler,
-         const std::string& prediction, double eta, const std::string& variance_type) {
+         const std::string& prediction, const py::dict& options) {
         SamplerOptions opt;
-        opt.eta = eta;
-        opt.variance_type = variance_type;
+        for (auto item : options) {
+          std::string key = py::str(item.first);
+          if (py::isinstance<py::str>(item.second)) opt.str[key] = item.second.cast<std::string>();
+          else if (item.second.is_none()) continue;
+          else opt.num[key] = item.second.cast<double>();
+        }
         Program p = make_program(sch, grid_t, sampler, prediction, opt);
         py::array_t<double> coef({p.stages, kNumCoef});
         std::copy(p.coef.begin(), p.coef.end(), coef.mutable_data());
@@ -36,8 +40,8 @@ void bind_coefficients(py::module_& m) {
         out["slots"] = slots;
         return out;
       },
-      py::arg("schedule"), py::arg("grid_t"), py::arg("sampler"), py::arg("prediction"), py::arg("eta") = 0.0,
-      py::arg("variance_type") = "fixed_small");
+      py::arg("schedule"), py::arg("grid_t"), py::arg("sampler"), py::arg("prediction"),
+      py::arg("options") = py::dict());
 }
 
 }  // namespace fastdiff

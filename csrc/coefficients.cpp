@@ -6,9 +6,22 @@
 
 namespace fastdiff {
 
-const std::vector<std::string>& sampler_names() {
-  static const std::vector<std::string> names = {"ddpm", "ddim", "euler_maruyama", "pf_ode_euler"};
-  return names;
+namespace {
+std::map<std::string, SamplerBuilder>& registry() {
+  static std::map<std::string, SamplerBuilder> builders;
+  return builders;
+}
+}  // namespace
+
+bool register_sampler(const std::string& name, SamplerBuilder builder) {
+  registry()[name] = builder;
+  return true;
+}
+
+std::vector<std::string> sampler_names() {
+  std::vector<std::string> out;
+  for (const auto& kv : registry()) out.push_back(kv.first);
+  return out;
 }
 
 const std::vector<std::string>& prediction_names() {
@@ -47,11 +60,12 @@ void prediction_to_x0_eps(const std::string& p, double a, double s, Linear& x0, 
   }
 }
 
-int Program::add_stage(const Schedule& sch, double t_now, int step) {
+int Program::add_stage(const Schedule& sch, double t_now, int step, bool calls_model) {
   int k = stages++;
   coef.resize(stages * kNumCoef, 0.0);
   meta.resize(stages * kNumMeta, -1);
   meta_at(k, STEP) = step;
+  meta_at(k, CALLS_MODEL) = calls_model ? 1 : 0;
   t.push_back(t_now);
   model_time.push_back(sch.model_time(t_now));
   return k;
@@ -100,6 +114,8 @@ void sde_euler_row(Program& prog, int k, const Schedule& sch, double t, double s
   prog.at(k, CZ) = noise ? std::sqrt(g2 * std::abs(dt)) : 0.0;
 }
 
+}  // namespace
+
 void check_row(const Program& prog, int k, const std::string& sampler, const std::string& prediction, double t) {
   for (int c : {CX, CM, CH0, CH1, CH2, CZ, DX, DM}) {
     if (!std::isfinite(prog.coef[k * kNumCoef + c])) {
@@ -113,19 +129,18 @@ void check_row(const Program& prog, int k, const std::string& sampler, const std
   }
 }
 
-}  // namespace
+namespace {
 
-Program make_program(const Schedule& sch, const std::vector<double>& grid_t, const std::string& sampler,
-                     const std::string& prediction, const SamplerOptions& opt) {
-  if (grid_t.size() < 2) throw std::invalid_argument("the grid must have at least 2 points");
-  bool known = false;
-  for (const auto& n : sampler_names()) known |= n == sampler;
-  if (!known) throw std::invalid_argument("sampler must be one of " + join(sampler_names()) + ", got '" + sampler + "'");
-  require_range("eta", opt.eta, 0.0, 1.0, false, false);
-  if (opt.variance_type != "fixed_small" && opt.variance_type != "fixed_large")
-    throw std::invalid_argument("variance_type must be 'fixed_small' or 'fixed_large', got '" + opt.variance_type + "'");
-
-  Program prog;
+// The first-order samplers of the sampling core: one stage per step, from grid_t[i] to grid_t[i+1].
+template <int Which>
+void first_order(Program& prog, const Schedule& sch, const std::vector<double>& grid_t, const std::string& prediction,
+                 const SamplerOptions& opt) {
+  static const char* names[] = {"ddim", "ddpm", "euler_maruyama", "pf_ode_euler"};
+  const double eta = opt.get("eta", 0.0);
+  const std::string variance = opt.get("variance_type", std::string("fixed_small"));
+  require_range("eta", eta, 0.0, 1.0, false, false);
+  if (variance != "fixed_small" && variance != "fixed_large")
+    throw std::invalid_argument("variance_type must be 'fixed_small' or 'fixed_large', got '" + variance + "'");
   const int steps = static_cast<int>(grid_t.size()) - 1;
   for (int i = 0; i < steps; ++i) {
     double t = grid_t[i], s = grid_t[i + 1];
@@ -135,15 +150,33 @@ Program make_program(const Schedule& sch, const std::vector<double>& grid_t, con
     int k = prog.add_stage(sch, t, i);
     prog.at(k, EX) = x0.x;
     prog.at(k, EM) = x0.m;
-    if (sampler == "ddim") {
-      ddim_row(prog, k, as, ss, opt.eta, sch.log_snr(t), ss > 0 ? sch.log_snr(s) : INFINITY, x0, eps);
-    } else if (sampler == "ddpm") {
-      ddpm_row(prog, k, at, st, as, ss, opt.variance_type, x0);
+    if (Which == 0) {
+      ddim_row(prog, k, as, ss, eta, sch.log_snr(t), ss > 0 ? sch.log_snr(s) : INFINITY, x0, eps);
+    } else if (Which == 1) {
+      ddpm_row(prog, k, at, st, as, ss, variance, x0);
     } else {
-      sde_euler_row(prog, k, sch, t, s, st, sampler == "euler_maruyama", eps);
+      sde_euler_row(prog, k, sch, t, s, st, Which == 2, eps);
     }
-    check_row(prog, k, sampler, prediction, t);
+    check_row(prog, k, names[Which], prediction, t);
   }
+}
+
+const bool kRegistered = register_sampler("ddim", &first_order<0>) && register_sampler("ddpm", &first_order<1>) &&
+                         register_sampler("euler_maruyama", &first_order<2>) &&
+                         register_sampler("pf_ode_euler", &first_order<3>);
+
+}  // namespace
+
+Program make_program(const Schedule& sch, const std::vector<double>& grid_t, const std::string& sampler,
+                     const std::string& prediction, const SamplerOptions& opt) {
+  if (grid_t.size() < 2) throw std::invalid_argument("the grid must have at least 2 points");
+  auto it = registry().find(sampler);
+  if (it == registry().end())
+    throw std::invalid_argument("sampler must be one of " + join(sampler_names()) + ", got '" + sampler + "'");
+  Linear x0, eps;
+  prediction_to_x0_eps(prediction, 1.0, 1.0, x0, eps);  // validates the name
+  Program prog;
+  it->second(prog, sch, grid_t, prediction, opt);
   return prog;
 }
 

@@ -1,10 +1,14 @@
 """fastdiff: fast sampling of diffusion models.
 
 float64 noise schedules in C++, one fused Triton kernel per sampler step, counter-based noise that
-depends on each sample's seed alone, and whole-loop CUDA graphs.
+depends on each sample's seed alone, exact likelihoods through the probability-flow ODE.
 """
 from fastdiff._ext import C as _C  # noqa: F401  (fails with build instructions when missing)
+from fastdiff import models, samplers
+from fastdiff.interpolate import interpolate
+from fastdiff.pipeline import NonFiniteError, Pipeline
+from fastdiff.samplers import list_samplers
 from fastdiff.schedule import Grid, Schedule
 
-__all__ = ["Grid", "Schedule"]
+__all__ = ["Grid", "NonFiniteError", "Pipeline", "Schedule", "interpolate", "list_samplers", "models", "samplers"]
 __version__ = "0.1.0"

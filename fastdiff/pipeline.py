@@ -91,6 +91,7 @@ class Pipeline:
         variance_type: str = "fixed_small",
         steps_offset: int = 0,
         rho: float = 7.0,
+        **sampler_options: Any,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Draws samples of shape ``shape`` = (batch, ...) with ``sampler`` over ``steps`` steps.
 
@@ -110,6 +111,7 @@ class Pipeline:
                 the state (for parity with other libraries' generators).
             variance_type: ddpm's ``"fixed_small"`` or ``"fixed_large"``.
             steps_offset, rho: passed to :meth:`Schedule.grid`.
+            sampler_options: the sampler's own options (``SamplerInfo.options`` lists them).
 
         Returns:
             The samples (and the stacked x0 estimates when ``return_x0``).
@@ -121,14 +123,14 @@ class Pipeline:
         if self.prediction not in info.predictions:
             raise ValueError(f"sampler {sampler!r} cannot use prediction {self.prediction!r}; "
                              f"it accepts {info.predictions}")
-        if eta != 0.0 and not info.uses_eta:
-            raise ValueError(f"eta only applies to samplers that use it (ddim), not {sampler!r}")
-        if variance_type != "fixed_small" and sampler != "ddpm":
-            raise ValueError(f"variance_type only applies to ddpm, not {sampler!r}")
+        if eta != 0.0:
+            sampler_options["eta"] = eta
+        if variance_type != "fixed_small":
+            sampler_options["variance_type"] = variance_type
+        info.check_options(sampler_options)
         shape = _check_shape(shape)
         grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
-        prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, eta=eta,
-                             variance_type=variance_type)
+        prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
         seeds = derive_seeds(seed, shape[0]).to(self.device)
         x = self._initial_state(shape, seed, x_T)
         _check_noise(noise, prog, shape)
@@ -151,9 +153,12 @@ class Pipeline:
         nonfinite = torch.full((batch,), _NO_NONFINITE, dtype=torch.int32, device=self.device)
         for k in tqdm(range(prog.stages), disable=not progress, desc=f"fastdiff {prog.sampler}", leave=False):
             cur, nxt = buffers[k % 2], buffers[(k + 1) % 2]
-            m = self.model(cur, model_times[k], **kwargs)
-            _check_model_output(m, cur, k)
-            m = m.contiguous()
+            if prog.calls_model(k):
+                m = self.model(cur, model_times[k], **kwargs)
+                _check_model_output(m, cur, k)
+                m = m.contiguous()
+            else:
+                m = cur  # read with c_m = 0 by stages that do not call the network
             write = prog.writes(k)
             torch.ops.fastdiff.fused_step(
                 cur, m, None, 1.0, [slots[i] for i in prog.reads(k)], prog.coef_device, k, seeds,

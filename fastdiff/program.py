@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,8 +16,8 @@ class Program:
     """Stage rows (``coef`` [stages, 10] float64), slot/step metadata and model times of one sampler run.
 
     ``coef_device`` is the same table on the device the kernel reads; ``model_time`` [stages] is what
-    the network is fed at each stage; ``meta`` [stages, 5] holds the history slots each stage reads
-    and writes and the sampler step it belongs to.
+    the network is fed at each stage; ``meta`` [stages, 6] holds the history slots each stage reads
+    and writes, the sampler step it belongs to and whether it calls the network.
     """
 
     sampler: str
@@ -45,15 +46,22 @@ class Program:
         """The sampler step stage ``stage`` belongs to."""
         return int(self.meta[stage, 4])
 
+    def calls_model(self, stage: int) -> bool:
+        """Whether the stage calls the network first (stages that do not read m as zero)."""
+        return bool(self.meta[stage, 5])
+
     def uses_noise(self, stage: int) -> bool:
         """Whether the stage's row injects noise (c_z != 0)."""
         return bool(self.coef[stage, 5] != 0.0)
 
 
 def build_program(schedule: Schedule, grid: Grid, sampler: str, prediction: str, device: torch.device,
-                  eta: float = 0.0, variance_type: str = "fixed_small") -> Program:
-    """Builds the coefficient program of ``sampler`` on ``grid`` for a network predicting ``prediction``."""
-    raw = C.make_program(schedule._core, grid.t, sampler, prediction, float(eta), variance_type)
+                  **options: Any) -> Program:
+    """Builds the coefficient program of ``sampler`` on ``grid`` for a network predicting ``prediction``.
+
+    ``options`` are the sampler's named options (numbers or strings), e.g. ``eta`` or ``variance_type``.
+    """
+    raw = C.make_program(schedule._core, grid.t, sampler, prediction, dict(options))
     coef = raw["coef"]
     return Program(sampler=sampler, grid=grid, coef=coef, meta=raw["meta"], t=raw["t"],
                    model_time=raw["model_time"], slots=int(raw["slots"]),

@@ -6,7 +6,7 @@ one fused step kernel; this module holds what a user needs to choose one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 ALL_PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 
@@ -21,20 +21,27 @@ class SamplerInfo:
     stochastic: bool
     nfe_per_step: int
     predictions: Tuple[str, ...]
-    uses_eta: bool
+    options: Tuple[str, ...]
     summary: str
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raises ValueError naming any option this sampler does not take."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = ", ".join(self.options) if self.options else "no options"
+            raise ValueError(f"sampler {self.name!r} does not take {', '.join(unknown)}; it takes {takes}")
 
 
 SAMPLERS: Dict[str, SamplerInfo] = {
     info.name: info
     for info in (
-        SamplerInfo("ddpm", 1, True, 1, ALL_PREDICTIONS, False,
+        SamplerInfo("ddpm", 1, True, 1, ALL_PREDICTIONS, ("variance_type",),
                     "DDPM ancestral step; variance_type 'fixed_small' or 'fixed_large' (diffusers' DDPMScheduler)"),
-        SamplerInfo("ddim", 1, False, 1, ALL_PREDICTIONS, True,
+        SamplerInfo("ddim", 1, False, 1, ALL_PREDICTIONS, ("eta",),
                     "DDIM with eta in [0, 1]: eta=0 is the PF-ODE's exponential-integrator step, eta=1 equals ddpm"),
-        SamplerInfo("euler_maruyama", 1, True, 1, ALL_PREDICTIONS, False,
+        SamplerInfo("euler_maruyama", 1, True, 1, ALL_PREDICTIONS, (),
                     "Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dW, in t"),
-        SamplerInfo("pf_ode_euler", 1, False, 1, ALL_PREDICTIONS, False,
+        SamplerInfo("pf_ode_euler", 1, False, 1, ALL_PREDICTIONS, (),
                     "Euler on the probability-flow ODE dx = [f - g^2 score / 2] dt, in t"),
     )
 }
