@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
+from fastdiff.graphs import DEFAULT_MAX_GRAPHS, GraphCache, StaticBuffers, capture, graph_key, kwargs_spec, resolve_cuda_graph
+from fastdiff.guidance import Guidance, check_double_batch, guided_outputs, make_guidance, rescale_noise_cfg
 from fastdiff.kernels.philox import derive_seeds, philox_normal
 from fastdiff.program import Program, build_program
 from fastdiff.samplers import ALL_PREDICTIONS, get_sampler
@@ -45,10 +47,12 @@ class Pipeline:
         prediction: what the network predicts: ``"eps"``, ``"x0"``, ``"v"``, ``"score"`` or ``"flow"``.
         device: where sampling runs; default: the model's parameters' device, else CUDA when available.
         dtype: the state's dtype (float32, float16 or bfloat16); arithmetic is float32, coefficients float64.
+        max_graphs: how many captured CUDA graphs :meth:`sample` keeps (LRU; :meth:`clear_graphs` frees them).
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule, prediction: str = "eps",
-                 device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None):
+                 device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
+                 max_graphs: int = DEFAULT_MAX_GRAPHS):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **kwargs), got {type(model).__name__}")
         if not isinstance(schedule, Schedule):
@@ -63,6 +67,8 @@ class Pipeline:
         self.prediction = prediction
         self.device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype
+        self.max_graphs = max_graphs
+        self._graphs = GraphCache(max_graphs)
 
     # ------------------------------------------------------------------ public API
     def initial_noise(self, shape: Sequence[int], seed: SeedLike = 0) -> torch.Tensor:
@@ -91,8 +97,16 @@ class Pipeline:
         variance_type: str = "fixed_small",
         steps_offset: int = 0,
         rho: float = 7.0,
+        cuda_graph: Union[str, bool] = "auto",
+        guidance_scale: float = 1.0,
+        uncond_kwargs: Optional[Mapping[str, Any]] = None,
+        guidance_rescale: float = 0.0,
+        guidance_batching: str = "double",
+        callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Any]] = None,
+        callback_steps: int = 1,
+        return_trajectory: bool = False,
         **sampler_options: Any,
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Draws samples of shape ``shape`` = (batch, ...) with ``sampler`` over ``steps`` steps.
 
         Args:
@@ -111,10 +125,27 @@ class Pipeline:
                 the state (for parity with other libraries' generators).
             variance_type: ddpm's ``"fixed_small"`` or ``"fixed_large"``.
             steps_offset, rho: passed to :meth:`Schedule.grid`.
+            cuda_graph: ``"auto"`` runs the whole loop as one replayed CUDA graph where that applies (CUDA,
+                fixed-step sampler, no explicit noise list, no callback) and eagerly otherwise; ``True``
+                insists (ValueError where it cannot apply); ``False`` is always eager. Graph and eager
+                give the same samples for the same seeds (see :mod:`fastdiff.graphs`).
+            guidance_scale: classifier-free guidance weight w: the step uses ``m_u + w (m_c - m_u)``;
+                1 (with no ``uncond_kwargs``) turns guidance off.
+            uncond_kwargs: the model kwargs of the unconditional evaluation (default: none at all).
+            guidance_rescale: diffusers' ``guidance_rescale`` (``rescale_noise_cfg``), in [0, 1].
+            guidance_batching: ``"double"`` (one model call on the doubled batch, conditional rows
+                first) or ``"separate"`` (two calls). See :mod:`fastdiff.guidance`.
+            callback: ``callback(step, x, x0_hat)`` after every sampler step with
+                ``step % callback_steps == 0`` (as diffusers); ``x`` is the state after the step and
+                ``x0_hat`` that step's x0 estimate, both buffers the loop reuses (clone to keep).
+            callback_steps: see ``callback`` (an int >= 1).
+            return_trajectory: also return the state at every step boundary, stacked as
+                [steps + 1, *shape] (x_T first, the samples last).
             sampler_options: the sampler's own options (``SamplerInfo.options`` lists them).
 
         Returns:
-            The samples (and the stacked x0 estimates when ``return_x0``).
+            The samples; with ``return_x0`` and/or ``return_trajectory`` a tuple
+            ``(samples, x0_estimates?, trajectory?)`` in that order.
 
         Raises:
             NonFiniteError: when the state became NaN/Inf (names the first step and the samples).
@@ -131,43 +162,156 @@ class Pipeline:
         shape = _check_shape(shape)
         grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
         prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
+        guidance = make_guidance(guidance_scale, guidance_rescale, guidance_batching, uncond_kwargs)
+        _check_callback(callback, callback_steps)
         seeds = derive_seeds(seed, shape[0]).to(self.device)
         x = self._initial_state(shape, seed, x_T)
         _check_noise(noise, prog, shape)
         kwargs = dict(model_kwargs or {})
         _check_model_kwargs(kwargs, shape[0])
-        out, x0 = self._run(prog, x, seeds, kwargs, noise, return_x0, progress)
-        return (out, x0) if return_x0 else out
+        uncond = None
+        if guidance is not None:
+            uncond = dict(uncond_kwargs or {})
+            _check_model_kwargs(uncond, shape[0], "uncond_kwargs")
+            if guidance.batching == "double":
+                check_double_batch(kwargs, uncond)
+        spec, bad = kwargs_spec(kwargs)
+        uspec, ubad = kwargs_spec(uncond) if uncond is not None else (None, ())
+        use_graph = resolve_cuda_graph(cuda_graph, self.device, explicit_noise=noise is not None,
+                                       callback=callback is not None, unhashable_kwargs=bad + ubad)
+        if use_graph:
+            options = dict(sampler_options, spacing=spacing, steps_offset=steps_offset, rho=rho)
+            key = graph_key(shape=shape, dtype=self.dtype, device=self.device, sampler=sampler, steps=steps,
+                            options=options, guidance=None if guidance is None else guidance.key(),
+                            model_kwargs=spec, uncond_kwargs=uspec, return_x0=return_x0,
+                            return_trajectory=return_trajectory)
+            out, x0, traj = self._run_graph(key, prog, x, seeds, kwargs, uncond, guidance, return_x0,
+                                            return_trajectory)
+        else:
+            out, x0, traj = self._run_eager(prog, x, seeds, kwargs, noise, return_x0, progress, uncond=uncond,
+                                            guidance=guidance, callback=callback, callback_steps=callback_steps,
+                                            return_trajectory=return_trajectory)
+        extra = ((x0,) if return_x0 else ()) + ((traj,) if return_trajectory else ())
+        return (out, *extra) if extra else out
 
     __call__ = sample
 
     # ------------------------------------------------------------------ the loop
     def _run(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict, noise: Any,
              return_x0: bool, progress: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        batch = x.shape[0]
-        model_times = torch.as_tensor(prog.model_time, dtype=torch.float32).to(self.device)
-        model_times = model_times[:, None].expand(-1, batch).contiguous()
-        slots = [torch.empty_like(x) for _ in range(prog.slots)]
-        buffers = [x, torch.empty_like(x)]
-        x0_all = x.new_empty((prog.grid.steps, *x.shape)) if return_x0 else None
-        nonfinite = torch.full((batch,), _NO_NONFINITE, dtype=torch.int32, device=self.device)
-        for k in tqdm(range(prog.stages), disable=not progress, desc=f"fastdiff {prog.sampler}", leave=False):
-            cur, nxt = buffers[k % 2], buffers[(k + 1) % 2]
-            if prog.calls_model(k):
-                m = self.model(cur, model_times[k], **kwargs)
-                _check_model_output(m, cur, k)
-                m = m.contiguous()
-            else:
-                m = cur  # read with c_m = 0 by stages that do not call the network
-            write = prog.writes(k)
-            torch.ops.fastdiff.fused_step(
-                cur, m, None, 1.0, [slots[i] for i in prog.reads(k)], prog.coef_device, k, seeds,
-                STEP_NOISE_STREAM, prog.uses_noise(k), None if noise is None else noise[k].to(cur),
-                nxt, slots[write] if write >= 0 else None,
-                x0_all[prog.step_of(k)] if x0_all is not None else None, nonfinite)
-        result = buffers[prog.stages % 2]
+        """The eager loop without guidance, callback or trajectory: (samples, x0 estimates or None)."""
+        out, x0_all, _ = self._run_eager(prog, x, seeds, kwargs, noise, return_x0, progress)
+        return out, x0_all
+
+    def _run_eager(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict, noise: Any,
+                   return_x0: bool, progress: bool, *, uncond: Optional[dict] = None,
+                   guidance: Optional[Guidance] = None, callback: Optional[Callable[..., Any]] = None,
+                   callback_steps: int = 1, return_trajectory: bool = False
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The eager loop: (samples, x0 estimates or None, trajectory or None); checks NaN/Inf once at the end."""
+        times = self._model_times(prog, x.shape[0])
+        out, x0_all, traj, nonfinite = self._loop(prog, x, seeds, times, kwargs, uncond, guidance, noise, return_x0,
+                                                  return_trajectory, callback, callback_steps, progress)
         _raise_if_nonfinite(nonfinite, prog)
-        return result, x0_all
+        return out, x0_all, traj
+
+    def _model_times(self, prog: Program, batch: int) -> torch.Tensor:
+        # [stages, batch] float32 on the device, made before the loop (and before any graph capture).
+        model_times = torch.as_tensor(prog.model_time, dtype=torch.float32).to(self.device)
+        return model_times[:, None].expand(-1, batch).contiguous()
+
+    def _loop(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, model_times: torch.Tensor, kwargs: dict,
+              uncond: Optional[dict], guidance: Optional[Guidance], noise: Any, return_x0: bool,
+              return_trajectory: bool, callback: Optional[Callable[..., Any]], callback_steps: int,
+              progress: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+        """Every stage: the model call(s), then one ``fastdiff.fused_step``. ``x`` is read, never written.
+
+        Per-stage views (times, x0 rows, trajectory rows) are taken before the loop, so the only framework
+        ops between model calls are the fused steps (and, with guidance_rescale, its torch ops). Nothing
+        here reads device values on the host, so the same code is what a CUDA graph captures.
+        """
+        batch, steps = x.shape[0], prog.grid.steps
+        times = model_times.unbind(0)
+        slots = [torch.empty_like(x) for _ in range(prog.slots)]
+        scratch = [torch.empty_like(x), torch.empty_like(x)]
+        x0_all = x.new_empty((steps, *x.shape)) if return_x0 else None
+        x0_rows = x0_all.unbind(0) if x0_all is not None else None
+        x0_scratch = torch.empty_like(x) if (callback is not None and x0_all is None) else None
+        traj = x.new_empty((steps + 1, *x.shape)) if return_trajectory else None
+        traj_rows = traj.unbind(0) if traj is not None else None
+        if traj is not None:
+            traj_rows[0].copy_(x)
+        nonfinite = torch.full((batch,), _NO_NONFINITE, dtype=torch.int32, device=x.device)
+        cur = x
+        for k in tqdm(range(prog.stages), disable=not progress, desc=f"fastdiff {prog.sampler}", leave=False):
+            step = prog.step_of(k)
+            last_of_step = k == prog.stages - 1 or prog.step_of(k + 1) != step
+            nxt = traj_rows[step + 1] if (traj_rows is not None and last_of_step) else \
+                (scratch[0] if cur is not scratch[0] else scratch[1])
+            m, m_u, w = cur, None, 1.0  # stages without a network call read m with c_m = 0
+            if prog.calls_model(k):
+                if guidance is None:
+                    m = self.model(cur, times[k], **kwargs)
+                    _check_model_output(m, cur, k)
+                else:
+                    m, m_u = guided_outputs(self.model, cur, times[k], kwargs, uncond, guidance)
+                    _check_model_output(m, cur, k)
+                    _check_model_output(m_u, cur, k)
+                    w = guidance.scale
+                    if guidance.rescale != 0.0:
+                        # Not linear in m (per-sample std), so formed here rather than in the kernel.
+                        m = rescale_noise_cfg(m_u + w * (m - m_u), m, guidance.rescale)
+                        m_u, w = None, 1.0
+                m = m.contiguous()
+                m_u = m_u.contiguous() if m_u is not None else None
+            write = prog.writes(k)
+            x0_out = x0_rows[step] if x0_rows is not None else x0_scratch
+            torch.ops.fastdiff.fused_step(
+                cur, m, m_u, w, [slots[i] for i in prog.reads(k)], prog.coef_device, k, seeds,
+                STEP_NOISE_STREAM, prog.uses_noise(k), None if noise is None else noise[k].to(cur),
+                nxt, slots[write] if write >= 0 else None, x0_out, nonfinite)
+            cur = nxt
+            if callback is not None and last_of_step and step % callback_steps == 0:
+                callback(step, cur, x0_out)
+        return cur, x0_all, traj, nonfinite
+
+    def _run_graph(self, key: tuple, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict,
+                   uncond: Optional[dict], guidance: Optional[Guidance], return_x0: bool,
+                   return_trajectory: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Replays (capturing on a cache miss) the whole loop as one CUDA graph; returns fresh tensors."""
+        def values() -> dict:
+            vals = {"x": x, "seeds": seeds}
+            vals.update({f"c:{n}": v for n, v in kwargs.items() if isinstance(v, torch.Tensor)})
+            vals.update({f"u:{n}": v for n, v in (uncond or {}).items() if isinstance(v, torch.Tensor)})
+            return vals
+
+        def create():
+            inputs = StaticBuffers(values())
+            times = self._model_times(prog, x.shape[0])
+
+            def loop(buf: StaticBuffers):
+                ckw = {n: buf[f"c:{n}"] if f"c:{n}" in buf else v for n, v in kwargs.items()}
+                ukw = None if uncond is None else \
+                    {n: buf[f"u:{n}"] if f"u:{n}" in buf else v for n, v in uncond.items()}
+                out, x0_all, traj, nonfinite = self._loop(prog, buf["x"], buf["seeds"], times, ckw, ukw, guidance,
+                                                          None, return_x0, return_trajectory, None, 1, False)
+                return out, x0_all, traj, nonfinite
+
+            return capture(loop, inputs, keep_alive=(prog, times))
+
+        entry = self.graphs.get_or_create(key, create)
+        out, x0_all, traj, nonfinite = entry.replay(values())
+        _raise_if_nonfinite(nonfinite, entry.keep_alive[0])
+        return out.clone(), None if x0_all is None else x0_all.clone(), None if traj is None else traj.clone()
+
+    @property
+    def graphs(self) -> GraphCache:
+        """The LRU of captured CUDA graphs (bounded by ``max_graphs``)."""
+        return self._graphs
+
+    def clear_graphs(self) -> None:
+        """Frees every captured CUDA graph (and its memory pool) this pipeline holds."""
+        self.graphs.clear()
 
     def _initial_state(self, shape: tuple[int, ...], seed: SeedLike, x_T: Optional[torch.Tensor]) -> torch.Tensor:
         if x_T is None:
@@ -247,10 +391,21 @@ def _check_noise(noise: Any, prog: Program, shape: tuple[int, ...]) -> None:
             raise ValueError(f"noise[{k}] must have shape {shape}, got {tuple(noise[k].shape)}")
 
 
-def _check_model_kwargs(kwargs: dict, batch: int) -> None:
+def _check_model_kwargs(kwargs: dict, batch: int, what: str = "model_kwargs") -> None:
+    # Tensors with a leading dimension are per-sample conditioning; 0-d tensors and other values are shared.
     for name, value in kwargs.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what} keys must be argument names (str), got {name!r}")
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != batch:
-            raise ValueError(f"model_kwargs[{name!r}] has batch size {value.shape[0]}, expected {batch}")
+            raise ValueError(f"{what}[{name!r}] has batch size {value.shape[0]}, expected {batch} "
+                             "(per-sample tensors need one row per sample)")
+
+
+def _check_callback(callback: Any, callback_steps: Any) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, x, x0_hat), got {type(callback).__name__}")
+    if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps < 1:
+        raise ValueError(f"callback_steps must be an int >= 1, got {callback_steps!r}")
 
 
 def _check_model_output(m: Any, x: torch.Tensor, stage: int) -> None:
