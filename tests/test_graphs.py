@@ -1,0 +1,252 @@
+"""The CUDA-graph runner: cache keys, LRU eviction, static buffers and argument checks on the CPU; capture,
+replay, cache hits and the absence of host syncs on CUDA (skipped without CUDA)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff.pipeline as pipeline_mod
+from fastdiff import Pipeline, Schedule
+from fastdiff.bench import TimeMLP
+from fastdiff.graphs import CapturedLoop, GraphCache, StaticBuffers, graph_key, kwargs_spec, resolve_cuda_graph
+
+CUDA = torch.cuda.is_available()
+
+
+def _key(**over):
+    base = dict(shape=(4, 2), dtype=torch.float32, device=torch.device("cuda"), sampler="ddim", steps=10,
+                options={"eta": 0.5}, guidance=None, model_kwargs=(), uncond_kwargs=None, return_x0=False,
+                return_trajectory=False)
+    base.update(over)
+    return graph_key(**base)
+
+
+# ---------------------------------------------------------------- keys
+def test_graph_key_changes_with_everything_the_graph_depends_on():
+    base = _key()
+    assert base == _key() and hash(base) == hash(_key())
+    variants = [_key(shape=(8, 2)), _key(dtype=torch.float16), _key(sampler="ddpm"), _key(steps=11),
+                _key(options={"eta": 0.25}), _key(options={"eta": 0.5, "spacing": "trailing"}),
+                _key(guidance=(3.0, 0.0, "double")), _key(guidance=(3.0, 0.0, "separate")),
+                _key(model_kwargs=kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]),
+                _key(uncond_kwargs=()), _key(return_x0=True), _key(return_trajectory=True),
+                _key(device=torch.device("cuda", 1))]
+    keys = {base, *variants}
+    assert len(keys) == len(variants) + 1
+
+
+def test_kwargs_spec_describes_tensors_by_shape_and_values_by_value():
+    a, bad = kwargs_spec({"y": torch.zeros(4, dtype=torch.long), "scale": 2.0})
+    b, _ = kwargs_spec({"scale": 2.0, "y": torch.ones(4, dtype=torch.long)})  # other values, same spec
+    assert a == b and bad == ()
+    assert kwargs_spec({"y": torch.zeros(5, dtype=torch.long)})[0] != kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]
+    assert kwargs_spec({"y": torch.zeros(4, dtype=torch.int32)})[0] != kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]
+    assert kwargs_spec({"scale": 2.0})[0] != kwargs_spec({"scale": 3.0})[0]
+    assert kwargs_spec({"opts": [1, 2]})[1] == ("opts",)  # unhashable: cannot key a graph
+
+
+# ---------------------------------------------------------------- LRU
+def test_graph_cache_lru_eviction_and_counters():
+    cache = GraphCache(maxsize=2)
+    made = []
+    for k in ("a", "b"):
+        cache.get_or_create(k, lambda k=k: made.append(k) or k.upper())
+    assert cache.get("a") == "A"  # "a" is now most recently used
+    cache.put("c", "C")  # evicts "b", the least recently used
+    assert cache.keys() == ("a", "c") and "b" not in cache
+    assert cache.evictions == 1 and cache.hits == 1 and cache.misses == 2
+    assert cache.get_or_create("b", lambda: "B2") == "B2" and cache.keys() == ("c", "b")
+    assert made == ["a", "b"] and cache.misses == 3 and cache.evictions == 2
+    cache.clear()
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
+def test_graph_cache_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="maxsize"):
+        GraphCache(maxsize=bad)
+
+
+# ---------------------------------------------------------------- static buffers
+def test_static_buffers_copy_without_aliasing_and_validate():
+    x = torch.arange(6.0).reshape(3, 2)
+    buf = StaticBuffers({"x": x, "seeds": torch.tensor([1, 2, 3])})
+    assert buf["x"].data_ptr() != x.data_ptr() and torch.equal(buf["x"], x)
+    ptr = buf["x"].data_ptr()
+    new = torch.full((3, 2), 7.0)
+    buf.copy_in({"x": new, "seeds": torch.tensor([4, 5, 6])})
+    assert buf["x"].data_ptr() == ptr and torch.equal(buf["x"], new)  # same storage, new values
+    assert buf.nbytes() == 6 * 4 + 3 * 8
+    with pytest.raises(ValueError, match="built for"):
+        buf.copy_in({"x": torch.zeros(4, 2), "seeds": torch.tensor([4, 5, 6])})
+    with pytest.raises(ValueError, match="built for"):
+        buf.copy_in({"x": torch.zeros(3, 2, dtype=torch.float16), "seeds": torch.tensor([4, 5, 6])})
+    with pytest.raises(ValueError, match="missing"):
+        buf.copy_in({"x": new})
+    with pytest.raises(TypeError):
+        StaticBuffers({"x": [1.0]})
+
+
+# ---------------------------------------------------------------- when a graph applies
+def test_resolve_cuda_graph_modes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_cuda_graph("auto", cuda) is True
+    assert resolve_cuda_graph(False, cuda) is False
+    for kwargs in ({}, {"adaptive": True}, {"explicit_noise": True}, {"callback": True},
+                   {"unhashable_kwargs": ("opts",)}):
+        dev = cpu if not kwargs else cuda
+        assert resolve_cuda_graph("auto", dev, **kwargs) is False  # silent fallback
+        with pytest.raises(ValueError, match="cuda_graph=True cannot apply"):
+            resolve_cuda_graph(True, dev, **kwargs)
+    for bad in ("yes", 1, None, "graph"):
+        with pytest.raises(ValueError, match="cuda_graph must be"):
+            resolve_cuda_graph(bad, cuda)
+
+
+@pytest.fixture(scope="module")
+def mlp_pipe():
+    sched = Schedule.vp_discrete()
+    return Pipeline(TimeMLP(8, hidden=16), sched, prediction="eps", device="cpu")
+
+
+def test_sample_cuda_graph_true_on_cpu_is_a_clear_error(mlp_pipe):
+    with pytest.raises(ValueError, match="not CUDA"):
+        mlp_pipe.sample((2, 8), steps=3, progress=False, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        mlp_pipe.sample((2, 8), steps=3, progress=False, cuda_graph="always")
+    auto = mlp_pipe.sample((2, 8), steps=3, progress=False, cuda_graph="auto")
+    eager = mlp_pipe.sample((2, 8), steps=3, progress=False, cuda_graph=False)
+    assert torch.equal(auto, eager) and len(mlp_pipe.graphs) == 0
+
+
+def _fake_capture(loop, inputs, warmup=1, keep_alive=()):
+    """Stands in for CUDA capture on the CPU: 'replay' re-runs the loop on the static inputs and copies
+    into the outputs of the first run, so the Pipeline's buffer plumbing is exercised exactly as with a
+    real graph (a replay that missed the new inputs would return the old results)."""
+    outputs = loop(inputs)
+
+    class Graph:
+        def replay(self):
+            for dst, src in zip(outputs, loop(inputs)):
+                if dst is not None:
+                    dst.copy_(src)
+
+    return CapturedLoop(graph=Graph(), inputs=inputs, outputs=tuple(outputs), keep_alive=keep_alive)
+
+
+def test_graph_path_buffer_management_on_cpu(monkeypatch, mlp_pipe):
+    monkeypatch.setattr(pipeline_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu", max_graphs=2)
+    y = torch.tensor([0, 1, 2, 3])
+    model = pipe.model
+
+    def cond_model(x, t, y=None):
+        return model(x, t) + 0.1 * y[:, None].to(x.dtype)
+
+    pipe.model = cond_model
+    kw = dict(steps=4, sampler="ddim", eta=0.7, progress=False)
+    for seed in (0, 1, 2):  # one capture, then replays with new seeds and new conditioning
+        cond = {"y": (y + seed) % 3}
+        g, g_x0, g_tr = pipe.sample((4, 8), seed=seed, model_kwargs=cond, cuda_graph=True, return_x0=True,
+                                    return_trajectory=True, **kw)
+        e, e_x0, e_tr = pipe.sample((4, 8), seed=seed, model_kwargs=cond, cuda_graph=False, return_x0=True,
+                                    return_trajectory=True, **kw)
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+        torch.testing.assert_close(g_x0, e_x0, rtol=0, atol=0)
+        torch.testing.assert_close(g_tr, e_tr, rtol=0, atol=0)
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 2 and len(pipe.graphs) == 1
+    # an explicit x_T is copied in too
+    x_T = torch.randn(4, 8)
+    a = pipe.sample((4, 8), x_T=x_T, model_kwargs={"y": y}, cuda_graph=True, return_x0=True, return_trajectory=True, **kw)
+    assert torch.equal(a[2][0], x_T)
+    # returned tensors are fresh: a later replay does not overwrite them
+    first = pipe.sample((4, 8), seed=5, model_kwargs={"y": y}, cuda_graph=True, **dict(kw))
+    kept = first.clone()
+    pipe.sample((4, 8), seed=6, model_kwargs={"y": y}, cuda_graph=True, **kw)
+    assert torch.equal(first, kept)
+    # new keys evict the least recently used graph (max_graphs=2)
+    pipe.sample((4, 8), seed=0, model_kwargs={"y": y}, cuda_graph=True, **kw)
+    pipe.sample((2, 8), seed=0, model_kwargs={"y": y[:2]}, cuda_graph=True, **kw)
+    assert len(pipe.graphs) == 2 and pipe.graphs.evictions == 1
+    pipe.clear_graphs()
+    assert len(pipe.graphs) == 0
+
+
+def test_model_kwargs_batch_validation(mlp_pipe):
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] has batch size 3, expected 2"):
+        mlp_pipe.sample((2, 8), steps=2, progress=False, model_kwargs={"y": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"uncond_kwargs\['y'\] has batch size 5, expected 2"):
+        mlp_pipe.sample((2, 8), steps=2, progress=False, guidance_scale=2.0, model_kwargs={"y": torch.zeros(2)},
+                        uncond_kwargs={"y": torch.zeros(5)})
+
+
+# ---------------------------------------------------------------- CUDA only
+def _cuda_pipe(dtype=torch.float32):
+    torch.manual_seed(0)
+    net = TimeMLP(64, hidden=64).cuda().to(dtype)
+    return Pipeline(net, Schedule.vp_discrete(), prediction="eps", device="cuda", dtype=dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("sampler,opts", [("ddim", {}), ("ddpm", {}), ("ddim", {"eta": 0.5})])
+def test_cuda_graph_replay_equals_eager(sampler, opts):
+    pipe = _cuda_pipe()
+    shape = (8, 4, 16)
+    for seed in (0, 1):
+        g = pipe.sample(shape, sampler=sampler, steps=12, seed=seed, progress=False, cuda_graph=True, **opts)
+        e = pipe.sample(shape, sampler=sampler, steps=12, seed=seed, progress=False, cuda_graph=False, **opts)
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 1
+    other = pipe.sample(shape, sampler=sampler, steps=12, seed=2, progress=False, cuda_graph=True, **opts)
+    assert not torch.allclose(other, g)  # new seeds really reach the graph
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
+    pipe = _cuda_pipe()
+    net = pipe.model
+    pipe.model = lambda x, t, y=None: net(x, t) + 0.05 * y.to(x.dtype)[:, None, None]
+    y = torch.arange(6, device="cuda").float()
+    kw = dict(steps=10, sampler="ddim", progress=False, guidance_scale=4.0, model_kwargs={"y": y},
+              uncond_kwargs={"y": torch.zeros_like(y)}, return_x0=True, return_trajectory=True)
+    for batching in ("double", "separate"):
+        g = pipe.sample((6, 4, 16), cuda_graph=True, guidance_batching=batching, **kw)
+        e = pipe.sample((6, 4, 16), cuda_graph=False, guidance_batching=batching, **kw)
+        for a, b in zip(g, e):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    kw["model_kwargs"] = {"y": y.flip(0)}
+    g = pipe.sample((6, 4, 16), cuda_graph=True, **kw)
+    e = pipe.sample((6, 4, 16), cuda_graph=False, **kw)
+    torch.testing.assert_close(g[0], e[0], rtol=1e-5, atol=1e-5)
+    assert pipe.graphs.hits >= 1
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_replay_makes_no_host_sync():
+    pipe = _cuda_pipe()
+    pipe.sample((8, 4, 16), sampler="ddpm", steps=8, progress=False, cuda_graph=True)
+    (entry,) = [pipe.graphs.get(k) for k in pipe.graphs.keys()]
+    values = {"x": pipe.initial_noise((8, 4, 16), seed=3), "seeds": torch.arange(8, device="cuda", dtype=torch.int64)}
+    values["seeds"] = entry.inputs["seeds"].clone() + 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        entry.replay(values)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_true_rejects_callback_and_noise_list():
+    pipe = _cuda_pipe()
+    with pytest.raises(ValueError, match="callback"):
+        pipe.sample((2, 64), steps=3, progress=False, cuda_graph=True, callback=lambda *a: None)
+    noise = [torch.randn(2, 64, device="cuda") for _ in range(3)]
+    with pytest.raises(ValueError, match="noise"):
+        pipe.sample((2, 64), sampler="ddpm", steps=3, progress=False, cuda_graph=True, noise=noise)
+    # "auto" falls back to the eager loop and still runs the callback
+    seen = []
+    pipe.sample((2, 64), steps=3, progress=False, cuda_graph="auto", callback=lambda s, x, x0: seen.append(s))
+    assert seen == [0, 1, 2]
