@@ -41,7 +41,7 @@ def resolve_cuda_graph(mode: CudaGraphMode, device: torch.device, *, adaptive: b
     if torch.device(device).type != "cuda":
         reasons.append(f"the pipeline runs on {torch.device(device)}, not CUDA")
     if adaptive:
-        reasons.append("the sampler is adaptive (its step count depends on the data)")
+        reasons.append("the sampler is adaptive or not one fixed coefficient program (its loop runs eagerly)")
     if explicit_noise:
         reasons.append("an explicit noise list was given (pass seeds instead: the noise is then made in the graph)")
     if callback:
