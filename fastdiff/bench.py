@@ -210,8 +210,15 @@ def run(model: str = "mlp", shape: Sequence[int] = (4, 16, 16), batch: int = 64,
     with torch.inference_mode():
         timings["fastdiff_eager"] = _time(lambda: pipe.sample(full, cuda_graph=False, **kw), dev, repeats)
         if dev.type == "cuda":
-            timings["fastdiff_graph"] = _time(lambda: pipe.sample(full, cuda_graph=True, **kw), dev, repeats)
+            try:
+                timings["fastdiff_graph"] = _time(lambda: pipe.sample(full, cuda_graph=True, **kw), dev, repeats)
+                graph_out = pipe.sample(full, cuda_graph=True, **kw)
+            except Exception as e:  # noqa: BLE001  (e.g. a model that syncs with the host cannot be captured)
+                res["graph_error"] = f"{type(e).__name__}: {e}"
+                graph_out = None
         ours = pipe.sample(full, cuda_graph=False, **kw)
+        if dev.type == "cuda" and graph_out is not None:
+            res["max_abs_diff_graph_vs_eager"] = float((graph_out.float() - ours.float()).abs().max())
         if sampler in DIFFUSERS_SAMPLERS:
             sched = diffusers_scheduler(sampler, _vp_params(schedule))
 

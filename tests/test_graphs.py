@@ -196,7 +196,7 @@ def test_cuda_graph_replay_equals_eager(sampler, opts):
     for seed in (0, 1):
         g = pipe.sample(shape, sampler=sampler, steps=12, seed=seed, progress=False, cuda_graph=True, **opts)
         e = pipe.sample(shape, sampler=sampler, steps=12, seed=seed, progress=False, cuda_graph=False, **opts)
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert pipe.graphs.misses == 1 and pipe.graphs.hits == 1
     other = pipe.sample(shape, sampler=sampler, steps=12, seed=2, progress=False, cuda_graph=True, **opts)
     assert not torch.allclose(other, g)  # new seeds really reach the graph
@@ -227,8 +227,7 @@ def test_cuda_graph_replay_makes_no_host_sync():
     pipe = _cuda_pipe()
     pipe.sample((8, 4, 16), sampler="ddpm", steps=8, progress=False, cuda_graph=True)
     (entry,) = [pipe.graphs.get(k) for k in pipe.graphs.keys()]
-    values = {"x": pipe.initial_noise((8, 4, 16), seed=3), "seeds": torch.arange(8, device="cuda", dtype=torch.int64)}
-    values["seeds"] = entry.inputs["seeds"].clone() + 1
+    values = {"x": pipe.initial_noise((8, 4, 16), seed=3), "seeds": entry.inputs["seeds"].clone() + 1}
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
