@@ -27,6 +27,9 @@ _NO_NONFINITE = torch.iinfo(torch.int32).max
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_EAGER_ONLY = object()  # graph-cache marker: capture failed for this key under cuda_graph="auto"
+
+
 class NonFiniteError(FloatingPointError):
     """The sampler state became NaN or Inf; ``step`` is the first bad step, ``samples`` the affected rows."""
 
@@ -185,9 +188,12 @@ class Pipeline:
                             options=options, guidance=None if guidance is None else guidance.key(),
                             model_kwargs=spec, uncond_kwargs=uspec, return_x0=return_x0,
                             return_trajectory=return_trajectory)
-            out, x0, traj = self._run_graph(key, prog, x, seeds, kwargs, uncond, guidance, return_x0,
-                                            return_trajectory)
-        else:
+            graphed = self._run_graph(key, prog, x, seeds, kwargs, uncond, guidance, return_x0, return_trajectory,
+                                      strict=cuda_graph is True)
+            use_graph = graphed is not None
+            if use_graph:
+                out, x0, traj = graphed
+        if not use_graph:
             out, x0, traj = self._run_eager(prog, x, seeds, kwargs, noise, return_x0, progress, uncond=uncond,
                                             guidance=guidance, callback=callback, callback_steps=callback_steps,
                                             return_trajectory=return_trajectory)
@@ -277,8 +283,14 @@ class Pipeline:
 
     def _run_graph(self, key: tuple, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict,
                    uncond: Optional[dict], guidance: Optional[Guidance], return_x0: bool,
-                   return_trajectory: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Replays (capturing on a cache miss) the whole loop as one CUDA graph; returns fresh tensors."""
+                   return_trajectory: bool, strict: bool = True
+                   ) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """Replays (capturing on a cache miss) the whole loop as one CUDA graph; returns fresh tensors.
+
+        When the capture fails (a model that syncs with the host or allocates pinned memory cannot be
+        captured) it raises if ``strict`` (``cuda_graph=True``), else remembers the key as eager-only and
+        returns None so the caller runs the eager loop (``cuda_graph="auto"``).
+        """
         def values() -> dict:
             vals = {"x": x, "seeds": seeds}
             vals.update({f"c:{n}": v for n, v in kwargs.items() if isinstance(v, torch.Tensor)})
@@ -299,7 +311,21 @@ class Pipeline:
 
             return capture(loop, inputs, keep_alive=(prog, times))
 
-        entry = self.graphs.get_or_create(key, create)
+        entry = self.graphs.get(key)
+        if entry is _EAGER_ONLY:
+            if strict:
+                raise ValueError("cuda_graph=True: this model could not be captured in a CUDA graph earlier "
+                                 "(see the first error); use cuda_graph='auto' or False")
+            return None
+        if entry is None:
+            try:
+                entry = create()
+            except Exception:
+                if strict:
+                    raise
+                self.graphs.put(key, _EAGER_ONLY)
+                return None
+            self.graphs.put(key, entry)
         out, x0_all, traj, nonfinite = entry.replay(values())
         _raise_if_nonfinite(nonfinite, entry.keep_alive[0])
         return out.clone(), None if x0_all is None else x0_all.clone(), None if traj is None else traj.clone()
