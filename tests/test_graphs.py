@@ -249,3 +249,51 @@ def test_cuda_graph_true_rejects_callback_and_noise_list():
     seen = []
     pipe.sample((2, 64), steps=3, progress=False, cuda_graph="auto", callback=lambda s, x, x0: seen.append(s))
     assert seen == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- auto fallback, callbacks, trajectories
+def test_auto_falls_back_when_capture_fails(monkeypatch, mlp_pipe):
+    calls = []
+
+    def failing_capture(*a, **k):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(pipeline_mod, "capture", failing_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is not False)
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    eager = pipe.sample((2, 8), steps=3, progress=False, cuda_graph=False)
+    for _ in range(2):
+        torch.testing.assert_close(pipe.sample((2, 8), steps=3, progress=False, cuda_graph="auto"), eager)
+    assert len(calls) == 1  # the failure is remembered for the key
+    with pytest.raises(ValueError, match="could not be captured"):
+        pipe.sample((2, 8), steps=3, progress=False, cuda_graph=True)
+    with pytest.raises(RuntimeError, match="capturing"):
+        pipe.sample((3, 8), steps=3, progress=False, cuda_graph=True)
+
+
+def test_callback_and_trajectory_follow_ddim_by_hand():
+    """With eps = c constant, DDIM is x0 = (x - sigma c) / alpha, x_next = alpha' x0 + sigma' c: computed here
+    independently from the schedule's grid and compared with the callback's and the trajectory's tensors."""
+    sched = Schedule.vp_discrete()
+    c = torch.tensor([[0.3, -0.2], [0.1, 0.5]], dtype=torch.float64)
+    pipe = Pipeline(lambda x, t: c.to(x.dtype), sched, prediction="eps", device="cpu")
+    steps = 7
+    seen = []
+    out, x0s, traj = pipe.sample((2, 2), steps=steps, seed=4, progress=False, return_x0=True, return_trajectory=True,
+                                 callback=lambda s, x, x0: seen.append((s, x.clone(), x0.clone())), callback_steps=3)
+    grid = sched.grid(steps)
+    x = pipe.initial_noise((2, 2), seed=4).double()
+    assert traj.shape == (steps + 1, 2, 2) and torch.equal(traj[0], x.float()) and torch.equal(traj[-1], out)
+    for s in range(steps):
+        x0 = (x - grid.sigma[s] * c) / grid.alpha[s]
+        x = grid.alpha[s + 1] * x0 + grid.sigma[s + 1] * c
+        torch.testing.assert_close(x0s[s].double(), x0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(traj[s + 1].double(), x, rtol=1e-5, atol=1e-5)
+    assert [s for s, _, _ in seen] == [0, 3, 6]
+    for s, xs, x0 in seen:
+        assert torch.equal(xs, traj[s + 1]) and torch.equal(x0, x0s[s])
+    with pytest.raises(ValueError, match="callback_steps"):
+        pipe.sample((2, 2), steps=2, progress=False, callback=lambda *a: None, callback_steps=0)
+    with pytest.raises(TypeError, match="callback must be callable"):
+        pipe.sample((2, 2), steps=2, progress=False, callback=3)
