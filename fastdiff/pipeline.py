@@ -317,16 +317,19 @@ class Pipeline:
                 raise ValueError("cuda_graph=True: this model could not be captured in a CUDA graph earlier "
                                  "(see the first error); use cuda_graph='auto' or False")
             return None
-        if entry is None:
-            try:
-                entry = create()
-            except Exception:
-                if strict:
-                    raise
-                self.graphs.put(key, _EAGER_ONLY)
-                return None
-            self.graphs.put(key, entry)
-        out, x0_all, traj, nonfinite = entry.replay(values())
+        # Static buffers and graph memory are ordinary (non-inference) tensors without autograd history, so
+        # one cached graph serves calls made inside and outside torch.inference_mode().
+        with torch.inference_mode(False), torch.no_grad():
+            if entry is None:
+                try:
+                    entry = create()
+                except Exception:
+                    if strict:
+                        raise
+                    self.graphs.put(key, _EAGER_ONLY)
+                    return None
+                self.graphs.put(key, entry)
+            out, x0_all, traj, nonfinite = entry.replay(values())
         _raise_if_nonfinite(nonfinite, entry.keep_alive[0])
         return out.clone(), None if x0_all is None else x0_all.clone(), None if traj is None else traj.clone()
 

@@ -297,3 +297,15 @@ def test_callback_and_trajectory_follow_ddim_by_hand():
         pipe.sample((2, 2), steps=2, progress=False, callback=lambda *a: None, callback_steps=0)
     with pytest.raises(TypeError, match="callback must be callable"):
         pipe.sample((2, 2), steps=2, progress=False, callback=3)
+
+
+def test_cached_graph_serves_inference_mode_and_grad_mode_callers(monkeypatch, mlp_pipe):
+    monkeypatch.setattr(pipeline_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    with torch.inference_mode():
+        a = pipe.sample((2, 8), steps=3, seed=1, progress=False, cuda_graph=True)
+    b = pipe.sample((2, 8), steps=3, seed=2, progress=False, cuda_graph=True)  # same graph, outside the mode
+    assert pipe.graphs.hits == 1 and not b.requires_grad
+    torch.testing.assert_close(b, pipe.sample((2, 8), steps=3, seed=2, progress=False, cuda_graph=False).detach())
+    assert not torch.equal(a, b)
