@@ -96,8 +96,14 @@ class TimeMLP(torch.nn.Module):
 
 def make_model(name: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype,
                schedule: Schedule) -> Callable[..., torch.Tensor]:
-    """``"mlp"``: :class:`TimeMLP`; ``"gmm"``: the exact network of the demo's Gaussian mixture (2-D samples)."""
+    """``"mlp"``: :class:`TimeMLP`; ``"gmm"``: the exact network of the demo's Gaussian mixture (2-D samples);
+    ``"package.module:factory"``: your own network, ``factory(shape, device, dtype)`` returning an eps-predicting
+    ``model(x, t)`` for the discrete VP schedule."""
     numel = int(math.prod(shape[1:]))
+    if ":" in name:
+        import importlib
+        module, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module), attr)(tuple(shape), device, dtype)
     if name == "mlp":
         return TimeMLP(numel).to(device=device, dtype=dtype).eval()
     if name == "gmm":
@@ -105,7 +111,7 @@ def make_model(name: str, shape: Sequence[int], device: torch.device, dtype: tor
         if numel != 2:
             raise ValueError(f"model 'gmm' draws 2-D samples; got sample shape {tuple(shape[1:])}")
         return default_mixture().as_model(schedule, "eps")
-    raise ValueError(f"model must be 'mlp' or 'gmm', got {name!r}")
+    raise ValueError(f"model must be 'mlp', 'gmm' or 'package.module:factory', got {name!r}")
 
 
 def diffusers_scheduler(sampler: str, schedule_kwargs: Dict[str, Any]):
@@ -280,7 +286,7 @@ def format_table(res: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEFAULT_JSON) -> Dict[str, Any]:
     """Command line: parse, run, print the table, write JSON (``--json``; ``--json ''`` writes none)."""
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", choices=("mlp", "gmm"))
+    p.add_argument("--model", default="mlp", help="'mlp', 'gmm' or 'package.module:factory' (see make_model)")
     p.add_argument("--shape", default="4,16,16", help="sample shape without the batch, comma-separated")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

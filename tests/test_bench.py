@@ -95,3 +95,19 @@ def test_bench_main_writes_json_and_matches_diffusers(tmp_path, capsys):
     # a second run with the same configuration replaces its entry
     main(["--shape", "8", "--batch", "4", "--steps", "5", "--repeats", "1", "--json", str(out)])
     assert len(json.loads(out.read_text())) == 1
+
+
+def test_bench_takes_a_user_model_factory():
+    from fastdiff.bench import make_model
+    import sys, types
+    mod = types.ModuleType("user_models_for_bench_test")
+    mod.make = lambda shape, device, dtype: ConstantModel(torch.zeros(shape, dtype=dtype, device=device))
+    sys.modules["user_models_for_bench_test"] = mod
+    try:
+        res = main(["--model", "user_models_for_bench_test:make", "--shape", "6", "--batch", "2", "--steps", "3",
+                    "--repeats", "1", "--json", ""])
+        assert res["model"] == "user_models_for_bench_test:make" and res["step_cost"]["fastdiff"]["ops"] == 1
+        with pytest.raises(ValueError, match="model must be"):
+            make_model("unet", (2, 6), torch.device("cpu"), torch.float32, Schedule.vp_discrete())
+    finally:
+        del sys.modules["user_models_for_bench_test"]
