@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
-from fastdiff.graphs import DEFAULT_MAX_GRAPHS, GraphCache, StaticBuffers, capture, graph_key, kwargs_spec, resolve_cuda_graph
+from fastdiff.graphs import (DEFAULT_MAX_GRAPHS, GraphCache, StaticBuffers, capture, graph_key, kwargs_spec,
+                             resolve_cuda_graph)
 from fastdiff.guidance import Guidance, check_double_batch, guided_outputs, make_guidance, rescale_noise_cfg
 from fastdiff.kernels.philox import derive_seeds, philox_normal
 from fastdiff.program import Program, build_program

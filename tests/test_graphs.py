@@ -39,8 +39,9 @@ def test_kwargs_spec_describes_tensors_by_shape_and_values_by_value():
     a, bad = kwargs_spec({"y": torch.zeros(4, dtype=torch.long), "scale": 2.0})
     b, _ = kwargs_spec({"scale": 2.0, "y": torch.ones(4, dtype=torch.long)})  # other values, same spec
     assert a == b and bad == ()
-    assert kwargs_spec({"y": torch.zeros(5, dtype=torch.long)})[0] != kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]
-    assert kwargs_spec({"y": torch.zeros(4, dtype=torch.int32)})[0] != kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]
+    y4 = kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]
+    assert kwargs_spec({"y": torch.zeros(5, dtype=torch.long)})[0] != y4
+    assert kwargs_spec({"y": torch.zeros(4, dtype=torch.int32)})[0] != y4
     assert kwargs_spec({"scale": 2.0})[0] != kwargs_spec({"scale": 3.0})[0]
     assert kwargs_spec({"opts": [1, 2]})[1] == ("opts",)  # unhashable: cannot key a graph
 
@@ -158,7 +159,8 @@ def test_graph_path_buffer_management_on_cpu(monkeypatch, mlp_pipe):
     assert pipe.graphs.misses == 1 and pipe.graphs.hits == 2 and len(pipe.graphs) == 1
     # an explicit x_T is copied in too
     x_T = torch.randn(4, 8)
-    a = pipe.sample((4, 8), x_T=x_T, model_kwargs={"y": y}, cuda_graph=True, return_x0=True, return_trajectory=True, **kw)
+    a = pipe.sample((4, 8), x_T=x_T, model_kwargs={"y": y}, cuda_graph=True, return_x0=True, return_trajectory=True,
+                    **kw)
     assert torch.equal(a[2][0], x_T)
     # returned tensors are fresh: a later replay does not overwrite them
     first = pipe.sample((4, 8), seed=5, model_kwargs={"y": y}, cuda_graph=True, **dict(kw))

@@ -21,7 +21,8 @@ class CondGaussians:
     def __init__(self, schedule: Schedule):
         self.means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]])
         self.std = 0.4
-        self.mixture = GaussianMixture(self.means, torch.full((3,), self.std), torch.ones(3) / 3).as_model(schedule, "eps")
+        mixture = GaussianMixture(self.means, torch.full((3,), self.std), torch.ones(3) / 3)
+        self.mixture = mixture.as_model(schedule, "eps")
         self.schedule = schedule
         self.batches = []
 
