@@ -115,18 +115,24 @@ def _pf_ode_reference(gmm, sch: Schedule, x: np.ndarray, t0: float, t1: float) -
     return solve_ivp(f, (t0, t1), x.ravel(), method="DOP853", rtol=1e-11, atol=1e-11).y[:, -1].reshape(shape)
 
 
+@pytest.fixture(scope="module")
+def smooth_reference():
+    """A smooth 2-D mixture, VP-linear schedule, 16 starting points and their accurate PF-ODE endpoints."""
+    gmm = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, -0.5]]), torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.4]))
+    sch = Schedule.vp_linear()
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return gmm, sch, x, _pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
+
+
 @pytest.mark.parametrize("sampler,options,order", [("unipc", {}, 3), ("deis", {}, 2), ("deis", {"solver_order": 3.0}, 3)])
-def test_convergence_order(sampler, options, order):
+def test_convergence_order(sampler, options, order, smooth_reference):
     """Error against an accurate PF-ODE solution shrinks at the theoretical rate as steps double.
 
     UniPC-2 with its corrector is order 3 (Zhao et al. 2023, UniC raises the order by one). A smooth
     mixture (component stds 0.8 and 1) keeps 20-80 steps in the asymptotic regime.
     """
-    gmm = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, -0.5]]), torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.4]))
-    sch = Schedule.vp_linear()
+    gmm, sch, x, ref = smooth_reference
     pipe = Pipeline(gmm.as_model(sch, "eps"), sch, "eps", device="cpu", dtype=torch.float32)
-    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref = _pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
     steps_list = [20, 40, 80]
     errs = []
     for steps in steps_list:
