@@ -17,6 +17,7 @@ from fastdiff.graphs import (DEFAULT_MAX_GRAPHS, GraphCache, StaticBuffers, capt
                              resolve_cuda_graph)
 from fastdiff.guidance import Guidance, check_double_batch, guided_outputs, make_guidance, rescale_noise_cfg
 from fastdiff.kernels.philox import derive_seeds, philox_normal
+from fastdiff.adaptive import SPECIAL_SAMPLERS, run_special
 from fastdiff.program import Program, build_program
 from fastdiff.samplers import ALL_PREDICTIONS, get_sampler
 from fastdiff.schedule import Schedule
@@ -164,6 +165,12 @@ class Pipeline:
             sampler_options["variance_type"] = variance_type
         info.check_options(sampler_options)
         shape = _check_shape(shape)
+        # -- issue 4: samplers that are not one fixed coefficient program (fastdiff/adaptive.py) --
+        if sampler in SPECIAL_SAMPLERS:
+            if guidance_scale != 1.0 or callback is not None or return_trajectory:
+                raise ValueError(f"sampler {sampler!r} takes no guidance_scale, callback or return_trajectory")
+            return run_special(self, sampler, shape, steps, seed, spacing, x_T, return_x0, progress,
+                               dict(model_kwargs or {}), noise, steps_offset, rho, sampler_options)
         grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
         prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
         guidance = make_guidance(guidance_scale, guidance_rescale, guidance_batching, uncond_kwargs)

@@ -43,6 +43,20 @@ SAMPLERS: Dict[str, SamplerInfo] = {
                     "Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dW, in t"),
         SamplerInfo("pf_ode_euler", 1, False, 1, ALL_PREDICTIONS, (),
                     "Euler on the probability-flow ODE dx = [f - g^2 score / 2] dt, in t"),
+        # issue 4, second half: unipc, deis, pc, rk45, consistency
+        SamplerInfo("unipc", 3, False, 1, ALL_PREDICTIONS, ("solver_order", "lower_order_final"),
+                    "UniPC bh2 predictor + corrector on x0 (diffusers' UniPCMultistepScheduler defaults; "
+                    "the corrector makes solver_order 2 a third-order method)"),
+        SamplerInfo("deis", 2, False, 1, ALL_PREDICTIONS, ("solver_order", "lower_order_final"),
+                    "DEIS log-rho multistep, solver_order 1-3 (default 2; diffusers' DEISMultistepScheduler)"),
+        SamplerInfo("pc", 1, True, 2, ALL_PREDICTIONS, ("snr", "n_corrector"),
+                    "score-SDE predictor-corrector: reverse-diffusion predictor + Langevin corrector "
+                    "(snr 0.16); 1 + n_corrector evaluations per step"),
+        SamplerInfo("rk45", 5, False, 0, ("eps", "x0", "v", "score", "flow"), ("rtol", "atol"),
+                    "adaptive Dormand-Prince on the PF-ODE (continuous schedules, eager); steps is ignored, "
+                    "NFE is adaptive (nfe_per_step 0) and stored in pipe.last_nfe"),
+        SamplerInfo("consistency", 1, True, 1, ALL_PREDICTIONS, ("times",),
+                    "multistep consistency sampling x = alpha x0 + sigma z through `times`; returns the last x0"),
     )
 }
 
