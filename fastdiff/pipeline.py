@@ -91,7 +91,7 @@ class Pipeline:
         shape: Sequence[int],
         sampler: str = "ddim",
         steps: int = 50,
-        eta: float = 0.0,
+        eta: Optional[float] = None,
         seed: SeedLike = 0,
         spacing: Optional[str] = None,
         x_T: Optional[torch.Tensor] = None,
@@ -118,7 +118,8 @@ class Pipeline:
             shape: (batch, *sample_shape).
             sampler: a name from :func:`fastdiff.samplers.list_samplers`.
             steps: number of sampler steps (>= 1; <= num_train_timesteps for discrete schedules).
-            eta: DDIM's noise level in [0, 1] (ddim only).
+            eta: the noise level of the samplers that take one (``SamplerInfo.options``): ddim (default 0),
+                euler_ancestral and the dpmpp_*_sde samplers (default 1). ``None`` keeps the sampler's default.
             seed: an int (sample b gets a seed derived from it and b) or one int per sample; a sample's
                 result depends on its own seed alone, not on the batch it is drawn in.
             spacing: the time grid's spacing (:meth:`Schedule.grid`); default per schedule.
@@ -159,7 +160,7 @@ class Pipeline:
         if self.prediction not in info.predictions:
             raise ValueError(f"sampler {sampler!r} cannot use prediction {self.prediction!r}; "
                              f"it accepts {info.predictions}")
-        if eta != 0.0:
+        if eta is not None:  # an explicit eta=0.0 must reach samplers whose default is 1
             sampler_options["eta"] = eta
         if variance_type != "fixed_small":
             sampler_options["variance_type"] = variance_type

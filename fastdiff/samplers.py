@@ -43,6 +43,40 @@ SAMPLERS: Dict[str, SamplerInfo] = {
                     "Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dW, in t"),
         SamplerInfo("pf_ode_euler", 1, False, 1, ALL_PREDICTIONS, (),
                     "Euler on the probability-flow ODE dx = [f - g^2 score / 2] dt, in t"),
+        # k-diffusion / EDM family (csrc/samplers_karras.cpp): integrate x/alpha against sigma/alpha.
+        SamplerInfo("euler", 1, False, 1, ALL_PREDICTIONS, ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+                    "Euler in the EDM variables (k-diffusion's sample_euler, diffusers' EulerDiscrete); "
+                    "s_churn > 0 adds EDM's churn noise (then stochastic)"),
+        SamplerInfo("euler_ancestral", 1, True, 1, ALL_PREDICTIONS, ("eta", "s_noise"),
+                    "Euler step to sigma_down plus sigma_up noise (k-diffusion's sample_euler_ancestral, "
+                    "diffusers' EulerAncestralDiscrete); eta in [0, 1], default 1"),
+        SamplerInfo("heun", 2, False, 2, ALL_PREDICTIONS, ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+                    "Heun's method in the EDM variables (Karras et al. Alg. 2; k-diffusion's sample_heun, diffusers' "
+                    "HeunDiscrete); Euler into sigma = 0, so 2 steps - 1 NFE; s_churn > 0 adds EDM's churn noise"),
+        SamplerInfo("flow_euler", 1, False, 1, ALL_PREDICTIONS, (),
+                    "Euler in t for rectified flow (Schedule.flow): x' = x + (t' - t)(eps - x0) "
+                    "(diffusers' FlowMatchEulerDiscrete)"),
+        SamplerInfo("flow_heun", 2, False, 2, ALL_PREDICTIONS, (),
+                    "Heun in t for rectified flow (Schedule.flow), Euler into t = 0 "
+                    "(diffusers' FlowMatchHeunDiscrete)"),
+        # DPM-Solver++ multistep (csrc/samplers_dpmpp.cpp).
+        SamplerInfo("dpmpp_2m", 2, False, 1, ALL_PREDICTIONS, ("lower_order_final", "solver_type"),
+                    "DPM-Solver++(2M) (diffusers' DPMSolverMultistep dpmsolver++ order 2, k-diffusion's "
+                    "sample_dpmpp_2m); lower_order_final (default True) below 15 steps; solver_type "
+                    "'midpoint' or 'heun'"),
+        SamplerInfo("dpmpp_3m", 3, False, 1, ALL_PREDICTIONS,
+                    ("lower_order_final", "solver_type", "legacy_third_order"),
+                    "DPM-Solver++(3M), third order; legacy_third_order=True gives diffusers' DPMSolverMultistep "
+                    "dpmsolver++ order 3 exactly (its D2 term is halved: second order); lower_order_final "
+                    "(default True) below 15 steps; solver_type of its second-order steps"),
+        SamplerInfo("dpmpp_2m_sde", 2, True, 1, ALL_PREDICTIONS,
+                    ("eta", "s_noise", "lower_order_final", "solver_type"),
+                    "SDE-DPM-Solver++(2M) (diffusers' sde-dpmsolver++ order 2, k-diffusion's sample_dpmpp_2m_sde); "
+                    "eta in [0, 1], default 1 (0 is dpmpp_2m)"),
+        SamplerInfo("dpmpp_3m_sde", 3, True, 1, ALL_PREDICTIONS,
+                    ("eta", "s_noise", "lower_order_final", "solver_type", "legacy_third_order"),
+                    "SDE-DPM-Solver++(3M); k-diffusion's sample_dpmpp_3m_sde with solver_type='heun', "
+                    "lower_order_final=False, legacy_third_order=True; eta in [0, 1], default 1"),
         # issue 4, second half: unipc, deis, pc, rk45, consistency
         SamplerInfo("unipc", 3, False, 1, ALL_PREDICTIONS, ("solver_order", "lower_order_final"),
                     "UniPC bh2 predictor + corrector on x0 (diffusers' UniPCMultistepScheduler defaults; "
