@@ -166,6 +166,8 @@ class Pipeline:
             sampler_options["variance_type"] = variance_type
         info.check_options(sampler_options)
         shape = _check_shape(shape)
+        if sampler in SPECIAL_SAMPLERS:  # eager loops: cuda_graph=True is an error for them, "auto" falls back
+            resolve_cuda_graph(cuda_graph, self.device, adaptive=True)
         # -- issue 4: samplers that are not one fixed coefficient program (fastdiff/adaptive.py) --
         if sampler in SPECIAL_SAMPLERS:
             if guidance_scale != 1.0 or callback is not None or return_trajectory:

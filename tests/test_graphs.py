@@ -311,3 +311,11 @@ def test_cached_graph_serves_inference_mode_and_grad_mode_callers(monkeypatch, m
     assert pipe.graphs.hits == 1 and not b.requires_grad
     torch.testing.assert_close(b, pipe.sample((2, 8), steps=3, seed=2, progress=False, cuda_graph=False).detach())
     assert not torch.equal(a, b)
+
+
+def test_non_program_samplers_refuse_cuda_graph_true(mlp_pipe):
+    from fastdiff.samplers import SAMPLERS
+    if "rk45" not in SAMPLERS:
+        pytest.skip("rk45 is not registered")
+    with pytest.raises(ValueError, match="not one fixed coefficient program"):
+        mlp_pipe.sample((2, 8), sampler="rk45", progress=False, cuda_graph=True)
