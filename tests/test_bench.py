@@ -36,7 +36,8 @@ class ConstantModel:
 
 
 SAMPLER_CASES = [("ddim", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler_maruyama", {}), ("pf_ode_euler", {})]
-SAMPLER_CASES += [(n, {}) for n in ("heun", "dpmpp_2m", "unipc") if n in SAMPLERS]
+SAMPLER_CASES += [(n, {}) for n in ("heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler_ancestral", "unipc", "deis")
+                  if n in SAMPLERS]
 
 
 @pytest.mark.parametrize("sampler,opts", SAMPLER_CASES)
