@@ -7,7 +7,8 @@
 //                                  dx/dt = eps - x0 (diffusers' FlowMatchEuler / FlowMatchHeun).
 // Heun takes two stages per step: stage 1 (network at x_i) keeps x_i in history slot 0 and moves to the
 // Euler prediction at t_{i+1}; stage 2 (network there) averages the two slopes. A step that ends at
-// sigma = 0 is a plain Euler step (as k-diffusion's sample_heun and diffusers' HeunDiscrete).
+// sigma = 0 is a plain Euler step (as k-diffusion's sample_heun and diffusers' HeunDiscrete). Both
+// stages report an x0-hat for the step, so a Heun step's x0-hat is the later one (at t_{i+1}).
 // EDM's churn (s_churn, s_tmin, s_tmax, s_noise) is a stage without a network call that adds noise of
 // variance s_hat^2 - s^2 in y-space and moves the state to t_hat with edm_sigma(t_hat) = s_hat.
 #include <cmath>
