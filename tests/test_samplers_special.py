@@ -59,6 +59,26 @@ def test_pc_matches_exact_samples():
     assert pipe.last_nfe == 90 and pipe.model.nfe == 90
 
 
+def test_pc_predictor_is_reverse_diffusion_step():
+    """n_corrector = 0: each step is score-SDE's ReverseDiffusionPredictor, recomputed here from the exact score."""
+    gmm = default_mixture()
+    sch = Schedule.vp_linear()
+    pipe = Pipeline(gmm.as_model(sch, "eps"), sch, "eps", device="cpu")
+    g = torch.Generator().manual_seed(5)
+    noise = [torch.randn(6, 2, generator=g) for _ in range(3)]
+    x_T = torch.randn(6, 2, generator=g)
+    out = pipe.sample((6, 2), sampler="pc", steps=3, x_T=x_T, noise=noise, n_corrector=0, progress=False)
+    t = sch.grid(3).t
+    x = x_T.double()
+    for i in range(3):
+        a = float(sch.alpha(t[i]) / sch.alpha(t[i + 1]))
+        G2 = float(sch.sigma(t[i]) ** 2 - a ** 2 * sch.sigma(t[i + 1]) ** 2)  # VP: beta_i = 1 - a^2
+        assert abs(G2 - (1 - a * a)) < 1e-9
+        score = gmm.score_noised(x, float(sch.alpha(t[i])), float(sch.sigma(t[i])))
+        x = (2 - a) * x + G2 * score + (np.sqrt(G2) * noise[i].double() if i < 2 else 0.0)
+    torch.testing.assert_close(out.double(), x, rtol=1e-4, atol=1e-5)
+
+
 def test_pc_sample_depends_on_its_seed_only():
     gmm = _mixture16()
     sch = Schedule.vp_linear()
