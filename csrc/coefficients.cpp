@@ -88,8 +88,10 @@ void ddim_row(Program& prog, int k, double as, double ss, double eta, double lsn
 // DDPM's ancestral step (diffusers' DDPMScheduler): the posterior mean of x_s given x_t and x0-hat,
 //   mu = alpha_s sigma_ts^2 / sigma_t^2 x0 + alpha_ts sigma_s^2 / sigma_t^2 x_t,
 // with alpha_ts = alpha_t / alpha_s and sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2, plus noise of
-// variance sigma_ts^2 sigma_s^2 / sigma_t^2 ("fixed_small") or, as diffusers' "fixed_large",
-// beta_t = 1 - alpha_ts^2. No noise on the step into the clean end (diffusers adds none at t = 0).
+// variance sigma_ts^2 sigma_s^2 / sigma_t^2 ("fixed_small") or the forward transition's variance
+// sigma_ts^2 ("fixed_large"; for VP that is diffusers' beta_t = 1 - alpha_ts^2, but written as
+// 1 - alpha_ts^2 it would be 0 for VE, where alpha = 1, and wrong for sub-VP). No noise on the step
+// into the clean end (diffusers adds none at t = 0).
 void ddpm_row(Program& prog, int k, double at, double st, double as, double ss, const std::string& variance,
               const Linear& x0) {
   double a_ts = at / as;
@@ -98,7 +100,7 @@ void ddpm_row(Program& prog, int k, double at, double st, double as, double ss, 
   prog.at(k, CX) = cx0 * x0.x + cxt;
   prog.at(k, CM) = cx0 * x0.m;
   double var = 0.0;
-  if (ss > 0) var = variance == "fixed_small" ? s2_ts * ss * ss / (st * st) : 1.0 - a_ts * a_ts;
+  if (ss > 0) var = variance == "fixed_small" ? s2_ts * ss * ss / (st * st) : s2_ts;
   prog.at(k, CZ) = std::sqrt(std::max(var, 0.0));
 }
 

@@ -1,0 +1,342 @@
+"""The fused step: the Triton kernel (interpreted on CPU tensors under TRITON_INTERPRET=1) against the
+plain-torch reference, and the reference against a float64 evaluation of the row's formula.
+
+Both implementations read the same float64 row, round it to float32, and evaluate
+``c_x x + c_m m + sum_j c_hj h_j + c_z z`` in float32 in the same order, so in float32 they agree to
+float32 rounding of the terms (``~2**-24`` times their magnitude) plus the Philox difference (the
+kernel evaluates log/cos in Triton, the reference takes the C++ generator: ~5e-7 per normal, see
+tests/test_philox.py). For fp16/bf16 storage both round the same float32 value to the storage dtype,
+so they can differ by one unit in the last place of that dtype where the float32 values straddle a
+rounding boundary: the bound below is one storage ulp (``eps_dtype * |value|``) on top of the float32
+bound. What we observe: fp32 max |kernel - reference| / scale ~ 1e-7 (mostly bit-identical), fp16/bf16
+at most one storage ulp on a handful of elements.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import fastdiff.kernels.op  # noqa: E402,F401  (registers torch.ops.fastdiff.fused_step)
+from fastdiff import _C  # noqa: E402
+from fastdiff.kernels.fused_step import launch_fused_step  # noqa: E402
+from fastdiff.kernels.reference import fused_step_reference  # noqa: E402
+from fastdiff.program import build_program  # noqa: E402
+from fastdiff.schedule import Schedule  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip("the Triton kernel needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
+                allow_module_level=True)
+
+INT32_MAX = torch.iinfo(torch.int32).max
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Unit roundoff of each storage dtype: one ulp of a value v is at most eps * |v|.
+EPS = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+# float32 arithmetic of a handful of terms plus Philox's float32 log/cos (<= 4.8e-7 measured).
+F32_REL = 1e-6
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+# (sampler, options, schedule) -- real rows from build_program; the SDE/ODE Euler steps on a
+# continuous VP schedule, DDPM/DDIM on diffusers' discrete one.
+SAMPLER_CONFIGS = [
+    ("ddpm", {"variance_type": "fixed_small"}, "vp_discrete"),
+    ("ddpm", {"variance_type": "fixed_large"}, "vp_discrete"),
+    ("ddim", {"eta": 0.0}, "vp_discrete"),
+    ("ddim", {"eta": 0.5}, "vp_discrete"),
+    ("ddim", {"eta": 1.0}, "vp_discrete"),
+    ("euler_maruyama", {}, "vp_linear"),
+    ("pf_ode_euler", {}, "vp_linear"),
+]
+
+
+def _both(**kw) -> dict:
+    """Runs the kernel and the reference on the same inputs; returns their outputs by name."""
+    out = {}
+    for name, fn in (("kernel", launch_fused_step), ("reference", fused_step_reference)):
+        x = kw["x"]
+        res = {
+            "x_out": torch.full_like(x, float("nan")),
+            "h_out": torch.full_like(x, float("nan")) if kw.get("want_h") else None,
+            "x0_out": torch.full_like(x, float("nan")) if kw.get("want_x0") else None,
+            "nonfinite": kw.get("nonfinite", torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32)).clone(),
+        }
+        fn(x, kw["m"], kw.get("m_uncond"), kw.get("guidance_scale", 1.0), kw.get("hist", []), kw["coeffs"],
+           kw["stage"], kw["seeds"], kw.get("stream", 0), kw.get("use_noise", True), kw.get("noise"),
+           res["x_out"], res["h_out"], res["x0_out"], res["nonfinite"])
+        out[name] = res
+    return out
+
+
+def _expected64(x, m, m_uncond, w, hist, row, z) -> tuple:
+    """The row's formula in float64 with the float32-rounded coefficients both implementations use.
+
+    Returns ``((x_next, scale), (h_new, scale), (x0_hat, scale))``; each scale is the sum of the
+    output's |terms|, the magnitude float32 rounding errors are relative to.
+    """
+    c = row.to(torch.float32).to(torch.float64)
+    x, m = x.double(), m.double()
+    if m_uncond is not None:
+        mu = m_uncond.double()
+        m = mu + w * (m - mu)
+    terms = [c[0] * x, c[1] * m] + [c[2 + j] * h.double() for j, h in enumerate(hist)]
+    if z is not None:
+        terms.append(c[5] * z.double())
+    h_terms = [c[6] * x, c[7] * m]
+    x0_terms = [c[8] * x, c[9] * m]
+    return tuple((sum(t), sum(v.abs() for v in t)) for t in (terms, h_terms, x0_terms))
+
+
+def _assert_within(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, what: str) -> float:
+    """|got - want| <= one storage ulp of want + F32_REL * scale, elementwise; returns max err / bound."""
+    got64, want64 = got.double(), want.double()
+    bound = EPS[dtype] * want64.abs() + F32_REL * scale + 1e-30
+    err = (got64 - want64).abs()
+    ratio = float((err / bound).max())
+    assert ratio <= 1.0, f"{what}: max |diff| / bound = {ratio:.3g} (max |diff| = {float(err.max()):.3g})"
+    return ratio
+
+
+def _inputs(batch: int, sample_shape: tuple, dtype: torch.dtype, n_hist: int, gen: torch.Generator):
+    shape = (batch, *sample_shape)
+    rnd = lambda: torch.randn(shape, generator=gen).to(dtype)  # noqa: E731
+    return rnd(), rnd(), [rnd() for _ in range(n_hist)], rnd
+
+
+def _program(sampler: str, options: dict, schedule: str, prediction: str):
+    sch = getattr(Schedule, schedule)()
+    return build_program(sch, sch.grid(10), sampler, prediction, torch.device("cpu"), **options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real rows: every sampler, every prediction type, every dtype
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("config", SAMPLER_CONFIGS, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}")
+def test_sampler_rows_kernel_matches_reference(config, prediction: str, dtype: torch.dtype) -> None:
+    sampler, options, schedule = config
+    prog = _program(sampler, options, schedule, prediction)
+    gen = torch.Generator().manual_seed(hash((sampler, prediction, str(dtype))) % 2**31)
+    x, m, _, _ = _inputs(2, (3, 5, 7), dtype, 0, gen)
+    seeds = torch.tensor([7, -(2**40) + 3], dtype=torch.int64)
+    # The first stage and the last one (which steps into the clean end: no noise for ddpm).
+    for stage in (0, prog.stages - 1):
+        use_noise = prog.uses_noise(stage)
+        out = _both(x=x, m=m, coeffs=prog.coef_device, stage=stage, seeds=seeds, use_noise=use_noise,
+                    want_h=True, want_x0=True)
+        k, r = out["kernel"], out["reference"]
+        z = _C.philox_normal(seeds.numpy(), x[0].numel(), stage, 0) if use_noise else None
+        z = torch.from_numpy(np.asarray(z)).reshape(x.shape) if z is not None else None
+        expected = _expected64(x, m, None, 1.0, [], prog.coef_device[stage], z)
+        for name, (want, scale) in zip(("x_out", "h_out", "x0_out"), expected):
+            assert k[name].dtype == dtype
+            _assert_within(k[name], r[name], scale, dtype, f"stage {stage} {name} kernel vs reference")
+            _assert_within(r[name], want, scale, dtype, f"stage {stage} {name} reference vs float64")
+        assert torch.equal(k["nonfinite"], r["nonfinite"]) and (k["nonfinite"] == INT32_MAX).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Random rows: shapes, batch sizes, history, guidance, explicit noise, h_out / x0_out
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sample_shape", [(1,), (7,), (3, 5, 7), (1025,)], ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_random_rows_all_inputs(batch: int, sample_shape: tuple, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(batch * 1000 + len(sample_shape) * 10 + DTYPES.index(dtype))
+    coeffs = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    seeds = torch.tensor([3, 2**62 + 1, -5][:batch], dtype=torch.int64)
+    # Each history count once, with and without guidance, explicit noise and the optional outputs.
+    cases = [
+        dict(n_hist=0, guidance=None, explicit=False, want_h=False, want_x0=False, stage=0),
+        dict(n_hist=1, guidance=3.5, explicit=True, want_h=True, want_x0=False, stage=1),
+        dict(n_hist=2, guidance=None, explicit=False, want_h=False, want_x0=True, stage=4),
+        dict(n_hist=3, guidance=7.5, explicit=False, want_h=True, want_x0=True, stage=5),
+        dict(n_hist=3, guidance=0.0, explicit=True, want_h=True, want_x0=True, stage=2),
+    ]
+    for case in cases:
+        x, m, hist, rnd = _inputs(batch, sample_shape, dtype, case["n_hist"], gen)
+        mu = rnd() if case["guidance"] is not None else None
+        noise = rnd() if case["explicit"] else None
+        w = case["guidance"] if case["guidance"] is not None else 1.0
+        out = _both(x=x, m=m, m_uncond=mu, guidance_scale=w, hist=hist, coeffs=coeffs, stage=case["stage"],
+                    seeds=seeds, noise=noise, want_h=case["want_h"], want_x0=case["want_x0"])
+        k, r = out["kernel"], out["reference"]
+        if noise is None:
+            z = torch.from_numpy(np.asarray(_C.philox_normal(seeds.numpy(), x[0].numel(), case["stage"], 0)))
+            z = z.reshape(x.shape)
+        else:
+            z = noise
+        (x_next, scale), h, x0 = _expected64(x, m, mu, w, hist, coeffs[case["stage"]], z)
+        what = f"{case}"
+        _assert_within(k["x_out"], r["x_out"], scale, dtype, f"{what} x_out kernel vs reference")
+        _assert_within(r["x_out"], x_next, scale, dtype, f"{what} x_out reference vs float64")
+        for name, (want, scale), asked in (("h_out", h, case["want_h"]), ("x0_out", x0, case["want_x0"])):
+            if asked:
+                _assert_within(k[name], r[name], scale, dtype, f"{what} {name} kernel vs reference")
+                _assert_within(r[name], want, scale, dtype, f"{what} {name} reference vs float64")
+            else:
+                assert k[name] is None and r[name] is None
+        assert (k["nonfinite"] == INT32_MAX).all() and (r["nonfinite"] == INT32_MAX).all()
+
+
+def test_use_noise_false_ignores_c_z() -> None:
+    coeffs = torch.zeros(1, 10, dtype=torch.float64)
+    coeffs[0, 0], coeffs[0, 5] = 1.0, 100.0
+    x = torch.randn(2, 33)
+    out = _both(x=x, m=x, coeffs=coeffs, stage=0, seeds=torch.tensor([1, 2]), use_noise=False)
+    for res in out.values():
+        assert torch.equal(res["x_out"], x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Philox noise element by element
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [0, 1])
+def test_philox_noise_elementwise(stream: int) -> None:
+    # A row that is pure noise: x_out = z. 1025 elements span two kernel blocks (BLOCK = 1024), so
+    # the element index of the second block is checked too.
+    coeffs = torch.zeros(4, 10, dtype=torch.float64)
+    coeffs[:, 5] = 1.0
+    seeds = torch.tensor([0, -1, 2**33 + 5], dtype=torch.int64)
+    x = torch.zeros(3, 1025)
+    for stage in (0, 3):
+        out = _both(x=x, m=x, coeffs=coeffs, stage=stage, seeds=seeds, stream=stream)
+        want = torch.from_numpy(np.asarray(_C.philox_normal(seeds.numpy(), 1025, stage, stream)))
+        torch.testing.assert_close(out["reference"]["x_out"], want, rtol=0, atol=0)  # the C++ generator itself
+        diff = float((out["kernel"]["x_out"] - want).abs().max())
+        assert diff <= 1e-6, (stage, diff)  # observed <= 4.8e-7
+    # Different stages and samples get different noise (a counter bug would repeat it).
+    a = _both(x=x, m=x, coeffs=coeffs, stage=0, seeds=seeds, stream=stream)["kernel"]["x_out"]
+    b = _both(x=x, m=x, coeffs=coeffs, stage=3, seeds=seeds, stream=stream)["kernel"]["x_out"]
+    assert not torch.allclose(a, b) and not torch.allclose(a[0], a[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The non-finite recorder
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf"])
+def test_nonfinite_records_first_stage_per_sample(impl: str, poison: str) -> None:
+    fn = launch_fused_step if impl == "kernel" else fused_step_reference
+    coeffs = torch.zeros(8, 10, dtype=torch.float64)
+    coeffs[:, 0], coeffs[:, 1] = 0.9, 0.1
+    seeds = torch.tensor([1, 2, 3], dtype=torch.int64)
+    nonfinite = torch.full((3,), INT32_MAX, dtype=torch.int32)
+    x = torch.randn(3, 1025)
+    x[1, 1000] = float(poison)  # sample 1, in the first block
+    out = torch.empty_like(x)
+    fn(x, x.clone(), None, 1.0, [], coeffs, 3, seeds, 0, False, None, out, None, None, nonfinite)
+    assert nonfinite.tolist() == [INT32_MAX, 3, INT32_MAX]
+    # A later stage: sample 1 is still bad (its first stage stays 3), sample 0 goes bad in the second
+    # block (element 1024) through m, sample 2 stays finite.
+    m = x.clone()
+    m[0, 1024] = float(poison)
+    fn(x, m, None, 1.0, [], coeffs, 6, seeds, 0, False, None, out, None, None, nonfinite)
+    assert nonfinite.tolist() == [6, 3, INT32_MAX]
+    # An even later clean call changes nothing.
+    fn(torch.zeros_like(x), torch.zeros_like(x), None, 1.0, [], coeffs, 7, seeds, 0, False, None, out, None, None,
+       nonfinite)
+    assert nonfinite.tolist() == [6, 3, INT32_MAX]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_nonfinite_from_fp16_overflow(impl: str) -> None:
+    # Finite inputs whose update overflows float16 (max 65504) are caught too: the check reads the stored value.
+    fn = launch_fused_step if impl == "kernel" else fused_step_reference
+    coeffs = torch.zeros(3, 10, dtype=torch.float64)
+    coeffs[:, 0] = 1e4
+    x = torch.zeros(2, 9, dtype=torch.float16)
+    x[1, 4] = 10.0
+    nonfinite = torch.full((2,), INT32_MAX, dtype=torch.int32)
+    out = torch.empty_like(x)
+    fn(x, x, None, 1.0, [], coeffs, 2, torch.tensor([0, 1]), 0, False, None, out, None, None, nonfinite)
+    assert torch.isinf(out[1, 4]) and nonfinite.tolist() == [INT32_MAX, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# The registered op
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_args(with_optional: bool) -> tuple:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, generator=gen)
+    m = torch.randn(2, 3, 4, generator=gen)
+    coeffs = torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    seeds = torch.tensor([11, 12], dtype=torch.int64)
+    nonfinite = torch.full((2,), INT32_MAX, dtype=torch.int32)
+    if not with_optional:
+        return (x, m, None, 1.0, [], coeffs, 1, seeds, 0, True, None, torch.empty_like(x), None, None, nonfinite)
+    return (x, m, torch.randn(2, 3, 4, generator=gen), 2.0, [torch.randn_like(x), torch.randn_like(x)], coeffs, 2,
+            seeds, 0, True, torch.randn_like(x), torch.empty_like(x), torch.empty_like(x), torch.empty_like(x),
+            nonfinite)
+
+
+@pytest.mark.parametrize("with_optional", [False, True])
+def test_op_opcheck_cpu(with_optional: bool) -> None:
+    torch.library.opcheck(torch.ops.fastdiff.fused_step.default, _op_args(with_optional))
+
+
+def test_op_cpu_equals_reference() -> None:
+    args = _op_args(True)
+    a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    b = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    torch.ops.fastdiff.fused_step(*a)
+    fused_step_reference(*b)
+    for i in (11, 12, 13, 14):
+        assert torch.equal(a[i], b[i])
+
+
+class _OpCounter(TorchDispatchMode):
+    """Records every aten/custom op that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket if hasattr(func, "overloadpacket") else func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_op_per_step() -> None:
+    args = list(_op_args(True))
+    steps = 4
+    with _OpCounter() as counter:
+        for k in range(steps):
+            args[6] = k % 3
+            torch.ops.fastdiff.fused_step(*args)
+    assert counter.ops == ["fastdiff.fused_step"] * steps, counter.ops
+
+
+def test_pipeline_loop_dispatches_one_step_op_per_stage() -> None:
+    # The whole sampling loop, with a network that dispatches nothing: between the first and the last
+    # step op there must be nothing but step ops (no per-step noise, copy or check ops).
+    from fastdiff.pipeline import Pipeline
+
+    sch = Schedule.vp_discrete()
+    out_m = torch.zeros(3, 4)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return out_m
+
+    pipe = Pipeline(model, sch, device="cpu")
+    with _OpCounter() as counter:
+        pipe.sample((3, 4), sampler="ddpm", steps=6, progress=False)
+    steps = [i for i, op in enumerate(counter.ops) if op == "fastdiff.fused_step"]
+    assert len(steps) == 6, counter.ops
+    assert counter.ops[steps[0]:steps[-1] + 1] == ["fastdiff.fused_step"] * 6, counter.ops
