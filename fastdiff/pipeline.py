@@ -7,6 +7,7 @@ at the end, so the loop never waits on the host.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -413,7 +414,8 @@ def _default_device(model: Any) -> torch.device:
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in shape)
+        # operator.index, not int(): a float size (2.5) or a string ("ab") is refused, never truncated.
+        shape = tuple(operator.index(s) for s in shape)
     except TypeError:
         raise TypeError(f"shape must be a sequence of ints (batch, ...), got {shape!r}") from None
     if len(shape) < 2 or any(s < 1 for s in shape):
