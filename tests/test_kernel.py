@@ -8,8 +8,14 @@ kernel evaluates log/cos in Triton, the reference takes the C++ generator: ~5e-7
 tests/test_philox.py). For fp16/bf16 storage both round the same float32 value to the storage dtype,
 so they can differ by one unit in the last place of that dtype where the float32 values straddle a
 rounding boundary: the bound below is one storage ulp (``eps_dtype * |value|``) on top of the float32
-bound. What we observe: fp32 max |kernel - reference| / scale ~ 1e-7 (mostly bit-identical), fp16/bf16
-at most one storage ulp on a handful of elements.
+bound.
+
+What we observe over the real sampler rows: fp32 max |kernel - reference| = 2.6e-7 of the terms'
+magnitude (about 2% of elements differ at all, by an ulp or the Philox difference); fp16: 1 element in
+29400 differs, by one fp16 ulp; bf16: about 40% of elements differ by one bf16 ulp, because Triton's
+interpreter (3.9) converts fp32 to bf16 by truncating the mantissa (interpreter.py ``cast_impl`` passes
+no rounding mode to ``_convert_float``) while torch -- and Triton on a GPU, where fptrunc is
+round-to-nearest-even -- round to nearest. One bf16 ulp is inside the bound either way.
 """
 from __future__ import annotations
 
@@ -253,6 +259,7 @@ def test_nonfinite_records_first_stage_per_sample(impl: str, poison: str) -> Non
     assert nonfinite.tolist() == [6, 3, INT32_MAX]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's numpy cast
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_nonfinite_from_fp16_overflow(impl: str) -> None:
     # Finite inputs whose update overflows float16 (max 65504) are caught too: the check reads the stored value.
