@@ -88,7 +88,7 @@ def test_statistical_check_rejects_a_wrong_sampler() -> None:
     sch = Schedule.vp_discrete()
     pipe = Pipeline(GMM.as_model(sch, "x0"), sch, prediction="eps", device="cpu")
     x = pipe.sample((N, 2), sampler="ddim", steps=100, seed=0, progress=False)
-    assert not gmm_statistical_check(torch.nan_to_num(x, nan=1e6, posinf=1e6, neginf=-1e6).clamp(-1e6, 1e6), GMM)
+    assert not gmm_statistical_check(x, GMM)
     # And 5 DDPM steps are too few: the check sees the discretisation bias.
     x = _pipe(sch).sample((N, 2), sampler="ddpm", steps=5, seed=0, progress=False)
     assert not gmm_statistical_check(x, GMM)
