@@ -107,7 +107,8 @@ def run_diffusers(label: str, gmm: GaussianMixture, n: int, nfe: int, seed: int)
     cls_name, extra, per = DIFFUSERS[label]
     sch = Schedule.vp_discrete()
     model = gmm.as_model(sch, "eps")
-    scheduler = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="trailing",
+    scheduler = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                                    timestep_spacing="trailing",
                                                     **extra)
     steps = max(1, (nfe + 1) // 2) if per == 2 else nfe
     scheduler.set_timesteps(steps)

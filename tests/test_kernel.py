@@ -23,7 +23,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from typing import Optional  # noqa: E402
+
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

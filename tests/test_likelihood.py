@@ -13,7 +13,7 @@ import torch
 
 import fastdiff
 from fastdiff.interpolate import interpolate, slerp
-from fastdiff.likelihood import (LikelihoodInfo, decode, encode, encode_samplers, log_likelihood, pf_ode_drift,
+from fastdiff.likelihood import (LikelihoodInfo, decode, encode, encode_samplers, pf_ode_drift,
                                  prior_log_prob)
 from fastdiff.models import GaussianMixture
 from fastdiff.pipeline import Pipeline
@@ -25,16 +25,6 @@ from fastdiff.samplers import SAMPLERS
 # test_exact_likelihood_is_independent_of_chunking_and_autodiff), with a 5x margin.
 Z_MAX = 4.0
 SLACK = 1e-3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The mixture's tensors are tiny: OpenMP hand-offs cost far more than the arithmetic on a shared
-    # 2-core runner (softmax of a [128, 3] tensor: 12 ms with 2 threads under load, 11 us with 1).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,6 @@ import torch
 from fastdiff.ode import ODESolverError, solve_ivp_rk45
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP hand-offs cost far more than the arithmetic on a shared 2-core runner
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 RATES = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)[:, None]
 
 

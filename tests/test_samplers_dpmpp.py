@@ -19,28 +19,18 @@ import pytest
 import torch
 
 from fastdiff._ext import C
+from convergence import CPU, convergence_slope, edm_reference_solution, grid_from_t
 from fastdiff.demo import default_mixture
 from fastdiff.metrics import gmm_statistical_check
 from fastdiff.models import GaussianMixture
-from fastdiff.ode import solve_ivp_rk45
 from fastdiff.pipeline import Pipeline
-from fastdiff.program import Program, build_program
+from fastdiff.program import build_program
 from fastdiff.samplers import SAMPLERS
 from fastdiff.schedule import Grid, Schedule
 
-CPU = torch.device("cpu")
 RTOL = 1e-4
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The mixture's tensors are tiny: OpenMP hand-offs cost far more than the arithmetic on a shared runner.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +38,7 @@ def gmm() -> GaussianMixture:
     return default_mixture()
 
 
-def grid_from_t(schedule: Schedule, t) -> Grid:
-    """A fastdiff grid through the given schedule times (e.g. a peer's own timesteps)."""
-    t = np.asarray(t, dtype=np.float64)
-    return Grid(t=t, alpha=schedule.alpha(t), sigma=schedule.sigma(t), log_snr=schedule.log_snr(t),
-                model_time=schedule.model_time(t))
+
 
 
 def x_T(n: int = 64, dim: int = 2, seed: int = 0) -> torch.Tensor:
@@ -210,49 +196,12 @@ def test_sde_matches_k_diffusion(gmm, kdiff_sampling, steps, sampler, options):
 
 
 # --------------------------------------------------------------------------------------- convergence
-def run_float64(prog: Program, model, x: torch.Tensor) -> torch.Tensor:
-    """A deterministic program applied in float64 (the same rows the fused kernel applies in float32)."""
-    x = x.double()
-    slots: dict[int, torch.Tensor] = {}
-    for k in range(prog.stages):
-        c = prog.coef[k]
-        assert c[5] == 0.0
-        mt = torch.full((x.shape[0],), float(prog.model_time[k]), dtype=torch.float64)
-        m = model(x, mt) if prog.calls_model(k) else torch.zeros_like(x)
-        nxt = c[0] * x + c[1] * m
-        for j, slot in enumerate(prog.reads(k)):
-            nxt = nxt + c[2 + j] * slots[slot]
-        if prog.writes(k) >= 0:
-            slots[prog.writes(k)] = c[6] * x + c[7] * m
-        x = nxt
-    return x
-
-
 @pytest.fixture(scope="module")
 def edm_reference(gmm):
-    """x at sigma_max and the PF-ODE solution dx/dsigma = (x - D(x, sigma)) / sigma at sigma_min (EDM)."""
-    schedule = Schedule.edm()
-    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 80.0
-    sol = solve_ivp_rk45(lambda s, y: (y - gmm.posterior_mean(y, 1.0, s)) / s, 80.0, 0.002, x,
-                         rtol=1e-10, atol=1e-10, dtype=torch.float64)
-    return schedule, x, sol.y
+    """x at sigma_max and the PF-ODE solution at sigma_min (tests/convergence.py)."""
+    return edm_reference_solution(gmm)
 
 
-def convergence_slope(gmm, edm_reference, sampler: str, steps, **options) -> tuple[float, list[float]]:
-    """Fitted slope of log RMS error against log steps on Karras grids ending at sigma_min."""
-    schedule, x, ref = edm_reference
-    model = gmm.as_model(schedule, "eps")
-    errors = []
-    for n in steps:
-        grid = grid_from_t(schedule, schedule.grid(n + 1, spacing="karras").t[:-1])  # n steps, no clean end
-        out = run_float64(build_program(schedule, grid, sampler, "eps", CPU, **options), model, x)
-        errors.append(float((out - ref).square().sum(1).mean().sqrt()))
-    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
-    return float(slope), errors
-
-
-# measured: dpmpp_2m 1.94 (RMS errors 2.2e-3 .. 1.5e-4), dpmpp_3m 2.95 (3.3e-3 .. 5.4e-5),
-# dpmpp_3m with legacy_third_order 2.22 (7.5e-4 .. 3.5e-5)
 @pytest.mark.parametrize("sampler,order,steps,options", [
     ("dpmpp_2m", 2, [128, 256, 512], {}),
     ("dpmpp_3m", 3, [64, 128, 256], {}),
