@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastdiff._ext import C
-from convergence import CPU, convergence_slope, edm_reference_solution, grid_from_t
+from sampler_helpers import CPU, convergence_slope, edm_reference_solution, grid_from_t, noises, x_T
 from fastdiff.demo import default_mixture
 from fastdiff.metrics import gmm_statistical_check
 from fastdiff.models import GaussianMixture
@@ -36,18 +36,6 @@ DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 @pytest.fixture(scope="module")
 def gmm() -> GaussianMixture:
     return default_mixture()
-
-
-
-
-
-def x_T(n: int = 64, dim: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
-
-
-def noises(count: int, n: int = 64, dim: int = 2, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, dim, generator=g) for _ in range(count)]
 
 
 def run_fastdiff(model, schedule: Schedule, prediction: str, grid: Grid, sampler: str, x: torch.Tensor,
@@ -198,7 +186,7 @@ def test_sde_matches_k_diffusion(gmm, kdiff_sampling, steps, sampler, options):
 # --------------------------------------------------------------------------------------- convergence
 @pytest.fixture(scope="module")
 def edm_reference(gmm):
-    """x at sigma_max and the PF-ODE solution at sigma_min (tests/convergence.py)."""
+    """x at sigma_max and the PF-ODE solution at sigma_min (tests/sampler_helpers.py)."""
     return edm_reference_solution(gmm)
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastdiff._ext import C
-from convergence import CPU, convergence_slope, edm_reference_solution, grid_from_t
+from sampler_helpers import CPU, convergence_slope, edm_reference_solution, grid_from_t, noises, x_T
 from peers import U32
 from fastdiff.demo import default_mixture
 from fastdiff.metrics import gmm_statistical_check
@@ -39,18 +39,6 @@ SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 @pytest.fixture(scope="module")
 def gmm() -> GaussianMixture:
     return default_mixture()
-
-
-
-
-
-def x_T(n: int = 64, dim: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
-
-
-def noises(count: int, n: int = 64, dim: int = 2, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, dim, generator=g) for _ in range(count)]
 
 
 def run_fastdiff(model, schedule: Schedule, prediction: str, grid: Grid, sampler: str, x: torch.Tensor,
@@ -215,7 +203,7 @@ def test_euler_ancestral_matches_k_diffusion(gmm, kdiff_sampling, steps, eta):
 # --------------------------------------------------------------------------------------- convergence
 @pytest.fixture(scope="module")
 def edm_reference(gmm):
-    """x at sigma_max and the PF-ODE solution at sigma_min (tests/convergence.py)."""
+    """x at sigma_max and the PF-ODE solution at sigma_min (tests/sampler_helpers.py)."""
     return edm_reference_solution(gmm)
 
 

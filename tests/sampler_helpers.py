@@ -1,4 +1,4 @@
-"""Shared helpers of the sampler tests: grids through given times, and convergence-order measurement."""
+"""Shared helpers of the sampler tests: peer inputs, grids through given times, convergence order."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +16,17 @@ def grid_from_t(schedule: Schedule, t) -> Grid:
     t = np.asarray(t, dtype=np.float64)
     return Grid(t=t, alpha=schedule.alpha(t), sigma=schedule.sigma(t), log_snr=schedule.log_snr(t),
                 model_time=schedule.model_time(t))
+
+
+def x_T(n: int = 64, dim: int = 2, seed: int = 0) -> torch.Tensor:
+    """Initial states shared by a fastdiff run and its peer."""
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def noises(count: int, n: int = 64, dim: int = 2, seed: int = 1) -> list[torch.Tensor]:
+    """Explicit per-step noise shared by a fastdiff run and its peer."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, dim, generator=g) for _ in range(count)]
 
 
 def run_float64(prog: Program, model, x: torch.Tensor) -> torch.Tensor:
