@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.command == "demo":
         from fastdiff.demo import run_demo
 
-        print("fastdiff demo: 2-D Gaussian mixture, exact eps model, VP discrete schedule (1000 steps)")
+        print("fastdiff demo: every sampler on the exact network of a 2-D, 3-component Gaussian mixture")
         run_demo(n=args.n, out_dir=args.out, plot=not args.no_plot)
     else:
         print_schedules(args.steps)

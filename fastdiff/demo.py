@@ -61,7 +61,9 @@ def run_demo(n: int = 2000, step_counts: Sequence[int] = (10, 25, 100), out_dir:
         cells = "".join(f"{r['sw2']:>10.4f} ({r['nfe']:>3})" for r in mine)
         print(f"{info.name:<16}{mine[0]['setup']:<18}{cells}")
     print(f"\nsliced W2 to {n} exact samples (network evaluations in brackets; rk45 is adaptive and "
-          f"ignores steps). Two exact sample sets of {n} differ by {baseline:.4f}: the noise floor.")
+          f"ignores steps). Two exact sample sets of {n} differ by {baseline:.4f}: the noise floor.\n"
+          "pc's signal-to-noise Langevin step assumes noise norms that concentrate (high dimension); "
+          "in 2-D it is unstable, as the table shows.")
     if plot:
         picks = {k: shown[k] for k in ("ddim", "ddpm", "dpmpp_2m", "heun", "unipc", "flow_euler") if k in shown}
         path = _plot(gmm, picks, out_dir, max(step_counts))
