@@ -131,6 +131,22 @@ void check_row(const Program& prog, int k, const std::string& sampler, const std
   }
 }
 
+Step begin_step(Program& prog, const Schedule& sch, const std::vector<double>& grid_t, int i,
+                const std::string& prediction) {
+  Step st;
+  st.t = grid_t[i];
+  st.s = grid_t[i + 1];
+  st.at = sch.alpha(st.t);
+  st.st = sch.sigma(st.t);
+  st.as = sch.alpha(st.s);
+  st.ss = sch.sigma(st.s);
+  prediction_to_x0_eps(prediction, st.at, st.st, st.x0, st.eps);
+  st.k = prog.add_stage(sch, st.t, i);
+  prog.at(st.k, EX) = st.x0.x;
+  prog.at(st.k, EM) = st.x0.m;
+  return st;
+}
+
 namespace {
 
 // The first-order samplers of the sampling core: one stage per step, from grid_t[i] to grid_t[i+1].
@@ -145,13 +161,11 @@ void first_order(Program& prog, const Schedule& sch, const std::vector<double>& 
     throw std::invalid_argument("variance_type must be 'fixed_small' or 'fixed_large', got '" + variance + "'");
   const int steps = static_cast<int>(grid_t.size()) - 1;
   for (int i = 0; i < steps; ++i) {
-    double t = grid_t[i], s = grid_t[i + 1];
-    double at = sch.alpha(t), st = sch.sigma(t), as = sch.alpha(s), ss = sch.sigma(s);
-    Linear x0, eps;
-    prediction_to_x0_eps(prediction, at, st, x0, eps);
-    int k = prog.add_stage(sch, t, i);
-    prog.at(k, EX) = x0.x;
-    prog.at(k, EM) = x0.m;
+    const Step p = begin_step(prog, sch, grid_t, i, prediction);
+    const int k = p.k;
+    const double t = p.t, s = p.s, at = p.at, st = p.st, as = p.as, ss = p.ss;
+    const Linear& x0 = p.x0;
+    const Linear& eps = p.eps;
     if (Which == 0) {
       ddim_row(prog, k, as, ss, eta, sch.log_snr(t), ss > 0 ? sch.log_snr(s) : INFINITY, x0, eps);
     } else if (Which == 1) {

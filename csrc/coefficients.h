@@ -70,6 +70,16 @@ using SamplerBuilder = void (*)(Program& prog, const Schedule& sch, const std::v
 bool register_sampler(const std::string& name, SamplerBuilder builder);
 std::vector<std::string> sampler_names();
 
+// The common start of a one-stage step from grid_t[i] to grid_t[i + 1]: alpha/sigma at both ends, x0 and eps
+// as linear functions of (x, m) at t, and a new model-calling stage k whose x0-hat coefficients are set.
+struct Step {
+  int k;
+  double t, s, at, st, as, ss;
+  Linear x0, eps;
+};
+Step begin_step(Program& prog, const Schedule& sch, const std::vector<double>& grid_t, int i,
+                const std::string& prediction);
+
 // Throws a ValueError-mapped exception when a row of stage k has a non-finite update coefficient.
 void check_row(const Program& prog, int k, const std::string& sampler, const std::string& prediction, double t);
 

@@ -17,19 +17,13 @@ void build_pc_predictor(Program& prog, const Schedule& sch, const std::vector<do
                         const std::string& prediction, const SamplerOptions&) {
   const int n = static_cast<int>(g.size()) - 1;
   for (int i = 0; i < n; ++i) {
-    double t = g[i], s = g[i + 1];
-    double at = sch.alpha(t), st = sch.sigma(t), as = sch.alpha(s), ss = sch.sigma(s);
-    Linear x0, eps;
-    prediction_to_x0_eps(prediction, at, st, x0, eps);
-    int k = prog.add_stage(sch, t, i);
-    double ar = at / as, G2 = st * st - ar * ar * ss * ss;
+    const Step p = begin_step(prog, sch, g, i, prediction);
+    double ar = p.at / p.as, G2 = p.st * p.st - ar * ar * p.ss * p.ss;
     // score = -eps / sigma_t
-    prog.at(k, CX) = 2.0 - ar - G2 * eps.x / st;
-    prog.at(k, CM) = -G2 * eps.m / st;
-    prog.at(k, CZ) = i == n - 1 ? 0.0 : std::sqrt(std::max(G2, 0.0));
-    prog.at(k, EX) = x0.x;
-    prog.at(k, EM) = x0.m;
-    check_row(prog, k, "pc", prediction, t);
+    prog.at(p.k, CX) = 2.0 - ar - G2 * p.eps.x / p.st;
+    prog.at(p.k, CM) = -G2 * p.eps.m / p.st;
+    prog.at(p.k, CZ) = i == n - 1 ? 0.0 : std::sqrt(std::max(G2, 0.0));
+    check_row(prog, p.k, "pc", prediction, p.t);
   }
 }
 
