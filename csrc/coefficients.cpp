@@ -119,7 +119,7 @@ void sde_euler_row(Program& prog, int k, const Schedule& sch, double t, double s
 }  // namespace
 
 void check_row(const Program& prog, int k, const std::string& sampler, const std::string& prediction, double t) {
-  for (int c : {CX, CM, CH0, CH1, CH2, CZ, DX, DM}) {
+  for (int c : {CX, CM, CH0, CH1, CH2, CZ, DX, DM, CX0, DX0}) {
     if (!std::isfinite(prog.coef[k * kNumCoef + c])) {
       std::ostringstream msg;
       msg.precision(10);

@@ -2,9 +2,11 @@
 //
 // A program is a list of stages. Stage k feeds the network the current state at model_time[k] and
 // then applies one row of float64 coefficients:
-//   x_next = c_x x + c_m m + c_h0 h0 + c_h1 h1 + c_h2 h2 + c_z z
-//   h_new  = d_x x + d_m m          (written to a history slot for later stages)
-//   x0_hat = e_x x + e_m m          (the denoised estimate, when the caller asks for it)
+//   x0_hat = e_x x + e_m m          (the denoised estimate; the kernel may clip it to x0c)
+//   x_next = c_x x + c_m m + c_x0 x0c + c_h0 h0 + c_h1 h1 + c_h2 h2 + c_z z
+//   h_new  = d_x x + d_m m + d_x0 x0c  (written to a history slot for later stages)
+// Builders leave c_x0 = d_x0 = 0 (linear in x and m); fastdiff.program.clip_form moves m into the x0c
+// terms when x0 is clipped or thresholded (kernels/reference.py).
 // with the prediction type (eps, x0, v, score, flow) already folded in, so the kernel never divides
 // by alpha or sigma. meta[k] names the history slots the row reads (h0..h2, -1 = unused), the slot
 // h_new goes to (-1 = none), the sampler step the stage belongs to, and whether the stage calls the
@@ -22,9 +24,9 @@
 
 namespace fastdiff {
 
-constexpr int kNumCoef = 10;  // c_x, c_m, c_h0, c_h1, c_h2, c_z, d_x, d_m, e_x, e_m
+constexpr int kNumCoef = 12;  // c_x, c_m, c_h0, c_h1, c_h2, c_z, d_x, d_m, e_x, e_m, c_x0, d_x0
 constexpr int kNumMeta = 6;   // read slot 0, read slot 1, read slot 2, write slot, step index, calls model
-enum Coef { CX, CM, CH0, CH1, CH2, CZ, DX, DM, EX, EM };
+enum Coef { CX, CM, CH0, CH1, CH2, CZ, DX, DM, EX, EM, CX0, DX0 };
 enum Meta { READ0, READ1, READ2, WRITE, STEP, CALLS_MODEL };
 
 // Named sampler options (eta, variance_type, s_churn, ...). Python validates which names a sampler

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from fastdiff._ext import C
+from fastdiff.kernels.reference import CM, CX, CX0, DM, DX, DX0, EM, EX
 from fastdiff.schedule import Grid, Schedule
 
 
 @dataclass
 class Program:
-    """Stage rows (``coef`` [stages, 10] float64), slot/step metadata and model times of one sampler run.
+    """Stage rows (``coef`` [stages, 12] float64, columns as kernels/reference.py), slot/step metadata and model times of one sampler run.
 
     ``coef_device`` is the same table on the device the kernel reads; ``model_time`` [stages] is what
     the network is fed at each stage; ``meta`` [stages, 6] holds the history slots each stage reads
@@ -66,3 +67,24 @@ def build_program(schedule: Schedule, grid: Grid, sampler: str, prediction: str,
     return Program(sampler=sampler, grid=grid, coef=coef, meta=raw["meta"], t=raw["t"],
                    model_time=raw["model_time"], slots=int(raw["slots"]),
                    coef_device=torch.as_tensor(coef, dtype=torch.float64).to(device))
+
+
+def clip_form(coef: np.ndarray) -> np.ndarray:
+    """Rewrites coefficient rows so the network output reaches x_next and h_new only through x0c.
+
+    A row gives ``x0 = e_x x + e_m m``, so ``m = (x0 - e_x x) / e_m`` where ``e_m != 0``; substituting turns
+    ``c_x x + c_m m`` into ``(c_x - c_m e_x / e_m) x + (c_m / e_m) x0`` (and likewise for ``h_new``). The
+    rewritten row is the same step when x0 is left alone, and the step on the clipped x0 when the kernel
+    clips it (its ``clip`` argument): what diffusers does for ``clip_sample`` and ``thresholding``, where it
+    recomputes eps from the clipped x0. Rows with ``e_m == 0`` (stages that do not read the network) are
+    returned unchanged. Returns a new [stages, 12] float64 array.
+    """
+    out = np.array(coef, dtype=np.float64, copy=True)
+    rows = out[:, EM] != 0.0
+    em, ex = out[rows, EM], out[rows, EX]
+    for x_col, m_col, x0_col in ((CX, CM, CX0), (DX, DM, DX0)):
+        per_x0 = out[rows, m_col] / em
+        out[rows, x_col] -= per_x0 * ex
+        out[rows, x0_col] += per_x0
+        out[rows, m_col] = 0.0
+    return out

@@ -1,9 +1,10 @@
 """The fused sampler step as one Triton kernel (see kernels/reference.py for the math it implements).
 
-Grid: (cdiv(numel per sample, BLOCK), batch). Each program loads its sample's seed, reads x, m (and
-the guidance and history inputs), makes the noise in registers with Philox at counter
-(element, stage, stream), and writes x_next (and h_new, x0_hat). Arithmetic is float32 whatever the
-storage dtype; coefficients are read from a float64 table on the device.
+Grid: (cdiv(numel per sample, BLOCK), batch). Each program loads its sample's seed (and, in per-row mode,
+its coefficient row, noise stage and history slots), reads x, m (and the guidance and history inputs),
+makes the noise in registers with Philox at counter (element, stage, stream), and writes x_next (and
+h_new, x0_hat). Arithmetic is float32 whatever the storage dtype; coefficients are read from a float64
+table on the device.
 """
 from __future__ import annotations
 
@@ -14,39 +15,64 @@ import triton
 import triton.language as tl
 
 from fastdiff.kernels.philox import normal_at
+from fastdiff.kernels.reference import MAX_HISTORY, NUM_COEF, ROW_FIELDS, check_per_row_args
 
 BLOCK_SIZE = 1024
 
 
 @triton.jit
+def _history_term(acc, row, which: tl.constexpr, h_ptr, pool_ptr, rows_ptr, b, batch, numel, off, mask,
+                  NUM_HIST: tl.constexpr, PER_ROW: tl.constexpr):
+    """acc + c_hj * h_j: h_j from its own tensor, or from the pool slot the sample's descriptor names."""
+    if PER_ROW:
+        slot = tl.load(rows_ptr + b * 6 + 2 + which)
+        ok = mask & ((off * 0 + slot) >= 0)  # broadcast the scalar test over the block
+        base = tl.maximum(slot, 0).to(tl.int64) * batch * numel
+        h = tl.load(pool_ptr + base + off, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(row + 2 + which).to(tl.float32) * h
+    elif NUM_HIST > which:
+        acc += tl.load(row + 2 + which).to(tl.float32) * tl.load(h_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _fused_step_kernel(
     x_ptr, m_ptr, mu_ptr, h0_ptr, h1_ptr, h2_ptr, coef_ptr, seeds_ptr, noise_ptr,
-    x_out_ptr, h_out_ptr, x0_out_ptr, nonfinite_ptr,
-    numel, stage, stream, guidance_scale,
+    x_out_ptr, h_out_ptr, x0_out_ptr, nonfinite_ptr, clip_ptr, rows_ptr, pool_ptr, guid_ptr,
+    batch, numel, stage, stream, guidance_scale,
     NUM_HIST: tl.constexpr, HAS_UNCOND: tl.constexpr, USE_NOISE: tl.constexpr,
-    EXPLICIT_NOISE: tl.constexpr, WRITE_H: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr,
+    EXPLICIT_NOISE: tl.constexpr, WRITE_H: tl.constexpr, WRITE_X0: tl.constexpr, HAS_CLIP: tl.constexpr,
+    PER_ROW: tl.constexpr, HAS_POOL: tl.constexpr, ROW_GUIDANCE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = j < numel
     off = b * numel + j
-    row = coef_ptr + stage * 10
-    c_x = tl.load(row + 0).to(tl.float32)
-    c_m = tl.load(row + 1).to(tl.float32)
+    if PER_ROW:
+        row = coef_ptr + tl.load(rows_ptr + b * 6).to(tl.int64) * 12
+        stage = tl.load(rows_ptr + b * 6 + 1)
+    else:
+        row = coef_ptr + stage * 12
 
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_UNCOND:
         mu = tl.load(mu_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        m = mu + guidance_scale * (m - mu)
-    acc = c_x * x + c_m * m
-    if NUM_HIST >= 1:
-        acc += tl.load(row + 2).to(tl.float32) * tl.load(h0_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    if NUM_HIST >= 2:
-        acc += tl.load(row + 3).to(tl.float32) * tl.load(h1_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    if NUM_HIST >= 3:
-        acc += tl.load(row + 4).to(tl.float32) * tl.load(h2_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if ROW_GUIDANCE:
+            m = mu + tl.load(guid_ptr + b) * (m - mu)
+        else:
+            m = mu + guidance_scale * (m - mu)
+    x0 = tl.load(row + 8).to(tl.float32) * x + tl.load(row + 9).to(tl.float32) * m
+    if HAS_CLIP:
+        bound = tl.load(clip_ptr + b * 2)
+        x0 = tl.minimum(tl.maximum(x0, -bound), bound) * tl.load(clip_ptr + b * 2 + 1)
+    acc = tl.load(row + 0).to(tl.float32) * x + tl.load(row + 1).to(tl.float32) * m
+    acc += tl.load(row + 10).to(tl.float32) * x0
+    if HAS_POOL or not PER_ROW:
+        acc = _history_term(acc, row, 0, h0_ptr, pool_ptr, rows_ptr, b, batch, numel, off, mask, NUM_HIST, PER_ROW)
+        acc = _history_term(acc, row, 1, h1_ptr, pool_ptr, rows_ptr, b, batch, numel, off, mask, NUM_HIST, PER_ROW)
+        acc = _history_term(acc, row, 2, h2_ptr, pool_ptr, rows_ptr, b, batch, numel, off, mask, NUM_HIST, PER_ROW)
     if USE_NOISE:
         if EXPLICIT_NOISE:
             z = tl.load(noise_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -56,11 +82,15 @@ def _fused_step_kernel(
         acc += tl.load(row + 5).to(tl.float32) * z
     y = acc.to(x_out_ptr.dtype.element_ty)
     tl.store(x_out_ptr + off, y, mask=mask)
+    h = tl.load(row + 6).to(tl.float32) * x + tl.load(row + 7).to(tl.float32) * m
+    h += tl.load(row + 11).to(tl.float32) * x0
     if WRITE_H:
-        h = tl.load(row + 6).to(tl.float32) * x + tl.load(row + 7).to(tl.float32) * m
         tl.store(h_out_ptr + off, h.to(h_out_ptr.dtype.element_ty), mask=mask)
+    if PER_ROW and HAS_POOL:
+        slot = tl.load(rows_ptr + b * 6 + 5)
+        base = tl.maximum(slot, 0).to(tl.int64) * batch * numel
+        tl.store(pool_ptr + base + off, h.to(pool_ptr.dtype.element_ty), mask=mask & ((j * 0 + slot) >= 0))
     if WRITE_X0:
-        x0 = tl.load(row + 8).to(tl.float32) * x + tl.load(row + 9).to(tl.float32) * m
         tl.store(x0_out_ptr + off, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
     # Record the first non-finite stage of this sample: one atomic per block that saw a NaN/Inf.
     yf = y.to(tl.float32)
@@ -85,6 +115,10 @@ def launch_fused_step(
     h_out: Optional[torch.Tensor],
     x0_out: Optional[torch.Tensor],
     nonfinite: torch.Tensor,
+    clip: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
+    pool: Optional[torch.Tensor] = None,
+    row_guidance: Optional[torch.Tensor] = None,
     launcher=None,
 ) -> None:
     """Launches the Triton kernel (same arguments as ``fused_step_reference``).
@@ -92,17 +126,22 @@ def launch_fused_step(
     ``launcher`` wraps the kernel for ``torch.library`` (``wrap_triton``); left None the kernel is launched
     directly, which is how tests run it under TRITON_INTERPRET=1 on CPU tensors.
     """
+    check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
+    assert coeffs.shape[-1] == NUM_COEF and len(hist) <= MAX_HISTORY and ROW_FIELDS == 6
     batch = x.shape[0]
     numel = x[0].numel()
-    h = list(hist) + [x] * (3 - len(hist))
+    h = list(hist) + [x] * (MAX_HISTORY - len(hist))
     kernel = _fused_step_kernel if launcher is None else launcher(_fused_step_kernel)
     grid = (triton.cdiv(numel, BLOCK_SIZE), batch)
     kernel[grid](
         x, m, m_uncond if m_uncond is not None else m, h[0], h[1], h[2], coeffs, seeds,
         noise if noise is not None else x,
         x_out, h_out if h_out is not None else x_out, x0_out if x0_out is not None else x_out, nonfinite,
-        numel, stage, stream, float(guidance_scale),
+        clip if clip is not None else coeffs, rows if rows is not None else nonfinite,
+        pool if pool is not None else x, row_guidance if row_guidance is not None else coeffs,
+        batch, numel, stage, stream, float(guidance_scale),
         NUM_HIST=len(hist), HAS_UNCOND=m_uncond is not None, USE_NOISE=bool(use_noise),
         EXPLICIT_NOISE=noise is not None, WRITE_H=h_out is not None, WRITE_X0=x0_out is not None,
-        BLOCK=BLOCK_SIZE,
+        HAS_CLIP=clip is not None, PER_ROW=rows is not None, HAS_POOL=pool is not None,
+        ROW_GUIDANCE=row_guidance is not None, BLOCK=BLOCK_SIZE,
     )

@@ -16,7 +16,7 @@ from fastdiff.kernels.fused_step import launch_fused_step
 from fastdiff.kernels.reference import fused_step_reference
 
 
-@triton_op("fastdiff::fused_step", mutates_args={"x_out", "h_out", "x0_out", "nonfinite"})
+@triton_op("fastdiff::fused_step", mutates_args={"x_out", "h_out", "x0_out", "nonfinite", "pool"})
 def fused_step(
     x: torch.Tensor,
     m: torch.Tensor,
@@ -33,13 +33,19 @@ def fused_step(
     h_out: Optional[torch.Tensor],
     x0_out: Optional[torch.Tensor],
     nonfinite: torch.Tensor,
+    clip: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
+    pool: Optional[torch.Tensor] = None,
+    row_guidance: Optional[torch.Tensor] = None,
 ) -> None:
-    """One sampler step: ``x_out = c_x x + c_m m + sum_j c_hj h_j + c_z z`` with row ``stage`` of ``coeffs``.
+    """One sampler step: ``x_out = c_x x + c_m m + c_x0 x0c + sum_j c_hj h_j + c_z z`` with row ``stage`` of
+    ``coeffs`` (or one row per sample: ``rows``, ``pool``, ``row_guidance``).
 
-    See kernels/reference.py for every argument. Mutates ``x_out``, ``h_out``, ``x0_out`` and ``nonfinite``.
+    See kernels/reference.py for every argument. Mutates ``x_out``, ``h_out``, ``x0_out``, ``nonfinite`` and
+    ``pool``.
     """
     args = (x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise,
-            x_out, h_out, x0_out, nonfinite)
+            x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance)
     if x.device.type != "cuda":
         fused_step_reference(*args)
         return

@@ -39,6 +39,7 @@ __all__ = [
     "philox_normal_kernel",
     "launch_philox_normal_triton",
     "philox_normal",
+    "philox_normal_rows",
     "derive_seeds",
     "splitmix64",
 ]
@@ -94,6 +95,17 @@ def philox_normal_kernel(seeds_ptr, out_ptr, numel, stage, stream, BLOCK: tl.con
     mask = j < numel
     seed = tl.load(seeds_ptr + b)
     z = normal_at(seed, j, stage, stream)
+    tl.store(out_ptr + b.to(tl.int64) * numel + j, z, mask=mask)
+
+
+@triton.jit
+def philox_normal_rows_kernel(seeds_ptr, stages_ptr, out_ptr, numel, stream, BLOCK: tl.constexpr):
+    """Fills ``out[b, j] = normal_at(seeds[b], j, stages[b], stream)``: each sample at its own stage."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < numel
+    z = normal_at(tl.load(seeds_ptr + b), j, tl.load(stages_ptr + b), stream)
     tl.store(out_ptr + b.to(tl.int64) * numel + j, z, mask=mask)
 
 
@@ -168,6 +180,51 @@ def _philox_normal_fake(seeds: torch.Tensor, numel: int, stage: int, stream: int
     torch._check(seeds.dim() == 1, lambda: "seeds must be 1-D (batch,)")
     torch._check(seeds.dtype == torch.int64, lambda: "seeds must have dtype torch.int64")
     return seeds.new_empty((seeds.shape[0], numel), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdiff::philox_normal_rows", mutates_args=())
+def _philox_normal_rows_op(seeds: torch.Tensor, numel: int, stages: torch.Tensor, stream: int) -> torch.Tensor:
+    raise NotImplementedError(
+        f"fastdiff::philox_normal_rows has kernels for cpu and cuda only, got seeds on {seeds.device}"
+    )
+
+
+@_philox_normal_rows_op.register_kernel("cpu")
+def _philox_normal_rows_cpu(seeds: torch.Tensor, numel: int, stages: torch.Tensor, stream: int) -> torch.Tensor:
+    from fastdiff._ext import C
+
+    arr = seeds.detach().contiguous().numpy()
+    rows = [C.philox_normal(arr[b:b + 1], numel, int(k), stream) for b, k in enumerate(stages.tolist())]
+    return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty((0, numel), dtype=torch.float32)
+
+
+@_philox_normal_rows_op.register_kernel("cuda")
+def _philox_normal_rows_cuda(seeds: torch.Tensor, numel: int, stages: torch.Tensor, stream: int) -> torch.Tensor:
+    out = torch.empty((seeds.shape[0], numel), dtype=torch.float32, device=seeds.device)
+    if seeds.shape[0] and numel:
+        with torch.cuda.device(seeds.device):
+            philox_normal_rows_kernel[(triton.cdiv(numel, _BLOCK), seeds.shape[0])](
+                seeds.contiguous(), stages.to(torch.int32).contiguous(), out, numel, stream, BLOCK=_BLOCK)
+    return out
+
+
+@_philox_normal_rows_op.register_fake
+def _philox_normal_rows_fake(seeds: torch.Tensor, numel: int, stages: torch.Tensor, stream: int) -> torch.Tensor:
+    torch._check(seeds.dim() == 1 and stages.shape == seeds.shape, lambda: "seeds and stages must be 1-D (batch,)")
+    return seeds.new_empty((seeds.shape[0], numel), dtype=torch.float32)
+
+
+def philox_normal_rows(seeds: torch.Tensor, numel: int, stages: torch.Tensor, stream: int = STREAM_STEP) -> torch.Tensor:
+    """:func:`philox_normal` with one stage per sample: row ``b`` is keyed by ``seeds[b]`` at stage ``stages[b]``.
+
+    Row ``b`` equals ``philox_normal(seeds[b:b+1], numel, stages[b], stream)`` (the serving engine's rows each
+    run their own program).
+    """
+    _check_args(seeds, numel, 0, stream)
+    if not isinstance(stages, torch.Tensor) or stages.shape != seeds.shape or stages.dtype not in (torch.int32,
+                                                                                                    torch.int64):
+        raise ValueError(f"stages must be an int tensor shaped like seeds {tuple(seeds.shape)}")
+    return torch.ops.fastdiff.philox_normal_rows(seeds, int(numel), stages, int(stream))
 
 
 def philox_normal(seeds: torch.Tensor, numel: int, stage: int, stream: int = STREAM_STEP) -> torch.Tensor:

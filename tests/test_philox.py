@@ -368,3 +368,22 @@ def test_derive_seeds_explicit() -> None:
 def test_derive_seeds_errors(seed: object, batch: object, exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
         P.derive_seeds(seed, batch)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# One stage per sample (the serving engine)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_philox_normal_rows_equals_per_sample_calls_and_triton() -> None:
+    seeds = torch.tensor([3, -1, 2**40 + 7, 3], dtype=torch.int64)
+    stages = torch.tensor([0, 5, 2, 9], dtype=torch.int32)
+    rows = P.philox_normal_rows(seeds, 1030, stages, 0)
+    for b in range(4):
+        assert torch.equal(rows[b:b + 1], P.philox_normal(seeds[b:b + 1], 1030, int(stages[b]), 0))
+    assert not torch.equal(rows[0], rows[3])  # same seed, other stage: other noise
+    out = torch.empty(4, 1030)
+    P.philox_normal_rows_kernel[(triton.cdiv(1030, 1024), 4)](seeds, stages, out, 1030, 0, BLOCK=1024)
+    assert float((out - rows).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="stages must be"):
+        P.philox_normal_rows(seeds, 10, stages[:2], 0)
