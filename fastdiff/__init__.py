@@ -5,10 +5,12 @@ depends on each sample's seed alone, exact likelihoods through the probability-f
 """
 from fastdiff._ext import C as _C  # noqa: F401  (fails with build instructions when missing)
 from fastdiff import models, samplers
+from fastdiff.checkpoint import load, save
 from fastdiff.interpolate import interpolate
 from fastdiff.pipeline import NonFiniteError, Pipeline
 from fastdiff.samplers import list_samplers
 from fastdiff.schedule import Grid, Schedule
 
-__all__ = ["Grid", "NonFiniteError", "Pipeline", "Schedule", "interpolate", "list_samplers", "models", "samplers"]
+__all__ = ["Grid", "NonFiniteError", "Pipeline", "Schedule", "interpolate", "list_samplers", "load", "models",
+           "samplers", "save"]
 __version__ = "0.1.0"

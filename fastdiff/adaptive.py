@@ -75,11 +75,13 @@ def run_special(pipe: Any, sampler: str, shape: tuple[int, ...], steps: int, see
     seeds = derive_seeds(seed, shape[0]).to(pipe.device)
     if sampler == "pc":
         snr, n_corr = options.pop("snr", 0.16), options.pop("n_corrector", 1)
+        step_rule = options.pop("step_rule", "expected")
         grid = pipe.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
         prog = build_program(pipe.schedule, grid, "pc", pipe.prediction, pipe.device, **options)
         _check_noise(noise, prog, shape)
         x = pipe._initial_state(shape, seed, x_T)
-        out, x0 = run_pc(pipe, prog, x, seeds, kwargs, noise, return_x0, progress, snr=snr, n_corrector=n_corr)
+        out, x0 = run_pc(pipe, prog, x, seeds, kwargs, noise, return_x0, progress, snr=snr, n_corrector=n_corr,
+                         step_rule=step_rule)
         pipe.last_nfe = prog.stages * (1 + int(n_corr))
     elif sampler == "consistency":
         times = options.pop("times", None)

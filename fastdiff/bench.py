@@ -96,7 +96,8 @@ class TimeMLP(torch.nn.Module):
 
 def make_model(name: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype,
                schedule: Schedule) -> Callable[..., torch.Tensor]:
-    """``"mlp"``: :class:`TimeMLP`; ``"gmm"``: the exact network of the demo's Gaussian mixture (2-D samples);
+    """``"digits"``: the shipped digits U-Net (:func:`fastdiff.pretrained.digits`, sample shape (1, 8, 8), unconditional);
+    ``"mlp"``: :class:`TimeMLP`; ``"gmm"``: the exact network of the demo's Gaussian mixture (2-D samples);
     ``"package.module:factory"``: your own network, ``factory(shape, device, dtype)`` returning an eps-predicting
     ``model(x, t)`` for the discrete VP schedule."""
     numel = int(math.prod(shape[1:]))
@@ -104,6 +105,11 @@ def make_model(name: str, shape: Sequence[int], device: torch.device, dtype: tor
         import importlib
         module, _, attr = name.partition(":")
         return getattr(importlib.import_module(module), attr)(tuple(shape), device, dtype)
+    if name == "digits":
+        from fastdiff.pretrained import digits
+        if tuple(shape[1:]) != (1, 8, 8):
+            raise ValueError(f"model 'digits' draws (1, 8, 8) images; got sample shape {tuple(shape[1:])}")
+        return digits(device=device, dtype=dtype).model
     if name == "mlp":
         return TimeMLP(numel).to(device=device, dtype=dtype).eval()
     if name == "gmm":
@@ -111,7 +117,7 @@ def make_model(name: str, shape: Sequence[int], device: torch.device, dtype: tor
         if numel != 2:
             raise ValueError(f"model 'gmm' draws 2-D samples; got sample shape {tuple(shape[1:])}")
         return default_mixture().as_model(schedule, "eps")
-    raise ValueError(f"model must be 'mlp', 'gmm' or 'package.module:factory', got {name!r}")
+    raise ValueError(f"model must be 'digits', 'mlp', 'gmm' or 'package.module:factory', got {name!r}")
 
 
 def diffusers_scheduler(sampler: str, schedule_kwargs: Dict[str, Any]):
@@ -195,7 +201,7 @@ def _vp_params(schedule: Schedule) -> Dict[str, float]:
     return {"beta_start": 1e-4, "beta_end": 0.02}
 
 
-def run(model: str = "mlp", shape: Sequence[int] = (4, 16, 16), batch: int = 64, dtype: str = "float32",
+def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64, dtype: str = "float32",
         sampler: str = "ddim", steps: int = 50, repeats: int = 3, device: Optional[str] = None) -> Dict[str, Any]:
     """Runs every measurement; returns the JSON-ready result."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,8 +292,9 @@ def format_table(res: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEFAULT_JSON) -> Dict[str, Any]:
     """Command line: parse, run, print the table, write JSON (``--json``; ``--json ''`` writes none)."""
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mlp", help="'mlp', 'gmm' or 'package.module:factory' (see make_model)")
-    p.add_argument("--shape", default="4,16,16", help="sample shape without the batch, comma-separated")
+    p.add_argument("--model", default="digits",
+                   help="'digits' (the shipped U-Net), 'mlp', 'gmm' or 'package.module:factory' (see make_model)")
+    p.add_argument("--shape", default="1,8,8", help="sample shape without the batch, comma-separated")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--sampler", default="ddim")

@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastdiff demo`` (the main job) and ``python -m fastdiff schedules``."""
+"""Command line: ``python -m fastdiff demo`` (the main job, on the embedded digits network; ``--mixture`` for
+the 2-D Gaussian mixture) and ``python -m fastdiff schedules``."""
 from __future__ import annotations
 
 import argparse
@@ -29,17 +30,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``python -m fastdiff`` and the ``fastdiff`` script."""
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sample the embedded 2-D Gaussian mixture with every sampler")
-    demo.add_argument("--n", type=int, default=2000, help="samples per run")
-    demo.add_argument("--out", default="out", help="folder for the PNG")
-    demo.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    demo = sub.add_parser("demo", help="sample the embedded digits network; score samplers against diffusers'")
+    demo.add_argument("--n", type=int, default=None, help="samples per table cell (default 128; mixture: 2000)")
+    demo.add_argument("--out", default="out", help="folder for the PNGs")
+    demo.add_argument("--no-diffusers", action="store_true", help="leave diffusers' schedulers out of the table")
+    demo.add_argument("--mixture", action="store_true",
+                      help="the earlier demo instead: every sampler on the exact network of a 2-D Gaussian mixture")
+    demo.add_argument("--no-plot", action="store_true", help="(--mixture) skip the PNG")
     sched = sub.add_parser("schedules", help="print a few schedules on a grid")
     sched.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "demo" and args.mixture:
         from fastdiff.demo import run_demo
 
         print("fastdiff demo: every sampler on the exact network of a 2-D, 3-component Gaussian mixture")
-        run_demo(n=args.n, out_dir=args.out, plot=not args.no_plot)
+        run_demo(n=args.n or 2000, out_dir=args.out, plot=not args.no_plot)
+    elif args.command == "demo":
+        from fastdiff.digits_demo import run_digits_demo
+
+        print("fastdiff demo: the embedded digits network (fastdiff.pretrained.digits), 8x8 images")
+        run_digits_demo(out_dir=args.out, n=args.n or 128, with_diffusers=not args.no_diffusers, threads=2)
     else:
         print_schedules(args.steps)

@@ -54,11 +54,16 @@ class Pipeline:
         device: where sampling runs; default: the model's parameters' device, else CUDA when available.
         dtype: the state's dtype (float32, float16 or bfloat16); arithmetic is float32, coefficients float64.
         max_graphs: how many captured CUDA graphs :meth:`sample` keeps (LRU; :meth:`clear_graphs` frees them).
+        sample_shape: the shape of one sample, when the network has a fixed one (``pipe.sample((n,
+            *pipe.sample_shape))``); None if any shape goes.
+        num_classes: class labels the network takes as ``y`` (0: none); label ``num_classes`` is the null
+            class classifier-free guidance evaluates (fastdiff's own networks).
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule, prediction: str = "eps",
                  device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS):
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, sample_shape: Optional[Sequence[int]] = None,
+                 num_classes: int = 0):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **kwargs), got {type(model).__name__}")
         if not isinstance(schedule, Schedule):
@@ -75,6 +80,11 @@ class Pipeline:
         self.dtype = dtype
         self.max_graphs = max_graphs
         self._graphs = GraphCache(max_graphs)
+        self.sample_shape = None if sample_shape is None else _check_shape((1, *sample_shape))[1:]
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.metadata: dict = {}
 
     # ------------------------------------------------------------------ public API
     def initial_noise(self, shape: Sequence[int], seed: SeedLike = 0) -> torch.Tensor:
@@ -123,7 +133,8 @@ class Pipeline:
                 euler_ancestral and the dpmpp_*_sde samplers (default 1). ``None`` keeps the sampler's default.
             seed: an int (sample b gets a seed derived from it and b) or one int per sample; a sample's
                 result depends on its own seed alone, not on the batch it is drawn in.
-            spacing: the time grid's spacing (:meth:`Schedule.grid`); default per schedule.
+            spacing: the time grid's spacing (:meth:`Schedule.grid`); default per schedule and sampler
+                (:meth:`SamplerInfo.default_spacing`: "trailing" for multistep solvers on discrete schedules).
             x_T: the initial state (default :meth:`initial_noise` for ``seed``).
             return_x0: also return the x0 estimate of every step, stacked as [steps, *shape].
             progress: show a progress bar.
@@ -167,6 +178,7 @@ class Pipeline:
             sampler_options["variance_type"] = variance_type
         info.check_options(sampler_options)
         shape = _check_shape(shape)
+        spacing = spacing if spacing is not None else info.default_spacing(self.schedule)
         if sampler in SPECIAL_SAMPLERS:  # eager loops: cuda_graph=True is an error for them, "auto" falls back
             resolve_cuda_graph(cuda_graph, self.device, adaptive=True)
         # -- issue 4: samplers that are not one fixed coefficient program (fastdiff/adaptive.py) --

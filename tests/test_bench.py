@@ -81,7 +81,7 @@ def test_step_cost_bytes_match_the_tensors_read_and_written():
 
 def test_bench_main_writes_json_and_matches_diffusers(tmp_path, capsys):
     out = tmp_path / "t.json"
-    res = main(["--shape", "8", "--batch", "4", "--steps", "5", "--repeats", "1", "--json", str(out)])
+    res = main(["--model", "mlp", "--shape", "8", "--batch", "4", "--steps", "5", "--repeats", "1", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "fastdiff_eager" in printed and "diffusers" in printed
     data = json.loads(out.read_text())
@@ -94,7 +94,7 @@ def test_bench_main_writes_json_and_matches_diffusers(tmp_path, capsys):
     assert "fastdiff_graph" not in res["samples_per_s"] or torch.cuda.is_available()
     assert isinstance(format_table(res), str)
     # a second run with the same configuration replaces its entry
-    main(["--shape", "8", "--batch", "4", "--steps", "5", "--repeats", "1", "--json", str(out)])
+    main(["--model", "mlp", "--shape", "8", "--batch", "4", "--steps", "5", "--repeats", "1", "--json", str(out)])
     assert len(json.loads(out.read_text())) == 1
 
 
@@ -112,3 +112,11 @@ def test_bench_takes_a_user_model_factory():
             make_model("unet", (2, 6), torch.device("cpu"), torch.float32, Schedule.vp_discrete())
     finally:
         del sys.modules["user_models_for_bench_test"]
+
+
+def test_bench_default_model_is_the_shipped_digits_network(capsys):
+    res = main(["--batch", "2", "--steps", "3", "--repeats", "1", "--json", ""])
+    assert res["model"] == "digits" and res["shape"] == [1, 8, 8]
+    assert res["max_abs_diff_vs_diffusers"] < 1e-4  # same network, same x_T, same DDIM steps
+    with pytest.raises(ValueError, match=r"\(1, 8, 8\)"):
+        main(["--shape", "8", "--batch", "2", "--steps", "2", "--repeats", "1", "--json", ""])

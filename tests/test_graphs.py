@@ -183,18 +183,21 @@ def test_model_kwargs_batch_validation(mlp_pipe):
                         uncond_kwargs={"y": torch.zeros(5)})
 
 
-# ---------------------------------------------------------------- CUDA only
+# ---------------------------------------------------------------- CUDA only: the shipped digits U-Net
+SHAPE = (8, 1, 8, 8)
+
+
 def _cuda_pipe(dtype=torch.float32):
-    torch.manual_seed(0)
-    net = TimeMLP(64, hidden=64).cuda().to(dtype)
-    return Pipeline(net, Schedule.vp_discrete(), prediction="eps", device="cuda", dtype=dtype)
+    from fastdiff.pretrained import digits
+
+    return digits(device="cuda", dtype=dtype)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("sampler,opts", [("ddim", {}), ("ddpm", {}), ("ddim", {"eta": 0.5})])
 def test_cuda_graph_replay_equals_eager(sampler, opts):
     pipe = _cuda_pipe()
-    shape = (8, 4, 16)
+    shape = SHAPE
     for seed in (0, 1):
         g = pipe.sample(shape, sampler=sampler, steps=12, seed=seed, progress=False, cuda_graph=True, **opts)
         e = pipe.sample(shape, sampler=sampler, steps=12, seed=seed, progress=False, cuda_graph=False, **opts)
@@ -207,19 +210,17 @@ def test_cuda_graph_replay_equals_eager(sampler, opts):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
     pipe = _cuda_pipe()
-    net = pipe.model
-    pipe.model = lambda x, t, y=None: net(x, t) + 0.05 * y.to(x.dtype)[:, None, None]
-    y = torch.arange(6, device="cuda").float()
+    y = torch.arange(6, device="cuda")
     kw = dict(steps=10, sampler="ddim", progress=False, guidance_scale=4.0, model_kwargs={"y": y},
-              uncond_kwargs={"y": torch.zeros_like(y)}, return_x0=True, return_trajectory=True)
+              uncond_kwargs={"y": torch.full_like(y, pipe.num_classes)}, return_x0=True, return_trajectory=True)
     for batching in ("double", "separate"):
-        g = pipe.sample((6, 4, 16), cuda_graph=True, guidance_batching=batching, **kw)
-        e = pipe.sample((6, 4, 16), cuda_graph=False, guidance_batching=batching, **kw)
+        g = pipe.sample((6, 1, 8, 8), cuda_graph=True, guidance_batching=batching, **kw)
+        e = pipe.sample((6, 1, 8, 8), cuda_graph=False, guidance_batching=batching, **kw)
         for a, b in zip(g, e):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     kw["model_kwargs"] = {"y": y.flip(0)}
-    g = pipe.sample((6, 4, 16), cuda_graph=True, **kw)
-    e = pipe.sample((6, 4, 16), cuda_graph=False, **kw)
+    g = pipe.sample((6, 1, 8, 8), cuda_graph=True, **kw)
+    e = pipe.sample((6, 1, 8, 8), cuda_graph=False, **kw)
     torch.testing.assert_close(g[0], e[0], rtol=1e-5, atol=1e-5)
     assert pipe.graphs.hits >= 1
 
@@ -227,9 +228,9 @@ def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_graph_replay_makes_no_host_sync():
     pipe = _cuda_pipe()
-    pipe.sample((8, 4, 16), sampler="ddpm", steps=8, progress=False, cuda_graph=True)
+    pipe.sample(SHAPE, sampler="ddpm", steps=8, progress=False, cuda_graph=True)
     (entry,) = [pipe.graphs.get(k) for k in pipe.graphs.keys()]
-    values = {"x": pipe.initial_noise((8, 4, 16), seed=3), "seeds": entry.inputs["seeds"].clone() + 1}
+    values = {"x": pipe.initial_noise(SHAPE, seed=3), "seeds": entry.inputs["seeds"].clone() + 1}
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -243,13 +244,13 @@ def test_cuda_graph_replay_makes_no_host_sync():
 def test_cuda_graph_true_rejects_callback_and_noise_list():
     pipe = _cuda_pipe()
     with pytest.raises(ValueError, match="callback"):
-        pipe.sample((2, 64), steps=3, progress=False, cuda_graph=True, callback=lambda *a: None)
-    noise = [torch.randn(2, 64, device="cuda") for _ in range(3)]
+        pipe.sample((2, 1, 8, 8), steps=3, progress=False, cuda_graph=True, callback=lambda *a: None)
+    noise = [torch.randn(2, 1, 8, 8, device="cuda") for _ in range(3)]
     with pytest.raises(ValueError, match="noise"):
-        pipe.sample((2, 64), sampler="ddpm", steps=3, progress=False, cuda_graph=True, noise=noise)
+        pipe.sample((2, 1, 8, 8), sampler="ddpm", steps=3, progress=False, cuda_graph=True, noise=noise)
     # "auto" falls back to the eager loop and still runs the callback
     seen = []
-    pipe.sample((2, 64), steps=3, progress=False, cuda_graph="auto", callback=lambda s, x, x0: seen.append(s))
+    pipe.sample((2, 1, 8, 8), steps=3, progress=False, cuda_graph="auto", callback=lambda s, x, x0: seen.append(s))
     assert seen == [0, 1, 2]
 
 

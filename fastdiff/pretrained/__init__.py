@@ -1,0 +1,31 @@
+"""Networks shipped with fastdiff, as ready pipelines.
+
+``fastdiff.pretrained.digits()`` is the class-conditional U-Net trained on scikit-learn's 8x8 digits by
+``python -m fastdiff.train digits`` (weights: ``digits.safetensors`` beside this file, about 2 MB).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+from fastdiff.checkpoint import load
+from fastdiff.pipeline import Pipeline
+
+DIGITS_PATH = os.path.join(os.path.dirname(__file__), "digits.safetensors")
+
+
+def digits(device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
+           **pipeline_kwargs: Any) -> Pipeline:
+    """The shipped digits network as a :class:`Pipeline` (eps prediction, diffusers' default DDPM schedule).
+
+    Samples are [n, 1, 8, 8] in [-1, 1] (``pipe.sample_shape`` is ``(1, 8, 8)``). Condition on labels 0-9 with
+    ``model_kwargs={"y": labels}``; label 10 (``pipe.num_classes``) is the null class, so classifier-free
+    guidance is ``uncond_kwargs={"y": torch.full((n,), 10)}, guidance_scale=w``. With no ``y`` at all the
+    network samples unconditionally.
+    """
+    return load(DIGITS_PATH, device=device, dtype=dtype, **pipeline_kwargs)
+
+
+__all__ = ["DIGITS_PATH", "digits"]
