@@ -6,4 +6,5 @@ namespace fastdiff {
 void bind_schedule(pybind11::module_& m);
 void bind_philox(pybind11::module_& m);
 void bind_coefficients(pybind11::module_& m);
+void bind_fused_step(pybind11::module_& m);
 }  // namespace fastdiff

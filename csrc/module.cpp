@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   fastdiff::bind_schedule(m);
   fastdiff::bind_philox(m);
   fastdiff::bind_coefficients(m);
+  fastdiff::bind_fused_step(m);
 }

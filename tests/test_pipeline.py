@@ -206,8 +206,8 @@ def test_initial_noise_is_the_start() -> None:
 @pytest.mark.parametrize("sampler,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler_maruyama", {}),
                                              ("pf_ode_euler", {})])
 def test_cpu_reference_equals_triton_kernel(monkeypatch: pytest.MonkeyPatch, sampler: str, options: dict) -> None:
-    # The op's CPU path calls kernels.op.fused_step_reference; swapping it for the Triton launch runs the
-    # whole loop through the (interpreted) kernel, noise included.
+    # The op's CPU path calls kernels.op.cpu_kernel (the C++ step); swapping it for the Triton launch runs
+    # the whole loop through the (interpreted) kernel, noise included.
     sch = Schedule.vp_linear()
     pipe = Pipeline(GMM3.as_model(sch, "eps"), sch, device="cpu")
     ref = pipe.sample((4, 3), sampler=sampler, steps=8, seed=11, progress=False, **options)
@@ -217,7 +217,7 @@ def test_cpu_reference_equals_triton_kernel(monkeypatch: pytest.MonkeyPatch, sam
         calls.append(1)
         launch_fused_step(*args)
 
-    monkeypatch.setattr(op_module, "fused_step_reference", via_triton)
+    monkeypatch.setattr(op_module, "cpu_kernel", via_triton)
     tri = pipe.sample((4, 3), sampler=sampler, steps=8, seed=11, progress=False, **options)
     assert len(calls) == 8
     torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,227 @@
+// The fused sampler step on the CPU: x0 estimate, optional clipping, guidance, history, Philox noise and
+// every output in one pass over memory, float32 arithmetic from float64 coefficients (as the Triton
+// kernel). Work is split into (sample, block) items over OpenMP threads; every element's result depends
+// on its own inputs only and the non-finite record is reduced in a fixed order, so the output is bitwise
+// the same whatever the thread count.
+#include "fused_step.h"
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "bindings.h"
+#include "fast_normal.h"
+
+namespace py = pybind11;
+
+namespace fastdiff {
+namespace {
+
+// Storage types: float, _Float16 (IEEE half, round-to-nearest-even conversions) and bfloat16 as raw bits.
+struct BF16 {
+  uint16_t bits;
+};
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const _Float16* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load(const BF16* p, int64_t i) {
+  const uint32_t b = static_cast<uint32_t>(p[i].bits) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(_Float16* p, int64_t i, float v) { p[i] = static_cast<_Float16>(v); }
+inline void store(BF16* p, int64_t i, float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) {
+    p[i].bits = static_cast<uint16_t>((b >> 16) | 0x40);  // quiet NaN
+    return;
+  }
+  b += 0x7fffu + ((b >> 16) & 1u);  // round to nearest even, as torch
+  p[i].bits = static_cast<uint16_t>(b >> 16);
+}
+constexpr int kCols = 12;
+enum { CX, CM, CH0, CH1, CH2, CZ, DX, DM, EX, EM, CX0, DX0 };
+
+template <class T, class M>
+void run(const FusedStepArgs& a) {
+  const int64_t numel = a.numel, batch = a.batch;
+  const int64_t blocks = (numel + kNoiseBlock - 1) / kNoiseBlock, items = batch * blocks;
+  std::vector<char> bad(static_cast<size_t>(items), 0);
+  const T* x = static_cast<const T*>(a.x);
+  const M* m = static_cast<const M*>(a.m);
+  const M* mu = static_cast<const M*>(a.m_uncond);
+  const M* noise = static_cast<const M*>(a.noise);
+  T* x_out = static_cast<T*>(a.x_out);
+  T* h_out = static_cast<T*>(a.h_out);
+  T* x0_out = static_cast<T*>(a.x0_out);
+  T* pool = static_cast<T*>(a.pool);
+  const int threads = (items > 1 && batch * numel >= 32768) ? std::max(1, a.threads) : 1;
+
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b = item / blocks, j0 = (item % blocks) * kNoiseBlock;
+    const int n = static_cast<int>(std::min<int64_t>(kNoiseBlock, numel - j0));
+    const int32_t* desc = a.rows ? a.rows + 6 * b : nullptr;
+    const int64_t row = desc ? desc[0] : a.stage;
+    const int64_t stage = desc ? desc[1] : a.stage;
+    float c[kCols];
+    for (int k = 0; k < kCols; ++k) c[k] = static_cast<float>(a.coeffs[row * kCols + k]);
+    const float w = a.row_guidance ? a.row_guidance[b] : a.guidance_scale;
+    const T* h[3] = {nullptr, nullptr, nullptr};
+    float ch[3] = {0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < 3; ++k) {
+      const T* src = nullptr;
+      if (desc) {
+        if (pool && desc[2 + k] >= 0) src = pool + static_cast<int64_t>(desc[2 + k]) * batch * numel;
+      } else if (k < a.n_hist) {
+        src = static_cast<const T*>(a.hist[k]);
+      }
+      if (src) {
+        h[k] = src + b * numel;
+        ch[k] = c[CH0 + k];
+      }
+    }
+    T* h_dst = a.h_out ? h_out + b * numel : nullptr;
+    if (desc && pool && desc[5] >= 0) h_dst = pool + (static_cast<int64_t>(desc[5]) * batch + b) * numel;
+    const bool clip = a.clip != nullptr;
+    const float bound = clip ? a.clip[2 * b] : 0.0f, scale = clip ? a.clip[2 * b + 1] : 1.0f;
+
+    // The block in simple loops over local float buffers, so each loop vectorises.
+    float z[kNoiseBlock], xv[kNoiseBlock], mv[kNoiseBlock], x0[kNoiseBlock], acc[kNoiseBlock];
+    const bool philox = a.use_noise && !noise;
+    if (philox) philox_normal_block(static_cast<uint64_t>(a.seeds[b]), static_cast<uint64_t>(j0), n,
+                                    static_cast<uint32_t>(stage), a.stream, z);
+    const int64_t base = b * numel + j0;
+    const T* xb = x + base;
+    const M* mb = m + base;
+    for (int i = 0; i < n; ++i) xv[i] = load(xb, i);
+    for (int i = 0; i < n; ++i) mv[i] = load(mb, i);
+    if (mu) {
+      const M* ub = mu + base;
+      for (int i = 0; i < n; ++i) {
+        const float uv = load(ub, i);
+        mv[i] = uv + w * (mv[i] - uv);
+      }
+    }
+    for (int i = 0; i < n; ++i) x0[i] = c[EX] * xv[i] + c[EM] * mv[i];
+    if (clip)
+      for (int i = 0; i < n; ++i) x0[i] = std::min(std::max(x0[i], -bound), bound) * scale;
+    for (int i = 0; i < n; ++i) acc[i] = c[CX] * xv[i] + c[CM] * mv[i] + c[CX0] * x0[i];
+    for (int k = 0; k < 3; ++k) {
+      if (!h[k]) continue;
+      const T* hb = h[k] + j0;
+      const float ck = ch[k];
+      for (int i = 0; i < n; ++i) acc[i] += ck * load(hb, i);
+    }
+    if (philox) {
+      for (int i = 0; i < n; ++i) acc[i] += c[CZ] * z[i];
+    } else if (a.use_noise) {
+      const M* nb = noise + base;
+      for (int i = 0; i < n; ++i) acc[i] += c[CZ] * load(nb, i);
+    }
+    T* ob = x_out + base;
+    for (int i = 0; i < n; ++i) store(ob, i, acc[i]);
+    int any_bad = 0;
+    for (int i = 0; i < n; ++i) {  // what was stored, so a half-precision overflow counts too
+      const float v = load(ob, i);
+      any_bad |= !(std::fabs(v) <= 3.402823466e38f);  // NaN and +-Inf fail this
+    }
+    if (h_dst) {
+      T* hb = h_dst + j0;
+      for (int i = 0; i < n; ++i) store(hb, i, c[DX] * xv[i] + c[DM] * mv[i] + c[DX0] * x0[i]);
+    }
+    if (x0_out) {
+      T* x0b = x0_out + base;
+      for (int i = 0; i < n; ++i) store(x0b, i, x0[i]);
+    }
+    bad[static_cast<size_t>(item)] = any_bad;
+  }
+  for (int64_t item = 0; item < items; ++item) {
+    if (!bad[static_cast<size_t>(item)]) continue;
+    const int64_t b = item / blocks;
+    const int32_t stage = a.rows ? a.rows[6 * b + 1] : static_cast<int32_t>(a.stage);
+    a.nonfinite[b] = std::min(a.nonfinite[b], stage);
+  }
+}
+
+template <class T>
+void run_state(const FusedStepArgs& a) {
+  if (a.model_f32) run<T, float>(a);
+  else run<T, T>(a);
+}
+
+}  // namespace
+
+void fused_step_cpu(const FusedStepArgs& a) {
+  if (a.batch <= 0 || a.numel <= 0) return;
+  switch (a.state) {
+    case StateType::F32: run<float, float>(a); break;
+    case StateType::F16: run_state<_Float16>(a); break;
+    case StateType::BF16: run_state<BF16>(a); break;
+  }
+}
+
+void bind_fused_step(py::module_& m) {
+  // Pointers travel as integers (Tensor.data_ptr()): the extension has no torch headers. The caller
+  // (kernels/cpu.py) checks devices, dtypes, shapes and contiguity before calling.
+  m.def(
+      "fused_step_cpu",
+      [](int64_t batch, int64_t numel, int state, bool model_f32, uintptr_t x, uintptr_t mptr, uintptr_t mu,
+         double guidance_scale, uintptr_t row_guidance, uintptr_t h0, uintptr_t h1, uintptr_t h2, int n_hist,
+         uintptr_t coeffs, int64_t stage, uintptr_t seeds, int64_t stream, bool use_noise, uintptr_t noise,
+         uintptr_t x_out, uintptr_t h_out, uintptr_t x0_out, uintptr_t nonfinite, uintptr_t clip, uintptr_t rows,
+         uintptr_t pool, int threads) {
+        if (state < 0 || state > 2) throw std::invalid_argument("state must be 0 (f32), 1 (f16) or 2 (bf16)");
+        FusedStepArgs a;
+        a.batch = batch;
+        a.numel = numel;
+        a.state = static_cast<StateType>(state);
+        a.model_f32 = model_f32;
+        a.x = reinterpret_cast<const void*>(x);
+        a.m = reinterpret_cast<const void*>(mptr);
+        a.m_uncond = reinterpret_cast<const void*>(mu);
+        a.guidance_scale = static_cast<float>(guidance_scale);
+        a.row_guidance = reinterpret_cast<const float*>(row_guidance);
+        a.hist[0] = reinterpret_cast<const void*>(h0);
+        a.hist[1] = reinterpret_cast<const void*>(h1);
+        a.hist[2] = reinterpret_cast<const void*>(h2);
+        a.n_hist = n_hist;
+        a.coeffs = reinterpret_cast<const double*>(coeffs);
+        a.stage = stage;
+        a.seeds = reinterpret_cast<const int64_t*>(seeds);
+        a.stream = static_cast<uint32_t>(stream);
+        a.use_noise = use_noise;
+        a.noise = reinterpret_cast<const void*>(noise);
+        a.x_out = reinterpret_cast<void*>(x_out);
+        a.h_out = reinterpret_cast<void*>(h_out);
+        a.x0_out = reinterpret_cast<void*>(x0_out);
+        a.nonfinite = reinterpret_cast<int32_t*>(nonfinite);
+        a.clip = reinterpret_cast<const float*>(clip);
+        a.rows = reinterpret_cast<const int32_t*>(rows);
+        a.pool = reinterpret_cast<void*>(pool);
+        a.threads = threads;
+        py::gil_scoped_release release;
+        fused_step_cpu(a);
+      },
+      "The fused sampler step on CPU data pointers (see kernels/cpu.py, which validates the tensors).");
+  m.def(
+      "philox_normal_fast",
+      [](uint64_t seed, uint64_t j0, int n, uint32_t stage, uint32_t stream) {
+        if (n < 0 || n > kNoiseBlock) throw std::invalid_argument("n must be in [0, 256]");
+        float out[kNoiseBlock];
+        philox_normal_block(seed, j0, n, stage, stream, out);
+        py::list res;
+        for (int i = 0; i < n; ++i) res.append(out[i]);
+        return res;
+      },
+      "The fused CPU step's vectorised normals for elements j0 .. j0 + n - 1 of one sample (testing).");
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,119 @@
+"""Per-step cost outside the model: ``python -m fastdiff.bench step``.
+
+For each sampler and state size, the same sampling loop is timed in one process with a constant model (it
+returns a precomputed tensor, so nothing but the sampler's own work is measured): fastdiff's
+``Pipeline.sample`` (one ``fastdiff::fused_step`` per stage; on the CPU the C++ kernel) against diffusers'
+scheduler loop (``set_timesteps`` once, then ``step`` per timestep) for the scheduler running the same
+algorithm. Reports ms per step for both and the ratio diffusers / fastdiff (> 1: fastdiff is faster);
+best of ``--repeats``. Writes JSON (``bench/results/step.json``) and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from fastdiff.pipeline import Pipeline
+from fastdiff.schedule import Schedule
+
+# fastdiff sampler and options -> diffusers scheduler class, its config and step() kwargs.
+PEERS: Dict[str, tuple] = {
+    "ddim eta=0": ("ddim", {"eta": 0.0}, "DDIMScheduler", {"clip_sample": False}, {"eta": 0.0}),
+    "ddim eta=1": ("ddim", {"eta": 1.0}, "DDIMScheduler", {"clip_sample": False}, {"eta": 1.0}),
+    "ddpm": ("ddpm", {}, "DDPMScheduler", {"clip_sample": False}, {}),
+    "euler_ancestral": ("euler_ancestral", {}, "EulerAncestralDiscreteScheduler", {}, {}),
+    "dpmpp_2m": ("dpmpp_2m", {}, "DPMSolverMultistepScheduler", {}, {}),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", {}, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    "unipc": ("unipc", {}, "UniPCMultistepScheduler", {}, {}),
+}
+DEFAULT_SIZES = ("2,2", "4,4,64,64", "16,4,128,128")
+DEFAULT_JSON = os.path.join("bench", "results", "step.json")
+
+
+def _best(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(name: str, shape: Sequence[int], steps: int, repeats: int) -> Dict[str, Any]:
+    """ms per step of fastdiff and diffusers for the peer pair ``name`` (a key of :data:`PEERS`)."""
+    import diffusers
+
+    sampler, options, cls_name, config, step_kwargs = PEERS[name]
+    shape = tuple(int(s) for s in shape)
+    const = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1
+    model = lambda x, t, **_: const  # noqa: E731  (the constant model)
+    sched = Schedule.vp_discrete()
+    pipe = Pipeline(model, sched, device="cpu")
+    x_T = pipe.initial_noise(shape, seed=0)
+    ours = _best(lambda: pipe.sample(shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing",
+                                     progress=False, **options), repeats)
+    peer = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                        beta_end=0.02, timestep_spacing="trailing", **config)
+    takes_generator = "generator" in __import__("inspect").signature(peer.step).parameters
+
+    def diffusers_loop() -> torch.Tensor:
+        peer.set_timesteps(steps)
+        x = x_T * peer.init_noise_sigma
+        extra = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+        for t in peer.timesteps:
+            x = peer.step(model(peer.scale_model_input(x, t), t), t, x, **extra, **step_kwargs).prev_sample
+        return x
+
+    theirs = _best(diffusers_loop, repeats)
+    return dict(sampler=name, shape=list(shape), numel=int(torch.Size(shape).numel()), steps=steps,
+                fastdiff_ms_per_step=1e3 * ours / steps, diffusers_ms_per_step=1e3 * theirs / steps,
+                speedup=theirs / ours)
+
+
+def run(samplers: Sequence[str], sizes: Sequence[Sequence[int]], steps: int, repeats: int) -> Dict[str, Any]:
+    """Every (sampler, size) pair, with the machine described."""
+    rows: List[Dict[str, Any]] = [measure(s, size, steps, repeats) for size in sizes for s in samplers]
+    return dict(device="cpu", threads=torch.get_num_threads(), host=platform.processor() or platform.machine(),
+                torch=torch.__version__, rows=rows)
+
+
+def format_table(res: Dict[str, Any]) -> str:
+    """Markdown: one line per (size, sampler)."""
+    lines = ["| state | sampler | fastdiff ms/step | diffusers ms/step | diffusers / fastdiff |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['sampler']} | {r['fastdiff_ms_per_step']:.3f} | "
+                     f"{r['diffusers_ms_per_step']:.3f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Command line of ``python -m fastdiff.bench step``."""
+    p = argparse.ArgumentParser(prog="python -m fastdiff.bench step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--samplers", default=",".join(PEERS), help=f"comma-separated, from: {', '.join(PEERS)}")
+    p.add_argument("--sizes", default=";".join(DEFAULT_SIZES), help="state shapes, ';'-separated, e.g. '2,2;4,4,64,64'")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=DEFAULT_JSON, help="output path ('' for none)")
+    a = p.parse_args(argv)
+    samplers = [s.strip() for s in a.samplers.split(",") if s.strip()]
+    unknown = [s for s in samplers if s not in PEERS]
+    if unknown:
+        raise SystemExit(f"unknown samplers {unknown}; choose from {list(PEERS)}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sizes = [[int(v) for v in s.split(",")] for s in a.sizes.split(";") if s.strip()]
+    with torch.inference_mode():
+        res = run(samplers, sizes, a.steps, a.repeats)
+    print(format_table(res))
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res

@@ -1,0 +1,74 @@
+"""The CPU kernel of ``fastdiff::fused_step``: the C++ fused step (csrc/fused_step.cpp) on tensor data pointers.
+
+One pass over memory per step, OpenMP over (sample, block) items, float32 arithmetic from the float64 row,
+Philox noise made in the loop (vectorised log/cos, within ~1e-6 of the libm generator). Inputs the C++
+kernel does not take (non-contiguous outputs, mixed state dtypes) go to the plain-torch reference instead,
+so every call gives the reference's result up to float32 rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fastdiff._ext import C
+from fastdiff.kernels.reference import check_per_row_args, fused_step_reference
+
+_STATE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _model_operand(t: Optional[torch.Tensor], state: torch.dtype) -> Optional[torch.Tensor]:
+    """m, m_uncond or noise as the kernel reads them: contiguous, float32 or the state's dtype."""
+    if t is None:
+        return None
+    if t.dtype not in (torch.float32, state):
+        t = t.to(torch.float32)
+    return t.contiguous()
+
+
+def _c_compatible(x: torch.Tensor, outs: Sequence[Optional[torch.Tensor]], states: Sequence[torch.Tensor]) -> bool:
+    if x.dtype not in _STATE_TYPES:
+        return False
+    for t in outs:
+        if t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.shape != x.shape):
+            return False
+    return all(t.dtype == x.dtype and t.shape == x.shape for t in states)
+
+
+def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Tensor], guidance_scale: float,
+                   hist: Sequence[torch.Tensor], coeffs: torch.Tensor, stage: int, seeds: torch.Tensor, stream: int,
+                   use_noise: bool, noise: Optional[torch.Tensor], x_out: torch.Tensor, h_out: Optional[torch.Tensor],
+                   x0_out: Optional[torch.Tensor], nonfinite: torch.Tensor, clip: Optional[torch.Tensor] = None,
+                   rows: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None,
+                   row_guidance: Optional[torch.Tensor] = None) -> None:
+    """Same arguments and results as :func:`fastdiff.kernels.reference.fused_step_reference`, in one C++ pass."""
+    check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
+    if not _c_compatible(x, (x_out, h_out, x0_out), hist) or (pool is not None and not pool.is_contiguous()) \
+            or nonfinite.dtype != torch.int32 or not nonfinite.is_contiguous():
+        fused_step_reference(x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise,
+                             x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance)
+        return
+    state = x.dtype
+    x = x.contiguous()
+    m = _model_operand(m, state)
+    mu = _model_operand(m_uncond, state)
+    nz = _model_operand(noise, state) if use_noise else None
+    # The kernel reads m, m_uncond and noise in one dtype: float32 unless all of them are in the state's.
+    model_f32 = any(t is not None and t.dtype == torch.float32 for t in (m, mu, nz)) or state == torch.float32
+    if model_f32:
+        m, mu, nz = (None if t is None else t.to(torch.float32) for t in (m, mu, nz))
+    hs = [h.contiguous() for h in hist]
+    h0, h1, h2 = (hs + [None, None, None])[:3]
+    coef = coeffs.to(torch.float64).contiguous()
+    sd = seeds.to(torch.int64).contiguous()
+    cl = None if clip is None else clip.to(torch.float32).contiguous()
+    rw = None if rows is None else rows.contiguous()
+    gd = None if row_guidance is None else row_guidance.contiguous()
+    C.fused_step_cpu(x.shape[0], x[0].numel(), _STATE_TYPES[state], model_f32, _ptr(x), _ptr(m), _ptr(mu),
+                     float(guidance_scale), _ptr(gd), _ptr(h0), _ptr(h1), _ptr(h2), len(hs), _ptr(coef), int(stage),
+                     _ptr(sd), int(stream), bool(use_noise), _ptr(nz), _ptr(x_out), _ptr(h_out), _ptr(x0_out),
+                     _ptr(nonfinite), _ptr(cl), _ptr(rw), _ptr(pool), torch.get_num_threads())

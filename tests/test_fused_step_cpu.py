@@ -1,0 +1,171 @@
+"""The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via kernels/cpu.py) against the plain-torch
+reference: every row kind, dtype and odd size, guidance, history, clipping, per-row programs; its in-loop Philox
+noise against the C++ libm generator and the (interpreted) Triton kernel; thread-count independence."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastdiff.kernels.op  # noqa: E402,F401
+from fastdiff import _C  # noqa: E402
+from fastdiff.kernels.cpu import fused_step_cpu  # noqa: E402
+from fastdiff.kernels.fused_step import launch_fused_step  # noqa: E402
+from fastdiff.kernels.reference import NUM_COEF, fused_step_reference  # noqa: E402
+from fastdiff.program import build_program  # noqa: E402
+from fastdiff.schedule import Schedule  # noqa: E402
+
+INT32_MAX = torch.iinfo(torch.int32).max
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+NOISE_ATOL = 1e-5  # the vectorised log/cos against libm (measured max ~5e-7)
+
+
+def _outputs(x: torch.Tensor, want_h: bool = True) -> dict:
+    return {"x_out": torch.full_like(x, float("nan")), "h_out": torch.full_like(x, float("nan")) if want_h else None,
+            "x0_out": torch.full_like(x, float("nan")),
+            "nonfinite": torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32)}
+
+
+def _run(fn, args: dict, out: dict) -> dict:
+    fn(args["x"], args["m"], args.get("m_uncond"), args.get("w", 1.0), args.get("hist", []), args["coeffs"],
+       args.get("stage", 0), args["seeds"], 0, args.get("use_noise", True), args.get("noise"), out["x_out"],
+       out["h_out"], out["x0_out"], out["nonfinite"], args.get("clip"), args.get("rows"), args.get("pool"),
+       args.get("row_guidance"))
+    return out
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, scale: float, dtype: torch.dtype, what: str) -> None:
+    """Within one storage ulp of the value plus float32 rounding (and the noise difference) of the terms."""
+    err = (got.double() - want.double()).abs()
+    bound = ULP[dtype] * want.double().abs() + 2e-6 * scale + 1e-30
+    assert bool((err <= bound).all()), f"{what}: max err {float(err.max()):.3g}"
+
+
+def _compare(args: dict, dtype: torch.dtype, want_h: bool = True) -> dict:
+    ours = _run(fused_step_cpu, args, _outputs(args["x"], want_h))
+    ref = _run(fused_step_reference, args, _outputs(args["x"], want_h))
+    scale = 1.0 + sum(float(t.abs().max()) for t in (args["x"], args["m"])) * float(args["coeffs"].abs().max()) * 4
+    for name in ("x_out", "h_out", "x0_out"):
+        if ours[name] is not None:
+            assert ours[name].dtype == dtype
+            _assert_close(ours[name], ref[name], scale, dtype, name)
+    assert torch.equal(ours["nonfinite"], ref["nonfinite"])
+    return ours
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sampler,options,schedule", [
+    ("ddpm", {}, "vp_discrete"), ("ddim", {"eta": 0.5}, "vp_discrete"), ("euler_ancestral", {}, "vp_discrete"),
+    ("dpmpp_2m_sde", {}, "vp_discrete"), ("dpmpp_3m", {}, "vp_discrete"), ("unipc", {}, "vp_discrete"),
+    ("heun", {}, "edm"), ("euler_maruyama", {}, "vp_linear")])
+def test_sampler_rows(sampler, options, schedule, dtype):
+    sch = getattr(Schedule, schedule)()
+    prog = build_program(sch, sch.grid(8), sampler, "eps", torch.device("cpu"), **options)
+    g = torch.Generator().manual_seed(1)
+    x, m = (torch.randn(3, 5, 7, generator=g).to(dtype) for _ in range(2))
+    pool = [torch.randn(3, 5, 7, generator=g).to(dtype) for _ in range(prog.slots)]
+    for stage in range(prog.stages):
+        hist = [pool[s] for s in prog.reads(stage)]
+        _compare(dict(x=x, m=m, hist=hist, coeffs=prog.coef_device, stage=stage, seeds=torch.tensor([1, -2, 2**40]),
+                      use_noise=prog.uses_noise(stage)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sample_shape", [(1,), (7,), (257,), (1025,), (2, 3, 5)], ids=str)
+def test_random_rows_every_input(sample_shape, dtype):
+    g = torch.Generator().manual_seed(len(sample_shape) * 100 + sample_shape[0])
+    coeffs = torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64)
+    shape = (3, *sample_shape)
+    rnd = lambda: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+    x, m, mu = rnd(), rnd(), rnd()
+    seeds = torch.tensor([4, 5, 6])
+    for n_hist in range(4):
+        for clip in (None, torch.tensor([[1.0, 1.0], [0.5, 2.0], [1e30, 1.0]])):
+            for noise in (None, rnd()):
+                _compare(dict(x=x, m=m, m_uncond=mu, w=2.5, hist=[rnd() for _ in range(n_hist)], coeffs=coeffs,
+                              stage=n_hist, seeds=seeds, noise=noise, clip=clip), dtype)
+    _compare(dict(x=x, m=m, coeffs=coeffs, stage=1, seeds=seeds, use_noise=False), dtype, want_h=False)
+
+
+def test_model_output_in_float32_with_half_state():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 300, generator=g).half()
+    m = torch.randn(2, 300, generator=g)  # the network answers in float32
+    coeffs = torch.randn(2, NUM_COEF, generator=g, dtype=torch.float64)
+    _compare(dict(x=x, m=m, coeffs=coeffs, stage=1, seeds=torch.tensor([1, 2])), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_row_programs(dtype):
+    g = torch.Generator().manual_seed(9)
+    coeffs = torch.randn(9, NUM_COEF, generator=g, dtype=torch.float64)
+    shape = (4, 3, 90)
+    x, m, mu = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    pool = torch.randn(3, *shape, generator=g).to(dtype)
+    rows = torch.tensor([[0, 0, -1, -1, -1, 0], [5, 7, 0, -1, -1, 1], [8, 2, 2, 1, 0, 2], [3, 11, 1, 0, -1, -1]],
+                        dtype=torch.int32)
+    args = dict(x=x, m=m, m_uncond=mu, coeffs=coeffs, seeds=torch.tensor([5, -7, 2**40, 9]), rows=rows,
+                row_guidance=torch.tensor([1.0, 7.5, 0.0, 3.0]), clip=torch.tensor([[1.0, 1.0]] * 4))
+    ours = _run(fused_step_cpu, dict(args, pool=pool.clone()), _outputs(x, want_h=False))
+    ref_pool = pool.clone()
+    ref = _run(fused_step_reference, dict(args, pool=ref_pool), _outputs(x, want_h=False))
+    _assert_close(ours["x_out"], ref["x_out"], 200.0, dtype, "x_out")
+    _assert_close(ours["x0_out"], ref["x0_out"], 200.0, dtype, "x0_out")
+    m = torch.full_like(m, float("nan"))
+    bad = _run(fused_step_cpu, dict(args, m=m, pool=pool.clone()), _outputs(x, want_h=False))
+    assert bad["nonfinite"].tolist() == [0, 7, 2, 11]
+
+
+def test_noise_equals_the_generators():
+    # A row that is pure noise: x_out = z, over two blocks and a tail (256-element noise blocks).
+    coeffs = torch.zeros(5, NUM_COEF, dtype=torch.float64)
+    coeffs[:, 5] = 1.0
+    seeds = torch.tensor([0, -1, 2**33 + 5])
+    x = torch.zeros(3, 700)
+    for stage in (0, 4):
+        out = _run(fused_step_cpu, dict(x=x, m=x, coeffs=coeffs, stage=stage, seeds=seeds), _outputs(x))["x_out"]
+        libm = torch.from_numpy(np.asarray(_C.philox_normal(seeds.numpy(), 700, stage, 0)))
+        assert float((out - libm).abs().max()) <= NOISE_ATOL
+        triton = torch.empty_like(x)
+        launch_fused_step(x, x, None, 1.0, [], coeffs, stage, seeds, 0, True, None, triton, None, None,
+                          torch.full((3,), INT32_MAX, dtype=torch.int32))
+        assert float((out - triton).abs().max()) <= NOISE_ATOL
+    # The extreme tails: u1 at its 1e-7 floor gives |z| up to sqrt(-2 log 1e-7) = 5.68.
+    many = torch.from_numpy(np.asarray(_C.philox_normal(np.arange(64), 4096, 1, 0)))
+    fast = torch.tensor([_C.philox_normal_fast(int(s), j0, 256, 1, 0) for s in range(64) for j0 in range(0, 4096, 256)])
+    assert float((fast.reshape(64, 4096) - many).abs().max()) <= NOISE_ATOL
+
+
+def test_bitwise_the_same_whatever_the_thread_count():
+    g = torch.Generator().manual_seed(11)
+    x, m, h = (torch.randn(4, 4, 64, 64, generator=g) for _ in range(3))  # large enough to run threaded
+    coeffs = torch.randn(3, NUM_COEF, generator=g, dtype=torch.float64)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_run(fused_step_cpu, dict(x=x, m=m, hist=[h], coeffs=coeffs, stage=2,
+                                                  seeds=torch.tensor([1, 2, 3, 4])), _outputs(x)))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        for name in ("x_out", "h_out", "x0_out"):
+            assert torch.equal(o[name], outs[0][name])
+
+
+def test_non_contiguous_output_falls_back_to_the_reference():
+    x = torch.randn(2, 8)
+    coeffs = torch.randn(1, NUM_COEF, dtype=torch.float64)
+    out = torch.empty(8, 2).t()  # a transposed view
+    fused_step_cpu(x, x, None, 1.0, [], coeffs, 0, torch.tensor([1, 2]), 0, False, None, out, None, None,
+                   torch.full((2,), INT32_MAX, dtype=torch.int32))
+    want = torch.empty(2, 8)
+    fused_step_reference(x, x, None, 1.0, [], coeffs, 0, torch.tensor([1, 2]), 0, False, None, want, None, None,
+                         torch.full((2,), INT32_MAX, dtype=torch.int32))
+    assert torch.equal(out, want)
