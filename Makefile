@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q --no-deps "k-diffusion==0.1.1.post1"
 	touch $(STAMP)
 
 # The C++ extension, rebuilt in place whenever csrc/ changes (serialised, so parallel rebuilds do

@@ -69,10 +69,15 @@ def _k_diffusion_dir() -> list[str]:
     raise ImportError("k-diffusion is not installed (pip install -e '.[dev]')")
 
 
-def _ensure_torchvision() -> None:
+_TORCHVISION = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+
+
+def _ensure_torchvision() -> bool:
+    """Imports torchvision, or puts placeholders for it in sys.modules; returns True for placeholders."""
     try:
         import torchvision.transforms.functional  # noqa: F401
-    except Exception as exc:  # ImportError, or OSError/RuntimeError from a mismatched binary wheel
+        return False
+    except Exception as exc:  # ImportError (not installed: the Makefile's set-up), or a mismatched binary wheel
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]  # drop half-imported pieces of the failed import
@@ -81,8 +86,8 @@ def _ensure_torchvision() -> None:
         fn = _Placeholder("torchvision.transforms.functional", reason)
         tv.__dict__["transforms"] = tr
         tr.__dict__["functional"] = fn
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
-                            "torchvision.transforms.functional": fn})
+        sys.modules.update(dict(zip(_TORCHVISION, (tv, tr, fn))))
+        return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,6 +104,13 @@ def k_diffusion_sampling() -> types.ModuleType:
         pkg.__path__ = path
         pkg.__package__ = "k_diffusion"
         sys.modules["k_diffusion"] = pkg
-    _ensure_torchvision()
-    importlib.import_module("k_diffusion.utils")
-    return importlib.import_module("k_diffusion.sampling")
+    placeholders = _ensure_torchvision()
+    try:
+        importlib.import_module("k_diffusion.utils")
+        return importlib.import_module("k_diffusion.sampling")
+    finally:
+        # k_diffusion.utils keeps its own reference; other code (diffusers probes importlib.util.find_spec
+        # ("torchvision")) must not find a module that is not there.
+        if placeholders:
+            for name in _TORCHVISION:
+                sys.modules.pop(name, None)

@@ -120,3 +120,14 @@ def test_bench_default_model_is_the_shipped_digits_network(capsys):
     assert res["max_abs_diff_vs_diffusers"] < 1e-4  # same network, same x_T, same DDIM steps
     with pytest.raises(ValueError, match=r"\(1, 8, 8\)"):
         main(["--shape", "8", "--batch", "2", "--steps", "2", "--repeats", "1", "--json", ""])
+
+
+def test_bench_step_cli_times_fastdiff_and_diffusers(tmp_path):
+    out = tmp_path / "step.json"
+    res = main(["step", "--sizes", "2,2;1,3,5", "--samplers", "ddim eta=0,unipc", "--steps", "3", "--repeats", "1",
+                "--json", str(out)])
+    assert [r["sampler"] for r in res["rows"]] == ["ddim eta=0", "unipc"] * 2
+    assert all(r["fastdiff_ms_per_step"] > 0 and r["diffusers_ms_per_step"] > 0 for r in res["rows"])
+    assert json.loads(out.read_text())["rows"][0]["shape"] == [2, 2]
+    with pytest.raises(SystemExit, match="unknown samplers"):
+        main(["step", "--samplers", "nope", "--json", ""])
