@@ -87,26 +87,24 @@ def normal_at(seed, j, stage, stream):
 
 
 @triton.jit
+def _store_normals_of_sample(seed, stage, out_ptr, numel, stream, BLOCK: tl.constexpr):
+    """Writes this program's block of sample ``program_id(1)``'s normals into its row of ``out``."""
+    b = tl.program_id(1)
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + b.to(tl.int64) * numel + j, normal_at(seed, j, stage, stream), mask=j < numel)
+
+
+@triton.jit
 def philox_normal_kernel(seeds_ptr, out_ptr, numel, stage, stream, BLOCK: tl.constexpr):
     """Fills ``out[b, j] = normal_at(seeds[b], j, stage, stream)``; grid ``(cdiv(numel, BLOCK), B)``."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < numel
-    seed = tl.load(seeds_ptr + b)
-    z = normal_at(seed, j, stage, stream)
-    tl.store(out_ptr + b.to(tl.int64) * numel + j, z, mask=mask)
+    _store_normals_of_sample(tl.load(seeds_ptr + tl.program_id(1)), stage, out_ptr, numel, stream, BLOCK)
 
 
 @triton.jit
 def philox_normal_rows_kernel(seeds_ptr, stages_ptr, out_ptr, numel, stream, BLOCK: tl.constexpr):
     """Fills ``out[b, j] = normal_at(seeds[b], j, stages[b], stream)``: each sample at its own stage."""
-    pid = tl.program_id(0)
     b = tl.program_id(1)
-    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < numel
-    z = normal_at(tl.load(seeds_ptr + b), j, tl.load(stages_ptr + b), stream)
-    tl.store(out_ptr + b.to(tl.int64) * numel + j, z, mask=mask)
+    _store_normals_of_sample(tl.load(seeds_ptr + b), tl.load(stages_ptr + b), out_ptr, numel, stream, BLOCK)
 
 
 def _check_args(seeds: torch.Tensor, numel: int, stage: int, stream: int) -> None:
