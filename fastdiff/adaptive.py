@@ -44,18 +44,8 @@ def sample_rk45(pipe: Any, x: torch.Tensor, rtol: float = 1e-5, atol: float = 1e
 
 
 def grid_from_times(schedule: Schedule, times: Sequence[float]) -> Grid:
-    """A :class:`Grid` through ``times`` (decreasing schedule times) plus the clean end (or ``t_min``)."""
-    t = np.asarray([float(v) for v in times], dtype=np.float64)
-    if t.ndim != 1 or len(t) < 1 or not np.all(np.isfinite(t)):
-        raise ValueError(f"times must be a non-empty sequence of finite floats, got {times!r}")
-    if np.any(np.diff(t) >= 0):
-        raise ValueError(f"times must be strictly decreasing, got {list(t)}")
-    if t.max() > schedule.t_max or t.min() < schedule.t_min:
-        raise ValueError(f"times must lie in [t_min, t_max] = [{schedule.t_min}, {schedule.t_max}], got {list(t)}")
-    end = schedule.clean_end if schedule.clean_end is not None else schedule.t_min
-    t = np.concatenate([t, [end]])
-    return Grid(t=t, alpha=schedule.alpha(t), sigma=schedule.sigma(t), log_snr=schedule.log_snr(t),
-                model_time=schedule.model_time(t))
+    """A :class:`Grid` through ``times`` plus the clean end: :meth:`Schedule.grid_from_times`."""
+    return schedule.grid_from_times(times)
 
 
 def run_special(pipe: Any, sampler: str, shape: tuple[int, ...], steps: int, seed: Any, spacing: Optional[str],

@@ -21,7 +21,7 @@ from fastdiff.kernels.philox import derive_seeds, philox_normal
 from fastdiff.adaptive import SPECIAL_SAMPLERS, run_special
 from fastdiff.program import Program, build_program
 from fastdiff.samplers import ALL_PREDICTIONS, get_sampler
-from fastdiff.schedule import Schedule
+from fastdiff.schedule import Grid, Schedule
 
 SeedLike = Union[int, Sequence[int], torch.Tensor]
 INITIAL_NOISE_STREAM = 1
@@ -121,6 +121,8 @@ class Pipeline:
         callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Any]] = None,
         callback_steps: int = 1,
         return_trajectory: bool = False,
+        timesteps: Optional[Sequence[float]] = None,
+        sigmas: Optional[Sequence[float]] = None,
         **sampler_options: Any,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Draws samples of shape ``shape`` = (batch, ...) with ``sampler`` over ``steps`` steps.
@@ -159,6 +161,11 @@ class Pipeline:
             callback_steps: see ``callback`` (an int >= 1).
             return_trajectory: also return the state at every step boundary, stacked as
                 [steps + 1, *shape] (x_T first, the samples last).
+            timesteps: run on these network times instead of a spaced grid (diffusers' meaning: what the
+                network is fed at each step, noisiest first; :meth:`Schedule.grid_from_timesteps`); ``steps``
+                and ``spacing`` are then unused (``spacing`` must be None).
+            sigmas: run on these k-diffusion/diffusers sigmas (``sigma / alpha``, noisiest first, an optional
+                final 0; :meth:`Schedule.grid_from_sigmas`). At most one of ``timesteps`` and ``sigmas``.
             sampler_options: the sampler's own options (``SamplerInfo.options`` lists them).
 
         Returns:
@@ -178,8 +185,11 @@ class Pipeline:
             sampler_options["variance_type"] = variance_type
         info.check_options(sampler_options)
         shape = _check_shape(shape)
+        explicit_grid = _explicit_grid(self.schedule, timesteps, sigmas, spacing)
         spacing = spacing if spacing is not None else info.default_spacing(self.schedule)
         if sampler in SPECIAL_SAMPLERS:  # eager loops: cuda_graph=True is an error for them, "auto" falls back
+            if explicit_grid is not None:
+                raise ValueError(f"sampler {sampler!r} takes no timesteps or sigmas")
             resolve_cuda_graph(cuda_graph, self.device, adaptive=True)
         # -- issue 4: samplers that are not one fixed coefficient program (fastdiff/adaptive.py) --
         if sampler in SPECIAL_SAMPLERS:
@@ -187,7 +197,9 @@ class Pipeline:
                 raise ValueError(f"sampler {sampler!r} takes no guidance_scale, callback or return_trajectory")
             return run_special(self, sampler, shape, steps, seed, spacing, x_T, return_x0, progress,
                                dict(model_kwargs or {}), noise, steps_offset, rho, sampler_options)
-        grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
+        grid = explicit_grid if explicit_grid is not None else \
+            self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
+        steps = grid.steps
         prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
         guidance = make_guidance(guidance_scale, guidance_rescale, guidance_batching, uncond_kwargs)
         _check_callback(callback, callback_steps)
@@ -207,7 +219,8 @@ class Pipeline:
         use_graph = resolve_cuda_graph(cuda_graph, self.device, explicit_noise=noise is not None,
                                        callback=callback is not None, unhashable_kwargs=bad + ubad)
         if use_graph:
-            options = dict(sampler_options, spacing=spacing, steps_offset=steps_offset, rho=rho)
+            options = dict(sampler_options, spacing=spacing, steps_offset=steps_offset, rho=rho,
+                           grid=None if explicit_grid is None else tuple(float(v) for v in grid.t))
             key = graph_key(shape=shape, dtype=self.dtype, device=self.device, sampler=sampler, steps=steps,
                             options=options, guidance=None if guidance is None else guidance.key(),
                             model_kwargs=spec, uncond_kwargs=uspec, return_x0=return_x0,
@@ -433,6 +446,17 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (batch, *sample_shape) with every size >= 1, got {shape}")
     return shape
+
+
+def _explicit_grid(schedule: Schedule, timesteps: Any, sigmas: Any, spacing: Optional[str]) -> Optional[Grid]:
+    """The grid of ``timesteps`` or ``sigmas`` when one is given (ValueError for both, or with ``spacing``)."""
+    if timesteps is None and sigmas is None:
+        return None
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass at most one of timesteps and sigmas")
+    if spacing is not None:
+        raise ValueError("spacing applies to spaced grids; it cannot be combined with timesteps or sigmas")
+    return schedule.grid_from_timesteps(timesteps) if timesteps is not None else schedule.grid_from_sigmas(sigmas)
 
 
 def _check_noise(noise: Any, prog: Program, shape: tuple[int, ...]) -> None:

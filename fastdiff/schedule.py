@@ -287,6 +287,36 @@ class Schedule:
         return Grid(t=t, alpha=self.alpha(t), sigma=self.sigma(t), log_snr=self.log_snr(t),
                     model_time=self.model_time(t))
 
+    def grid_from_times(self, times: Sequence[float]) -> Grid:
+        """A :class:`Grid` through ``times`` (schedule times, strictly decreasing, in [t_min, t_max]) plus the
+        clean end (or ``t_min`` where the schedule has none)."""
+        t = np.asarray([float(v) for v in times], dtype=np.float64)
+        if t.ndim != 1 or len(t) < 1 or not np.all(np.isfinite(t)):
+            raise ValueError(f"times must be a non-empty sequence of finite floats, got {times!r}")
+        if np.any(np.diff(t) >= 0):
+            raise ValueError(f"times must be strictly decreasing, got {list(t)}")
+        if t.max() > self.t_max or t.min() < self.t_min:
+            raise ValueError(f"times must lie in [t_min, t_max] = [{self.t_min}, {self.t_max}], got {list(t)}")
+        end = self.clean_end if self.clean_end is not None else self.t_min
+        t = np.concatenate([t, [end]])
+        return Grid(t=t, alpha=self.alpha(t), sigma=self.sigma(t), log_snr=self.log_snr(t),
+                    model_time=self.model_time(t))
+
+    def grid_from_timesteps(self, timesteps: Sequence[float]) -> Grid:
+        """The grid of diffusers' ``timesteps``: what the network is fed at each step, noisiest first (the
+        timestep index for discrete schedules, ``t * time_scale`` for flow); the clean end is appended."""
+        return self.grid_from_times(self.t_from_model_time(_as_float64_vector("timesteps", timesteps)))
+
+    def grid_from_sigmas(self, sigmas: Sequence[float]) -> Grid:
+        """The grid of k-diffusion / diffusers ``sigmas`` (``sigma / alpha``, noisiest first); a trailing 0 stands
+        for the clean end, which is appended when it is missing, as diffusers does."""
+        s = _as_float64_vector("sigmas", sigmas)
+        if len(s) > 1 and s[-1] == 0.0:
+            s = s[:-1]
+        if np.any(s <= 0):
+            raise ValueError(f"sigmas must be > 0 (but a final 0), got {list(s)}")
+        return self.grid_from_times(self.t_from_edm_sigma(s))
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k not in ("kind", "betas"))
         return f"Schedule.{self.config.get('kind', self.kind)}({args})"
