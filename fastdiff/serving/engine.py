@@ -1,0 +1,294 @@
+"""The step-level continuous-batching engine (DESIGN.md, "Serving: per-row programs").
+
+A running batch holds rows from many requests; each row has its own coefficient program (sampler, steps,
+options), its own position in it, seed, guidance weight and conditioning. One :meth:`Engine.tick`: one
+network call on every row (a doubled call on the guided rows), then one ``fastdiff::fused_step`` in per-row
+mode over all rows, which reads each row's coefficient row, noise stage, history slots and guidance weight
+from per-row tensors. Queued requests join at the next tick; rows leave as soon as their program ends.
+
+The contract: a request's samples equal ``Pipeline.sample`` with the same settings and seeds, whatever else
+shares the batch and whenever it joined: bitwise for a batch-invariant network (the noise is keyed by
+(sample seed, stage, element), the coefficients by (program, stage), and an unguided row's guidance input
+is its own output, so ``m_u + w (m - m_u) = m`` exactly); within the network's own batch variance otherwise.
+
+CPU only for now: the per-row op runs on CUDA too, but the CUDA-graph-per-bucket tick is not written yet.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
+from fastdiff.kernels.philox import derive_seeds
+from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS
+from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
+from fastdiff.program import Program, build_program
+from fastdiff.adaptive import SPECIAL_SAMPLERS
+from fastdiff.samplers import get_sampler
+
+_NO_NONFINITE = torch.iinfo(torch.int32).max
+
+
+class RequestFailed(RuntimeError):
+    """A request's rows became NaN/Inf (only that request fails; the rest of the batch goes on)."""
+
+
+@dataclass
+class SampleRequest:
+    """One request: ``n`` samples of ``sample_shape`` with one fixed-step sampler.
+
+    ``seed`` is an int (sample i gets the seed :func:`derive_seeds` derives for index i, as ``Pipeline.sample``)
+    or one int per sample. ``model_kwargs`` / ``uncond_kwargs`` hold per-sample tensors (one row per sample)
+    or shared values; ``guidance_scale != 1`` (with ``uncond_kwargs``, default none) turns guidance on.
+    """
+
+    n: int
+    sample_shape: Sequence[int]
+    sampler: str = "ddim"
+    steps: int = 50
+    seed: Union[int, Sequence[int]] = 0
+    spacing: Optional[str] = None
+    guidance_scale: float = 1.0
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    uncond_kwargs: Optional[Mapping[str, Any]] = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def validate(self, pipe: Pipeline) -> None:
+        """Raises ValueError/TypeError naming the field for anything ``Pipeline.sample`` would refuse."""
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        info = get_sampler(self.sampler)
+        if self.sampler in SPECIAL_SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} is not a fixed coefficient program and cannot be batched "
+                             "per step")
+        if pipe.prediction not in info.predictions:
+            raise ValueError(f"sampler {self.sampler!r} cannot use prediction {pipe.prediction!r}")
+        info.check_options(dict(self.options))
+        for name, value in itertools.chain(self.model_kwargs.items(), (self.uncond_kwargs or {}).items()):
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != self.n:
+                raise ValueError(f"conditioning {name!r} has {value.shape[0]} rows, expected n = {self.n}")
+
+
+@dataclass
+class _Row:
+    request: int
+    index: int                      # sample index within the request
+    program: Program
+    seed: int
+    stage: int = 0
+    guidance: float = 1.0
+    cond: Dict[str, Any] = field(default_factory=dict)
+    uncond: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class _Pending:
+    request: SampleRequest
+    rows_left: int
+    out: torch.Tensor
+    error: Optional[BaseException] = None
+
+
+class Engine:
+    """Runs many :class:`SampleRequest` s on one pipeline with step-level batching (see the module docstring).
+
+    Args:
+        pipe: the pipeline (network, schedule, prediction, device, dtype) every request samples.
+        max_batch: the most rows one tick runs; further requests wait in the queue.
+    """
+
+    def __init__(self, pipe: Pipeline, max_batch: int = 64):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.pipe = pipe
+        self.max_batch = max_batch
+        self._queue: Deque[int] = deque()
+        self._requests: Dict[int, _Pending] = {}
+        self._rows: List[_Row] = []
+        self._x: Optional[torch.Tensor] = None      # [rows, *shape]
+        self._pool: Optional[torch.Tensor] = None   # [MAX_HISTORY, rows, *shape]
+        self._ids = itertools.count()
+        self._programs: Dict[tuple, Program] = {}
+        self.ticks = 0
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: SampleRequest) -> int:
+        """Validates and queues a request; returns its id (its rows join at the next tick with room)."""
+        request.validate(self.pipe)
+        rid = next(self._ids)
+        shape = (request.n, *request.sample_shape)
+        out = torch.empty(shape, dtype=self.pipe.dtype, device=self.pipe.device)
+        self._requests[rid] = _Pending(request, request.n, out)
+        self._queue.append(rid)
+        return rid
+
+    def done(self, rid: int) -> bool:
+        """Whether request ``rid`` has finished (its samples, or its error, are ready)."""
+        return self._requests[rid].rows_left == 0 or self._requests[rid].error is not None
+
+    def result(self, rid: int) -> torch.Tensor:
+        """The samples of a finished request (raises its :class:`RequestFailed`); forgets the request."""
+        pending = self._requests[rid]
+        if not self.done(rid):
+            raise ValueError(f"request {rid} has not finished")
+        del self._requests[rid]
+        if pending.error is not None:
+            raise pending.error
+        return pending.out
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the running batch."""
+        return len(self._rows)
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests waiting for room."""
+        return len(self._queue)
+
+    def run(self, max_ticks: int = 100000) -> None:
+        """Ticks until nothing is queued or running (bounded by ``max_ticks``)."""
+        for _ in range(max_ticks):
+            if not self._rows and not self._queue:
+                return
+            self.tick()
+        raise RuntimeError(f"the engine did not drain in {max_ticks} ticks")
+
+    # ------------------------------------------------------------------ the tick
+    def tick(self) -> None:
+        """Admits queued requests that fit, runs one network call and one fused step on every row, and
+        retires the rows whose program ended."""
+        self._admit()
+        if not self._rows:
+            return
+        pipe, rows = self.pipe, self._rows
+        x = self._x
+        device = x.device
+        programs = list({id(r.program): r.program for r in rows}.values())
+        offsets, start = {}, 0
+        for p in programs:
+            offsets[id(p)] = start
+            start += p.stages
+        table = torch.cat([p.coef_device for p in programs])
+        desc = torch.full((len(rows), ROW_FIELDS), -1, dtype=torch.int32)
+        for b, r in enumerate(rows):
+            reads = r.program.reads(r.stage)
+            desc[b, 0] = offsets[id(r.program)] + r.stage
+            desc[b, 1] = r.stage
+            desc[b, 2:2 + len(reads)] = torch.tensor(reads, dtype=torch.int32)
+            desc[b, 5] = r.program.writes(r.stage)
+        times = torch.tensor([float(r.program.model_time[r.stage]) for r in rows], dtype=torch.float32, device=device)
+        m, m_u, weights = self._network(x, times)
+        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device)
+        x_out = torch.empty_like(x)
+        nonfinite = torch.full((len(rows),), _NO_NONFINITE, dtype=torch.int32, device=device)
+        torch.ops.fastdiff.fused_step(x, m, m_u, 1.0, [], table, 0, seeds, STEP_NOISE_STREAM, True, None, x_out,
+                                      None, None, nonfinite, None, desc.to(device), self._pool, weights)
+        self._x = x_out
+        self.ticks += 1
+        bad = (nonfinite != _NO_NONFINITE).tolist()
+        keep = []
+        for b, r in enumerate(rows):
+            r.stage += 1
+            pending = self._requests.get(r.request)
+            if bad[b] and pending is not None and pending.error is None:
+                pending.error = RequestFailed(f"request {r.request}: sample {r.index} became NaN/Inf at stage "
+                                              f"{r.stage - 1}")
+            if pending is None or pending.error is not None:
+                continue  # the request failed (or was dropped): its rows leave now
+            if r.stage == r.program.stages:
+                pending.out[r.index] = x_out[b]
+                pending.rows_left -= 1
+            else:
+                keep.append(b)
+        self._select(keep)
+
+    # ------------------------------------------------------------------ helpers
+    def _network(self, x: torch.Tensor, times: torch.Tensor):
+        """Every row's output, and (for guided rows) the unconditional output and the guidance weights."""
+        rows = self._rows
+        cond = _stack_kwargs([r.cond for r in rows])
+        m = self.pipe.model(x, times, **cond)
+        guided = [b for b, r in enumerate(rows) if r.uncond is not None]
+        if not guided:
+            return m.contiguous(), None, None
+        idx = torch.tensor(guided, device=x.device)
+        un = _stack_kwargs([rows[b].uncond for b in guided])
+        m_u = m.clone()  # unguided rows: m_u = m, so m_u + w (m - m_u) is m exactly
+        m_u[idx] = self.pipe.model(x[idx], times[idx], **un)
+        weights = torch.tensor([r.guidance for r in rows], dtype=torch.float32, device=x.device)
+        return m.contiguous(), m_u.contiguous(), weights
+
+    def _admit(self) -> None:
+        new: List[_Row] = []
+        states: List[torch.Tensor] = []
+        while self._queue and len(self._rows) + len(new) + self._requests[self._queue[0]].request.n <= self.max_batch:
+            rid = self._queue.popleft()
+            req = self._requests[rid].request
+            shape = (req.n, *req.sample_shape)
+            if self._x is not None and tuple(self._x.shape[1:]) != tuple(req.sample_shape):
+                self._queue.appendleft(rid)  # one sample shape per running batch: wait for this one to drain
+                break
+            prog = self._program(req)
+            seeds = derive_seeds(req.seed, req.n).tolist()
+            states.append(self.pipe.initial_noise(shape, req.seed))
+            guided = req.guidance_scale != 1.0 or req.uncond_kwargs is not None
+            for i in range(req.n):
+                new.append(_Row(rid, i, prog, int(seeds[i]), guidance=float(req.guidance_scale),
+                                cond=_row_kwargs(req.model_kwargs, i),
+                                uncond=_row_kwargs(req.uncond_kwargs or {}, i) if guided else None))
+        if not new:
+            if self._queue and not self._rows and self._requests[self._queue[0]].request.n > self.max_batch:
+                rid = self._queue.popleft()
+                self._requests[rid].error = ValueError(f"request {rid} has n > max_batch = {self.max_batch}")
+            return
+        x_new = torch.cat(states).to(self.pipe.dtype)
+        pool_new = torch.zeros((MAX_HISTORY, *x_new.shape), dtype=x_new.dtype, device=x_new.device)
+        self._rows.extend(new)
+        self._x = x_new if self._x is None else torch.cat([self._x, x_new])
+        self._pool = pool_new if self._pool is None else torch.cat([self._pool, pool_new], dim=1)
+
+    def _select(self, keep: List[int]) -> None:
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[b] for b in keep]
+        if not keep:
+            self._x, self._pool = None, None
+            return
+        idx = torch.tensor(keep, device=self._x.device)
+        self._x = self._x[idx].contiguous()
+        self._pool = self._pool[:, idx].contiguous()
+
+    def _program(self, req: SampleRequest) -> Program:
+        info = get_sampler(req.sampler)
+        spacing = req.spacing if req.spacing is not None else info.default_spacing(self.pipe.schedule)
+        key = (req.sampler, req.steps, spacing, tuple(sorted(dict(req.options).items())))
+        if key not in self._programs:
+            grid = self.pipe.schedule.grid(req.steps, spacing=spacing)
+            self._programs[key] = build_program(self.pipe.schedule, grid, req.sampler, self.pipe.prediction,
+                                                self.pipe.device, **dict(req.options))
+        return self._programs[key]
+
+
+def _row_kwargs(kwargs: Mapping[str, Any], i: int) -> Dict[str, Any]:
+    """Sample i's slice of per-sample tensors (kept 1-row), shared values as they are."""
+    return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()}
+
+
+def _stack_kwargs(per_row: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The rows' kwargs for one batched call: per-sample tensors concatenated, shared values taken once."""
+    if not per_row or not per_row[0]:
+        return {}
+    names = per_row[0].keys()
+    if any(r.keys() != names for r in per_row):
+        raise ValueError("every request in a running batch must pass the same conditioning names")
+    out = {}
+    for name in names:
+        first = per_row[0][name]
+        out[name] = torch.cat([r[name] for r in per_row]) if isinstance(first, torch.Tensor) and first.ndim > 0 \
+            else first
+    return out
