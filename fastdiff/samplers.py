@@ -89,6 +89,13 @@ SAMPLERS: Dict[str, SamplerInfo] = {
                     ("eta", "s_noise", "lower_order_final", "solver_type", "legacy_third_order"),
                     "SDE-DPM-Solver++(3M); k-diffusion's sample_dpmpp_3m_sde with solver_type='heun', "
                     "lower_order_final=False, legacy_third_order=True; eta in [0, 1], default 1", discrete_spacing="trailing"),
+        # Linear multistep (csrc/samplers_lms.cpp).
+        SamplerInfo("pndm", 4, False, 1, ALL_PREDICTIONS, (),
+                    "PLMS (pseudo linear multistep; diffusers' PNDMScheduler with skip_prk_steps): Adams-Bashforth "
+                    "weights on the network outputs, DDIM's transfer; the first step costs 2 evaluations"),
+        SamplerInfo("lms", 4, False, 1, ALL_PREDICTIONS, ("order",),
+                    "linear multistep in the EDM variables, order 1-4 (default 4; k-diffusion's sample_lms, "
+                    "diffusers' LMSDiscreteScheduler)"),
         # issue 4, second half: unipc, deis, pc, rk45, consistency
         SamplerInfo("unipc", 3, False, 1, ALL_PREDICTIONS, ("solver_order", "lower_order_final"),
                     "UniPC bh2 predictor + corrector on x0 (diffusers' UniPCMultistepScheduler defaults; "
