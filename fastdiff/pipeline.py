@@ -22,6 +22,7 @@ from fastdiff.adaptive import SPECIAL_SAMPLERS, run_special
 from fastdiff.program import Program, build_program
 from fastdiff.samplers import ALL_PREDICTIONS, get_sampler
 from fastdiff.schedule import Grid, Schedule
+from fastdiff.x0_clip import X0Clip
 
 SeedLike = Union[int, Sequence[int], torch.Tensor]
 INITIAL_NOISE_STREAM = 1
@@ -58,12 +59,14 @@ class Pipeline:
             *pipe.sample_shape))``); None if any shape goes.
         num_classes: class labels the network takes as ``y`` (0: none); label ``num_classes`` is the null
             class classifier-free guidance evaluates (fastdiff's own networks).
+        x0_clip: limit the x0 estimate every step uses (diffusers' ``clip_sample`` / ``thresholding``;
+            :class:`fastdiff.x0_clip.X0Clip`), or None.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule, prediction: str = "eps",
                  device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
                  max_graphs: int = DEFAULT_MAX_GRAPHS, sample_shape: Optional[Sequence[int]] = None,
-                 num_classes: int = 0):
+                 num_classes: int = 0, x0_clip: Optional[X0Clip] = None):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **kwargs), got {type(model).__name__}")
         if not isinstance(schedule, Schedule):
@@ -84,7 +87,18 @@ class Pipeline:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
+        if x0_clip is not None and not isinstance(x0_clip, X0Clip):
+            raise TypeError(f"x0_clip must be a fastdiff.x0_clip.X0Clip or None, got {type(x0_clip).__name__}")
+        self.x0_clip = x0_clip
         self.metadata: dict = {}
+
+    @classmethod
+    def from_diffusers(cls, model: Any, scheduler: Any, **pipeline_kwargs: Any) -> "Pipeline":
+        """A pipeline for a diffusers model and its scheduler (or scheduler config): the schedule, prediction
+        type, timestep convention, default sampler and grid of that scheduler class
+        (:func:`fastdiff.diffusers.pipeline_from_diffusers`)."""
+        from fastdiff.diffusers_pipeline import pipeline_from_diffusers
+        return pipeline_from_diffusers(model, scheduler, **pipeline_kwargs)
 
     # ------------------------------------------------------------------ public API
     def initial_noise(self, shape: Sequence[int], seed: SeedLike = 0) -> torch.Tensor:
@@ -123,6 +137,7 @@ class Pipeline:
         return_trajectory: bool = False,
         timesteps: Optional[Sequence[float]] = None,
         sigmas: Optional[Sequence[float]] = None,
+        grid: Optional[Grid] = None,
         **sampler_options: Any,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Draws samples of shape ``shape`` = (batch, ...) with ``sampler`` over ``steps`` steps.
@@ -165,7 +180,8 @@ class Pipeline:
                 network is fed at each step, noisiest first; :meth:`Schedule.grid_from_timesteps`); ``steps``
                 and ``spacing`` are then unused (``spacing`` must be None).
             sigmas: run on these k-diffusion/diffusers sigmas (``sigma / alpha``, noisiest first, an optional
-                final 0; :meth:`Schedule.grid_from_sigmas`). At most one of ``timesteps`` and ``sigmas``.
+                final 0; :meth:`Schedule.grid_from_sigmas`). At most one of ``timesteps``, ``sigmas`` and ``grid``.
+            grid: run on this :class:`Grid` (e.g. a diffusers scheduler's own, :mod:`fastdiff.diffusers`).
             sampler_options: the sampler's own options (``SamplerInfo.options`` lists them).
 
         Returns:
@@ -185,11 +201,13 @@ class Pipeline:
             sampler_options["variance_type"] = variance_type
         info.check_options(sampler_options)
         shape = _check_shape(shape)
-        explicit_grid = _explicit_grid(self.schedule, timesteps, sigmas, spacing)
+        explicit_grid = _explicit_grid(self.schedule, timesteps, sigmas, spacing, grid)
         spacing = spacing if spacing is not None else info.default_spacing(self.schedule)
         if sampler in SPECIAL_SAMPLERS:  # eager loops: cuda_graph=True is an error for them, "auto" falls back
             if explicit_grid is not None:
                 raise ValueError(f"sampler {sampler!r} takes no timesteps or sigmas")
+            if self.x0_clip is not None:
+                raise ValueError(f"sampler {sampler!r} cannot limit x0 (x0_clip); use a coefficient-program sampler")
             resolve_cuda_graph(cuda_graph, self.device, adaptive=True)
         # -- issue 4: samplers that are not one fixed coefficient program (fastdiff/adaptive.py) --
         if sampler in SPECIAL_SAMPLERS:
@@ -201,6 +219,8 @@ class Pipeline:
             self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
         steps = grid.steps
         prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
+        if self.x0_clip is not None:
+            prog = self.x0_clip.program(prog)
         guidance = make_guidance(guidance_scale, guidance_rescale, guidance_batching, uncond_kwargs)
         _check_callback(callback, callback_steps)
         seeds = derive_seeds(seed, shape[0]).to(self.device)
@@ -219,7 +239,7 @@ class Pipeline:
         use_graph = resolve_cuda_graph(cuda_graph, self.device, explicit_noise=noise is not None,
                                        callback=callback is not None, unhashable_kwargs=bad + ubad)
         if use_graph:
-            options = dict(sampler_options, spacing=spacing, steps_offset=steps_offset, rho=rho,
+            options = dict(sampler_options, spacing=spacing, steps_offset=steps_offset, rho=rho, x0_clip=self.x0_clip,
                            grid=None if explicit_grid is None else tuple(float(v) for v in grid.t))
             key = graph_key(shape=shape, dtype=self.dtype, device=self.device, sampler=sampler, steps=steps,
                             options=options, guidance=None if guidance is None else guidance.key(),
@@ -285,6 +305,7 @@ class Pipeline:
         if traj is not None:
             traj_rows[0].copy_(x)
         nonfinite = torch.full((batch,), _NO_NONFINITE, dtype=torch.int32, device=x.device)
+        bounds = None if self.x0_clip is None else self.x0_clip.bounds(batch, x.device)
         cur = x
         for k in tqdm(range(prog.stages), disable=not progress, desc=f"fastdiff {prog.sampler}", leave=False):
             step = prog.step_of(k)
@@ -312,7 +333,8 @@ class Pipeline:
             torch.ops.fastdiff.fused_step(
                 cur, m, m_u, w, [slots[i] for i in prog.reads(k)], prog.coef_device, k, seeds,
                 STEP_NOISE_STREAM, prog.uses_noise(k), None if noise is None else noise[k].to(cur),
-                nxt, slots[write] if write >= 0 else None, x0_out, nonfinite)
+                nxt, slots[write] if write >= 0 else None, x0_out, nonfinite,
+                clip=None if bounds is None else bounds(cur, m, m_u, w, prog.coef[k]))
             cur = nxt
             if callback is not None and last_of_step and step % callback_steps == 0:
                 callback(step, cur, x0_out)
@@ -448,14 +470,19 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _explicit_grid(schedule: Schedule, timesteps: Any, sigmas: Any, spacing: Optional[str]) -> Optional[Grid]:
-    """The grid of ``timesteps`` or ``sigmas`` when one is given (ValueError for both, or with ``spacing``)."""
-    if timesteps is None and sigmas is None:
+def _explicit_grid(schedule: Schedule, timesteps: Any, sigmas: Any, spacing: Optional[str],
+                   grid: Optional[Grid] = None) -> Optional[Grid]:
+    """The grid of ``timesteps``, ``sigmas`` or ``grid`` when one is given (ValueError for two, or with ``spacing``)."""
+    if timesteps is None and sigmas is None and grid is None:
         return None
-    if timesteps is not None and sigmas is not None:
-        raise ValueError("pass at most one of timesteps and sigmas")
+    if (timesteps is not None) + (sigmas is not None) + (grid is not None) > 1:
+        raise ValueError("pass at most one of timesteps, sigmas and grid")
+    if grid is not None and not isinstance(grid, Grid):
+        raise TypeError(f"grid must be a fastdiff.Grid, got {type(grid).__name__}")
     if spacing is not None:
         raise ValueError("spacing applies to spaced grids; it cannot be combined with timesteps or sigmas")
+    if grid is not None:
+        return grid
     return schedule.grid_from_timesteps(timesteps) if timesteps is not None else schedule.grid_from_sigmas(sigmas)
 
 

@@ -65,8 +65,15 @@ def build_program(schedule: Schedule, grid: Grid, sampler: str, prediction: str,
     raw = C.make_program(schedule._core, grid.t, sampler, prediction, dict(options))
     coef = raw["coef"]
     return Program(sampler=sampler, grid=grid, coef=coef, meta=raw["meta"], t=raw["t"],
-                   model_time=raw["model_time"], slots=int(raw["slots"]),
+                   model_time=_grid_model_times(grid, raw["t"], raw["model_time"]), slots=int(raw["slots"]),
                    coef_device=torch.as_tensor(coef, dtype=torch.float64).to(device))
+
+
+def _grid_model_times(grid: Grid, stage_t: np.ndarray, model_time: np.ndarray) -> np.ndarray:
+    """Stages at a grid point are fed the grid's ``model_time`` there (a peer scheduler's own timesteps, e.g.
+    diffusers' rounded timesteps on Karras sigmas); stages between grid points keep the schedule's."""
+    at_point = {float(t): float(mt) for t, mt in zip(grid.t, grid.model_time)}
+    return np.array([at_point.get(float(t), float(mt)) for t, mt in zip(stage_t, model_time)], dtype=np.float64)
 
 
 def clip_form(coef: np.ndarray) -> np.ndarray:
