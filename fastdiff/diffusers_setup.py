@@ -323,6 +323,6 @@ def _timestep_grid(setup: SchedulerSetup, peer: Any) -> Grid:
 def initial_state_scale(setup: SchedulerSetup, peer: Any, grid: Grid) -> float:
     """Native x_T = scale * latents, where diffusers starts from ``latents * init_noise_sigma`` in its own
     sample space (x / alpha for the y-space classes)."""
-    scale = float(peer.init_noise_sigma)
+    scale = float(getattr(peer, "init_noise_sigma", 1.0))  # flow-matching schedulers have none (1)
     return scale * float(grid.alpha[0]) if setup.spec.y_space else scale
 
