@@ -13,7 +13,7 @@ Schedulers whose sample is ``x / alpha`` (Euler, Heun, LMS: they scale the model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -232,6 +232,4 @@ def _y_space(prog: Program, setup: SchedulerSetup, device: torch.device) -> Tupl
     coef = np.array(prog.coef, dtype=np.float64, copy=True)
     coef[:, [CX, DX, EX]] *= a_in[:, None]
     coef[:, [CX, CM, CH0, CH1, CH2, CZ, CX0]] /= a_out[:, None]
-    from dataclasses import replace
-
     return replace(prog, coef=coef, coef_device=torch.as_tensor(coef, dtype=torch.float64).to(device)), a_in
