@@ -1,5 +1,5 @@
 """Command line: ``python -m fastdiff demo`` (the main job, on the embedded digits network; ``--mixture`` for
-the 2-D Gaussian mixture) and ``python -m fastdiff schedules``."""
+the 2-D Gaussian mixture), ``python -m fastdiff serve`` (the HTTP server) and ``python -m fastdiff schedules``."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     demo.add_argument("--mixture", action="store_true",
                       help="the earlier demo instead: every sampler on the exact network of a 2-D Gaussian mixture")
     demo.add_argument("--no-plot", action="store_true", help="(--mixture) skip the PNG")
+    serve = sub.add_parser("serve", help="the HTTP server with step-level continuous batching (fastdiff[serve])")
+    serve.add_argument("--model", default="digits",
+                       help="'digits' (the embedded network), a .safetensors checkpoint or 'package.module:factory'")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    serve.add_argument("--max-batch", type=int, default=64, help="the most rows one tick runs")
+    serve.add_argument("--max-queue", type=int, default=256, help="the most requests waiting; beyond: 429")
+    serve.add_argument("--max-n", type=int, default=64, help="the most samples one request asks for")
+    serve.add_argument("--batching", choices=("continuous", "request", "single"), default="continuous",
+                       help="step-level (default), request-level, or one request at a time")
+    serve.add_argument("--batch-wait-ms", type=float, default=20.0, help="(request batching) wait for a batch")
+    serve.add_argument("--timeout", type=float, default=300.0, help="default per-request deadline, seconds")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--device", default=None, help="cpu or cuda (default: the model's)")
+    serve.add_argument("--log-level", default="warning")
     sched = sub.add_parser("schedules", help="print a few schedules on a grid")
     sched.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -50,5 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         print("fastdiff demo: the embedded digits network (fastdiff.pretrained.digits), 8x8 images")
         run_digits_demo(out_dir=args.out, n=args.n or 128, with_diffusers=not args.no_diffusers, threads=2)
+    elif args.command == "serve":
+        from fastdiff.serving.server import load_pipeline, serve
+
+        serve(load_pipeline(args.model, args.device), host=args.host, port=args.port, max_batch=args.max_batch,
+              max_queue=args.max_queue, batching=args.batching, batch_wait_s=args.batch_wait_ms / 1e3,
+              max_n=args.max_n, request_timeout_s=args.timeout, log_level=args.log_level, threads=args.threads)
     else:
         print_schedules(args.steps)

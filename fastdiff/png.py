@@ -1,4 +1,4 @@
-"""A minimal greyscale PNG writer (zlib + struct), so the demo writes images without an imaging library."""
+"""A minimal greyscale/RGB PNG writer (zlib + struct), so the demo writes images without an imaging library."""
 from __future__ import annotations
 
 import struct
@@ -13,13 +13,14 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an 8-bit greyscale image [H, W] (uint8)."""
-    img = np.asarray(image)
-    if img.ndim != 2 or img.dtype != np.uint8:
-        raise ValueError(f"image must be a uint8 array [H, W], got {img.dtype} {img.shape}")
-    h, w = img.shape
+    """PNG bytes of an 8-bit image: greyscale [H, W] or RGB [H, W, 3] (uint8)."""
+    img = np.ascontiguousarray(image)
+    rgb = img.ndim == 3 and img.shape[2] == 3
+    if not (img.ndim == 2 or rgb) or img.dtype != np.uint8:
+        raise ValueError(f"image must be a uint8 array [H, W] or [H, W, 3], got {img.dtype} {img.shape}")
+    h, w = img.shape[:2]
     raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))  # filter type 0 on every row
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    header = struct.pack(">IIBBBBB", w, h, 8, 2 if rgb else 0, 0, 0, 0)  # 8-bit greyscale or truecolour
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
 
 

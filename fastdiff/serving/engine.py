@@ -11,6 +11,9 @@ shares the batch and whenever it joined: bitwise for a batch-invariant network (
 (sample seed, stage, element), the coefficients by (program, stage), and an unguided row's guidance input
 is its own output, so ``m_u + w (m - m_u) = m`` exactly); within the network's own batch variance otherwise.
 
+The engine is single-threaded and knows nothing of time or HTTP: :mod:`fastdiff.serving.runner` drives it from
+a thread (deadlines, cancellation, batching policies) and :mod:`fastdiff.serving.app` serves it over HTTP.
+
 CPU only for now: the per-row op runs on CUDA too, but the CUDA-graph-per-bucket tick is not written yet.
 """
 from __future__ import annotations
@@ -37,6 +40,23 @@ class RequestFailed(RuntimeError):
     """A request's rows became NaN/Inf (only that request fails; the rest of the batch goes on)."""
 
 
+class RequestCancelled(RuntimeError):
+    """A request was cancelled (its client went away, or its deadline passed) before it finished."""
+
+
+ADMISSION_POLICIES = ("continuous", "drain")
+
+
+@dataclass
+class TickReport:
+    """What one :meth:`Engine.tick` did: the requests whose rows joined, the requests that finished (samples or
+    error ready) and how many rows the network call ran."""
+
+    admitted: List[int] = field(default_factory=list)
+    finished: List[int] = field(default_factory=list)
+    rows: int = 0
+
+
 @dataclass
 class SampleRequest:
     """One request: ``n`` samples of ``sample_shape`` with one fixed-step sampler.
@@ -61,6 +81,11 @@ class SampleRequest:
         """Raises ValueError/TypeError naming the field for anything ``Pipeline.sample`` would refuse."""
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        if pipe.sample_shape is not None and tuple(self.sample_shape) != tuple(pipe.sample_shape):
+            raise ValueError(f"sample_shape must be {tuple(pipe.sample_shape)} for this network, "
+                             f"got {tuple(self.sample_shape)}")
         info = get_sampler(self.sampler)
         if self.sampler in SPECIAL_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not a fixed coefficient program and cannot be batched "
@@ -99,13 +124,25 @@ class Engine:
     Args:
         pipe: the pipeline (network, schedule, prediction, device, dtype) every request samples.
         max_batch: the most rows one tick runs; further requests wait in the queue.
+        admission: ``"continuous"`` (step-level batching: queued requests join at any tick with room) or
+            ``"drain"`` (request-level batching: requests join only when the running batch is empty, then the
+            batch runs to its end; with ``max_requests=1`` this is one request at a time).
+        max_requests: the most requests one admission takes in (default: as many as fit ``max_batch``).
     """
 
-    def __init__(self, pipe: Pipeline, max_batch: int = 64):
+    def __init__(self, pipe: Pipeline, max_batch: int = 64, admission: str = "continuous",
+                 max_requests: Optional[int] = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if admission not in ADMISSION_POLICIES:
+            raise ValueError(f"admission must be one of {ADMISSION_POLICIES}, got {admission!r}")
+        if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
+                                         or max_requests < 1):
+            raise ValueError(f"max_requests must be an int >= 1 or None, got {max_requests!r}")
         self.pipe = pipe
         self.max_batch = max_batch
+        self.admission = admission
+        self.max_requests = max_requests
         self._queue: Deque[int] = deque()
         self._requests: Dict[int, _Pending] = {}
         self._rows: List[_Row] = []
@@ -119,12 +156,23 @@ class Engine:
     def submit(self, request: SampleRequest) -> int:
         """Validates and queues a request; returns its id (its rows join at the next tick with room)."""
         request.validate(self.pipe)
+        self._program(request)  # builds (and caches) the program now, so a bad grid fails here, not in a tick
         rid = next(self._ids)
         shape = (request.n, *request.sample_shape)
         out = torch.empty(shape, dtype=self.pipe.dtype, device=self.pipe.device)
         self._requests[rid] = _Pending(request, request.n, out)
         self._queue.append(rid)
         return rid
+
+    def cancel(self, rid: int) -> None:
+        """Drops request ``rid``: queued, it never runs; running, its rows leave at the next tick. Its
+        :meth:`result` raises :class:`RequestCancelled`. Unknown or finished requests are left as they are."""
+        pending = self._requests.get(rid)
+        if pending is None or self.done(rid):
+            return
+        pending.error = RequestCancelled(f"request {rid} was cancelled")
+        if rid in self._queue:
+            self._queue.remove(rid)
 
     def done(self, rid: int) -> bool:
         """Whether request ``rid`` has finished (its samples, or its error, are ready)."""
@@ -150,6 +198,11 @@ class Engine:
         """Requests waiting for room."""
         return len(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running."""
+        return not self._rows and not self._queue
+
     def run(self, max_ticks: int = 100000) -> None:
         """Ticks until nothing is queued or running (bounded by ``max_ticks``)."""
         for _ in range(max_ticks):
@@ -159,13 +212,17 @@ class Engine:
         raise RuntimeError(f"the engine did not drain in {max_ticks} ticks")
 
     # ------------------------------------------------------------------ the tick
-    def tick(self) -> None:
+    def tick(self) -> TickReport:
         """Admits queued requests that fit, runs one network call and one fused step on every row, and
-        retires the rows whose program ended."""
-        self._admit()
+        retires the rows whose program ended (rows of failed or cancelled requests leave too)."""
+        report = TickReport()
+        self._drop_cancelled()
+        report.admitted = self._admit()
+        report.finished = [rid for rid in report.admitted if self.done(rid)]  # refused at admission
         if not self._rows:
-            return
-        pipe, rows = self.pipe, self._rows
+            return report
+        rows = self._rows
+        report.rows = len(rows)
         x = self._x
         device = x.device
         programs = list({id(r.program): r.program for r in rows}.values())
@@ -198,14 +255,18 @@ class Engine:
             if bad[b] and pending is not None and pending.error is None:
                 pending.error = RequestFailed(f"request {r.request}: sample {r.index} became NaN/Inf at stage "
                                               f"{r.stage - 1}")
+                report.finished.append(r.request)
             if pending is None or pending.error is not None:
                 continue  # the request failed (or was dropped): its rows leave now
             if r.stage == r.program.stages:
                 pending.out[r.index] = x_out[b]
                 pending.rows_left -= 1
+                if pending.rows_left == 0:
+                    report.finished.append(r.request)
             else:
                 keep.append(b)
         self._select(keep)
+        return report
 
     # ------------------------------------------------------------------ helpers
     def _network(self, x: torch.Tensor, times: torch.Tensor):
@@ -223,10 +284,22 @@ class Engine:
         weights = torch.tensor([r.guidance for r in rows], dtype=torch.float32, device=x.device)
         return m.contiguous(), m_u.contiguous(), weights
 
-    def _admit(self) -> None:
+    def _drop_cancelled(self) -> None:
+        """Rows of requests that failed or were cancelled between ticks leave before the network call."""
+        keep = [b for b, r in enumerate(self._rows)
+                if r.request in self._requests and self._requests[r.request].error is None]
+        self._select(keep)
+
+    def _admit(self) -> List[int]:
+        """Moves queued requests into the running batch (per the admission policy); returns their ids, and the
+        ids of requests refused for good (n > max_batch), which are finished with an error."""
+        admitted: List[int] = []
+        if self.admission == "drain" and self._rows:
+            return admitted
         new: List[_Row] = []
         states: List[torch.Tensor] = []
-        while self._queue and len(self._rows) + len(new) + self._requests[self._queue[0]].request.n <= self.max_batch:
+        while self._queue and len(self._rows) + len(new) + self._requests[self._queue[0]].request.n <= self.max_batch \
+                and (self.max_requests is None or len(admitted) < self.max_requests):
             rid = self._queue.popleft()
             req = self._requests[rid].request
             shape = (req.n, *req.sample_shape)
@@ -237,6 +310,7 @@ class Engine:
             seeds = derive_seeds(req.seed, req.n).tolist()
             states.append(self.pipe.initial_noise(shape, req.seed))
             guided = req.guidance_scale != 1.0 or req.uncond_kwargs is not None
+            admitted.append(rid)
             for i in range(req.n):
                 new.append(_Row(rid, i, prog, int(seeds[i]), guidance=float(req.guidance_scale),
                                 cond=_row_kwargs(req.model_kwargs, i),
@@ -245,12 +319,14 @@ class Engine:
             if self._queue and not self._rows and self._requests[self._queue[0]].request.n > self.max_batch:
                 rid = self._queue.popleft()
                 self._requests[rid].error = ValueError(f"request {rid} has n > max_batch = {self.max_batch}")
-            return
+                admitted.append(rid)
+            return admitted
         x_new = torch.cat(states).to(self.pipe.dtype)
         pool_new = torch.zeros((MAX_HISTORY, *x_new.shape), dtype=x_new.dtype, device=x_new.device)
         self._rows.extend(new)
         self._x = x_new if self._x is None else torch.cat([self._x, x_new])
         self._pool = pool_new if self._pool is None else torch.cat([self._pool, pool_new], dim=1)
+        return admitted
 
     def _select(self, keep: List[int]) -> None:
         if len(keep) == len(self._rows):
@@ -269,8 +345,9 @@ class Engine:
         key = (req.sampler, req.steps, spacing, tuple(sorted(dict(req.options).items())))
         if key not in self._programs:
             grid = self.pipe.schedule.grid(req.steps, spacing=spacing)
-            self._programs[key] = build_program(self.pipe.schedule, grid, req.sampler, self.pipe.prediction,
-                                                self.pipe.device, **dict(req.options))
+            prog = build_program(self.pipe.schedule, grid, req.sampler, self.pipe.prediction, self.pipe.device,
+                                 **dict(req.options))
+            self._programs[key] = prog if self.pipe.x0_clip is None else self.pipe.x0_clip.program(prog)
         return self._programs[key]
 
 

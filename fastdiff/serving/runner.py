@@ -1,0 +1,322 @@
+"""Drives step-level engines from one background thread: submissions from any thread, deadlines, cancellation,
+backpressure and the three batching policies the load benchmark compares.
+
+Requests of one sample shape share an :class:`~fastdiff.serving.engine.Engine` (one running batch per shape);
+the thread ticks the engines that have work, round robin. Other threads only put submissions and cancellations
+into an inbox the thread empties between ticks, so the engines stay single-threaded.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+import torch
+
+from fastdiff.pipeline import Pipeline
+from fastdiff.serving.engine import Engine, RequestCancelled, SampleRequest, TickReport
+
+if TYPE_CHECKING:  # the metrics need the serve extra (prometheus_client); the runner does not
+    from fastdiff.serving.metrics import ServingMetrics
+
+BATCHING_POLICIES = ("continuous", "request", "single")
+
+
+class QueueFull(RuntimeError):
+    """The runner's queue of requests waiting to start is full (HTTP 429); ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request did not finish before its deadline; its rows were dropped."""
+
+
+class ShuttingDown(RuntimeError):
+    """The runner is stopping and takes no new requests."""
+
+
+@dataclass
+class Ticket:
+    """A submitted request: ``future`` resolves to its samples (a CPU float32 tensor) or its error."""
+
+    id: int
+    request: SampleRequest
+    future: Future
+    submitted: float
+    deadline: Optional[float] = None
+    engine_id: Optional[int] = None
+    admitted: Optional[float] = None
+    cancel_reason: Optional[BaseException] = field(default=None, repr=False)
+
+
+class Runner:
+    """Serves :class:`SampleRequest` s on ``pipe`` from a background thread.
+
+    Args:
+        pipe: the pipeline every request samples.
+        max_batch: the most rows one engine tick runs.
+        max_queue: the most requests waiting to start; :meth:`submit` raises :class:`QueueFull` beyond it.
+        batching: ``"continuous"`` (step-level: requests join the running batch at any tick), ``"request"``
+            (request-level: wait up to ``batch_wait_s`` for a batch, run it to its end, then take the next) or
+            ``"single"`` (one request at a time).
+        batch_wait_s: how long ``"request"`` batching waits for more requests before it starts a batch.
+        metrics: where to record metrics (default: none).
+    """
+
+    def __init__(self, pipe: Pipeline, max_batch: int = 64, max_queue: int = 256, batching: str = "continuous",
+                 batch_wait_s: float = 0.02, metrics: Optional[ServingMetrics] = None):
+        if batching not in BATCHING_POLICIES:
+            raise ValueError(f"batching must be one of {BATCHING_POLICIES}, got {batching!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+        if not batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s!r}")
+        Engine(pipe, max_batch)  # validates max_batch now rather than in the thread
+        self.pipe = pipe
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batching = batching
+        self.batch_wait_s = float(batch_wait_s)
+        self.metrics = metrics
+        self._inbox: "queue.SimpleQueue[Tuple[str, Ticket]]" = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()      # guards _waiting and _accepting
+        self._waiting = 0                  # submitted, not yet admitted (or finished)
+        self._accepting = True
+        self._stop = False
+        self._ids = itertools.count()
+        self._engines: Dict[Tuple[int, ...], Engine] = {}
+        self._tickets: Dict[int, Ticket] = {}           # by ticket id, until finished
+        self._by_engine_id: Dict[Tuple[Tuple[int, ...], int], Ticket] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._tick_seconds = 0.0                        # an estimate of one tick, for Retry-After
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> "Runner":
+        """Starts the background thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fastdiff-runner", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, request: SampleRequest, timeout_s: Optional[float] = None) -> Ticket:
+        """Validates and queues ``request``; returns its ticket at once.
+
+        Raises ValueError/TypeError for a request the pipeline refuses, :class:`QueueFull` when ``max_queue``
+        requests already wait, :class:`ShuttingDown` after :meth:`stop`.
+        """
+        request.validate(self.pipe)
+        now = time.monotonic()
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if self._waiting >= self.max_queue:
+                if self.metrics:
+                    self.metrics.rejected.inc()
+                raise QueueFull(f"{self._waiting} requests are waiting (max_queue = {self.max_queue})",
+                                retry_after=self._retry_after())
+            self._waiting += 1
+        ticket = Ticket(next(self._ids), request, Future(), now, None if timeout_s is None else now + timeout_s)
+        ticket.future.set_running_or_notify_cancel()
+        self._inbox.put(("submit", ticket))
+        self._wake.set()
+        return ticket
+
+    def cancel(self, ticket: Ticket, reason: Optional[BaseException] = None) -> None:
+        """Cancels a ticket (its rows leave at the next tick; its future gets ``reason``, default
+        :class:`RequestCancelled`)."""
+        ticket.cancel_reason = reason or RequestCancelled(f"request {ticket.id} was cancelled")
+        self._inbox.put(("cancel", ticket))
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stops taking requests (:meth:`submit` raises :class:`ShuttingDown`); what was accepted still runs."""
+        with self._lock:
+            self._accepting = False
+
+    def stop(self, drain: bool = True, timeout: Optional[float] = None) -> None:
+        """Stops taking requests; with ``drain`` finishes what was accepted, else cancels it; joins the thread."""
+        self.close()
+        self._stop = True
+        if not drain:
+            for ticket in list(self._tickets.values()):
+                self.cancel(ticket, ShuttingDown("the server shut down before the request finished"))
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether :meth:`submit` takes requests (False once :meth:`stop` was called)."""
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests submitted that have not started running."""
+        return self._waiting
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the running batches."""
+        return sum(e.running_rows for e in list(self._engines.values()))
+
+    def _retry_after(self) -> float:
+        # roughly the time until a batch's worth of queued requests has started: one program's ticks
+        return max(1.0, round(self._tick_seconds * 50, 1))
+
+    # ------------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox()
+            self._expire()
+            busy = [(shape, e) for shape, e in self._engines.items() if not e.idle]
+            if not busy:
+                if self._stop and self._inbox.empty():
+                    return
+                self._wake.wait(self._next_deadline_wait())
+                self._wake.clear()
+                continue
+            ran = False
+            for shape, engine in busy:
+                if self._held_back(engine):
+                    continue
+                self._tick(shape, engine)
+                ran = True
+            if not ran:
+                self._wake.wait(self.batch_wait_s / 4 or 0.001)
+                self._wake.clear()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, ticket = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._enqueue(ticket)
+            else:
+                self._cancel_now(ticket)
+
+    def _enqueue(self, ticket: Ticket) -> None:
+        shape = tuple(int(s) for s in ticket.request.sample_shape)
+        engine = self._engines.get(shape)
+        if engine is None:
+            admission = "continuous" if self.batching == "continuous" else "drain"
+            engine = Engine(self.pipe, self.max_batch, admission=admission,
+                            max_requests=1 if self.batching == "single" else None)
+            self._engines[shape] = engine
+        try:
+            ticket.engine_id = engine.submit(ticket.request)
+        except Exception as exc:  # noqa: BLE001  (a request the engine refuses fails alone)
+            self._finish(ticket, error=exc)
+            return
+        self._tickets[ticket.id] = ticket
+        self._by_engine_id[(shape, ticket.engine_id)] = ticket
+
+    def _cancel_now(self, ticket: Ticket) -> None:
+        if ticket.id not in self._tickets:
+            return  # finished already
+        shape = tuple(int(s) for s in ticket.request.sample_shape)
+        engine = self._engines[shape]
+        engine.cancel(ticket.engine_id)
+        try:
+            engine.result(ticket.engine_id)  # forgets it; its rows leave at the next tick
+        except RequestCancelled:
+            pass
+        self._forget(shape, ticket)
+        self._finish(ticket, error=ticket.cancel_reason)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for ticket in list(self._tickets.values()):
+            if ticket.deadline is not None and now >= ticket.deadline:
+                ticket.cancel_reason = DeadlineExceeded(
+                    f"request {ticket.id} did not finish within {ticket.deadline - ticket.submitted:.3g} s")
+                self._cancel_now(ticket)
+
+    def _next_deadline_wait(self) -> Optional[float]:
+        deadlines = [t.deadline for t in self._tickets.values() if t.deadline is not None]
+        if self._stop:
+            return 0.05
+        return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+
+    def _held_back(self, engine: Engine) -> bool:
+        """Request-level batching: an empty engine waits up to batch_wait_s after its oldest queued request
+        (or until a full batch waits) before it starts a batch."""
+        if self.batching != "request" or engine.running_rows or self._stop:
+            return False
+        queued = [t for t in self._tickets.values() if t.admitted is None and t.engine_id is not None
+                  and self._engines.get(tuple(int(s) for s in t.request.sample_shape)) is engine]
+        if not queued:
+            return False
+        if sum(t.request.n for t in queued) >= self.max_batch:
+            return False
+        return time.monotonic() - min(t.submitted for t in queued) < self.batch_wait_s
+
+    def _tick(self, shape: Tuple[int, ...], engine: Engine) -> None:
+        t0 = time.perf_counter()
+        try:
+            report = engine.tick()
+        except Exception as exc:  # noqa: BLE001  (the network raised: fail this batch, keep serving)
+            self._fail_engine(shape, engine, exc)
+            return
+        elapsed = time.perf_counter() - t0
+        if report.rows:
+            self._tick_seconds = 0.9 * self._tick_seconds + 0.1 * elapsed if self._tick_seconds else elapsed
+        self._record(shape, engine, report, elapsed)
+
+    def _record(self, shape: Tuple[int, ...], engine: Engine, report: TickReport, elapsed: float) -> None:
+        now = time.monotonic()
+        for rid in report.admitted:
+            ticket = self._by_engine_id[(shape, rid)]
+            ticket.admitted = now
+            with self._lock:
+                self._waiting -= 1
+            if self.metrics:
+                self.metrics.time_to_first_step.observe(now - ticket.submitted)
+        if self.metrics and report.rows:
+            self.metrics.observe_tick(report.rows, self.max_batch, elapsed)
+        for rid in report.finished:
+            ticket = self._by_engine_id[(shape, rid)]
+            self._forget(shape, ticket)
+            try:
+                samples = engine.result(rid)
+            except Exception as exc:  # noqa: BLE001  (NaN rows, refused at admission)
+                self._finish(ticket, error=exc)
+            else:
+                self._finish(ticket, samples=samples.float().cpu())
+
+    def _fail_engine(self, shape: Tuple[int, ...], engine: Engine, exc: Exception) -> None:
+        """The network raised in a tick: its running requests fail with that error; the queued ones move to a
+        fresh engine."""
+        del self._engines[shape]
+        for ticket in [t for (s, _), t in list(self._by_engine_id.items()) if s == shape]:
+            self._forget(shape, ticket)
+            if ticket.admitted is not None:
+                self._finish(ticket, error=RuntimeError(f"the network raised while sampling: {exc!r}"))
+            else:
+                self._enqueue(ticket)
+
+    def _forget(self, shape: Tuple[int, ...], ticket: Ticket) -> None:
+        self._tickets.pop(ticket.id, None)
+        self._by_engine_id.pop((shape, ticket.engine_id), None)
+
+    def _finish(self, ticket: Ticket, samples: Optional[torch.Tensor] = None,
+                error: Optional[BaseException] = None) -> None:
+        if ticket.admitted is None:
+            with self._lock:
+                self._waiting -= 1
+            ticket.admitted = float("nan")  # never started
+        if self.metrics:
+            self.metrics.observe_finish(ticket, error)
+        if error is not None:
+            ticket.future.set_exception(error)
+        else:
+            ticket.future.set_result(samples)

@@ -1,0 +1,81 @@
+"""``fastdiff serve``: loads a network, builds the runner and the app, and serves it with uvicorn.
+
+SIGTERM (or Ctrl-C) stops taking requests at once (``/readyz`` answers 503, new requests 503), lets uvicorn
+finish the responses in flight (the runner keeps ticking until every accepted request has its answer), then
+stops the runner and exits.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+from typing import Any, Optional
+
+import torch
+import uvicorn
+
+from fastdiff.pipeline import Pipeline
+from fastdiff.serving.api import Limits
+from fastdiff.serving.app import create_app
+from fastdiff.serving.metrics import ServingMetrics
+from fastdiff.serving.runner import Runner
+
+
+def load_pipeline(spec: Optional[str] = None, device: Optional[str] = None) -> Pipeline:
+    """The pipeline named by ``spec``: None or ``"digits"`` (the embedded digits network), a checkpoint path
+    (``*.safetensors``, :func:`fastdiff.load`) or ``"package.module:factory"`` (a callable returning a
+    :class:`Pipeline`)."""
+    if spec is None or spec == "digits":
+        from fastdiff.pretrained import digits
+        return digits(device=device)
+    if spec.endswith(".safetensors"):
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"no checkpoint at {spec!r}")
+        from fastdiff.checkpoint import load
+        return load(spec, device=device)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model must be 'digits', a .safetensors checkpoint or 'package.module:factory', "
+                         f"got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attr)
+    pipe = factory()
+    if not isinstance(pipe, Pipeline):
+        raise TypeError(f"{spec} returned {type(pipe).__name__}, expected a fastdiff.Pipeline")
+    return pipe
+
+
+def serve(pipe: Pipeline, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64, max_queue: int = 256,
+          batching: str = "continuous", batch_wait_s: float = 0.02, max_n: int = 64,
+          request_timeout_s: Optional[float] = 300.0, log_level: str = "warning", threads: Optional[int] = None,
+          **uvicorn_kwargs: Any) -> None:
+    """Serves ``pipe`` until SIGTERM/SIGINT (see the module docstring). ``port=0`` picks a free port; the
+    address served is printed as ``fastdiff serving on http://host:port``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    runner = Runner(pipe, max_batch=max_batch, max_queue=max_queue, batching=batching, batch_wait_s=batch_wait_s,
+                    metrics=ServingMetrics())
+    limits = Limits(max_n=min(max_n, max_batch), default_timeout_s=request_timeout_s)
+    app = create_app(runner, limits)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None, **uvicorn_kwargs)
+    server = DrainingServer(config, runner)
+    print(f"fastdiff serving on http://{host}:{sock.getsockname()[1]} (batching: {batching}, max batch "
+          f"{max_batch}, max queue {max_queue})", flush=True)
+    server.run(sockets=[sock])
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with the runner closed to new requests the moment a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, runner: Runner):
+        super().__init__(config)
+        self.runner = runner
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.runner.close()
+        print(f"fastdiff: signal {sig}: draining {self.runner.queue_depth} queued requests and "
+              f"{self.runner.running_rows} running rows", file=sys.stderr, flush=True)
+        super().handle_exit(sig, frame)
