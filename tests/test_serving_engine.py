@@ -8,29 +8,14 @@ import random
 import pytest
 import torch
 
-from fastdiff import Pipeline, Schedule
-from fastdiff.demo import default_mixture
-from fastdiff.serving import Engine, RequestFailed, SampleRequest
-
-
-class ConditionedMixture:
-    """The exact mixture network plus 0.05 * y (elementwise, so batch-invariant); y = 99 poisons a row."""
-
-    def __init__(self, schedule: Schedule):
-        self.base = default_mixture().as_model(schedule, "eps")
-
-    def __call__(self, x, t, y=None):
-        out = self.base(x, t)
-        if y is None:
-            return out
-        y = y.to(out.dtype)[:, None]
-        return torch.where(y == 99, torch.full_like(out, float("nan")), out + 0.05 * y)
+from fastdiff import Pipeline
+from fastdiff.serving import Engine, RequestCancelled, RequestFailed, SampleRequest
+from serving_models import mixture_pipeline
 
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
-    schedule = Schedule.vp_discrete()
-    return Pipeline(ConditionedMixture(schedule), schedule, device="cpu")
+    return mixture_pipeline()
 
 
 def _offline(pipe: Pipeline, req: SampleRequest) -> torch.Tensor:
@@ -101,3 +86,61 @@ def test_bad_requests(pipe):
         engine.result(too_big)
     with pytest.raises(ValueError, match="max_batch"):
         Engine(pipe, max_batch=0)
+
+
+def test_cancel_drops_queued_and_running_requests(pipe):
+    engine = Engine(pipe, max_batch=4)
+    keep_req = SampleRequest(n=2, sample_shape=(2,), steps=6, seed=3)
+    running = engine.submit(SampleRequest(n=2, sample_shape=(2,), steps=6, seed=1))
+    keep = engine.submit(keep_req)
+    queued = engine.submit(SampleRequest(n=2, sample_shape=(2,), steps=6, seed=2))
+    report = engine.tick()
+    assert report.admitted == [running, keep] and report.rows == 4 and engine.queued_requests == 1
+    engine.cancel(running)
+    engine.cancel(queued)
+    assert engine.queued_requests == 0
+    report = engine.tick()
+    assert report.rows == 2  # the cancelled rows left before the network call
+    engine.run()
+    for rid in (running, queued):
+        with pytest.raises(RequestCancelled):
+            engine.result(rid)
+    assert torch.equal(engine.result(keep), _offline(pipe, keep_req))
+    engine.cancel(keep)  # finished and forgotten: nothing happens
+
+
+def test_drain_admission_runs_each_batch_to_its_end(pipe):
+    engine = Engine(pipe, max_batch=8, admission="drain")
+    first = [engine.submit(SampleRequest(n=1, sample_shape=(2,), steps=s, seed=s)) for s in (3, 5)]
+    engine.tick()
+    late = engine.submit(SampleRequest(n=1, sample_shape=(2,), steps=2, seed=9))
+    finished = []
+    for _ in range(4):  # the first batch's last 4 ticks: the late request waits although there is room
+        report = engine.tick()
+        assert late not in report.admitted and report.rows >= 1
+        finished += report.finished
+    assert sorted(finished) == sorted(first) and engine.running_rows == 0
+    assert engine.tick().admitted == [late]
+
+
+def test_single_admission_takes_one_request_at_a_time(pipe):
+    engine = Engine(pipe, max_batch=8, admission="drain", max_requests=1)
+    reqs = [SampleRequest(n=2, sample_shape=(2,), sampler="dpmpp_2m", steps=4, seed=s) for s in range(3)]
+    ids = [engine.submit(r) for r in reqs]
+    rows = []
+    while not engine.idle:
+        rows.append(engine.tick().rows)
+    assert rows == [2] * 12
+    for rid, req in zip(ids, reqs):
+        assert torch.equal(engine.result(rid), _offline(pipe, req))
+
+
+def test_engine_arguments_are_checked(pipe):
+    with pytest.raises(ValueError, match="admission"):
+        Engine(pipe, admission="eager")
+    with pytest.raises(ValueError, match="max_requests"):
+        Engine(pipe, max_requests=0)
+    with pytest.raises(ValueError, match="steps must be"):
+        Engine(pipe).submit(SampleRequest(n=1, sample_shape=(2,), steps=0))
+    with pytest.raises(ValueError, match="sample_shape must be"):
+        Engine(pipe).submit(SampleRequest(n=1, sample_shape=(3,)))

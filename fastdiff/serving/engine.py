@@ -216,8 +216,7 @@ class Engine:
         """Admits queued requests that fit, runs one network call and one fused step on every row, and
         retires the rows whose program ended (rows of failed or cancelled requests leave too)."""
         report = TickReport()
-        self._drop_cancelled()
-        report.admitted = self._admit()
+        report.admitted = self.admit()
         report.finished = [rid for rid in report.admitted if self.done(rid)]  # refused at admission
         if not self._rows:
             return report
@@ -272,27 +271,41 @@ class Engine:
     def _network(self, x: torch.Tensor, times: torch.Tensor):
         """Every row's output, and (for guided rows) the unconditional output and the guidance weights."""
         rows = self._rows
-        cond = _stack_kwargs([r.cond for r in rows])
-        m = self.pipe.model(x, times, **cond)
+        m = self._call(x, times, list(range(len(rows))), [r.cond for r in rows])
         guided = [b for b, r in enumerate(rows) if r.uncond is not None]
         if not guided:
             return m.contiguous(), None, None
-        idx = torch.tensor(guided, device=x.device)
-        un = _stack_kwargs([rows[b].uncond for b in guided])
         m_u = m.clone()  # unguided rows: m_u = m, so m_u + w (m - m_u) is m exactly
-        m_u[idx] = self.pipe.model(x[idx], times[idx], **un)
+        m_u[torch.tensor(guided, device=x.device)] = self._call(x, times, guided, [rows[b].uncond for b in guided])
         weights = torch.tensor([r.guidance for r in rows], dtype=torch.float32, device=x.device)
         return m.contiguous(), m_u.contiguous(), weights
 
-    def _drop_cancelled(self) -> None:
-        """Rows of requests that failed or were cancelled between ticks leave before the network call."""
+    def _call(self, x: torch.Tensor, times: torch.Tensor, rows: List[int], kwargs: List[Dict[str, Any]]):
+        """The network on ``x[rows]``: one call per set of conditioning names and shared values (rows with and
+        without a ``y``, say, cannot share a call), outputs in ``rows`` order."""
+        groups: Dict[tuple, List[int]] = {}
+        for k, kw in enumerate(kwargs):
+            groups.setdefault(_call_key(kw), []).append(k)
+        if len(groups) == 1:
+            sel = rows if len(rows) < x.shape[0] else slice(None)
+            return self.pipe.model(x[sel], times[sel], **_stack_kwargs(kwargs))
+        out = None
+        for members in groups.values():
+            idx = torch.tensor([rows[k] for k in members], device=x.device)
+            part = self.pipe.model(x[idx], times[idx], **_stack_kwargs([kwargs[k] for k in members]))
+            if out is None:
+                out = part.new_empty((len(rows), *part.shape[1:]))
+            out[torch.tensor(members, device=x.device)] = part
+        return out
+
+    def admit(self) -> List[int]:
+        """Drops the rows of failed or cancelled requests and moves queued requests into the running batch (per
+        the admission policy); returns their ids, and the ids of requests refused for good (n > max_batch),
+        which are finished with an error. :meth:`tick` does this first; call it alone to learn which requests
+        the coming tick runs before it runs."""
         keep = [b for b, r in enumerate(self._rows)
                 if r.request in self._requests and self._requests[r.request].error is None]
         self._select(keep)
-
-    def _admit(self) -> List[int]:
-        """Moves queued requests into the running batch (per the admission policy); returns their ids, and the
-        ids of requests refused for good (n > max_batch), which are finished with an error."""
         admitted: List[int] = []
         if self.admission == "drain" and self._rows:
             return admitted
@@ -356,13 +369,26 @@ def _row_kwargs(kwargs: Mapping[str, Any], i: int) -> Dict[str, Any]:
     return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()}
 
 
+def _call_key(kwargs: Dict[str, Any]) -> tuple:
+    """Rows with equal keys can share a network call: the same names, and the same shared (non-per-sample)
+    values."""
+    def shared(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return "per-sample" if v.ndim > 0 else ("scalar", v.item())
+        try:
+            hash(v)
+            return ("value", v)
+        except TypeError:
+            return ("object", id(v))
+    return tuple((name, shared(kwargs[name])) for name in sorted(kwargs))
+
+
 def _stack_kwargs(per_row: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The rows' kwargs for one batched call: per-sample tensors concatenated, shared values taken once."""
+    """The rows' kwargs for one batched call (rows of one :func:`_call_key`): per-sample tensors concatenated,
+    shared values taken once."""
     if not per_row or not per_row[0]:
         return {}
     names = per_row[0].keys()
-    if any(r.keys() != names for r in per_row):
-        raise ValueError("every request in a running batch must pass the same conditioning names")
     out = {}
     for name in names:
         first = per_row[0][name]

@@ -91,6 +91,7 @@ class Runner:
         self._waiting = 0                  # submitted, not yet admitted (or finished)
         self._accepting = True
         self._stop = False
+        self._abort = False                # stop without draining: cancel what is left
         self._ids = itertools.count()
         self._engines: Dict[Tuple[int, ...], Engine] = {}
         self._tickets: Dict[int, Ticket] = {}           # by ticket id, until finished
@@ -113,6 +114,8 @@ class Runner:
         requests already wait, :class:`ShuttingDown` after :meth:`stop`.
         """
         request.validate(self.pipe)
+        if request.n > self.max_batch:
+            raise ValueError(f"n = {request.n} is more than max_batch = {self.max_batch} rows")
         now = time.monotonic()
         with self._lock:
             if not self._accepting:
@@ -144,10 +147,8 @@ class Runner:
     def stop(self, drain: bool = True, timeout: Optional[float] = None) -> None:
         """Stops taking requests; with ``drain`` finishes what was accepted, else cancels it; joins the thread."""
         self.close()
+        self._abort = not drain
         self._stop = True
-        if not drain:
-            for ticket in list(self._tickets.values()):
-                self.cancel(ticket, ShuttingDown("the server shut down before the request finished"))
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -175,6 +176,10 @@ class Runner:
     def _loop(self) -> None:
         while True:
             self._drain_inbox()
+            if self._abort:
+                for ticket in list(self._tickets.values()):
+                    ticket.cancel_reason = ShuttingDown("the server shut down before the request finished")
+                    self._cancel_now(ticket)
             self._expire()
             busy = [(shape, e) for shape, e in self._engines.items() if not e.idle]
             if not busy:
@@ -261,6 +266,7 @@ class Runner:
         return time.monotonic() - min(t.submitted for t in queued) < self.batch_wait_s
 
     def _tick(self, shape: Tuple[int, ...], engine: Engine) -> None:
+        self._record(shape, engine, TickReport(admitted=engine.admit()), 0.0)  # before the (long) network call
         t0 = time.perf_counter()
         try:
             report = engine.tick()
@@ -283,6 +289,7 @@ class Runner:
                 self.metrics.time_to_first_step.observe(now - ticket.submitted)
         if self.metrics and report.rows:
             self.metrics.observe_tick(report.rows, self.max_batch, elapsed)
+        report.finished += [rid for rid in report.admitted if engine.done(rid) and rid not in report.finished]
         for rid in report.finished:
             ticket = self._by_engine_id[(shape, rid)]
             self._forget(shape, ticket)

@@ -2,7 +2,7 @@
 
 SIGTERM (or Ctrl-C) stops taking requests at once (``/readyz`` answers 503, new requests 503), lets uvicorn
 finish the responses in flight (the runner keeps ticking until every accepted request has its answer), then
-stops the runner and exits.
+stops the runner and exits by that signal (uvicorn re-raises it, so a supervisor sees how the process ended).
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def serve(pipe: Pipeline, host: str = "127.0.0.1", port: int = 8000, max_batch: 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections made once the address is printed wait in the backlog until uvicorn runs
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None, **uvicorn_kwargs)
     server = DrainingServer(config, runner)
     print(f"fastdiff serving on http://{host}:{sock.getsockname()[1]} (batching: {batching}, max batch "

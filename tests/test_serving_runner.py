@@ -1,0 +1,151 @@
+"""The runner: the engine driven from a thread. Every batching policy gives ``Pipeline.sample``'s samples under
+concurrent submissions; backpressure, deadlines, cancellation, network errors and shutdown."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from fastdiff.serving import (DeadlineExceeded, QueueFull, RequestCancelled, RequestFailed, Runner, SampleRequest,
+                              ShuttingDown)
+from fastdiff.serving.metrics import ServingMetrics
+from serving_models import gated_mixture_pipeline, mixture_pipeline
+
+MIXED = [("ddim", {}), ("ddpm", {}), ("dpmpp_2m", {}), ("euler_ancestral", {}), ("unipc", {}), ("ddim", {"eta": 1.0})]
+
+
+def _request(i: int, n: int = 2, **kw) -> SampleRequest:
+    sampler, options = MIXED[i % len(MIXED)]
+    fields = dict(n=n, sample_shape=(2,), sampler=sampler, steps=3 + i % 5, seed=100 + i, options=options,
+                  model_kwargs={"y": torch.arange(n) % 3})
+    fields.update(kw)
+    return SampleRequest(**fields)
+
+
+def _offline(pipe, req: SampleRequest) -> torch.Tensor:
+    return pipe.sample((req.n, *req.sample_shape), sampler=req.sampler, steps=req.steps, seed=req.seed,
+                       guidance_scale=req.guidance_scale, model_kwargs=dict(req.model_kwargs),
+                       uncond_kwargs=req.uncond_kwargs, progress=False, **dict(req.options))
+
+
+@pytest.mark.parametrize("batching", ["continuous", "request", "single"])
+def test_every_policy_equals_offline_sampling_under_concurrent_submissions(batching):
+    pipe = mixture_pipeline()
+    runner = Runner(pipe, max_batch=8, batching=batching, batch_wait_s=0.005, metrics=ServingMetrics()).start()
+    reqs = [_request(i, n=1 + i % 3) for i in range(12)]
+    tickets = [None] * len(reqs)
+
+    def client(k: int) -> None:
+        for i in range(k, len(reqs), 3):
+            tickets[i] = runner.submit(reqs[i])
+            time.sleep(0.002 * (i % 4))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for req, ticket in zip(reqs, tickets):
+        assert torch.equal(ticket.future.result(30), _offline(pipe, req)), (batching, req.sampler)
+    runner.stop()
+    text = runner.metrics.render(runner.queue_depth, runner.running_rows).decode()
+    assert 'fastdiff_requests_total{outcome="ok"} 12.0' in text
+    assert "fastdiff_samples_total 24.0" in text
+
+
+def test_request_batching_waits_for_a_batch():
+    runner = Runner(mixture_pipeline(), max_batch=8, batching="request", batch_wait_s=0.3).start()
+    tickets = [runner.submit(_request(i)) for i in range(3)]
+    for t in tickets:
+        t.future.result(30)
+    assert len({t.admitted for t in tickets}) == 1  # all three joined in one tick
+    runner.stop()
+
+
+def test_full_queue_refuses_with_a_retry_hint():
+    pipe = gated_mixture_pipeline()
+    runner = Runner(pipe, max_batch=2, max_queue=1, metrics=ServingMetrics()).start()
+    pipe.model.gate.clear()
+    running = runner.submit(_request(0))
+    _wait_for(lambda: runner.running_rows == 2)
+    waiting = runner.submit(_request(1))
+    with pytest.raises(QueueFull) as info:
+        runner.submit(_request(2))
+    assert info.value.retry_after >= 1
+    pipe.model.gate.set()
+    assert running.future.result(30) is not None and waiting.future.result(30) is not None
+    runner.stop()
+    assert "fastdiff_requests_rejected_total 1.0" in runner.metrics.render(0, 0).decode()
+
+
+def test_deadline_and_cancel_free_their_rows():
+    pipe = mixture_pipeline(delay_s=0.01)
+    runner = Runner(pipe, max_batch=8).start()
+    late = runner.submit(_request(0, steps=200), timeout_s=0.1)
+    with pytest.raises(DeadlineExceeded):
+        late.future.result(30)
+    gone = runner.submit(_request(1, steps=200))
+    _wait_for(lambda: runner.running_rows == 2)
+    runner.cancel(gone)
+    with pytest.raises(RequestCancelled):
+        gone.future.result(30)
+    _wait_for(lambda: runner.running_rows == 0)
+    assert pipe.model.calls < 100  # neither ran its 200 steps
+    ok = _request(2)
+    assert torch.equal(runner.submit(ok).future.result(30), _offline(pipe, ok))
+    runner.stop()
+
+
+def test_network_errors_and_nans_fail_their_request_and_serving_goes_on():
+    pipe = mixture_pipeline()
+    runner = Runner(pipe, max_batch=8).start()
+    raising = runner.submit(_request(0, n=1, model_kwargs={"y": torch.tensor([77])}))
+    with pytest.raises(RuntimeError, match="label 77"):
+        raising.future.result(30)
+    nan = runner.submit(_request(1, n=2, model_kwargs={"y": torch.tensor([0, 99])}))
+    fine_req = _request(2, n=2)
+    fine = runner.submit(fine_req)
+    with pytest.raises(RequestFailed, match="NaN"):
+        nan.future.result(30)
+    assert torch.equal(fine.future.result(30), _offline(pipe, fine_req))
+    runner.stop()
+
+
+def test_stop_drains_or_cancels():
+    pipe = mixture_pipeline(delay_s=0.005)
+    runner = Runner(pipe, max_batch=2).start()
+    reqs = [_request(i, steps=10) for i in range(3)]
+    tickets = [runner.submit(r) for r in reqs]
+    runner.stop(drain=True, timeout=60)
+    assert not runner.accepting
+    for req, ticket in zip(reqs, tickets):
+        assert torch.equal(ticket.future.result(0), _offline(pipe, req))
+    with pytest.raises(ShuttingDown):
+        runner.submit(reqs[0])
+    runner = Runner(pipe, max_batch=2).start()
+    tickets = [runner.submit(_request(i, steps=100)) for i in range(3)]
+    runner.stop(drain=False, timeout=60)
+    for ticket in tickets:
+        with pytest.raises(ShuttingDown):
+            ticket.future.result(0)
+
+
+def test_runner_arguments_are_checked():
+    pipe = mixture_pipeline()
+    with pytest.raises(ValueError, match="batching"):
+        Runner(pipe, batching="eager")
+    with pytest.raises(ValueError, match="max_queue"):
+        Runner(pipe, max_queue=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        Runner(pipe, max_batch=0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        Runner(pipe).submit(_request(0, sampler="nope"))
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.005)
