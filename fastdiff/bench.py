@@ -292,7 +292,8 @@ def format_table(res: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEFAULT_JSON) -> Dict[str, Any]:
     """Command line: parse, run, print the table, write JSON (``--json``; ``--json ''`` writes none).
 
-    ``python -m fastdiff.bench step ...`` runs the per-step benchmark instead (:mod:`fastdiff.bench_step`).
+    ``python -m fastdiff.bench step ...`` runs the per-step benchmark instead (:mod:`fastdiff.bench_step`),
+    ``python -m fastdiff.bench serve ...`` the serving load benchmark (:mod:`fastdiff.bench_serve`).
     """
     import sys
 
@@ -300,6 +301,9 @@ def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEF
     if argv[:1] == ["step"]:
         from fastdiff.bench_step import main as step_main
         return step_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from fastdiff.bench_serve import main as serve_main
+        return serve_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="digits",
                    help="'digits' (the shipped U-Net), 'mlp', 'gmm' or 'package.module:factory' (see make_model)")

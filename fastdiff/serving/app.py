@@ -1,4 +1,5 @@
-"""The HTTP server's application (FastAPI): ``POST /v1/samples``, ``GET /healthz``, ``/readyz``, ``/metrics``.
+"""The HTTP server's application (FastAPI): ``POST /v1/samples``, ``GET /v1/info``, ``/healthz``, ``/readyz``,
+``/metrics``.
 
 Every accepted request gets its samples or an error, never silence: 422 for a field the server refuses, 429 with
 ``Retry-After`` when the queue is full, 503 while shutting down, 504 past its deadline, 500 when its samples
@@ -16,7 +17,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from fastdiff.serving.api import FieldError, Limits, SamplesBody, npy_bytes, png_payload, to_sample_request
+from fastdiff.serving.api import BATCHABLE_SAMPLERS, FieldError, Limits, SamplesBody, npy_bytes, png_payload, to_sample_request
 from fastdiff.serving.engine import RequestCancelled, RequestFailed
 from fastdiff.serving.metrics import CONTENT_TYPE_LATEST
 from fastdiff.serving.runner import DeadlineExceeded, QueueFull, Runner, ShuttingDown
@@ -79,6 +80,15 @@ def create_app(runner: Runner, limits: Limits = Limits()) -> FastAPI:
             return JSONResponse(png_payload(result), headers=headers)
         headers["X-Fastdiff-Shape"] = ",".join(str(s) for s in result.shape)
         return Response(npy_bytes(result), media_type=NPY_MEDIA_TYPE, headers=headers)
+
+    @app.get("/v1/info")
+    async def info() -> dict:
+        """What this server samples: sample shape, class count, prediction, samplers and limits."""
+        pipe = runner.pipe
+        return {"sample_shape": None if pipe.sample_shape is None else list(pipe.sample_shape),
+                "num_classes": pipe.num_classes, "prediction": pipe.prediction, "samplers": list(BATCHABLE_SAMPLERS),
+                "max_n": limits.max_n, "max_steps": limits.max_steps, "batching": runner.batching,
+                "max_batch": runner.max_batch}
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -46,6 +46,10 @@ class Client:
         payload = json.loads(self._post("/v1/samples", dict(fields, n=n, format="png")))
         return [base64.b64decode(img) for img in payload["images"]]
 
+    def info(self) -> Dict[str, Any]:
+        """``GET /v1/info``: sample shape, class count, prediction, samplers and limits of the server."""
+        return json.loads(self._get("/v1/info"))
+
     def healthz(self) -> Dict[str, Any]:
         """``GET /healthz``."""
         return json.loads(self._get("/healthz"))

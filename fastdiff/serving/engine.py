@@ -150,6 +150,7 @@ class Engine:
         self._pool: Optional[torch.Tensor] = None   # [MAX_HISTORY, rows, *shape]
         self._ids = itertools.count()
         self._programs: Dict[tuple, Program] = {}
+        self._stage_rows: Dict[int, List[tuple]] = {}   # id(program) -> per stage: (row fields, model time)
         self.ticks = 0
 
     # ------------------------------------------------------------------ requests
@@ -230,14 +231,13 @@ class Engine:
             offsets[id(p)] = start
             start += p.stages
         table = torch.cat([p.coef_device for p in programs])
-        desc = torch.full((len(rows), ROW_FIELDS), -1, dtype=torch.int32)
-        for b, r in enumerate(rows):
-            reads = r.program.reads(r.stage)
-            desc[b, 0] = offsets[id(r.program)] + r.stage
-            desc[b, 1] = r.stage
-            desc[b, 2:2 + len(reads)] = torch.tensor(reads, dtype=torch.int32)
-            desc[b, 5] = r.program.writes(r.stage)
-        times = torch.tensor([float(r.program.model_time[r.stage]) for r in rows], dtype=torch.float32, device=device)
+        desc_rows, time_rows = [], []
+        for r in rows:
+            fields, model_time = self._stage_rows[id(r.program)][r.stage]
+            desc_rows.append([fields[0] + offsets[id(r.program)], *fields[1:]])
+            time_rows.append(model_time)
+        desc = torch.tensor(desc_rows, dtype=torch.int32)
+        times = torch.tensor(time_rows, dtype=torch.float32, device=device)
         m, m_u, weights = self._network(x, times)
         seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device)
         x_out = torch.empty_like(x)
@@ -360,8 +360,19 @@ class Engine:
             grid = self.pipe.schedule.grid(req.steps, spacing=spacing)
             prog = build_program(self.pipe.schedule, grid, req.sampler, self.pipe.prediction, self.pipe.device,
                                  **dict(req.options))
-            self._programs[key] = prog if self.pipe.x0_clip is None else self.pipe.x0_clip.program(prog)
+            prog = prog if self.pipe.x0_clip is None else self.pipe.x0_clip.program(prog)
+            self._programs[key] = prog
+            self._stage_rows[id(prog)] = [(_row_fields(prog, k), float(prog.model_time[k])) for k in range(prog.stages)]
         return self._programs[key]
+
+
+def _row_fields(prog: Program, stage: int) -> List[int]:
+    """A row's per-row-mode fields at ``stage`` (coefficient row before the table offset, noise stage, three read
+    slots padded with -1, write slot); see ``kernels/reference.py``."""
+    reads = prog.reads(stage)
+    fields = [stage, stage, *reads, *([-1] * (3 - len(reads))), prog.writes(stage)]
+    assert len(fields) == ROW_FIELDS
+    return fields
 
 
 def _row_kwargs(kwargs: Mapping[str, Any], i: int) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         reg = self.registry
         ProcessCollector(namespace="fastdiff", registry=reg)  # fastdiff_process_cpu_seconds_total, memory
+        self.max_batch = Gauge("fastdiff_max_batch", "The most rows one tick runs", registry=reg)
         self.queue_depth = Gauge("fastdiff_queue_depth", "Requests waiting to start", registry=reg)
         self.running_rows = Gauge("fastdiff_running_rows", "Rows (samples) in the running batches", registry=reg)
         self.batch_occupancy = Histogram("fastdiff_batch_occupancy", "Rows per tick / max_batch",

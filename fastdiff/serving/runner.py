@@ -85,6 +85,8 @@ class Runner:
         self.batching = batching
         self.batch_wait_s = float(batch_wait_s)
         self.metrics = metrics
+        if metrics is not None:
+            metrics.max_batch.set(max_batch)
         self._inbox: "queue.SimpleQueue[Tuple[str, Ticket]]" = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()      # guards _waiting and _accepting
@@ -174,6 +176,10 @@ class Runner:
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
+        with torch.inference_mode():  # no autograd records in serving, whatever the network's parameters say
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             self._drain_inbox()
             if self._abort:

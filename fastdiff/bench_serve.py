@@ -1,0 +1,234 @@
+"""The serving load benchmark: ``python -m fastdiff.bench serve``.
+
+One mixed workload (steps 4-50, n 1-8, several samplers, class labels, Poisson arrivals at several rates) is sent
+over loopback HTTP to ``fastdiff serve`` three times in the same run, once per batching policy of the server:
+one request at a time (``single``), request-level batching (``request``: wait up to ``--batch-wait-ms``, run the
+batch to its end) and step-level continuous batching (``continuous``). Every server is its own process on the
+same network, machine and thread count; the workload is the same seeded list of requests for all three.
+
+Reported per policy and arrival rate: throughput (samples/s and requests/s over the span from the first send to
+the last answer), p50/p99 latency seen by the client, the engine's busy fraction (time in ticks / wall time) and
+the server's CPU use (cores), read from its ``/metrics``. Each run is bounded: ``--requests`` per rate and
+``--time-limit`` seconds per rate (requests not yet sent by then are not sent; those sent are awaited).
+JSON to ``bench/results/serve.json``, a Markdown table on stdout, and with ``--plot`` a latency-vs-load PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from fastdiff.serving.client import Client, ServerError
+
+POLICIES = ("single", "request", "continuous")
+WORKLOAD_SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "unipc", "ddpm")
+WORKLOAD_STEPS = (4, 8, 10, 15, 20, 25, 30, 50)
+DEFAULT_JSON = os.path.join("bench", "results", "serve.json")
+
+
+def workload(count: int, rate: float, seed: int = 0, max_n: int = 8, num_classes: int = 10) -> List[Dict[str, Any]]:
+    """``count`` requests with Poisson arrivals at ``rate`` per second: each ``{"at": seconds, "body": {...}}``
+    (with a class label when ``num_classes`` > 0)."""
+    rng = random.Random(seed)
+    at, out = 0.0, []
+    for i in range(count):
+        at += rng.expovariate(rate)
+        n = rng.randint(1, max_n)
+        body = {"n": n, "seed": rng.randrange(2 ** 31), "sampler": rng.choice(WORKLOAD_SAMPLERS),
+                "steps": rng.choice(WORKLOAD_STEPS)}
+        label = int(rng.random() * num_classes)  # drawn either way, so the rest of the workload is the same
+        if num_classes:
+            body["class_label"] = label
+        out.append({"at": at, "body": body})
+    return out
+
+
+class ServerProcess:
+    """``python -m fastdiff serve`` in a child process on a free loopback port; a context manager."""
+
+    def __init__(self, args: Sequence[str], start_timeout: float = 120.0):
+        self.args = list(args)
+        self.start_timeout = start_timeout
+        self.proc: Optional[subprocess.Popen] = None
+        self.url = ""
+
+    def __enter__(self) -> "ServerProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastdiff", "serve", "--port", "0", *self.args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        if "serving on" not in line:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"the server did not start: {line!r}")
+        self.url = line.split()[3]
+        Client(self.url, timeout=self.start_timeout).healthz()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def drive(url: str, requests: List[Dict[str, Any]], time_limit: float) -> Dict[str, Any]:
+    """Sends ``requests`` at their arrival times (bounded by ``time_limit``) and measures what comes back."""
+    client = Client(url, timeout=600)
+    before = client.metrics()
+    results: List[Dict[str, Any]] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def send(req: Dict[str, Any]) -> None:
+        delay = req["at"] - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        sent = time.perf_counter()
+        status = 200
+        try:
+            Client(url, timeout=600).sample(**req["body"])
+        except ServerError as exc:
+            status = exc.status
+        done = time.perf_counter()
+        with lock:
+            results.append({"sent": sent - start, "done": done - start, "status": status, "n": req["body"]["n"]})
+
+    to_send = [r for r in requests if r["at"] <= time_limit]
+    with ThreadPoolExecutor(max(1, min(len(to_send), 512))) as pool:
+        list(pool.map(send, to_send))
+    wall = time.perf_counter() - start
+    after = client.metrics()
+    ok = [r for r in results if r["status"] == 200]
+    span = (max(r["done"] for r in ok) - min(r["sent"] for r in results)) if ok else float("nan")
+    latency = np.array([r["done"] - r["sent"] for r in ok]) if ok else np.array([float("nan")])
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    return dict(sent=len(results), ok=len(ok), errors=len(results) - len(ok),
+                samples_per_s=sum(r["n"] for r in ok) / span, requests_per_s=len(ok) / span,
+                p50_s=float(np.percentile(latency, 50)), p99_s=float(np.percentile(latency, 99)),
+                engine_busy=delta("fastdiff_engine_busy_seconds_total") / wall,
+                server_cpu_cores=delta("fastdiff_process_cpu_seconds_total") / wall,
+                mean_rows_per_tick=(delta("fastdiff_batch_occupancy_sum") * _max_batch(after)
+                                    / max(delta("fastdiff_batch_occupancy_count"), 1)),
+                wall_s=wall)
+
+
+def _max_batch(metrics: Dict[str, float]) -> float:
+    return metrics["fastdiff_max_batch"]
+
+
+def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, max_batch: int,
+        batch_wait_ms: float, model: str, policies: Sequence[str] = POLICIES, seed: int = 0) -> Dict[str, Any]:
+    """Every policy at every rate, the same workload for all; with the machine described."""
+    import platform
+
+    import torch
+
+    rows = []
+    for policy in policies:
+        args = ["--model", model, "--batching", policy, "--threads", str(threads), "--max-batch", str(max_batch),
+                "--max-queue", "100000", "--max-n", "8", "--batch-wait-ms", str(batch_wait_ms), "--timeout", "3600"]
+        with ServerProcess(args) as server:
+            Client(server.url).sample(n=1, steps=2)  # warm-up: first-call costs stay out of the numbers
+            num_classes = Client(server.url).info()["num_classes"]
+            for rate in rates:
+                res = drive(server.url, workload(requests, rate, seed, num_classes=num_classes), time_limit)
+                rows.append(dict(policy=policy, rate=rate, **res))
+                print(f"{policy:>10} @ {rate:g} req/s: {res['samples_per_s']:.1f} samples/s, "
+                      f"p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s", file=sys.stderr, flush=True)
+    return dict(model=model, threads=threads, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                requests_per_rate=requests, time_limit_s=time_limit, host=platform.processor() or platform.machine(),
+                cores=os.cpu_count(), torch=torch.__version__, rows=rows, summary=summary(rows))
+
+
+def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """At the highest rate: continuous / single throughput and the p99s of request-level and continuous."""
+    top = max(r["rate"] for r in rows)
+    at = {r["policy"]: r for r in rows if r["rate"] == top}
+    out: Dict[str, Any] = {"rate": top}
+    if "continuous" in at and "single" in at:
+        out["continuous_vs_single_throughput"] = at["continuous"]["samples_per_s"] / at["single"]["samples_per_s"]
+    if "continuous" in at and "request" in at:
+        out["p99_request_s"] = at["request"]["p99_s"]
+        out["p99_continuous_s"] = at["continuous"]["p99_s"]
+    return out
+
+
+def format_table(res: Dict[str, Any]) -> str:
+    """Markdown: one line per (rate, policy)."""
+    lines = ["| offered req/s | batching | samples/s | req/s | p50 s | p99 s | rows/tick | engine busy | "
+             "server CPU cores | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["rate"], POLICIES.index(r["policy"]))):
+        lines.append(f"| {r['rate']:g} | {r['policy']} | {r['samples_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+                     f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['mean_rows_per_tick']:.1f} | "
+                     f"{100 * r['engine_busy']:.0f}% | {r['server_cpu_cores']:.2f} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def plot(res: Dict[str, Any], path: str) -> None:
+    """Latency (p50 and p99) against offered load, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in POLICIES:
+        rows = sorted((r for r in res["rows"] if r["policy"] == policy), key=lambda r: r["rate"])
+        if rows:
+            line, = ax.plot([r["rate"] for r in rows], [r["p99_s"] for r in rows], "o-", label=f"{policy} p99")
+            ax.plot([r["rate"] for r in rows], [r["p50_s"] for r in rows], "x--", color=line.get_color(),
+                    label=f"{policy} p50")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (s)")
+    ax.set_yscale("log")
+    ax.set_title(f"fastdiff serve, {res['model']} network, {res['threads']} thread(s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Command line of ``python -m fastdiff.bench serve``."""
+    p = argparse.ArgumentParser(prog="python -m fastdiff.bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", default="2,5,10,20", help="Poisson arrival rates, requests/s, comma-separated")
+    p.add_argument("--requests", type=int, default=60, help="requests per rate")
+    p.add_argument("--time-limit", type=float, default=30.0, help="seconds of arrivals per rate")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="request-level batching's wait")
+    p.add_argument("--model", default="digits", help="as fastdiff serve --model")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"from {', '.join(POLICIES)}")
+    p.add_argument("--json", default=DEFAULT_JSON, help="output path ('' for none)")
+    p.add_argument("--plot", default="", help="latency-vs-load PNG path ('' for none)")
+    a = p.parse_args(argv)
+    rates = [float(r) for r in a.rates.split(",") if r.strip()]
+    policies = [s.strip() for s in a.policies.split(",") if s.strip()]
+    bad = [s for s in policies if s not in POLICIES]
+    if bad or not rates or any(r <= 0 for r in rates) or a.requests < 1:
+        raise SystemExit(f"need rates > 0, requests >= 1 and policies from {POLICIES}; got {a.rates!r}, "
+                         f"{a.requests}, {bad}")
+    res = run(rates, a.requests, a.time_limit, a.threads, a.max_batch, a.batch_wait_ms, a.model, policies)
+    print(format_table(res))
+    print(json.dumps(res["summary"]))
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.plot:
+        plot(res, a.plot)
+    return res
