@@ -7,7 +7,8 @@ from fastdiff._ext import C as _C  # noqa: F401  (fails with build instructions 
 from fastdiff import models, samplers
 from fastdiff.checkpoint import load, save
 from fastdiff.interpolate import interpolate
-from fastdiff.pipeline import NonFiniteError, Pipeline
+from fastdiff.checks import NonFiniteError
+from fastdiff.pipeline import Pipeline
 from fastdiff.samplers import list_samplers
 from fastdiff.schedule import Grid, Schedule
 

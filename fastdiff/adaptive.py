@@ -1,7 +1,7 @@
 """Samplers that are not one fixed coefficient program, and the one place Pipeline.sample hands them to.
 
 - ``rk45``: adaptive Dormand–Prince (:func:`fastdiff.ode.solve_ivp_rk45`) on the probability-flow ODE
-  (:func:`fastdiff.likelihood.pf_ode_drift`) from ``t_max`` to ``t_min``; eager only (step-size control
+  (:func:`fastdiff.drift.pf_ode_drift`) from ``t_max`` to ``t_min``; eager only (step-size control
   needs the host). Options ``rtol``, ``atol`` (default 1e-5 each). The number of network evaluations
   of the last run is stored on the pipeline as ``pipe.last_nfe``. Continuous-time schedules only
   (a discrete schedule has no PF-ODE); the result is the state at ``t_min``.
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from fastdiff.kernels.philox import derive_seeds
+from fastdiff.checks import check_noise
+from fastdiff.corrector import run_pc
+from fastdiff.drift import pf_ode_drift
 from fastdiff.ode import solve_ivp_rk45
 from fastdiff.program import build_program
 from fastdiff.schedule import Grid, Schedule
@@ -31,7 +33,6 @@ SPECIAL_SAMPLERS = ("rk45", "pc", "consistency")
 def sample_rk45(pipe: Any, x: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5,
                 model_kwargs: Optional[dict] = None) -> tuple[torch.Tensor, int]:
     """Integrates the PF-ODE from ``t_max`` (state ``x``) to ``t_min``; returns the state and the NFE."""
-    from fastdiff.likelihood import pf_ode_drift
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"{name} must be a float > 0, got {v!r}")
@@ -52,8 +53,6 @@ def run_special(pipe: Any, sampler: str, shape: tuple[int, ...], steps: int, see
                 x_T: Optional[torch.Tensor], return_x0: bool, progress: bool, kwargs: dict, noise: Any,
                 steps_offset: int, rho: float, options: dict) -> Any:
     """Runs ``rk45``, ``pc`` or ``consistency`` for :meth:`fastdiff.Pipeline.sample` (same arguments)."""
-    from fastdiff.pipeline import _check_noise
-    from fastdiff.corrector import run_pc
     options = dict(options)
     if sampler == "rk45":
         if return_x0:
@@ -68,7 +67,7 @@ def run_special(pipe: Any, sampler: str, shape: tuple[int, ...], steps: int, see
         step_rule = options.pop("step_rule", "expected")
         grid = pipe.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
         prog = build_program(pipe.schedule, grid, "pc", pipe.prediction, pipe.device, **options)
-        _check_noise(noise, prog, shape)
+        check_noise(noise, prog, shape)
         x = pipe._initial_state(shape, seed, x_T)
         out, x0 = run_pc(pipe, prog, x, seeds, kwargs, noise, return_x0, progress, snr=snr, n_corrector=n_corr,
                          step_rule=step_rule)
@@ -84,7 +83,7 @@ def run_special(pipe: Any, sampler: str, shape: tuple[int, ...], steps: int, see
             if x_T is None:  # the prior noise, rescaled to the first time's noise level
                 x = (x.float() * (float(grid.sigma[0]) / pipe.schedule.prior_std)).to(pipe.dtype)
         prog = build_program(pipe.schedule, grid, "consistency", pipe.prediction, pipe.device, **options)
-        _check_noise(noise, prog, shape)
+        check_noise(noise, prog, shape)
         out, x0 = pipe._run(prog, x, seeds, kwargs, noise, return_x0, progress)
         pipe.last_nfe = prog.stages
     else:

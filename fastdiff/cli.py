@@ -52,6 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: the model's)")
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (fastdiff[ray])")
+    serve.add_argument("--replicas", type=int, default=1, help="(--ray) replicas, each running its own engine")
+    serve.add_argument("--address", default=None, help="(--ray) join this Ray cluster instead of starting one")
     sched = sub.add_parser("schedules", help="print a few schedules on a grid")
     sched.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -66,10 +69,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("fastdiff demo: the embedded digits network (fastdiff.pretrained.digits), 8x8 images")
         run_digits_demo(out_dir=args.out, n=args.n or 128, with_diffusers=not args.no_diffusers, threads=2)
     elif args.command == "serve":
-        from fastdiff.serving.server import load_pipeline, serve
+        from fastdiff.serving.server import ServeSettings
 
-        serve(load_pipeline(args.model, args.device), host=args.host, port=args.port, max_batch=args.max_batch,
-              max_queue=args.max_queue, batching=args.batching, batch_wait_s=args.batch_wait_ms / 1e3,
-              max_n=args.max_n, request_timeout_s=args.timeout, log_level=args.log_level, threads=args.threads)
+        settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
+                                 batch_wait_s=args.batch_wait_ms / 1e3, max_n=args.max_n,
+                                 request_timeout_s=args.timeout, threads=args.threads)
+        if args.ray:
+            from fastdiff.serving.ray import serve_ray
+
+            serve_ray(args.model, host=args.host, port=args.port, settings=settings, num_replicas=args.replicas,
+                      address=args.address, device=args.device)
+        else:
+            from fastdiff.serving.server import load_pipeline, serve
+
+            serve(load_pipeline(args.model, args.device), host=args.host, port=args.port, settings=settings,
+                  log_level=args.log_level)
     else:
         print_schedules(args.steps)

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff.kernels.philox import philox_normal
-from fastdiff.likelihood import _x0_eps_coefficients
+from fastdiff.checks import NonFiniteError
+from fastdiff.drift import x0_eps_coefficients
 from fastdiff.program import Program
 
 CORRECTOR_STREAM = 2
@@ -35,7 +36,7 @@ CORRECTOR_STREAM = 2
 
 def score_from_output(prediction: str, m: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
     """The score ``-eps_hat / sigma`` of a network output ``m`` of type ``prediction`` at state ``x``."""
-    _, (eps_x, eps_m) = _x0_eps_coefficients(prediction, alpha, sigma)
+    _, (eps_x, eps_m) = x0_eps_coefficients(prediction, alpha, sigma)
     return -(eps_x * x.float() + eps_m * m.float()) / sigma
 
 
@@ -97,7 +98,6 @@ def run_pc(pipe: Any, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwarg
             x0_all[prog.step_of(k)] if x0_all is not None else None, nonfinite)
         x, nxt = nxt, x
     if int(nonfinite.min()) != torch.iinfo(torch.int32).max:
-        from fastdiff.pipeline import NonFiniteError
         samples = torch.nonzero(nonfinite != torch.iinfo(torch.int32).max).flatten().tolist()
         raise NonFiniteError(prog.step_of(int(nonfinite.min())), samples)
     return x, x0_all

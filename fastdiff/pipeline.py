@@ -7,7 +7,6 @@ at the end, so the loop never waits on the host.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -19,6 +18,9 @@ from fastdiff.graphs import (DEFAULT_MAX_GRAPHS, GraphCache, StaticBuffers, capt
 from fastdiff.guidance import Guidance, check_double_batch, guided_outputs, make_guidance, rescale_noise_cfg
 from fastdiff.kernels.philox import derive_seeds, philox_normal
 from fastdiff.adaptive import SPECIAL_SAMPLERS, run_special
+from fastdiff.checks import NonFiniteError  # noqa: F401  (re-exported: fastdiff.pipeline.NonFiniteError)
+from fastdiff.checks import (NO_NONFINITE, check_callback, check_model_kwargs, check_model_output, check_noise,
+                             check_shape, raise_if_nonfinite)
 from fastdiff.program import Program, build_program
 from fastdiff.samplers import ALL_PREDICTIONS, get_sampler
 from fastdiff.schedule import Grid, Schedule
@@ -27,21 +29,10 @@ from fastdiff.x0_clip import X0Clip
 SeedLike = Union[int, Sequence[int], torch.Tensor]
 INITIAL_NOISE_STREAM = 1
 STEP_NOISE_STREAM = 0
-_NO_NONFINITE = torch.iinfo(torch.int32).max
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 _EAGER_ONLY = object()  # graph-cache marker: capture failed for this key under cuda_graph="auto"
-
-
-class NonFiniteError(FloatingPointError):
-    """The sampler state became NaN or Inf; ``step`` is the first bad step, ``samples`` the affected rows."""
-
-    def __init__(self, step: int, samples: list[int]):
-        self.step = step
-        self.samples = samples
-        super().__init__(f"the sampler state became NaN/Inf at step {step} in samples {samples} "
-                         "(check the model's output there, the prediction type and the schedule's ends)")
 
 
 class Pipeline:
@@ -83,7 +74,7 @@ class Pipeline:
         self.dtype = dtype
         self.max_graphs = max_graphs
         self._graphs = GraphCache(max_graphs)
-        self.sample_shape = None if sample_shape is None else _check_shape((1, *sample_shape))[1:]
+        self.sample_shape = None if sample_shape is None else check_shape((1, *sample_shape))[1:]
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
@@ -103,7 +94,7 @@ class Pipeline:
     # ------------------------------------------------------------------ public API
     def initial_noise(self, shape: Sequence[int], seed: SeedLike = 0) -> torch.Tensor:
         """The x_T :meth:`sample` starts from for these seeds: prior_std * Philox normals (stream 1)."""
-        shape = _check_shape(shape)
+        shape = check_shape(shape)
         seeds = derive_seeds(seed, shape[0]).to(self.device)
         numel = 1
         for s in shape[1:]:
@@ -200,7 +191,7 @@ class Pipeline:
         if variance_type != "fixed_small":
             sampler_options["variance_type"] = variance_type
         info.check_options(sampler_options)
-        shape = _check_shape(shape)
+        shape = check_shape(shape)
         explicit_grid = _explicit_grid(self.schedule, timesteps, sigmas, spacing, grid)
         spacing = spacing if spacing is not None else info.default_spacing(self.schedule)
         if sampler in SPECIAL_SAMPLERS:  # eager loops: cuda_graph=True is an error for them, "auto" falls back
@@ -222,16 +213,16 @@ class Pipeline:
         if self.x0_clip is not None:
             prog = self.x0_clip.program(prog)
         guidance = make_guidance(guidance_scale, guidance_rescale, guidance_batching, uncond_kwargs)
-        _check_callback(callback, callback_steps)
+        check_callback(callback, callback_steps)
         seeds = derive_seeds(seed, shape[0]).to(self.device)
         x = self._initial_state(shape, seed, x_T)
-        _check_noise(noise, prog, shape)
+        check_noise(noise, prog, shape)
         kwargs = dict(model_kwargs or {})
-        _check_model_kwargs(kwargs, shape[0])
+        check_model_kwargs(kwargs, shape[0])
         uncond = None
         if guidance is not None:
             uncond = dict(uncond_kwargs or {})
-            _check_model_kwargs(uncond, shape[0], "uncond_kwargs")
+            check_model_kwargs(uncond, shape[0], "uncond_kwargs")
             if guidance.batching == "double":
                 check_double_batch(kwargs, uncond)
         spec, bad = kwargs_spec(kwargs)
@@ -275,7 +266,7 @@ class Pipeline:
         times = self._model_times(prog, x.shape[0])
         out, x0_all, traj, nonfinite = self._loop(prog, x, seeds, times, kwargs, uncond, guidance, noise, return_x0,
                                                   return_trajectory, callback, callback_steps, progress)
-        _raise_if_nonfinite(nonfinite, prog)
+        raise_if_nonfinite(nonfinite, prog)
         return out, x0_all, traj
 
     def _model_times(self, prog: Program, batch: int) -> torch.Tensor:
@@ -304,7 +295,7 @@ class Pipeline:
         traj_rows = traj.unbind(0) if traj is not None else None
         if traj is not None:
             traj_rows[0].copy_(x)
-        nonfinite = torch.full((batch,), _NO_NONFINITE, dtype=torch.int32, device=x.device)
+        nonfinite = torch.full((batch,), NO_NONFINITE, dtype=torch.int32, device=x.device)
         bounds = None if self.x0_clip is None else self.x0_clip.bounds(batch, x.device)
         cur = x
         for k in tqdm(range(prog.stages), disable=not progress, desc=f"fastdiff {prog.sampler}", leave=False):
@@ -316,11 +307,11 @@ class Pipeline:
             if prog.calls_model(k):
                 if guidance is None:
                     m = self.model(cur, times[k], **kwargs)
-                    _check_model_output(m, cur, k)
+                    check_model_output(m, cur, k)
                 else:
                     m, m_u = guided_outputs(self.model, cur, times[k], kwargs, uncond, guidance)
-                    _check_model_output(m, cur, k)
-                    _check_model_output(m_u, cur, k)
+                    check_model_output(m, cur, k)
+                    check_model_output(m_u, cur, k)
                     w = guidance.scale
                     if guidance.rescale != 0.0:
                         # Not linear in m (per-sample std), so formed here rather than in the kernel.
@@ -389,7 +380,7 @@ class Pipeline:
                     return None
                 self.graphs.put(key, entry)
             out, x0_all, traj, nonfinite = entry.replay(values())
-        _raise_if_nonfinite(nonfinite, entry.keep_alive[0])
+        raise_if_nonfinite(nonfinite, entry.keep_alive[0])
         return out.clone(), None if x0_all is None else x0_all.clone(), None if traj is None else traj.clone()
 
     @property
@@ -423,10 +414,10 @@ class Pipeline:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         state = x.detach().to(device=self.device, dtype=self.dtype).contiguous().clone()
-        _check_shape(state.shape)
+        check_shape(state.shape)
         seeds = derive_seeds(seed, state.shape[0]).to(self.device)
         kwargs = dict(model_kwargs or {})
-        _check_model_kwargs(kwargs, state.shape[0])
+        check_model_kwargs(kwargs, state.shape[0])
         out, _ = self._run(program, state, seeds, kwargs, None, False, progress)
         return out
 
@@ -459,17 +450,6 @@ def _default_device(model: Any) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        # operator.index, not int(): a float size (2.5) or a string ("ab") is refused, never truncated.
-        shape = tuple(operator.index(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints (batch, ...), got {shape!r}") from None
-    if len(shape) < 2 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be (batch, *sample_shape) with every size >= 1, got {shape}")
-    return shape
-
-
 def _explicit_grid(schedule: Schedule, timesteps: Any, sigmas: Any, spacing: Optional[str],
                    grid: Optional[Grid] = None) -> Optional[Grid]:
     """The grid of ``timesteps``, ``sigmas`` or ``grid`` when one is given (ValueError for two, or with ``spacing``)."""
@@ -486,46 +466,3 @@ def _explicit_grid(schedule: Schedule, timesteps: Any, sigmas: Any, spacing: Opt
     return schedule.grid_from_timesteps(timesteps) if timesteps is not None else schedule.grid_from_sigmas(sigmas)
 
 
-def _check_noise(noise: Any, prog: Program, shape: tuple[int, ...]) -> None:
-    if noise is None:
-        return
-    if len(noise) < prog.stages:
-        raise ValueError(f"noise must hold one tensor per stage ({prog.stages}), got {len(noise)}")
-    for k in range(prog.stages):
-        if prog.uses_noise(k) and tuple(noise[k].shape) != shape:
-            raise ValueError(f"noise[{k}] must have shape {shape}, got {tuple(noise[k].shape)}")
-
-
-def _check_model_kwargs(kwargs: dict, batch: int, what: str = "model_kwargs") -> None:
-    # Tensors with a leading dimension are per-sample conditioning; 0-d tensors and other values are shared.
-    for name, value in kwargs.items():
-        if not isinstance(name, str):
-            raise TypeError(f"{what} keys must be argument names (str), got {name!r}")
-        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != batch:
-            raise ValueError(f"{what}[{name!r}] has batch size {value.shape[0]}, expected {batch} "
-                             "(per-sample tensors need one row per sample)")
-
-
-def _check_callback(callback: Any, callback_steps: Any) -> None:
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable as callback(step, x, x0_hat), got {type(callback).__name__}")
-    if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps < 1:
-        raise ValueError(f"callback_steps must be an int >= 1, got {callback_steps!r}")
-
-
-def _check_model_output(m: Any, x: torch.Tensor, stage: int) -> None:
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"the model must return a tensor, got {type(m).__name__} at stage {stage}")
-    if m.shape != x.shape:
-        raise ValueError(f"the model returned shape {tuple(m.shape)} at stage {stage}; expected {tuple(x.shape)}")
-    if not m.is_floating_point():
-        raise TypeError(f"the model returned dtype {m.dtype} at stage {stage}; expected a floating dtype")
-    if m.device != x.device:
-        raise ValueError(f"the model returned a tensor on {m.device}; the state is on {x.device}")
-
-
-def _raise_if_nonfinite(nonfinite: torch.Tensor, prog: Program) -> None:
-    first = int(nonfinite.min())  # the loop's only host sync
-    if first != _NO_NONFINITE:
-        samples = torch.nonzero(nonfinite != _NO_NONFINITE).flatten().tolist()
-        raise NonFiniteError(prog.step_of(first), samples)

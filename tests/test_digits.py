@@ -13,7 +13,7 @@ import fastdiff
 from fastdiff.checkpoint import load, read_metadata, save, schedule_from_config
 from fastdiff.nets import UNet
 from fastdiff.png import encode_png, image_grid
-from fastdiff.pretrained import DIGITS_PATH, digits
+from fastdiff.pretrained import digits
 from fastdiff.quality import DigitsJudge, frechet_distance
 from fastdiff.schedule import Schedule
 from fastdiff.train import DIGITS_UNET

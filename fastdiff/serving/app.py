@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,8 +27,10 @@ DISCONNECT_POLL_S = 0.05
 NPY_MEDIA_TYPE = "application/x-npy"
 
 
-def create_app(runner: Runner, limits: Limits = Limits()) -> FastAPI:
-    """The app serving ``runner`` (started with the app, drained when it shuts down)."""
+def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str] = None) -> FastAPI:
+    """The app serving ``runner`` (started with the app, drained when it shuts down). With ``replica`` (a
+    name), every response carries ``X-Fastdiff-Replica: <replica>`` and ``X-Fastdiff-Pid`` (Ray Serve
+    replicas)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +44,13 @@ def create_app(runner: Runner, limits: Limits = Limits()) -> FastAPI:
                   lifespan=lifespan)
     app.state.runner = runner
     app.state.limits = limits
+    if replica is not None:
+        @app.middleware("http")
+        async def name_the_replica(request: Request, call_next: Any) -> Response:
+            response = await call_next(request)
+            response.headers["X-Fastdiff-Replica"] = replica
+            response.headers["X-Fastdiff-Pid"] = str(os.getpid())
+            return response
 
     @app.post("/v1/samples")
     async def samples(body: SamplesBody, request: Request) -> Response:

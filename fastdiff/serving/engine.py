@@ -28,12 +28,12 @@ import torch
 import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
 from fastdiff.kernels.philox import derive_seeds
 from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS
+from fastdiff.checks import NO_NONFINITE
 from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
 from fastdiff.program import Program, build_program
 from fastdiff.adaptive import SPECIAL_SAMPLERS
 from fastdiff.samplers import get_sampler
 
-_NO_NONFINITE = torch.iinfo(torch.int32).max
 
 
 class RequestFailed(RuntimeError):
@@ -241,12 +241,12 @@ class Engine:
         m, m_u, weights = self._network(x, times)
         seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device)
         x_out = torch.empty_like(x)
-        nonfinite = torch.full((len(rows),), _NO_NONFINITE, dtype=torch.int32, device=device)
+        nonfinite = torch.full((len(rows),), NO_NONFINITE, dtype=torch.int32, device=device)
         torch.ops.fastdiff.fused_step(x, m, m_u, 1.0, [], table, 0, seeds, STEP_NOISE_STREAM, True, None, x_out,
                                       None, None, nonfinite, None, desc.to(device), self._pool, weights)
         self._x = x_out
         self.ticks += 1
-        bad = (nonfinite != _NO_NONFINITE).tolist()
+        bad = (nonfinite != NO_NONFINITE).tolist()
         keep = []
         for b, r in enumerate(rows):
             r.stage += 1

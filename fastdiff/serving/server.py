@@ -10,10 +10,12 @@ import importlib
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from fastdiff.pipeline import Pipeline
 from fastdiff.serving.api import Limits
@@ -45,26 +47,43 @@ def load_pipeline(spec: Optional[str] = None, device: Optional[str] = None) -> P
     return pipe
 
 
-def serve(pipe: Pipeline, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 64, max_queue: int = 256,
-          batching: str = "continuous", batch_wait_s: float = 0.02, max_n: int = 64,
-          request_timeout_s: Optional[float] = 300.0, log_level: str = "warning", threads: Optional[int] = None,
-          **uvicorn_kwargs: Any) -> None:
+@dataclass(frozen=True)
+class ServeSettings:
+    """How a server (or each Ray Serve replica) runs its engine: see ``fastdiff serve --help``."""
+
+    max_batch: int = 64
+    max_queue: int = 256
+    batching: str = "continuous"
+    batch_wait_s: float = 0.02
+    max_n: int = 64
+    request_timeout_s: Optional[float] = 300.0
+    threads: Optional[int] = None
+
+
+def make_app(pipe: Pipeline, settings: ServeSettings = ServeSettings(), replica: Optional[str] = None) -> FastAPI:
+    """The HTTP app over a new runner for ``pipe`` (its metrics on), as ``fastdiff serve`` and each Ray replica
+    run it."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    runner = Runner(pipe, max_batch=settings.max_batch, max_queue=settings.max_queue, batching=settings.batching,
+                    batch_wait_s=settings.batch_wait_s, metrics=ServingMetrics())
+    limits = Limits(max_n=min(settings.max_n, settings.max_batch), default_timeout_s=settings.request_timeout_s)
+    return create_app(runner, limits, replica=replica)
+
+
+def serve(pipe: Pipeline, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings = ServeSettings(),
+          log_level: str = "warning", **uvicorn_kwargs: Any) -> None:
     """Serves ``pipe`` until SIGTERM/SIGINT (see the module docstring). ``port=0`` picks a free port; the
     address served is printed as ``fastdiff serving on http://host:port``."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    runner = Runner(pipe, max_batch=max_batch, max_queue=max_queue, batching=batching, batch_wait_s=batch_wait_s,
-                    metrics=ServingMetrics())
-    limits = Limits(max_n=min(max_n, max_batch), default_timeout_s=request_timeout_s)
-    app = create_app(runner, limits)
+    app = make_app(pipe, settings)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)  # connections made once the address is printed wait in the backlog until uvicorn runs
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None, **uvicorn_kwargs)
-    server = DrainingServer(config, runner)
-    print(f"fastdiff serving on http://{host}:{sock.getsockname()[1]} (batching: {batching}, max batch "
-          f"{max_batch}, max queue {max_queue})", flush=True)
+    server = DrainingServer(config, app.state.runner)
+    print(f"fastdiff serving on http://{host}:{sock.getsockname()[1]} (batching: {settings.batching}, max batch "
+          f"{settings.max_batch}, max queue {settings.max_queue})", flush=True)
     server.run(sockets=[sock])
 
 

@@ -1,0 +1,101 @@
+"""fastdiff's step-level engine as Ray Serve replicas (``pip install fastdiff[ray]``).
+
+Each replica loads the network and runs its own :class:`~fastdiff.serving.runner.Runner` behind the same FastAPI
+app as ``fastdiff serve`` (same API, same request type, same metrics), so batching happens per step inside each
+replica, not with ``@serve.batch`` around whole requests. Every response names its replica
+(``X-Fastdiff-Replica``, ``X-Fastdiff-Pid``).
+
+Backpressure: a replica takes at most ``max_queue + max_batch`` requests at once (``max_ongoing_requests``: what
+its runner can hold running or queued, so its own 429 stays the answer for a full queue) and the proxy queues at
+most ``max_queue`` more per deployment (``max_queued_requests``); beyond that Ray answers 503. No queue is
+unbounded.
+
+::
+
+    from fastdiff.serving.ray import build_app
+    from ray import serve
+    serve.run(build_app("digits", num_replicas=2))       # http://127.0.0.1:8000/v1/samples
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Dict, Optional
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+
+from fastdiff.serving.server import ServeSettings, load_pipeline, make_app
+
+DEPLOYMENT_NAME = "fastdiff"
+
+
+def replica_name() -> str:
+    """This replica's id in Ray Serve (its unique id where the context has one), or ``local``."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # noqa: BLE001  (not inside a replica)
+        return "local"
+    replica_id = getattr(context, "replica_id", None)
+    return str(getattr(replica_id, "unique_id", None) or getattr(context, "replica_tag", "local"))
+
+
+def build_app(model_spec: Optional[str] = None, num_replicas: int = 1, autoscaling: Optional[Dict[str, Any]] = None,
+              ray_actor_options: Optional[Dict[str, Any]] = None, settings: ServeSettings = ServeSettings(),
+              device: Optional[str] = None) -> serve.Application:
+    """A Ray Serve application whose replicas each serve ``model_spec`` (as ``fastdiff serve --model``) with
+    fastdiff's engine.
+
+    Args:
+        model_spec: ``digits`` (default), a ``.safetensors`` checkpoint or ``package.module:factory``; each
+            replica loads it itself.
+        num_replicas: fixed replica count (ignored with ``autoscaling``).
+        autoscaling: a Ray Serve ``autoscaling_config`` (e.g. ``{"min_replicas": 1, "max_replicas": 8,
+            "target_ongoing_requests": 32}``), scaling on the requests each replica holds.
+        ray_actor_options: per replica (``{"num_gpus": 1}`` for a replica per GPU; ``num_cpus``).
+        settings: each replica's engine settings (max batch, queue, batching policy, limits).
+        device: where each replica samples (default: the model's).
+    """
+    if autoscaling is None and (isinstance(num_replicas, bool) or not isinstance(num_replicas, int)
+                                or num_replicas < 1):
+        raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+
+    def asgi_app() -> FastAPI:  # evaluated on each replica when it starts
+        return make_app(load_pipeline(model_spec, device), settings, replica=replica_name())
+
+    options: Dict[str, Any] = dict(name=DEPLOYMENT_NAME, ray_actor_options=dict(ray_actor_options or {}),
+                                   max_ongoing_requests=settings.max_queue + settings.max_batch,
+                                   max_queued_requests=settings.max_queue,
+                                   graceful_shutdown_timeout_s=settings.request_timeout_s or 300.0)
+    if autoscaling is not None:
+        options["autoscaling_config"] = dict(autoscaling)
+    else:
+        options["num_replicas"] = num_replicas
+    return serve.deployment(serve.ingress(asgi_app)(), **options).bind()
+
+
+def serve_ray(model_spec: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
+              settings: ServeSettings = ServeSettings(), num_replicas: int = 1, address: Optional[str] = None,
+              device: Optional[str] = None, ray_actor_options: Optional[Dict[str, Any]] = None) -> None:
+    """``fastdiff serve --ray``: starts a local Ray instance (or joins ``address``), deploys :func:`build_app` with
+    Ray's HTTP proxy on ``host:port``, prints ``fastdiff serving on http://host:port``, and on SIGTERM/SIGINT
+    shuts the application down (replicas drain their accepted requests first) and leaves Ray."""
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(model_spec, num_replicas, ray_actor_options=ray_actor_options, settings=settings,
+                            device=device), name=DEPLOYMENT_NAME, route_prefix="/")
+        print(f"fastdiff serving on http://{host}:{port} (Ray Serve, {num_replicas} replicas, batching: "
+              f"{settings.batching})", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+__all__ = ["DEPLOYMENT_NAME", "build_app", "replica_name", "serve_ray"]
