@@ -11,6 +11,10 @@ the last answer), p50/p99 latency seen by the client, the engine's busy fraction
 the server's CPU use (cores), read from its ``/metrics``. Each run is bounded: ``--requests`` per rate and
 ``--time-limit`` seconds per rate (requests not yet sent by then are not sent; those sent are awaited).
 JSON to ``bench/results/serve.json``, a Markdown table on stdout, and with ``--plot`` a latency-vs-load PNG.
+
+``--ray-replicas 1,2`` adds continuous batching behind Ray Serve's proxy with 1 and 2 replicas (each its own
+engine with ``--threads`` threads): per-replica throughput and, at low load against the plain server, the proxy's
+cost per request.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -62,8 +67,8 @@ class ServerProcess:
         self.url = ""
 
     def __enter__(self) -> "ServerProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastdiff", "serve", "--port", "0", *self.args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastdiff", "serve", "--port", str(_free_port()),
+                                      *self.args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         if "serving on" not in line:
             self.__exit__(None, None, None)
@@ -76,14 +81,24 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(30)
+                self.proc.wait(90)  # a Ray server shuts its application and Ray down first
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
 
 
-def drive(url: str, requests: List[Dict[str, Any]], time_limit: float) -> Dict[str, Any]:
-    """Sends ``requests`` at their arrival times (bounded by ``time_limit``) and measures what comes back."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drive(url: str, requests: List[Dict[str, Any]], time_limit: float, engine_metrics: bool = True
+          ) -> Dict[str, Any]:
+    """Sends ``requests`` at their arrival times (bounded by ``time_limit``) and measures what comes back.
+
+    ``engine_metrics``: read the engine's busy time, CPU and rows per tick from ``/metrics`` (not behind Ray's
+    proxy, where each ``/metrics`` call lands on one replica of several: those columns are then None)."""
     client = Client(url, timeout=600)
     before = client.metrics()
     results: List[Dict[str, Any]] = []
@@ -113,39 +128,48 @@ def drive(url: str, requests: List[Dict[str, Any]], time_limit: float) -> Dict[s
     span = (max(r["done"] for r in ok) - min(r["sent"] for r in results)) if ok else float("nan")
     latency = np.array([r["done"] - r["sent"] for r in ok]) if ok else np.array([float("nan")])
 
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
+    def delta(name: str) -> Optional[float]:
+        return after.get(name, 0.0) - before.get(name, 0.0) if engine_metrics else None
+
+    def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+        return None if num is None or den is None else num / max(den, 1e-12)
 
     return dict(sent=len(results), ok=len(ok), errors=len(results) - len(ok),
                 samples_per_s=sum(r["n"] for r in ok) / span, requests_per_s=len(ok) / span,
                 p50_s=float(np.percentile(latency, 50)), p99_s=float(np.percentile(latency, 99)),
-                engine_busy=delta("fastdiff_engine_busy_seconds_total") / wall,
-                server_cpu_cores=delta("fastdiff_process_cpu_seconds_total") / wall,
-                mean_rows_per_tick=(delta("fastdiff_batch_occupancy_sum") * _max_batch(after)
-                                    / max(delta("fastdiff_batch_occupancy_count"), 1)),
+                engine_busy=ratio(delta("fastdiff_engine_busy_seconds_total"), wall),
+                server_cpu_cores=ratio(delta("fastdiff_process_cpu_seconds_total"), wall),
+                mean_rows_per_tick=ratio(delta("fastdiff_batch_occupancy_sum"),
+                                         ratio(delta("fastdiff_batch_occupancy_count"), after["fastdiff_max_batch"])),
                 wall_s=wall)
 
 
-def _max_batch(metrics: Dict[str, float]) -> float:
-    return metrics["fastdiff_max_batch"]
+def setups(policies: Sequence[str], ray_replicas: Sequence[int]) -> List[tuple]:
+    """(label, extra server args) for each policy, then continuous batching on Ray Serve with each replica count."""
+    out = [(policy, ["--batching", policy]) for policy in policies]
+    out += [(f"ray x{n}", ["--batching", "continuous", "--ray", "--replicas", str(n)]) for n in ray_replicas]
+    return out
 
 
 def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, max_batch: int,
-        batch_wait_ms: float, model: str, policies: Sequence[str] = POLICIES, seed: int = 0) -> Dict[str, Any]:
-    """Every policy at every rate, the same workload for all; with the machine described."""
+        batch_wait_ms: float, model: str, policies: Sequence[str] = POLICIES, seed: int = 0,
+        ray_replicas: Sequence[int] = ()) -> Dict[str, Any]:
+    """Every setup (:func:`setups`) at every rate, the same workload for all; with the machine described."""
     import platform
 
     import torch
 
     rows = []
-    for policy in policies:
-        args = ["--model", model, "--batching", policy, "--threads", str(threads), "--max-batch", str(max_batch),
-                "--max-queue", "100000", "--max-n", "8", "--batch-wait-ms", str(batch_wait_ms), "--timeout", "3600"]
+    for policy, extra in setups(policies, ray_replicas):
+        args = ["--model", model, "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "100000",
+                "--max-n", "8", "--batch-wait-ms", str(batch_wait_ms), "--timeout", "3600", *extra]
         with ServerProcess(args) as server:
-            Client(server.url).sample(n=1, steps=2)  # warm-up: first-call costs stay out of the numbers
+            with ThreadPoolExecutor(4) as pool:  # warm-up (every replica): first-call costs stay out of the numbers
+                list(pool.map(lambda _: Client(server.url).sample(n=1, steps=2), range(8)))
             num_classes = Client(server.url).info()["num_classes"]
             for rate in rates:
-                res = drive(server.url, workload(requests, rate, seed, num_classes=num_classes), time_limit)
+                res = drive(server.url, workload(requests, rate, seed, num_classes=num_classes), time_limit,
+                            engine_metrics="--ray" not in extra)
                 rows.append(dict(policy=policy, rate=rate, **res))
                 print(f"{policy:>10} @ {rate:g} req/s: {res['samples_per_s']:.1f} samples/s, "
                       f"p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s", file=sys.stderr, flush=True)
@@ -171,10 +195,13 @@ def format_table(res: Dict[str, Any]) -> str:
     """Markdown: one line per (rate, policy)."""
     lines = ["| offered req/s | batching | samples/s | req/s | p50 s | p99 s | rows/tick | engine busy | "
              "server CPU cores | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(res["rows"], key=lambda r: (r["rate"], POLICIES.index(r["policy"]))):
+    order = list(dict.fromkeys(r["policy"] for r in res["rows"]))
+    for r in sorted(res["rows"], key=lambda r: (r["rate"], order.index(r["policy"]))):
+        rows_per_tick, busy, cpu = (("-", "-", "-") if r["engine_busy"] is None else
+                                    (f"{r['mean_rows_per_tick']:.1f}", f"{100 * r['engine_busy']:.0f}%",
+                                     f"{r['server_cpu_cores']:.2f}"))
         lines.append(f"| {r['rate']:g} | {r['policy']} | {r['samples_per_s']:.1f} | {r['requests_per_s']:.2f} | "
-                     f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['mean_rows_per_tick']:.1f} | "
-                     f"{100 * r['engine_busy']:.0f}% | {r['server_cpu_cores']:.2f} | {r['errors']} |")
+                     f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {rows_per_tick} | {busy} | {cpu} | {r['errors']} |")
     return "\n".join(lines)
 
 
@@ -186,7 +213,7 @@ def plot(res: Dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in POLICIES:
+    for policy in dict.fromkeys(r["policy"] for r in res["rows"]):
         rows = sorted((r for r in res["rows"] if r["policy"] == policy), key=lambda r: r["rate"])
         if rows:
             line, = ax.plot([r["rate"] for r in rows], [r["p99_s"] for r in rows], "o-", label=f"{policy} p99")
@@ -213,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="request-level batching's wait")
     p.add_argument("--model", default="digits", help="as fastdiff serve --model")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"from {', '.join(POLICIES)}")
+    p.add_argument("--ray-replicas", default="", help="also continuous batching on Ray Serve with these replica "
+                                                       "counts, comma-separated (fastdiff[ray])")
     p.add_argument("--json", default=DEFAULT_JSON, help="output path ('' for none)")
     p.add_argument("--plot", default="", help="latency-vs-load PNG path ('' for none)")
     a = p.parse_args(argv)
@@ -222,7 +251,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if bad or not rates or any(r <= 0 for r in rates) or a.requests < 1:
         raise SystemExit(f"need rates > 0, requests >= 1 and policies from {POLICIES}; got {a.rates!r}, "
                          f"{a.requests}, {bad}")
-    res = run(rates, a.requests, a.time_limit, a.threads, a.max_batch, a.batch_wait_ms, a.model, policies)
+    replicas = [int(r) for r in a.ray_replicas.split(",") if r.strip()]
+    if any(r < 1 for r in replicas):
+        raise SystemExit(f"--ray-replicas must be counts >= 1, got {a.ray_replicas!r}")
+    res = run(rates, a.requests, a.time_limit, a.threads, a.max_batch, a.batch_wait_ms, a.model, policies,
+              ray_replicas=replicas)
     print(format_table(res))
     print(json.dumps(res["summary"]))
     if a.json:

@@ -18,7 +18,6 @@ unbounded.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any, Dict, Optional
