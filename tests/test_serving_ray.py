@@ -148,3 +148,32 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_app):
         time.sleep(1)
     replica_pids.update(fresh)
     assert victim not in fresh and len(fresh) == 2, fresh
+
+
+def test_app_from_args_reads_settings_and_refuses_unknown_arguments():
+    from fastdiff.serving.ray import app_from_args
+
+    app = app_from_args({"model": "digits", "max_batch": "32", "threads": "2", "min_replicas": "1",
+                         "max_replicas": "4", "num_cpus": "1", "request_timeout_s": "none"})
+    deployment = app._bound_deployment
+    assert deployment.max_ongoing_requests == 256 + 32
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment.ray_actor_options["num_cpus"] == 1.0
+    with pytest.raises(ValueError, match="bogus"):
+        app_from_args({"bogus": "1"})
+    with pytest.raises(ValueError, match="num_replicas"):
+        app_from_args({"num_replicas": "0"})
+
+
+def test_the_kuberay_manifest_builds_an_app():
+    import yaml
+
+    from fastdiff.serving.ray import app_from_args
+
+    with open(os.path.join(TESTS_DIR, "..", "deploy", "kuberay", "rayservice.yaml")) as f:
+        manifest = yaml.safe_load(f)
+    (application,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    assert application["import_path"] == "fastdiff.serving.ray:app_from_args"
+    deployment = app_from_args(application["args"])._bound_deployment
+    assert deployment.ray_actor_options["num_gpus"] == 1.0
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 8

@@ -75,6 +75,35 @@ def build_app(model_spec: Optional[str] = None, num_replicas: int = 1, autoscali
     return serve.deployment(serve.ingress(asgi_app)(), **options).bind()
 
 
+def app_from_args(args: Dict[str, Any]) -> serve.Application:
+    """An application builder for ``serve run`` and KubeRay's ``serveConfigV2`` (``import_path:
+    fastdiff.serving.ray:app_from_args``): ``args`` may hold ``model``, ``num_replicas``, ``min_replicas`` and
+    ``max_replicas`` (autoscaling on ``target_ongoing_requests``, default the engine's ``max_batch``),
+    ``num_gpus``/``num_cpus`` per replica, ``device`` and the :class:`ServeSettings` fields."""
+    args = dict(args)
+    settings = ServeSettings(**{name: _coerce(args.pop(name), _SETTING_TYPES[name]) for name in list(args)
+                                if name in _SETTING_TYPES})
+    actor = {k: float(args.pop(k)) for k in ("num_gpus", "num_cpus") if k in args}
+    autoscaling = None
+    if "min_replicas" in args or "max_replicas" in args:
+        autoscaling = {"min_replicas": int(args.pop("min_replicas", 1)), "max_replicas": int(args.pop("max_replicas", 1)),
+                       "target_ongoing_requests": float(args.pop("target_ongoing_requests", settings.max_batch))}
+    app = build_app(args.pop("model", None), int(args.pop("num_replicas", 1)), autoscaling=autoscaling,
+                    ray_actor_options=actor, settings=settings, device=args.pop("device", None))
+    if args:
+        raise ValueError(f"unknown fastdiff app arguments: {sorted(args)}")
+    return app
+
+
+_SETTING_TYPES = {"max_batch": int, "max_queue": int, "batching": str, "batch_wait_s": float, "max_n": int,
+                  "request_timeout_s": float, "threads": int}
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    """A (string) argument from YAML or a command line as the settings field's type; None/"none" stay None."""
+    return None if value is None or str(value).lower() == "none" else kind(value)
+
+
 def serve_ray(model_spec: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
               settings: ServeSettings = ServeSettings(), num_replicas: int = 1, address: Optional[str] = None,
               device: Optional[str] = None, ray_actor_options: Optional[Dict[str, Any]] = None) -> None:
@@ -97,4 +126,4 @@ def serve_ray(model_spec: Optional[str] = None, host: str = "127.0.0.1", port: i
         ray.shutdown()
 
 
-__all__ = ["DEPLOYMENT_NAME", "build_app", "replica_name", "serve_ray"]
+__all__ = ["DEPLOYMENT_NAME", "app_from_args", "build_app", "replica_name", "serve_ray"]
