@@ -8,7 +8,8 @@ same network, machine and thread count; the workload is the same seeded list of 
 
 Reported per policy and arrival rate: throughput (samples/s and requests/s over the span from the first send to
 the last answer), p50/p99 latency seen by the client, the engine's busy fraction (time in ticks / wall time) and
-the server's CPU use (cores), read from its ``/metrics``. Each run is bounded: ``--requests`` per rate and
+the server's CPU use (cores), read from its ``/metrics``; and per setup the median latency of an unloaded
+one-sample, one-step request (:func:`unloaded_latency_ms`). Each run is bounded: ``--requests`` per rate and
 ``--time-limit`` seconds per rate (requests not yet sent by then are not sent; those sent are awaited).
 JSON to ``bench/results/serve.json``, a Markdown table on stdout, and with ``--plot`` a latency-vs-load PNG.
 
@@ -144,6 +145,18 @@ def drive(url: str, requests: List[Dict[str, Any]], time_limit: float, engine_me
                 wall_s=wall)
 
 
+def unloaded_latency_ms(url: str, count: int = 40) -> float:
+    """Median latency of ``count`` one-sample, one-step requests sent one after another: the fixed cost of a
+    request (HTTP, parsing, queueing, one tick); the difference between setups is what a proxy adds."""
+    client = Client(url, timeout=60)
+    times = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        client.sample(n=1, steps=1, seed=i)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
 def setups(policies: Sequence[str], ray_replicas: Sequence[int]) -> List[tuple]:
     """(label, extra server args) for each policy, then continuous batching on Ray Serve with each replica count."""
     out = [(policy, ["--batching", policy]) for policy in policies]
@@ -167,10 +180,11 @@ def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, 
             with ThreadPoolExecutor(4) as pool:  # warm-up (every replica): first-call costs stay out of the numbers
                 list(pool.map(lambda _: Client(server.url).sample(n=1, steps=2), range(8)))
             num_classes = Client(server.url).info()["num_classes"]
+            unloaded = unloaded_latency_ms(server.url)
             for rate in rates:
                 res = drive(server.url, workload(requests, rate, seed, num_classes=num_classes), time_limit,
                             engine_metrics="--ray" not in extra)
-                rows.append(dict(policy=policy, rate=rate, **res))
+                rows.append(dict(policy=policy, rate=rate, unloaded_request_ms=unloaded, **res))
                 print(f"{policy:>10} @ {rate:g} req/s: {res['samples_per_s']:.1f} samples/s, "
                       f"p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s", file=sys.stderr, flush=True)
     return dict(model=model, threads=threads, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
@@ -189,6 +203,12 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         out["p99_request_s"] = at["request"]["p99_s"]
         out["p99_continuous_s"] = at["continuous"]["p99_s"]
     return out
+
+
+def format_unloaded(res: Dict[str, Any]) -> str:
+    """One line: each setup's unloaded one-step request latency."""
+    seen = {r["policy"]: r["unloaded_request_ms"] for r in res["rows"]}
+    return "unloaded 1-sample 1-step request, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in seen.items())
 
 
 def format_table(res: Dict[str, Any]) -> str:
@@ -257,6 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     res = run(rates, a.requests, a.time_limit, a.threads, a.max_batch, a.batch_wait_ms, a.model, policies,
               ray_replicas=replicas)
     print(format_table(res))
+    print(format_unloaded(res))
     print(json.dumps(res["summary"]))
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)

@@ -33,7 +33,7 @@ def test_bench_serve_runs_every_policy_and_writes_json(tmp_path, monkeypatch):
     for row in saved["rows"]:
         assert row["sent"] == row["ok"] == 4 and row["errors"] == 0
         assert row["samples_per_s"] > 0 and row["p99_s"] >= row["p50_s"] > 0
-        assert 0 < row["engine_busy"] <= 1 and row["mean_rows_per_tick"] >= 1
+        assert 0 < row["engine_busy"] <= 1 and row["mean_rows_per_tick"] >= 1 and row["unloaded_request_ms"] > 0
     assert "continuous_vs_single_throughput" in saved["summary"]
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert format_table(res).count("\n") == 4
