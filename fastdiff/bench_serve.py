@@ -166,7 +166,7 @@ def setups(policies: Sequence[str], ray_replicas: Sequence[int]) -> List[tuple]:
 
 def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, max_batch: int,
         batch_wait_ms: float, model: str, policies: Sequence[str] = POLICIES, seed: int = 0,
-        ray_replicas: Sequence[int] = ()) -> Dict[str, Any]:
+        ray_replicas: Sequence[int] = (), device: Optional[str] = None) -> Dict[str, Any]:
     """Every setup (:func:`setups`) at every rate, the same workload for all; with the machine described."""
     import platform
 
@@ -175,7 +175,8 @@ def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, 
     rows = []
     for policy, extra in setups(policies, ray_replicas):
         args = ["--model", model, "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "100000",
-                "--max-n", "8", "--batch-wait-ms", str(batch_wait_ms), "--timeout", "3600", *extra]
+                "--max-n", "8", "--batch-wait-ms", str(batch_wait_ms), "--timeout", "3600", *extra,
+                *(["--device", device] if device else [])]
         with ServerProcess(args) as server:
             with ThreadPoolExecutor(4) as pool:  # warm-up (every replica): first-call costs stay out of the numbers
                 list(pool.map(lambda _: Client(server.url).sample(n=1, steps=2), range(8)))
@@ -187,7 +188,8 @@ def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, 
                 rows.append(dict(policy=policy, rate=rate, unloaded_request_ms=unloaded, **res))
                 print(f"{policy:>10} @ {rate:g} req/s: {res['samples_per_s']:.1f} samples/s, "
                       f"p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s", file=sys.stderr, flush=True)
-    return dict(model=model, threads=threads, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+    return dict(model=model, device=device or "default", threads=threads, max_batch=max_batch,
+                batch_wait_ms=batch_wait_ms,
                 requests_per_rate=requests, time_limit_s=time_limit, host=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), torch=torch.__version__, rows=rows, summary=summary(rows))
 
@@ -259,6 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="request-level batching's wait")
     p.add_argument("--model", default="digits", help="as fastdiff serve --model")
+    p.add_argument("--device", default=None, help="as fastdiff serve --device (cpu, cuda)")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"from {', '.join(POLICIES)}")
     p.add_argument("--ray-replicas", default="", help="also continuous batching on Ray Serve with these replica "
                                                        "counts, comma-separated (fastdiff[ray])")
@@ -275,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if any(r < 1 for r in replicas):
         raise SystemExit(f"--ray-replicas must be counts >= 1, got {a.ray_replicas!r}")
     res = run(rates, a.requests, a.time_limit, a.threads, a.max_batch, a.batch_wait_ms, a.model, policies,
-              ray_replicas=replicas)
+              ray_replicas=replicas, device=a.device)
     print(format_table(res))
     print(format_unloaded(res))
     print(json.dumps(res["summary"]))
