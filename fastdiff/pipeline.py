@@ -206,12 +206,8 @@ class Pipeline:
                 raise ValueError(f"sampler {sampler!r} takes no guidance_scale, callback or return_trajectory")
             return run_special(self, sampler, shape, steps, seed, spacing, x_T, return_x0, progress,
                                dict(model_kwargs or {}), noise, steps_offset, rho, sampler_options)
-        grid = explicit_grid if explicit_grid is not None else \
-            self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
-        steps = grid.steps
-        prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
-        if self.x0_clip is not None:
-            prog = self.x0_clip.program(prog)
+        prog = self.program(sampler, steps, spacing, steps_offset, rho, grid=explicit_grid, **sampler_options)
+        grid, steps = prog.grid, prog.grid.steps
         guidance = make_guidance(guidance_scale, guidance_rescale, guidance_batching, uncond_kwargs)
         check_callback(callback, callback_steps)
         seeds = derive_seeds(seed, shape[0]).to(self.device)
@@ -249,6 +245,18 @@ class Pipeline:
         return (out, *extra) if extra else out
 
     __call__ = sample
+
+    def program(self, sampler: str, steps: int, spacing: Optional[str] = None, steps_offset: int = 0,
+                rho: float = 7.0, grid: Optional[Grid] = None, **sampler_options: Any) -> Program:
+        """The coefficient program :meth:`sample` runs for these settings: ``sampler`` on ``grid``, or else on
+        ``steps`` steps of the spaced grid (``spacing`` default per sampler and schedule), with the pipeline's
+        x0 limit applied. The serving engine builds its rows' programs here too, so both run the same one."""
+        if grid is None:
+            if spacing is None:
+                spacing = get_sampler(sampler).default_spacing(self.schedule)
+            grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
+        prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
+        return prog if self.x0_clip is None else self.x0_clip.program(prog)
 
     # ------------------------------------------------------------------ the loop
     def _run(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict, noise: Any,

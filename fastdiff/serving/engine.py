@@ -30,7 +30,7 @@ from fastdiff.kernels.philox import derive_seeds
 from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS
 from fastdiff.checks import NO_NONFINITE
 from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
-from fastdiff.program import Program, build_program
+from fastdiff.program import Program
 from fastdiff.adaptive import SPECIAL_SAMPLERS
 from fastdiff.samplers import get_sampler
 
@@ -353,14 +353,9 @@ class Engine:
         self._pool = self._pool[:, idx].contiguous()
 
     def _program(self, req: SampleRequest) -> Program:
-        info = get_sampler(req.sampler)
-        spacing = req.spacing if req.spacing is not None else info.default_spacing(self.pipe.schedule)
-        key = (req.sampler, req.steps, spacing, tuple(sorted(dict(req.options).items())))
+        key = (req.sampler, req.steps, req.spacing, tuple(sorted(dict(req.options).items())))
         if key not in self._programs:
-            grid = self.pipe.schedule.grid(req.steps, spacing=spacing)
-            prog = build_program(self.pipe.schedule, grid, req.sampler, self.pipe.prediction, self.pipe.device,
-                                 **dict(req.options))
-            prog = prog if self.pipe.x0_clip is None else self.pipe.x0_clip.program(prog)
+            prog = self.pipe.program(req.sampler, req.steps, req.spacing, **dict(req.options))
             self._programs[key] = prog
             self._stage_rows[id(prog)] = [(_row_fields(prog, k), float(prog.model_time[k])) for k in range(prog.stages)]
         return self._programs[key]
