@@ -144,3 +144,31 @@ def test_engine_arguments_are_checked(pipe):
         Engine(pipe).submit(SampleRequest(n=1, sample_shape=(2,), steps=0))
     with pytest.raises(ValueError, match="sample_shape must be"):
         Engine(pipe).submit(SampleRequest(n=1, sample_shape=(3,)))
+
+
+def test_stages_without_a_network_call_skip_the_network_for_their_rows():
+    from fastdiff import Schedule
+    from fastdiff.demo import default_mixture
+
+    schedule = Schedule.edm()
+    base = default_mixture().as_model(schedule, "eps")
+    batches = []
+
+    def model(x, t):
+        batches.append(x.shape[0])
+        return base(x, t)
+
+    pipe = Pipeline(model, schedule, device="cpu")
+    churn = SampleRequest(n=2, sample_shape=(2,), sampler="euler", steps=6, seed=4, options={"s_churn": 20.0, "s_tmax": 50.0})
+    plain = SampleRequest(n=1, sample_shape=(2,), sampler="heun", steps=4, seed=5)
+    prog = pipe.program("euler", 6, s_churn=20.0, s_tmax=50.0)
+    no_call = [k for k in range(prog.stages) if not prog.calls_model(k)]
+    assert no_call  # EDM churn adds stages that only add noise
+    engine = Engine(pipe, max_batch=8)
+    a = engine.submit(churn)
+    engine.run()
+    assert len(batches) == prog.stages - len(no_call)  # alone, its churn stages make no call at all
+    b, c = engine.submit(churn), engine.submit(plain)
+    engine.run()
+    for rid, req in ((a, churn), (b, churn), (c, plain)):
+        assert torch.equal(engine.result(rid), _offline(pipe, req))

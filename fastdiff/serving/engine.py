@@ -150,7 +150,7 @@ class Engine:
         self._pool: Optional[torch.Tensor] = None   # [MAX_HISTORY, rows, *shape]
         self._ids = itertools.count()
         self._programs: Dict[tuple, Program] = {}
-        self._stage_rows: Dict[int, List[tuple]] = {}   # id(program) -> per stage: (row fields, model time)
+        self._stage_rows: Dict[int, List[tuple]] = {}   # id(program) -> per stage: (fields, model time, calls model)
         self.ticks = 0
 
     # ------------------------------------------------------------------ requests
@@ -233,7 +233,7 @@ class Engine:
         table = torch.cat([p.coef_device for p in programs])
         desc_rows, time_rows = [], []
         for r in rows:
-            fields, model_time = self._stage_rows[id(r.program)][r.stage]
+            fields, model_time, _ = self._stage_rows[id(r.program)][r.stage]
             desc_rows.append([fields[0] + offsets[id(r.program)], *fields[1:]])
             time_rows.append(model_time)
         desc = torch.tensor(desc_rows, dtype=torch.int32)
@@ -269,10 +269,19 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
     def _network(self, x: torch.Tensor, times: torch.Tensor):
-        """Every row's output, and (for guided rows) the unconditional output and the guidance weights."""
+        """Every row's output, and (for guided rows) the unconditional output and the guidance weights. Rows whose
+        stage makes no network call get ``m = x`` (their coefficient row reads m with ``c_m = 0``, as in
+        ``Pipeline.sample``)."""
         rows = self._rows
-        m = self._call(x, times, list(range(len(rows))), [r.cond for r in rows])
-        guided = [b for b, r in enumerate(rows) if r.uncond is not None]
+        calling = [b for b, r in enumerate(rows) if self._stage_rows[id(r.program)][r.stage][2]]
+        if len(calling) == len(rows):
+            m = self._call(x, times, calling, [r.cond for r in rows])
+        else:
+            m = x.clone()
+            if calling:
+                m[torch.tensor(calling, device=x.device)] = self._call(x, times, calling,
+                                                                       [rows[b].cond for b in calling])
+        guided = [b for b in calling if rows[b].uncond is not None]
         if not guided:
             return m.contiguous(), None, None
         m_u = m.clone()  # unguided rows: m_u = m, so m_u + w (m - m_u) is m exactly
@@ -357,7 +366,8 @@ class Engine:
         if key not in self._programs:
             prog = self.pipe.program(req.sampler, req.steps, req.spacing, **dict(req.options))
             self._programs[key] = prog
-            self._stage_rows[id(prog)] = [(_row_fields(prog, k), float(prog.model_time[k])) for k in range(prog.stages)]
+            self._stage_rows[id(prog)] = [(_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k))
+                                          for k in range(prog.stages)]
         return self._programs[key]
 
 
