@@ -149,3 +149,24 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < end, "condition not reached in time"
         time.sleep(0.005)
+
+
+def test_a_failing_serving_thread_fails_every_request_instead_of_hanging(monkeypatch):
+    pipe = gated_mixture_pipeline()
+    runner = Runner(pipe, max_batch=2).start()
+    pipe.model.gate.clear()
+    running = runner.submit(_request(0))
+    _wait_for(lambda: runner.running_rows == 2)
+    queued = runner.submit(_request(1))
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a bug in the runner")
+
+    monkeypatch.setattr(runner, "_tick", broken)
+    pipe.model.gate.set()
+    for ticket in (running, queued):
+        with pytest.raises(RuntimeError, match="serving thread failed"):
+            ticket.future.result(30)
+    _wait_for(lambda: not runner.accepting)
+    with pytest.raises(ShuttingDown):
+        runner.submit(_request(2))

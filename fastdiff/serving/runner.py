@@ -8,6 +8,7 @@ into an inbox the thread empties between ticks, so the engines stay single-threa
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # the metrics need the serve extra (prometheus_client); the r
     from fastdiff.serving.metrics import ServingMetrics
 
 BATCHING_POLICIES = ("continuous", "request", "single")
+LOG = logging.getLogger("fastdiff.serving")
 
 
 class QueueFull(RuntimeError):
@@ -157,8 +159,8 @@ class Runner:
 
     @property
     def accepting(self) -> bool:
-        """Whether :meth:`submit` takes requests (False once :meth:`stop` was called)."""
-        return self._accepting
+        """Whether :meth:`submit` takes requests (False once :meth:`stop` was called or the thread failed)."""
+        return self._accepting and (self._thread is None or self._thread.is_alive())
 
     @property
     def queue_depth(self) -> int:
@@ -176,8 +178,26 @@ class Runner:
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
-        with torch.inference_mode():  # no autograd records in serving, whatever the network's parameters say
-            self._serve()
+        try:
+            with torch.inference_mode():  # no autograd records in serving, whatever the network's parameters say
+                self._serve()
+        except BaseException as exc:  # a bug here must not leave requests waiting forever
+            self.close()
+            self._drain_inbox_into_failures(exc)
+            for ticket in list(self._tickets.values()):
+                self._tickets.pop(ticket.id, None)
+                if not ticket.future.done():
+                    self._finish(ticket, error=RuntimeError(f"the serving thread failed: {exc!r}"))
+            LOG.exception("the serving thread failed; every request it held was failed")
+
+    def _drain_inbox_into_failures(self, exc: BaseException) -> None:
+        while True:
+            try:
+                kind, ticket = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit" and not ticket.future.done():
+                self._finish(ticket, error=RuntimeError(f"the serving thread failed: {exc!r}"))
 
     def _serve(self) -> None:
         while True:
