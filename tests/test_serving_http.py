@@ -123,7 +123,7 @@ def test_full_queue_is_429_with_retry_after_and_deadlines_are_504():
     pipe = gated_mixture_pipeline()
     with serving(pipe, max_batch=2, max_queue=1) as (client, runner):
         pipe.model.gate.clear()
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(3) as pool:
             first = pool.submit(client.sample, n=2, seed=1, steps=4)
             _wait_for(lambda: runner.running_rows == 2)
             second = pool.submit(Client(client.base_url).sample, n=1, seed=2, steps=4)
@@ -131,9 +131,13 @@ def test_full_queue_is_429_with_retry_after_and_deadlines_are_504():
             with pytest.raises(ServerError) as info:
                 client.sample(n=1, steps=4)
             assert info.value.status == 429 and info.value.retry_after >= 1
+            patient = Client(client.base_url, retries=1000, max_wait=0.01)
+            third = pool.submit(patient.sample, n=1, seed=3, steps=4)
+            _wait_for(lambda: patient.attempts > 3)  # refused with 429 and retrying
             pipe.model.gate.set()
             assert np.array_equal(first.result(60), _offline(pipe, 2, 1, steps=4))
             assert np.array_equal(second.result(60), _offline(pipe, 1, 2, steps=4))
+            assert np.array_equal(third.result(60), _offline(pipe, 1, 3, steps=4))
         pipe.model.delay_s = 0.01
         with pytest.raises(ServerError) as info:
             client.sample(n=1, steps=500, timeout_s=0.2)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -27,13 +28,29 @@ class ServerError(RuntimeError):
         self.retry_after = retry_after
 
 
-class Client:
-    """Talks to one server at ``base_url``; ``timeout`` (seconds) bounds each HTTP call."""
+RETRY_STATUSES = (429, 502, 503)
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0):
+
+class Client:
+    """Talks to one server at ``base_url``; ``timeout`` (seconds) bounds each HTTP call.
+
+    ``retries`` > 0 resends a sampling request that failed with a connection error or one of ``retry_statuses``
+    (default: 429 queue full, 502/503 unavailable; add 500 behind a proxy whose replicas can die), waiting the
+    server's ``Retry-After`` (at most ``max_wait`` seconds) or ``backoff`` seconds. A retry sends the same seed, so
+    it returns the same samples. ``attempts`` is how many tries the last request took."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, retries: int = 0,
+                 retry_statuses: Sequence[int] = RETRY_STATUSES, backoff: float = 0.2, max_wait: float = 10.0):
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.retries = retries
+        self.retry_statuses = tuple(retry_statuses)
+        self.backoff = backoff
+        self.max_wait = max_wait
         self.last_headers: Dict[str, str] = {}
+        self.attempts = 0
 
     def sample(self, n: int = 1, **fields: Any) -> np.ndarray:
         """Samples as a float32 array [n, *sample_shape] (``format: "npy"``); ``fields`` are the request's
@@ -73,8 +90,20 @@ class Client:
 
     def _post(self, path: str, payload: Dict[str, Any]) -> bytes:
         data = json.dumps(payload).encode()
-        return self._send(urllib.request.Request(self.base_url + path, data=data, method="POST",
-                                                 headers={"Content-Type": "application/json"}))
+        for attempt in range(self.retries + 1):
+            self.attempts = attempt + 1
+            try:
+                return self._send(urllib.request.Request(self.base_url + path, data=data, method="POST",
+                                                         headers={"Content-Type": "application/json"}))
+            except ServerError as exc:
+                if attempt == self.retries or exc.status not in self.retry_statuses:
+                    raise
+                time.sleep(min(exc.retry_after if exc.retry_after is not None else self.backoff, self.max_wait))
+            except OSError:
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.backoff)
+        raise AssertionError("unreachable")
 
     def _send(self, req: urllib.request.Request) -> bytes:
         try:
