@@ -320,6 +320,7 @@ class Engine:
             return admitted
         new: List[_Row] = []
         states: List[torch.Tensor] = []
+        device = self.pipe.device
         while self._queue and len(self._rows) + len(new) + self._requests[self._queue[0]].request.n <= self.max_batch \
                 and (self.max_requests is None or len(admitted) < self.max_requests):
             rid = self._queue.popleft()
@@ -335,8 +336,8 @@ class Engine:
             admitted.append(rid)
             for i in range(req.n):
                 new.append(_Row(rid, i, prog, int(seeds[i]), guidance=float(req.guidance_scale),
-                                cond=_row_kwargs(req.model_kwargs, i),
-                                uncond=_row_kwargs(req.uncond_kwargs or {}, i) if guided else None))
+                                cond=_row_kwargs(req.model_kwargs, i, device),
+                                uncond=_row_kwargs(req.uncond_kwargs or {}, i, device) if guided else None))
         if not new:
             if self._queue and not self._rows and self._requests[self._queue[0]].request.n > self.max_batch:
                 rid = self._queue.popleft()
@@ -380,9 +381,10 @@ def _row_fields(prog: Program, stage: int) -> List[int]:
     return fields
 
 
-def _row_kwargs(kwargs: Mapping[str, Any], i: int) -> Dict[str, Any]:
-    """Sample i's slice of per-sample tensors (kept 1-row), shared values as they are."""
-    return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()}
+def _row_kwargs(kwargs: Mapping[str, Any], i: int, device: torch.device) -> Dict[str, Any]:
+    """Sample i's slice of per-sample tensors (kept 1-row, on the pipeline's device: requests parsed from HTTP
+    arrive on the CPU), shared values as they are."""
+    return {k: (v[i:i + 1].to(device) if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()}
 
 
 def _call_key(kwargs: Dict[str, Any]) -> tuple:
