@@ -22,11 +22,11 @@ from fastdiff.checks import NonFiniteError  # noqa: F401  (re-exported: fastdiff
 from fastdiff.checks import (NO_NONFINITE, check_callback, check_model_kwargs, check_model_output, check_noise,
                              check_shape, raise_if_nonfinite)
 from fastdiff.program import Program, build_program
+from fastdiff.request import SampleRequest, SeedLike, fold_sampler_options
 from fastdiff.samplers import ALL_PREDICTIONS, get_sampler
 from fastdiff.schedule import Grid, Schedule
 from fastdiff.x0_clip import X0Clip
 
-SeedLike = Union[int, Sequence[int], torch.Tensor]
 INITIAL_NOISE_STREAM = 1
 STEP_NOISE_STREAM = 0
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,7 +104,7 @@ class Pipeline:
 
     def sample(
         self,
-        shape: Sequence[int],
+        shape: Union[Sequence[int], SampleRequest],
         sampler: str = "ddim",
         steps: int = 50,
         eta: Optional[float] = None,
@@ -134,7 +134,9 @@ class Pipeline:
         """Draws samples of shape ``shape`` = (batch, ...) with ``sampler`` over ``steps`` steps.
 
         Args:
-            shape: (batch, *sample_shape).
+            shape: (batch, *sample_shape); or a :class:`fastdiff.request.SampleRequest` (the type the serving
+                engine and the HTTP API take), whose fields then replace ``sampler``, ``steps``, ``seed``,
+                ``spacing``, ``steps_offset``, ``rho``, guidance, conditioning and sampler options.
             sampler: a name from :func:`fastdiff.samplers.list_samplers`.
             steps: number of sampler steps (>= 1; <= num_train_timesteps for discrete schedules).
             eta: the noise level of the samplers that take one (``SamplerInfo.options``): ddim (default 0),
@@ -182,16 +184,21 @@ class Pipeline:
         Raises:
             NonFiniteError: when the state became NaN/Inf (names the first step and the samples).
         """
-        info = get_sampler(sampler)
-        if self.prediction not in info.predictions:
-            raise ValueError(f"sampler {sampler!r} cannot use prediction {self.prediction!r}; "
-                             f"it accepts {info.predictions}")
-        if eta is not None:  # an explicit eta=0.0 must reach samplers whose default is 1
-            sampler_options["eta"] = eta
-        if variance_type != "fixed_small":
-            sampler_options["variance_type"] = variance_type
-        info.check_options(sampler_options)
+        if isinstance(shape, SampleRequest):
+            request = shape
+            sampler, steps, seed, spacing = request.sampler, request.steps, request.seed, request.spacing
+            steps_offset, rho = request.steps_offset, request.rho
+            guidance_scale, guidance_rescale = request.guidance_scale, request.guidance_rescale
+            model_kwargs, uncond_kwargs = request.model_kwargs, request.uncond_kwargs
+            sampler_options = dict(request.options)
+            shape = request.shape
         shape = check_shape(shape)
+        sampler_options = fold_sampler_options(eta, variance_type, sampler_options)
+        SampleRequest(n=shape[0], sample_shape=shape[1:], sampler=sampler, steps=steps, seed=seed, spacing=spacing,
+                      steps_offset=steps_offset, rho=rho, guidance_scale=guidance_scale,
+                      guidance_rescale=guidance_rescale, model_kwargs=model_kwargs or {},
+                      uncond_kwargs=uncond_kwargs, options=sampler_options).validate(self)
+        info = get_sampler(sampler)
         explicit_grid = _explicit_grid(self.schedule, timesteps, sigmas, spacing, grid)
         spacing = spacing if spacing is not None else info.default_spacing(self.schedule)
         if sampler in SPECIAL_SAMPLERS:  # eager loops: cuda_graph=True is an error for them, "auto" falls back
@@ -214,11 +221,9 @@ class Pipeline:
         x = self._initial_state(shape, seed, x_T)
         check_noise(noise, prog, shape)
         kwargs = dict(model_kwargs or {})
-        check_model_kwargs(kwargs, shape[0])
         uncond = None
         if guidance is not None:
             uncond = dict(uncond_kwargs or {})
-            check_model_kwargs(uncond, shape[0], "uncond_kwargs")
             if guidance.batching == "double":
                 check_double_batch(kwargs, uncond)
         spec, bad = kwargs_spec(kwargs)

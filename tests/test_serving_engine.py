@@ -73,11 +73,11 @@ def test_a_nan_fails_only_its_request(pipe):
 
 def test_bad_requests(pipe):
     engine = Engine(pipe, max_batch=4)
-    for req, match in [(SampleRequest(n=0, sample_shape=(2,)), "n must be"),
+    for req, match in [(SampleRequest(n=0, sample_shape=(2,)), "every size >= 1"),
                        (SampleRequest(n=1, sample_shape=(2,), sampler="nope"), "unknown sampler"),
                        (SampleRequest(n=1, sample_shape=(2,), sampler="pc"), "cannot be batched"),
                        (SampleRequest(n=1, sample_shape=(2,), options={"bogus": 1}), "does not take"),
-                       (SampleRequest(n=2, sample_shape=(2,), model_kwargs={"y": torch.zeros(3)}), "3 rows")]:
+                       (SampleRequest(n=2, sample_shape=(2,), model_kwargs={"y": torch.zeros(3)}), "batch size 3")]:
         with pytest.raises(ValueError, match=match):
             engine.submit(req)
     too_big = engine.submit(SampleRequest(n=5, sample_shape=(2,), steps=2))
@@ -172,3 +172,17 @@ def test_stages_without_a_network_call_skip_the_network_for_their_rows():
     engine.run()
     for rid, req in ((a, churn), (b, churn), (c, plain)):
         assert torch.equal(engine.result(rid), _offline(pipe, req))
+
+
+def test_pipeline_sample_takes_the_same_request(pipe):
+    req = SampleRequest(n=3, sample_shape=(2,), sampler="dpmpp_2m_sde", steps=7, seed=[4, 5, 6], guidance_scale=2.5,
+                        model_kwargs={"y": torch.tensor([0, 1, 2])}, uncond_kwargs={"y": torch.zeros(3, dtype=torch.long)},
+                        options={"eta": 0.5})
+    assert torch.equal(pipe.sample(req, progress=False), _offline(pipe, req))
+    with pytest.raises(ValueError, match="does not take"):
+        pipe.sample(SampleRequest(n=1, sample_shape=(2,), options={"bogus": 1}), progress=False)
+    with pytest.raises(ValueError, match="cannot be batched"):  # what the engine refuses, the pipeline runs
+        SampleRequest(n=1, sample_shape=(2,), sampler="rk45").validate(pipe, serving=True)
+    SampleRequest(n=1, sample_shape=(2,), sampler="rk45").validate(pipe)
+    with pytest.raises(TypeError, match="model_kwargs must be a mapping"):
+        pipe.sample((1, 2), model_kwargs=[1], progress=False)

@@ -19,7 +19,7 @@ from fastdiff.adaptive import SPECIAL_SAMPLERS
 from fastdiff.pipeline import Pipeline
 from fastdiff.png import encode_png
 from fastdiff.samplers import SAMPLERS
-from fastdiff.serving.engine import SampleRequest
+from fastdiff.request import SampleRequest
 
 BATCHABLE_SAMPLERS = tuple(sorted(name for name in SAMPLERS if name not in SPECIAL_SAMPLERS))
 Number = Union[StrictInt, StrictFloat]
@@ -107,7 +107,7 @@ def to_sample_request(body: SamplesBody, pipe: Pipeline, limits: Limits) -> Tupl
                             guidance_scale=float(body.guidance_scale), model_kwargs=model_kwargs,
                             uncond_kwargs=uncond_kwargs, options=options)
     try:
-        request.validate(pipe)
+        request.validate(pipe, serving=True)
     except (TypeError, ValueError) as exc:
         raise FieldError("body", str(exc)) from exc
     if body.format == "png" and (len(shape) != 3 or shape[0] not in (1, 3)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -30,9 +30,8 @@ from fastdiff.kernels.philox import derive_seeds
 from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS
 from fastdiff.checks import NO_NONFINITE
 from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
+from fastdiff.request import SampleRequest
 from fastdiff.program import Program
-from fastdiff.adaptive import SPECIAL_SAMPLERS
-from fastdiff.samplers import get_sampler
 
 
 
@@ -55,47 +54,6 @@ class TickReport:
     admitted: List[int] = field(default_factory=list)
     finished: List[int] = field(default_factory=list)
     rows: int = 0
-
-
-@dataclass
-class SampleRequest:
-    """One request: ``n`` samples of ``sample_shape`` with one fixed-step sampler.
-
-    ``seed`` is an int (sample i gets the seed :func:`derive_seeds` derives for index i, as ``Pipeline.sample``)
-    or one int per sample. ``model_kwargs`` / ``uncond_kwargs`` hold per-sample tensors (one row per sample)
-    or shared values; ``guidance_scale != 1`` (with ``uncond_kwargs``, default none) turns guidance on.
-    """
-
-    n: int
-    sample_shape: Sequence[int]
-    sampler: str = "ddim"
-    steps: int = 50
-    seed: Union[int, Sequence[int]] = 0
-    spacing: Optional[str] = None
-    guidance_scale: float = 1.0
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    uncond_kwargs: Optional[Mapping[str, Any]] = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def validate(self, pipe: Pipeline) -> None:
-        """Raises ValueError/TypeError naming the field for anything ``Pipeline.sample`` would refuse."""
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-        if pipe.sample_shape is not None and tuple(self.sample_shape) != tuple(pipe.sample_shape):
-            raise ValueError(f"sample_shape must be {tuple(pipe.sample_shape)} for this network, "
-                             f"got {tuple(self.sample_shape)}")
-        info = get_sampler(self.sampler)
-        if self.sampler in SPECIAL_SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r} is not a fixed coefficient program and cannot be batched "
-                             "per step")
-        if pipe.prediction not in info.predictions:
-            raise ValueError(f"sampler {self.sampler!r} cannot use prediction {pipe.prediction!r}")
-        info.check_options(dict(self.options))
-        for name, value in itertools.chain(self.model_kwargs.items(), (self.uncond_kwargs or {}).items()):
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != self.n:
-                raise ValueError(f"conditioning {name!r} has {value.shape[0]} rows, expected n = {self.n}")
 
 
 @dataclass
@@ -156,7 +114,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, request: SampleRequest) -> int:
         """Validates and queues a request; returns its id (its rows join at the next tick with room)."""
-        request.validate(self.pipe)
+        request.validate(self.pipe, serving=True)
         self._program(request)  # builds (and caches) the program now, so a bad grid fails here, not in a tick
         rid = next(self._ids)
         shape = (request.n, *request.sample_shape)
@@ -332,7 +290,7 @@ class Engine:
             prog = self._program(req)
             seeds = derive_seeds(req.seed, req.n).tolist()
             states.append(self.pipe.initial_noise(shape, req.seed))
-            guided = req.guidance_scale != 1.0 or req.uncond_kwargs is not None
+            guided = req.guided
             admitted.append(rid)
             for i in range(req.n):
                 new.append(_Row(rid, i, prog, int(seeds[i]), guidance=float(req.guidance_scale),
@@ -363,9 +321,9 @@ class Engine:
         self._pool = self._pool[:, idx].contiguous()
 
     def _program(self, req: SampleRequest) -> Program:
-        key = (req.sampler, req.steps, req.spacing, tuple(sorted(dict(req.options).items())))
+        key = req.program_key()
         if key not in self._programs:
-            prog = self.pipe.program(req.sampler, req.steps, req.spacing, **dict(req.options))
+            prog = req.program(self.pipe)
             self._programs[key] = prog
             self._stage_rows[id(prog)] = [(_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k))
                                           for k in range(prog.stages)]

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 import torch
 
 from fastdiff.pipeline import Pipeline
-from fastdiff.serving.engine import Engine, RequestCancelled, SampleRequest, TickReport
+from fastdiff.request import SampleRequest
+from fastdiff.serving.engine import Engine, RequestCancelled, TickReport
 
 if TYPE_CHECKING:  # the metrics need the serve extra (prometheus_client); the runner does not
     from fastdiff.serving.metrics import ServingMetrics
@@ -117,7 +118,7 @@ class Runner:
         Raises ValueError/TypeError for a request the pipeline refuses, :class:`QueueFull` when ``max_queue``
         requests already wait, :class:`ShuttingDown` after :meth:`stop`.
         """
-        request.validate(self.pipe)
+        request.validate(self.pipe, serving=True)
         if request.n > self.max_batch:
             raise ValueError(f"n = {request.n} is more than max_batch = {self.max_batch} rows")
         now = time.monotonic()
