@@ -37,24 +37,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     demo.add_argument("--mixture", action="store_true",
                       help="the earlier demo instead: every sampler on the exact network of a 2-D Gaussian mixture")
     demo.add_argument("--no-plot", action="store_true", help="(--mixture) skip the PNG")
-    serve = sub.add_parser("serve", help="the HTTP server with step-level continuous batching (fastdiff[serve])")
-    serve.add_argument("--model", default="digits",
+    serve_parser = sub.add_parser("serve", help="the HTTP server with step-level continuous batching (fastdiff[serve])")
+    serve_parser.add_argument("--model", default="digits",
                        help="'digits' (the embedded network), a .safetensors checkpoint or 'package.module:factory'")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
-    serve.add_argument("--max-batch", type=int, default=64, help="the most rows one tick runs")
-    serve.add_argument("--max-queue", type=int, default=256, help="the most requests waiting; beyond: 429")
-    serve.add_argument("--max-n", type=int, default=64, help="the most samples one request asks for")
-    serve.add_argument("--batching", choices=("continuous", "request", "single"), default="continuous",
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    serve_parser.add_argument("--max-batch", type=int, default=64, help="the most rows one tick runs")
+    serve_parser.add_argument("--max-queue", type=int, default=256, help="the most requests waiting; beyond: 429")
+    serve_parser.add_argument("--max-n", type=int, default=64, help="the most samples one request asks for")
+    serve_parser.add_argument("--batching", choices=("continuous", "request", "single"), default="continuous",
                        help="step-level (default), request-level, or one request at a time")
-    serve.add_argument("--batch-wait-ms", type=float, default=20.0, help="(request batching) wait for a batch")
-    serve.add_argument("--timeout", type=float, default=300.0, help="default per-request deadline, seconds")
-    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    serve.add_argument("--device", default=None, help="cpu or cuda (default: the model's)")
-    serve.add_argument("--log-level", default="warning")
-    serve.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (fastdiff[ray])")
-    serve.add_argument("--replicas", type=int, default=1, help="(--ray) replicas, each running its own engine")
-    serve.add_argument("--address", default=None, help="(--ray) join this Ray cluster instead of starting one")
+    serve_parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="(request batching) wait for a batch")
+    serve_parser.add_argument("--timeout", type=float, default=300.0, help="default per-request deadline, seconds")
+    serve_parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve_parser.add_argument("--device", default=None, help="cpu or cuda (default: the model's)")
+    serve_parser.add_argument("--log-level", default="warning")
+    serve_parser.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (fastdiff[ray])")
+    serve_parser.add_argument("--replicas", type=int, default=1, help="(--ray) replicas, each running its own engine")
+    serve_parser.add_argument("--address", default=None, help="(--ray) join this Ray cluster instead of starting one")
     sched = sub.add_parser("schedules", help="print a few schedules on a grid")
     sched.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -69,20 +69,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("fastdiff demo: the embedded digits network (fastdiff.pretrained.digits), 8x8 images")
         run_digits_demo(out_dir=args.out, n=args.n or 128, with_diffusers=not args.no_diffusers, threads=2)
     elif args.command == "serve":
-        from fastdiff.serving.server import ServeSettings
+        from fastdiff.serving.server import ServeSettings, load_pipeline, serve
 
-        settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
-                                 batch_wait_s=args.batch_wait_ms / 1e3, max_n=args.max_n,
-                                 request_timeout_s=args.timeout, threads=args.threads)
+        try:  # bad flags or a bad model spec are usage errors, not tracebacks
+            settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
+                                     batch_wait_s=args.batch_wait_ms / 1e3, max_n=args.max_n,
+                                     request_timeout_s=args.timeout, threads=args.threads)
+            pipe = None if args.ray else load_pipeline(args.model, args.device)
+            if args.replicas < 1:
+                raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        except (ValueError, TypeError, FileNotFoundError, ImportError, AttributeError) as exc:
+            serve_parser.error(str(exc))
         if args.ray:
             from fastdiff.serving.ray import serve_ray
 
             serve_ray(args.model, host=args.host, port=args.port, settings=settings, num_replicas=args.replicas,
                       address=args.address, device=args.device)
         else:
-            from fastdiff.serving.server import load_pipeline, serve
-
-            serve(load_pipeline(args.model, args.device), host=args.host, port=args.port, settings=settings,
-                  log_level=args.log_level)
+            serve(pipe, host=args.host, port=args.port, settings=settings, log_level=args.log_level)
     else:
         print_schedules(args.steps)

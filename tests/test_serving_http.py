@@ -204,3 +204,17 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < end, "condition not reached in time"
         time.sleep(0.005)
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-batch", "0"], "max_batch must be"),
+                                            (["--model", "no_such_module:factory"], "No module named"),
+                                            (["--model", "missing.safetensors"], "no checkpoint"),
+                                            (["--model", "digits:"], "--model must be"),
+                                            (["--timeout", "0"], "request_timeout_s must be"),
+                                            (["--ray", "--replicas", "0"], "--replicas must be")])
+def test_bad_serve_flags_are_usage_errors(flags, message, capsys):
+    from fastdiff.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", "0", *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -21,7 +21,7 @@ from fastdiff.pipeline import Pipeline
 from fastdiff.serving.api import Limits
 from fastdiff.serving.app import create_app
 from fastdiff.serving.metrics import ServingMetrics
-from fastdiff.serving.runner import Runner
+from fastdiff.serving.runner import BATCHING_POLICIES, Runner
 
 
 def load_pipeline(spec: Optional[str] = None, device: Optional[str] = None) -> Pipeline:
@@ -58,6 +58,18 @@ class ServeSettings:
     max_n: int = 64
     request_timeout_s: Optional[float] = 300.0
     threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_n") + (("threads",) if self.threads is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.batching not in BATCHING_POLICIES:
+            raise ValueError(f"batching must be one of {BATCHING_POLICIES}, got {self.batching!r}")
+        if not self.batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s!r}")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
 
 
 def make_app(pipe: Pipeline, settings: ServeSettings = ServeSettings(), replica: Optional[str] = None) -> FastAPI:
