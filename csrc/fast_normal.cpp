@@ -98,31 +98,78 @@ FASTDIFF_LANES void box_muller(const uint32_t* w0, const uint32_t* w1, float* ou
 }
 
 #if defined(__SSE2__)
+inline __m128i broadcast(uint32_t v) { return _mm_set1_epi64x(v); }
+#endif
+
+// The key (k0, k1) and the counter words 2 and 3 (stage, stream) of a block's counters; with SSE2 also the
+// round keys, broadcast once per block rather than per four counters.
+struct PhiloxBlock {
+  uint32_t k0, k1, stage, stream;
+#if defined(__SSE2__)
+  __m128i ka[10], kb[10];
+#endif
+  PhiloxBlock(uint64_t seed, uint32_t stage_, uint32_t stream_)
+      : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)), stage(stage_), stream(stream_) {
+#if defined(__SSE2__)
+    for (uint32_t r = 0; r < 10; ++r) {
+      ka[r] = broadcast(k0 + r * kPhiloxKeyA);
+      kb[r] = broadcast(k1 + r * kPhiloxKeyB);
+    }
+#endif
+  }
+};
+
+#if defined(__SSE2__)
 // Philox4x32-10 (philox4x32_10, round for round) for the four counters (j .. j + 3, stage, stream), writing
 // their words 0 and 1. Each word of two counters is held in one register, in the low halves of its 64-bit
-// lanes: pmuludq reads only those, so a product's high half never needs clearing.
-inline void philox_words4(uint64_t j, uint32_t stage, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* w0,
-                                 uint32_t* w1) {
-  const __m128i ma = _mm_set1_epi64x(kPhiloxRoundA), mb = _mm_set1_epi64x(kPhiloxRoundB);
+// lanes: pmuludq reads only those, so a product's high half never needs clearing. The multiplier limits
+// this, so the products that are the same for all four counters are made once, in scalar: counter words 1
+// (the high half of j, when j .. j + 3 share it), 2 and 3 are common, hence round 1's stage product and round
+// 2's word-0 product; round 10's word-2 product is not needed for words 0 and 1.
+inline void philox_words4(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
+  const uint32_t hi = static_cast<uint32_t>(j >> 32);
+  if (static_cast<uint32_t>((j + 3) >> 32) != hi) {  // j .. j + 3 straddle 2^32: word 1 differs
+    for (int i = 0; i < 4; ++i) {
+      const uint64_t ji = j + static_cast<uint64_t>(i);
+      uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
+      philox4x32_10(c, p.k0, p.k1);
+      w0[i] = c[0];
+      w1[i] = c[1];
+    }
+    return;
+  }
+  const __m128i ma = broadcast(kPhiloxRoundA), mb = broadcast(kPhiloxRoundB);
   __m128i x0[2], x1[2], x2[2], x3[2];
+  // Rounds 1 and 2 with the common words in scalar.
+  const uint64_t pb1 = static_cast<uint64_t>(kPhiloxRoundB) * p.stage;
+  const uint32_t x0c = static_cast<uint32_t>(pb1 >> 32) ^ hi ^ p.k0, x1c = static_cast<uint32_t>(pb1);
+  const uint64_t pa2 = static_cast<uint64_t>(kPhiloxRoundA) * x0c;
+  const uint32_t ka1 = p.k0 + kPhiloxKeyA, kb1 = p.k1 + kPhiloxKeyB;
   for (int r = 0; r < 2; ++r) {
     const uint64_t a = j + 2 * r, b = a + 1;
-    x0[r] = _mm_set_epi64x(static_cast<int64_t>(b), static_cast<int64_t>(a));
-    x1[r] = _mm_set_epi64x(static_cast<int64_t>(b >> 32), static_cast<int64_t>(a >> 32));
-    x2[r] = _mm_set1_epi64x(stage);
-    x3[r] = _mm_set1_epi64x(stream);
+    const __m128i pa = _mm_mul_epu32(_mm_set_epi64x(static_cast<int64_t>(b), static_cast<int64_t>(a)), ma);
+    const __m128i x2r = _mm_xor_si128(_mm_srli_epi64(pa, 32), broadcast(p.stream ^ p.k1));
+    const __m128i pb = _mm_mul_epu32(x2r, mb);
+    x0[r] = _mm_xor_si128(_mm_srli_epi64(pb, 32), broadcast(x1c ^ ka1));
+    x2[r] = _mm_xor_si128(pa, broadcast(static_cast<uint32_t>(pa2 >> 32) ^ kb1));
+    x1[r] = pb;
+    x3[r] = broadcast(static_cast<uint32_t>(pa2));
   }
-  for (int round = 0; round < 10; ++round) {
-    const __m128i ka = _mm_set1_epi64x(k0), kb = _mm_set1_epi64x(k1);
+  for (int round = 2; round < 9; ++round) {
+    const __m128i vka = p.ka[round], vkb = p.kb[round];
     for (int r = 0; r < 2; ++r) {
       const __m128i pa = _mm_mul_epu32(x0[r], ma), pb = _mm_mul_epu32(x2[r], mb);
-      x0[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pb, 32), x1[r]), ka);
-      x2[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pa, 32), x3[r]), kb);
+      x0[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pb, 32), x1[r]), vka);
+      x2[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pa, 32), x3[r]), vkb);
       x1[r] = pb;
       x3[r] = pa;
     }
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
+  }
+  const __m128i vka = p.ka[9];
+  for (int r = 0; r < 2; ++r) {  // round 10: words 0 and 1 only
+    const __m128i pb = _mm_mul_epu32(x2[r], mb);
+    x0[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pb, 32), x1[r]), vka);
+    x1[r] = pb;
   }
   const auto low_halves = [](__m128i p, __m128i q) {  // lanes 0 and 2 of p, then of q
     return _mm_castps_si128(_mm_shuffle_ps(_mm_castsi128_ps(p), _mm_castsi128_ps(q), _MM_SHUFFLE(2, 0, 2, 0)));
@@ -131,12 +178,11 @@ inline void philox_words4(uint64_t j, uint32_t stage, uint32_t stream, uint32_t 
   _mm_storeu_si128(reinterpret_cast<__m128i*>(w1), low_halves(x1[0], x1[1]));
 }
 #else
-inline void philox_words4(uint64_t j, uint32_t stage, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* w0,
-                                 uint32_t* w1) {
+inline void philox_words4(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
   for (int i = 0; i < 4; ++i) {
     const uint64_t ji = j + static_cast<uint64_t>(i);
-    uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), stage, stream};
-    philox4x32_10(c, k0, k1);
+    uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
+    philox4x32_10(c, p.k0, p.k1);
     w0[i] = c[0];
     w1[i] = c[1];
   }
@@ -151,10 +197,10 @@ FASTDIFF_AVX2_CLONE void box_muller_block(const uint32_t* w0, const uint32_t* w1
 }  // namespace
 
 void philox_normal_block(uint64_t seed, uint64_t j0, int n, uint32_t stage, uint32_t stream, float* out) {
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const PhiloxBlock p(seed, stage, stream);
   const int padded = (n + kLanes - 1) / kLanes * kLanes;
   alignas(16) uint32_t w0[kNoiseBlock], w1[kNoiseBlock];
-  for (int i = 0; i < padded; i += 4) philox_words4(j0 + i, stage, stream, k0, k1, w0 + i, w1 + i);
+  for (int i = 0; i < padded; i += 4) philox_words4(p, j0 + i, w0 + i, w1 + i);
   box_muller_block(w0, w1, padded, out);
 }
 

@@ -64,7 +64,7 @@ void run(const FusedStepArgs& a) {
   T* pool = static_cast<T*>(a.pool);
   const int threads = (items > 1 && batch * numel >= 32768) ? std::max(1, a.threads) : 1;
 
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t b = item / blocks, j0 = (item % blocks) * kNoiseBlock;
     const int n = static_cast<int>(std::min<int64_t>(kNoiseBlock, numel - j0));
