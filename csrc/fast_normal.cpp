@@ -120,16 +120,17 @@ struct PhiloxBlock {
 };
 
 #if defined(__SSE2__)
-// Philox4x32-10 (philox4x32_10, round for round) for the four counters (j .. j + 3, stage, stream), writing
-// their words 0 and 1. Each word of two counters is held in one register, in the low halves of its 64-bit
-// lanes: pmuludq reads only those, so a product's high half never needs clearing. The multiplier limits
-// this, so the products that are the same for all four counters are made once, in scalar: counter words 1
-// (the high half of j, when j .. j + 3 share it), 2 and 3 are common, hence round 1's stage product and round
-// 2's word-0 product; round 10's word-2 product is not needed for words 0 and 1.
-inline void philox_words4(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
+// Philox4x32-10 (philox4x32_10, round for round) for the kLanes counters (j .. j + kLanes - 1, stage, stream),
+// writing their words 0 and 1. Each word of two counters is held in one register, in the low halves of its
+// 64-bit lanes: pmuludq reads only those, so a product's high half never needs clearing. The multiplier
+// limits this, so the products that are the same for all the counters are made once, in scalar: counter
+// words 1 (the high half of j, when the counters share it), 2 and 3 are common, hence round 1's stage product
+// and round 2's word-0 product; round 10's word-2 product is not needed for words 0 and 1.
+inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
+  constexpr int kRegs = kLanes / 2;
   const uint32_t hi = static_cast<uint32_t>(j >> 32);
-  if (static_cast<uint32_t>((j + 3) >> 32) != hi) {  // j .. j + 3 straddle 2^32: word 1 differs
-    for (int i = 0; i < 4; ++i) {
+  if (static_cast<uint32_t>((j + kLanes - 1) >> 32) != hi) {  // the counters straddle 2^32: word 1 differs
+    for (int i = 0; i < kLanes; ++i) {
       const uint64_t ji = j + static_cast<uint64_t>(i);
       uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
       philox4x32_10(c, p.k0, p.k1);
@@ -139,13 +140,13 @@ inline void philox_words4(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32
     return;
   }
   const __m128i ma = broadcast(kPhiloxRoundA), mb = broadcast(kPhiloxRoundB);
-  __m128i x0[2], x1[2], x2[2], x3[2];
+  __m128i x0[kRegs], x1[kRegs], x2[kRegs], x3[kRegs];
   // Rounds 1 and 2 with the common words in scalar.
   const uint64_t pb1 = static_cast<uint64_t>(kPhiloxRoundB) * p.stage;
   const uint32_t x0c = static_cast<uint32_t>(pb1 >> 32) ^ hi ^ p.k0, x1c = static_cast<uint32_t>(pb1);
   const uint64_t pa2 = static_cast<uint64_t>(kPhiloxRoundA) * x0c;
   const uint32_t ka1 = p.k0 + kPhiloxKeyA, kb1 = p.k1 + kPhiloxKeyB;
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < kRegs; ++r) {
     const uint64_t a = j + 2 * r, b = a + 1;
     const __m128i pa = _mm_mul_epu32(_mm_set_epi64x(static_cast<int64_t>(b), static_cast<int64_t>(a)), ma);
     const __m128i x2r = _mm_xor_si128(_mm_srli_epi64(pa, 32), broadcast(p.stream ^ p.k1));
@@ -157,29 +158,31 @@ inline void philox_words4(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32
   }
   for (int round = 2; round < 9; ++round) {
     const __m128i vka = p.ka[round], vkb = p.kb[round];
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < kRegs; ++r) {
       const __m128i pa = _mm_mul_epu32(x0[r], ma), pb = _mm_mul_epu32(x2[r], mb);
-      x0[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pb, 32), x1[r]), vka);
-      x2[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pa, 32), x3[r]), vkb);
+      x0[r] = _mm_xor_si128(_mm_srli_epi64(pb, 32), _mm_xor_si128(x1[r], vka));  // the key first: off the
+      x2[r] = _mm_xor_si128(_mm_srli_epi64(pa, 32), _mm_xor_si128(x3[r], vkb));  // multiply's chain
       x1[r] = pb;
       x3[r] = pa;
     }
   }
   const __m128i vka = p.ka[9];
-  for (int r = 0; r < 2; ++r) {  // round 10: words 0 and 1 only
+  for (int r = 0; r < kRegs; ++r) {  // round 10: words 0 and 1 only
     const __m128i pb = _mm_mul_epu32(x2[r], mb);
-    x0[r] = _mm_xor_si128(_mm_xor_si128(_mm_srli_epi64(pb, 32), x1[r]), vka);
+    x0[r] = _mm_xor_si128(_mm_srli_epi64(pb, 32), _mm_xor_si128(x1[r], vka));
     x1[r] = pb;
   }
   const auto low_halves = [](__m128i p, __m128i q) {  // lanes 0 and 2 of p, then of q
     return _mm_castps_si128(_mm_shuffle_ps(_mm_castsi128_ps(p), _mm_castsi128_ps(q), _MM_SHUFFLE(2, 0, 2, 0)));
   };
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(w0), low_halves(x0[0], x0[1]));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(w1), low_halves(x1[0], x1[1]));
+  for (int r = 0; r < kRegs; r += 2) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(w0 + 2 * r), low_halves(x0[r], x0[r + 1]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(w1 + 2 * r), low_halves(x1[r], x1[r + 1]));
+  }
 }
 #else
-inline void philox_words4(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
-  for (int i = 0; i < 4; ++i) {
+inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
+  for (int i = 0; i < kLanes; ++i) {
     const uint64_t ji = j + static_cast<uint64_t>(i);
     uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
     philox4x32_10(c, p.k0, p.k1);
@@ -200,7 +203,7 @@ void philox_normal_block(uint64_t seed, uint64_t j0, int n, uint32_t stage, uint
   const PhiloxBlock p(seed, stage, stream);
   const int padded = (n + kLanes - 1) / kLanes * kLanes;
   alignas(16) uint32_t w0[kNoiseBlock], w1[kNoiseBlock];
-  for (int i = 0; i < padded; i += 4) philox_words4(p, j0 + i, w0 + i, w1 + i);
+  for (int i = 0; i < padded; i += kLanes) philox_words(p, j0 + i, w0 + i, w1 + i);
   box_muller_block(w0, w1, padded, out);
 }
 
