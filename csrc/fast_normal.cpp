@@ -55,6 +55,12 @@ FASTDIFF_LANES F8 select(const I8& mask, const F8& a, const F8& b) {
   return as_float((as_int(a) & mask) | (as_int(b) & ~mask));
 }
 
+// Adding 1.5 * 2^23 rounds a float of magnitude < 2^22 to an integer held in the low mantissa bits; these
+// round and convert with float adds and integer ops rather than conversions, which share a pipe with the
+// divide and the square root.
+constexpr float kRound = 12582912.0f;
+FASTDIFF_LANES F8 int_to_float(const I8& v) { return as_float(v + as_int(F8{} + kRound)) - kRound; }  // |v| < 2^22
+
 // -2 log(u) for positive normal floats u. u = 2^e m with m in [sqrt(1/2), sqrt(2)) split off the bits with
 // integer ops (no compare or convert on the chain); log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172,
 // as an odd polynomial evaluated in Estrin form (a shorter chain than Horner). The -2 is folded into the
@@ -67,19 +73,19 @@ FASTDIFF_LANES F8 minus_two_log(const F8& u) {
   const F8 s = (m - 1.0f) / (m + 1.0f), s2 = s * s, s4 = s2 * s2;
   const F8 lo = -4.0f + s2 * -1.33333334f, hi = -0.8f + s2 * -0.571428571f;
   const F8 q = lo + s4 * (hi + s4 * -0.444444444f);
-  return __builtin_convertvector(e, F8) * -1.38629436f + s * q;
+  return int_to_float(e) * -1.38629436f + s * q;
 }
 
 // cos(th) for th in [0, 2 pi): th = q pi + r with r in [-pi/2, pi/2] (a two-part pi keeps r accurate), then
 // cos th = (-1)^q cos r, cos r by one even polynomial (a least-squares fit on Chebyshev nodes, max error
 // ~1.7e-7 in float32) in Estrin form.
 FASTDIFF_LANES F8 cos_0_2pi(const F8& th) {
-  const I8 qi = __builtin_convertvector(th * 0.318309886f + 0.5f, I8);  // round(th / pi), th >= 0
-  const F8 q = __builtin_convertvector(qi, F8);
+  const F8 k = th * 0.318309886f + kRound;  // round(th / pi) in the low mantissa bits
+  const F8 q = k - kRound;
   const F8 r = (th - q * 3.14159274f) + q * 8.74227766e-8f, r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
   const F8 c = ((1.0f + r2 * -0.5f) + r4 * (4.16666679e-2f + r2 * -1.38888846e-3f)) +
                r8 * ((2.48010401e-5f + r2 * -2.75246975e-7f) + r4 * 1.99078531e-9f);
-  return as_float(as_int(c) ^ (qi << 31));  // the sign of (-1)^q
+  return as_float(as_int(c) ^ (as_int(k) << 31));  // the sign of (-1)^q
 }
 
 // triton.language.random.uint_to_uniform_float without a branch: a float in [0, 1).
