@@ -1,5 +1,5 @@
 // Philox normals for a block of consecutive elements (fast_normal.h), shaped for what limits each part:
-//  - Philox (ten rounds of two 32x32->64 multiplies) is bound by the vector multiplier. SSE2 pmuludq does the
+//  - Philox (ten rounds of two 32x32->64 multiplies) is bound by the vector multiply unit. SSE2 pmuludq does the
 //    widening multiply directly when each 32-bit word sits in a 64-bit lane; the compiler cannot be led to that
 //    layout from plain loops (it packs and unpacks the halves around every multiply), so it is written with
 //    SSE2 intrinsics, with the scalar philox4x32_10 where SSE2 is absent.
@@ -96,7 +96,7 @@ FASTDIFF_LANES void box_muller(const uint32_t* w0, const uint32_t* w1, float* ou
   I8 a, b;
   std::memcpy(&a, w0, sizeof a);
   std::memcpy(&b, w1, sizeof b);
-  const F8 u = uniform(a), floor = F8{} + 1.0e-7f, u1 = select(u > floor, u, floor);
+  const F8 u = uniform(a), lowest = F8{} + 1.0e-7f, u1 = select(u > lowest, u, lowest);
   F8 r = minus_two_log(u1);
   for (int l = 0; l < kLanes; ++l) r[l] = std::sqrt(r[l]);  // vectorised (no errno)
   const F8 z = r * cos_0_2pi(6.283185307179586f * uniform(b));
@@ -125,10 +125,20 @@ struct PhiloxBlock {
   }
 };
 
+// Words 0 and 1 of Philox4x32-10 for the kLanes counters (j .. j + kLanes - 1, stage, stream), one by one.
+inline void philox_words_scalar(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
+  for (int i = 0; i < kLanes; ++i) {
+    const uint64_t ji = j + static_cast<uint64_t>(i);
+    uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
+    philox4x32_10(c, p.k0, p.k1);
+    w0[i] = c[0];
+    w1[i] = c[1];
+  }
+}
+
 #if defined(__SSE2__)
-// Philox4x32-10 (philox4x32_10, round for round) for the kLanes counters (j .. j + kLanes - 1, stage, stream),
-// writing their words 0 and 1. Each word of two counters is held in one register, in the low halves of its
-// 64-bit lanes: pmuludq reads only those, so a product's high half never needs clearing. The multiplier
+// The same with SSE2, round for round. Each word of two counters is held in one register, in the low halves of
+// its 64-bit lanes: pmuludq reads only those, so a product's high half never needs clearing. The multiplier
 // limits this, so the products that are the same for all the counters are made once, in scalar: counter
 // words 1 (the high half of j, when the counters share it), 2 and 3 are common, hence round 1's stage product
 // and round 2's word-0 product; round 10's word-2 product is not needed for words 0 and 1.
@@ -136,13 +146,7 @@ inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_
   constexpr int kRegs = kLanes / 2;
   const uint32_t hi = static_cast<uint32_t>(j >> 32);
   if (static_cast<uint32_t>((j + kLanes - 1) >> 32) != hi) {  // the counters straddle 2^32: word 1 differs
-    for (int i = 0; i < kLanes; ++i) {
-      const uint64_t ji = j + static_cast<uint64_t>(i);
-      uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
-      philox4x32_10(c, p.k0, p.k1);
-      w0[i] = c[0];
-      w1[i] = c[1];
-    }
+    philox_words_scalar(p, j, w0, w1);
     return;
   }
   const __m128i ma = broadcast(kPhiloxRoundA), mb = broadcast(kPhiloxRoundB);
@@ -164,10 +168,10 @@ inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_
   }
   for (int round = 2; round < 9; ++round) {
     const __m128i vka = p.ka[round], vkb = p.kb[round];
-    for (int r = 0; r < kRegs; ++r) {
+    for (int r = 0; r < kRegs; ++r) {  // the key is xored first, off the chain through the multiply
       const __m128i pa = _mm_mul_epu32(x0[r], ma), pb = _mm_mul_epu32(x2[r], mb);
-      x0[r] = _mm_xor_si128(_mm_srli_epi64(pb, 32), _mm_xor_si128(x1[r], vka));  // the key first: off the
-      x2[r] = _mm_xor_si128(_mm_srli_epi64(pa, 32), _mm_xor_si128(x3[r], vkb));  // multiply's chain
+      x0[r] = _mm_xor_si128(_mm_srli_epi64(pb, 32), _mm_xor_si128(x1[r], vka));
+      x2[r] = _mm_xor_si128(_mm_srli_epi64(pa, 32), _mm_xor_si128(x3[r], vkb));
       x1[r] = pb;
       x3[r] = pa;
     }
@@ -188,13 +192,7 @@ inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_
 }
 #else
 inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
-  for (int i = 0; i < kLanes; ++i) {
-    const uint64_t ji = j + static_cast<uint64_t>(i);
-    uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
-    philox4x32_10(c, p.k0, p.k1);
-    w0[i] = c[0];
-    w1[i] = c[1];
-  }
+  philox_words_scalar(p, j, w0, w1);
 }
 #endif
 
