@@ -21,22 +21,26 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _as(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """t contiguous and (when given) in dtype; t itself when it already is (the common case: no call into torch)."""
+    if t is None or ((dtype is None or t.dtype == dtype) and t.is_contiguous()):
+        return t
+    return (t if dtype is None else t.to(dtype)).contiguous()
+
+
 def _model_operand(t: Optional[torch.Tensor], state: torch.dtype) -> Optional[torch.Tensor]:
     """m, m_uncond or noise as the kernel reads them: contiguous, float32 or the state's dtype."""
-    if t is None:
-        return None
-    if t.dtype not in (torch.float32, state):
-        t = t.to(torch.float32)
-    return t.contiguous()
+    return _as(t, None if t is None or t.dtype in (torch.float32, state) else torch.float32)
 
 
 def _c_compatible(x: torch.Tensor, outs: Sequence[Optional[torch.Tensor]], states: Sequence[torch.Tensor]) -> bool:
-    if x.dtype not in _STATE_TYPES:
+    dtype, shape = x.dtype, x.shape
+    if dtype not in _STATE_TYPES:
         return False
     for t in outs:
-        if t is not None and (t.dtype != x.dtype or not t.is_contiguous() or t.shape != x.shape):
+        if t is not None and (t.dtype != dtype or not t.is_contiguous() or t.shape != shape):
             return False
-    return all(t.dtype == x.dtype and t.shape == x.shape for t in states)
+    return all(t.dtype == dtype and t.shape == shape for t in states)
 
 
 def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Tensor], guidance_scale: float,
@@ -58,17 +62,16 @@ def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Te
     mu = _model_operand(m_uncond, state)
     nz = _model_operand(noise, state) if use_noise else None
     # The kernel reads m, m_uncond and noise in one dtype: float32 unless all of them are in the state's.
-    model_f32 = any(t is not None and t.dtype == torch.float32 for t in (m, mu, nz)) or state == torch.float32
+    model_f32 = state == torch.float32 or any(t is not None and t.dtype == torch.float32 for t in (m, mu, nz))
     if model_f32:
-        m, mu, nz = (None if t is None else t.to(torch.float32) for t in (m, mu, nz))
-    hs = [h.contiguous() for h in hist]
-    h0, h1, h2 = (hs + [None, None, None])[:3]
-    coef = coeffs.to(torch.float64).contiguous()
-    sd = seeds.to(torch.int64).contiguous()
-    cl = None if clip is None else clip.to(torch.float32).contiguous()
-    rw = None if rows is None else rows.contiguous()
-    gd = None if row_guidance is None else row_guidance.contiguous()
-    C.fused_step_cpu(x.shape[0], x[0].numel(), _STATE_TYPES[state], model_f32, _ptr(x), _ptr(m), _ptr(mu),
-                     float(guidance_scale), _ptr(gd), _ptr(h0), _ptr(h1), _ptr(h2), len(hs), _ptr(coef), int(stage),
-                     _ptr(sd), int(stream), bool(use_noise), _ptr(nz), _ptr(x_out), _ptr(h_out), _ptr(x0_out),
-                     _ptr(nonfinite), _ptr(cl), _ptr(rw), _ptr(pool), torch.get_num_threads())
+        m, mu, nz = (_as(t, torch.float32) for t in (m, mu, nz))
+    # Every converted tensor is held in a local until the call returns (the kernel gets raw pointers).
+    hs = [_as(h) for h in hist]
+    h0, h1, h2 = (*(h.data_ptr() for h in hs), 0, 0, 0)[:3]
+    coef, sd, cl, rw, gd = _as(coeffs, torch.float64), _as(seeds, torch.int64), _as(clip, torch.float32), _as(rows), \
+        _as(row_guidance)
+    batch = x.shape[0]
+    C.fused_step_cpu(batch, x.numel() // batch if batch else 0, _STATE_TYPES[state], model_f32, x.data_ptr(),
+                     m.data_ptr(), _ptr(mu), float(guidance_scale), _ptr(gd), h0, h1, h2, len(hs), coef.data_ptr(),
+                     int(stage), sd.data_ptr(), int(stream), bool(use_noise), _ptr(nz), x_out.data_ptr(), _ptr(h_out),
+                     _ptr(x0_out), nonfinite.data_ptr(), _ptr(cl), _ptr(rw), _ptr(pool), torch.get_num_threads())
