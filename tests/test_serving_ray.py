@@ -81,6 +81,17 @@ def _sample(url: str, seed: int, steps: int = 10, retries: int = 0):
         client.attempts
 
 
+def _wait_until_running(url: str, pid: int, timeout: float = 60.0) -> None:
+    """Polls /readyz through the proxy until the replica ``pid`` answers with rows running."""
+    client = Client(url, timeout=10)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if client.readyz()["running_rows"] > 0 and client.last_headers.get("x-fastdiff-pid") == str(pid):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"replica {pid} never had rows running")
+
+
 def test_fastdiff_serve_ray_starts_serves_and_stops_clean():
     """The command line: a local Ray instance with one replica; SIGTERM shuts Serve and Ray down (exit 0)."""
     port = _free_port()
@@ -125,7 +136,7 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_app):
     seeds = list(range(100, 124))
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(_sample, url, s, 25, 5) for s in seeds]
-        time.sleep(0.5)  # requests are running on both replicas
+        _wait_until_running(url, victim)  # the kill must hit requests in flight
         os.kill(victim, signal.SIGKILL)
         results = [f.result(timeout=120) for f in futures]  # none hangs
     for seed, (x, _, pid, _) in zip(seeds, results):
