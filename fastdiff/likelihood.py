@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,12 +46,11 @@ import torch.autograd.forward_ad as fwAD
 
 from fastdiff.drift import SCORE_PREDICTIONS, PFODEDrift, pf_ode_drift, x0_eps_coefficients
 from fastdiff.ode import solve_ivp_rk45
+from fastdiff.pipeline_like import PipelineLike
 from fastdiff.program import build_program
 from fastdiff.samplers import SAMPLERS, get_sampler
 from fastdiff.schedule import Grid, Schedule
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fastdiff.pipeline import Pipeline
 
 __all__ = [
     "METHODS", "PROBES", "AUTODIFF", "SCORE_PREDICTIONS", "PFODEDrift", "LikelihoodInfo",
@@ -265,7 +264,7 @@ class LikelihoodInfo:
 
 
 def log_likelihood(
-    pipe: "Pipeline",
+    pipe: PipelineLike,
     x0: torch.Tensor,
     method: str = "exact",
     n_probes: int = 1,
@@ -406,7 +405,7 @@ def _reversed_grid(grid: Grid) -> Grid:
 
 
 def encode(
-    pipe: "Pipeline",
+    pipe: PipelineLike,
     x0: torch.Tensor,
     steps: int = 50,
     sampler: str = "ddim",
@@ -534,7 +533,7 @@ def _ddim_inversion_fixed_point(pipe: Any, x0: torch.Tensor, grid: Grid, iters: 
 
 
 def decode(
-    pipe: "Pipeline",
+    pipe: PipelineLike,
     x_T: torch.Tensor,
     steps: int = 50,
     sampler: str = "ddim",

@@ -17,6 +17,7 @@ from fastdiff.graphs import (DEFAULT_MAX_GRAPHS, GraphCache, StaticBuffers, capt
                              resolve_cuda_graph)
 from fastdiff.guidance import Guidance, check_double_batch, guided_outputs, make_guidance, rescale_noise_cfg
 from fastdiff.kernels.philox import derive_seeds, philox_normal
+from fastdiff.likelihood import encode, log_likelihood
 from fastdiff.adaptive import SPECIAL_SAMPLERS, run_special
 from fastdiff.checks import NonFiniteError  # noqa: F401  (re-exported: fastdiff.pipeline.NonFiniteError)
 from fastdiff.checks import (NO_NONFINITE, check_callback, check_model_kwargs, check_model_output, check_noise,
@@ -448,7 +449,6 @@ class Pipeline:
 
         Further keyword arguments (``autodiff``, ``model_kwargs``, ``max_steps``, ``return_info``) are passed on.
         """
-        from fastdiff.likelihood import log_likelihood
         return log_likelihood(self, x0, method=method, n_probes=n_probes, probe=probe, rtol=rtol, atol=atol,
                               seed=seed, dtype=dtype, bits_per_dim=bits_per_dim, batch_size=batch_size, **kwargs)
 
@@ -457,7 +457,6 @@ class Pipeline:
 
         ``self.sample(x0.shape, sampler=sampler, steps=steps, x_T=code)`` decodes it.
         """
-        from fastdiff.likelihood import encode
         return encode(self, x0, steps=steps, sampler=sampler, **kwargs)
 
 

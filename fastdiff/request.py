@@ -5,17 +5,16 @@ Its checks live here, so every entry point refuses the same requests with the sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from fastdiff.adaptive import SPECIAL_SAMPLERS
 from fastdiff.checks import check_model_kwargs, check_shape
+from fastdiff.pipeline_like import PipelineLike
 from fastdiff.program import Program
 from fastdiff.samplers import get_sampler
 
-if TYPE_CHECKING:  # the pipeline imports this module
-    from fastdiff.pipeline import Pipeline
 
 SeedLike = Union[int, Sequence[int], torch.Tensor]
 
@@ -55,7 +54,7 @@ class SampleRequest:
         """Whether the request uses classifier-free guidance."""
         return self.guidance_scale != 1.0 or self.uncond_kwargs is not None
 
-    def validate(self, pipe: "Pipeline", serving: bool = False) -> None:
+    def validate(self, pipe: PipelineLike, serving: bool = False) -> None:
         """Raises ValueError/TypeError naming the field for anything ``pipe`` cannot sample. With ``serving``, also
         what step-level batching cannot run: samplers that are not one fixed coefficient program, guidance
         rescaling, a sample shape other than the network's own (and steps are checked here rather than by the
@@ -84,7 +83,7 @@ class SampleRequest:
                 raise ValueError(f"sample_shape must be {tuple(pipe.sample_shape)} for this network, "
                                  f"got {tuple(self.sample_shape)}")
 
-    def program(self, pipe: "Pipeline", grid: Any = None) -> Program:
+    def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
         """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`)."""
         return pipe.program(self.sampler, self.steps, self.spacing, self.steps_offset, self.rho, grid=grid,
                             **dict(self.options))
