@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import time
@@ -34,7 +35,8 @@ RETRY_STATUSES = (429, 502, 503)
 class Client:
     """Talks to one server at ``base_url``; ``timeout`` (seconds) bounds each HTTP call.
 
-    ``retries`` > 0 resends a sampling request that failed with a connection error or one of ``retry_statuses``
+    ``retries`` > 0 resends a sampling request that failed with a connection error (refused, reset, or a response
+    cut off before its end) or one of ``retry_statuses``
     (default: 429 queue full, 502/503 unavailable; add 500 behind a proxy whose replicas can die), waiting the
     server's ``Retry-After`` (at most ``max_wait`` seconds) or ``backoff`` seconds. A retry sends the same seed, so
     it returns the same samples. ``attempts`` is how many tries the last request took."""
@@ -99,7 +101,7 @@ class Client:
                 if attempt == self.retries or exc.status not in self.retry_statuses:
                     raise
                 time.sleep(min(exc.retry_after if exc.retry_after is not None else self.backoff, self.max_wait))
-            except OSError:
+            except (OSError, http.client.HTTPException):  # refused, reset, or a body cut off by a dying server
                 if attempt == self.retries:
                     raise
                 time.sleep(self.backoff)
