@@ -1,9 +1,11 @@
-// Philox normals for a block of consecutive elements (fast_normal.h), shaped for what limits each part:
+// Philox normals for a block of consecutive elements (fast_normal.h), four per Philox call (the counter contract
+// of philox.h), shaped for what limits each part:
 //  - Philox (ten rounds of two 32x32->64 multiplies) is bound by the vector multiply unit. SSE2 pmuludq does the
 //    widening multiply directly when each 32-bit word sits in a 64-bit lane; the compiler cannot be led to that
 //    layout from plain loops (it packs and unpacks the halves around every multiply), so it is written with
 //    SSE2 intrinsics, with the scalar philox4x32_10 where SSE2 is absent.
-//  - Box-Muller is one long dependency chain per element (log, divide, sqrt). It runs on 8-lane vector types
+//  - Box-Muller is one long dependency chain per pair of elements (log, divide, sqrt, then cos and sin from one
+//    range reduction). It runs on 8-lane vector types
 //    (GCC/Clang vector extensions): each operation becomes two independent SSE instructions (one AVX2), so two
 //    chains are in flight at once instead of the core waiting on latency. It is built twice, for plain x86-64
 //    and for AVX2 (whose three-operand forms drop the register copies: ~1.7x faster here), picked at load
@@ -76,31 +78,37 @@ FASTDIFF_LANES F8 minus_two_log(const F8& u) {
   return int_to_float(e) * -1.38629436f + s * q;
 }
 
-// cos(th) for th in [0, 2 pi): th = q pi + r with r in [-pi/2, pi/2] (a two-part pi keeps r accurate), then
-// cos th = (-1)^q cos r, cos r by one even polynomial (a least-squares fit on Chebyshev nodes, max error
-// ~1.7e-7 in float32) in Estrin form.
-FASTDIFF_LANES F8 cos_0_2pi(const F8& th) {
+// cos(th) and sin(th) for th in [0, 2 pi): th = q pi + r with r in [-pi/2, pi/2] (a two-part pi keeps r accurate),
+// then cos th = (-1)^q cos r and sin th = (-1)^q sin r, each by one polynomial (least-squares fits on Chebyshev
+// nodes, max error ~1.7e-7 and ~1.9e-7 in float32) in Estrin form.
+FASTDIFF_LANES void sincos_0_2pi(const F8& th, F8& cos_th, F8& sin_th) {
   const F8 k = th * 0.318309886f + kRound;  // round(th / pi) in the low mantissa bits
   const F8 q = k - kRound;
   const F8 r = (th - q * 3.14159274f) + q * 8.74227766e-8f, r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
   const F8 c = ((1.0f + r2 * -0.5f) + r4 * (4.16666679e-2f + r2 * -1.38888846e-3f)) +
                r8 * ((2.48010401e-5f + r2 * -2.75246975e-7f) + r4 * 1.99078531e-9f);
-  return as_float(as_int(c) ^ (as_int(k) << 31));  // the sign of (-1)^q
+  const F8 s = r * (((1.0f + r2 * -1.66666672e-1f) + r4 * (8.33333284e-3f + r2 * -1.98410868e-4f)) +
+                    r8 * (2.75364778e-6f + r2 * -2.40804745e-8f));
+  const I8 sign = as_int(k) << 31;  // the sign of (-1)^q
+  cos_th = as_float(as_int(c) ^ sign);
+  sin_th = as_float(as_int(s) ^ sign);
 }
 
 // triton.language.random.uint_to_uniform_float without a branch: a float in [0, 1).
 FASTDIFF_LANES F8 uniform(const I8& x) { return __builtin_convertvector(x ^ (x >> 31), F8) * 4.6566127342e-10f; }
 
-// out[l] = the Box-Muller normal of Philox words (w0[l], w1[l]) for the kLanes lanes.
-FASTDIFF_LANES void box_muller(const uint32_t* w0, const uint32_t* w1, float* out) {
+// The two Box-Muller normals (cosine, sine) of each lane's Philox word pair (wa[l], wb[l]).
+FASTDIFF_LANES void box_muller(const uint32_t* wa, const uint32_t* wb, F8& z_cos, F8& z_sin) {
   I8 a, b;
-  std::memcpy(&a, w0, sizeof a);
-  std::memcpy(&b, w1, sizeof b);
+  std::memcpy(&a, wa, sizeof a);
+  std::memcpy(&b, wb, sizeof b);
   const F8 u = uniform(a), lowest = F8{} + 1.0e-7f, u1 = select(u > lowest, u, lowest);
   F8 r = minus_two_log(u1);
   for (int l = 0; l < kLanes; ++l) r[l] = std::sqrt(r[l]);  // vectorised (no errno)
-  const F8 z = r * cos_0_2pi(6.283185307179586f * uniform(b));
-  std::memcpy(out, &z, sizeof z);
+  F8 c, s;
+  sincos_0_2pi(6.283185307179586f * uniform(b), c, s);
+  z_cos = r * c;
+  z_sin = r * s;
 }
 
 #if defined(__SSE2__)
@@ -125,14 +133,13 @@ struct PhiloxBlock {
   }
 };
 
-// Words 0 and 1 of Philox4x32-10 for the kLanes counters (j .. j + kLanes - 1, stage, stream), one by one.
-inline void philox_words_scalar(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
+// The four Philox4x32-10 words of the kLanes counters (c .. c + kLanes - 1, stage, stream), one by one.
+inline void philox_words_scalar(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4]) {
   for (int i = 0; i < kLanes; ++i) {
-    const uint64_t ji = j + static_cast<uint64_t>(i);
-    uint32_t c[4] = {static_cast<uint32_t>(ji), static_cast<uint32_t>(ji >> 32), p.stage, p.stream};
-    philox4x32_10(c, p.k0, p.k1);
-    w0[i] = c[0];
-    w1[i] = c[1];
+    const uint64_t ci = c + static_cast<uint64_t>(i);
+    uint32_t x[4] = {static_cast<uint32_t>(ci), static_cast<uint32_t>(ci >> 32), p.stage, p.stream};
+    philox4x32_10(x, p.k0, p.k1);
+    for (int k = 0; k < 4; ++k) w[k][i] = x[k];
   }
 }
 
@@ -140,13 +147,13 @@ inline void philox_words_scalar(const PhiloxBlock& p, uint64_t j, uint32_t* w0, 
 // The same with SSE2, round for round. Each word of two counters is held in one register, in the low halves of
 // its 64-bit lanes: pmuludq reads only those, so a product's high half never needs clearing. The multiplier
 // limits this, so the products that are the same for all the counters are made once, in scalar: counter
-// words 1 (the high half of j, when the counters share it), 2 and 3 are common, hence round 1's stage product
-// and round 2's word-0 product; round 10's word-2 product is not needed for words 0 and 1.
-inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
+// words 1 (the high half of c, when the counters share it), 2 and 3 are common, hence round 1's stage product
+// and round 2's word-0 product.
+inline void philox_words(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4]) {
   constexpr int kRegs = kLanes / 2;
-  const uint32_t hi = static_cast<uint32_t>(j >> 32);
-  if (static_cast<uint32_t>((j + kLanes - 1) >> 32) != hi) {  // the counters straddle 2^32: word 1 differs
-    philox_words_scalar(p, j, w0, w1);
+  const uint32_t hi = static_cast<uint32_t>(c >> 32);
+  if (static_cast<uint32_t>((c + kLanes - 1) >> 32) != hi) {  // the counters straddle 2^32: word 1 differs
+    philox_words_scalar(p, c, w);
     return;
   }
   const __m128i ma = broadcast(kPhiloxRoundA), mb = broadcast(kPhiloxRoundB);
@@ -157,7 +164,7 @@ inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_
   const uint64_t pa2 = static_cast<uint64_t>(kPhiloxRoundA) * x0c;
   const uint32_t ka1 = p.k0 + kPhiloxKeyA, kb1 = p.k1 + kPhiloxKeyB;
   for (int r = 0; r < kRegs; ++r) {
-    const uint64_t a = j + 2 * r, b = a + 1;
+    const uint64_t a = c + 2 * r, b = a + 1;
     const __m128i pa = _mm_mul_epu32(_mm_set_epi64x(static_cast<int64_t>(b), static_cast<int64_t>(a)), ma);
     const __m128i x2r = _mm_xor_si128(_mm_srli_epi64(pa, 32), broadcast(p.stream ^ p.k1));
     const __m128i pb = _mm_mul_epu32(x2r, mb);
@@ -176,39 +183,59 @@ inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_
       x3[r] = pa;
     }
   }
-  const __m128i vka = p.ka[9];
-  for (int r = 0; r < kRegs; ++r) {  // round 10: words 0 and 1 only
-    const __m128i pb = _mm_mul_epu32(x2[r], mb);
+  const __m128i vka = p.ka[9], vkb = p.kb[9];
+  for (int r = 0; r < kRegs; ++r) {  // round 10
+    const __m128i pa = _mm_mul_epu32(x0[r], ma), pb = _mm_mul_epu32(x2[r], mb);
     x0[r] = _mm_xor_si128(_mm_srli_epi64(pb, 32), _mm_xor_si128(x1[r], vka));
+    x2[r] = _mm_xor_si128(_mm_srli_epi64(pa, 32), _mm_xor_si128(x3[r], vkb));
     x1[r] = pb;
+    x3[r] = pa;
   }
   const auto low_halves = [](__m128i p, __m128i q) {  // lanes 0 and 2 of p, then of q
     return _mm_castps_si128(_mm_shuffle_ps(_mm_castsi128_ps(p), _mm_castsi128_ps(q), _MM_SHUFFLE(2, 0, 2, 0)));
   };
-  for (int r = 0; r < kRegs; r += 2) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(w0 + 2 * r), low_halves(x0[r], x0[r + 1]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(w1 + 2 * r), low_halves(x1[r], x1[r + 1]));
-  }
+  const __m128i* const words[4] = {x0, x1, x2, x3};
+  for (int k = 0; k < 4; ++k)
+    for (int r = 0; r < kRegs; r += 2)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(w[k] + 2 * r), low_halves(words[k][r], words[k][r + 1]));
 }
 #else
-inline void philox_words(const PhiloxBlock& p, uint64_t j, uint32_t* w0, uint32_t* w1) {
-  philox_words_scalar(p, j, w0, w1);
-}
+inline void philox_words(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4]) { philox_words_scalar(p, c, w); }
 #endif
 
-// out[i] = the Box-Muller normal of words (w0[i], w1[i]) for i < n, n a multiple of kLanes.
-FASTDIFF_AVX2_CLONE void box_muller_block(const uint32_t* w0, const uint32_t* w1, int n, float* out) {
-  for (int i = 0; i < n; i += kLanes) box_muller(w0 + i, w1 + i, out + i);
+// out[4i .. 4i + 3] = the four normals of counter i's words (w[0][i] .. w[3][i]) for i < counters, a multiple
+// of kLanes.
+FASTDIFF_AVX2_CLONE void box_muller_block(const uint32_t* const w[4], int counters, float* out) {
+  for (int i = 0; i < counters; i += kLanes) {
+    F8 z[4];  // (r0 cos t0, r0 sin t0, r1 cos t1, r1 sin t1) of each lane's counter
+    box_muller(w[0] + i, w[1] + i, z[0], z[1]);
+    box_muller(w[2] + i, w[3] + i, z[2], z[3]);
+    float* o = out + 4 * i;
+    for (int l = 0; l < kLanes; ++l)
+      for (int k = 0; k < 4; ++k) o[4 * l + k] = z[k][l];
+  }
 }
 
 }  // namespace
 
 void philox_normal_block(uint64_t seed, uint64_t j0, int n, uint32_t stage, uint32_t stream, float* out) {
+  constexpr int kMaxCounters = kNoiseBlock / 4 + kLanes;  // room for a block that starts inside a group of four
   const PhiloxBlock p(seed, stage, stream);
-  const int padded = (n + kLanes - 1) / kLanes * kLanes;
-  alignas(16) uint32_t w0[kNoiseBlock], w1[kNoiseBlock];
-  for (int i = 0; i < padded; i += kLanes) philox_words(p, j0 + i, w0 + i, w1 + i);
-  box_muller_block(w0, w1, padded, out);
+  const int skip = static_cast<int>(j0 & 3);
+  const int counters = (skip + n + 4 * kLanes - 1) / (4 * kLanes) * kLanes;
+  alignas(16) uint32_t w0[kMaxCounters], w1[kMaxCounters], w2[kMaxCounters], w3[kMaxCounters];
+  uint32_t* const w[4] = {w0, w1, w2, w3};
+  for (int i = 0; i < counters; i += kLanes) {
+    uint32_t* const wi[4] = {w0 + i, w1 + i, w2 + i, w3 + i};
+    philox_words(p, (j0 >> 2) + i, wi);
+  }
+  if (skip == 0) {  // the fused step's blocks: whole groups of four, written in place
+    box_muller_block(w, counters, out);
+    return;
+  }
+  float all[4 * kMaxCounters];
+  box_muller_block(w, counters, all);
+  std::memcpy(out, all + skip, sizeof(float) * n);
 }
 
 }  // namespace fastdiff

@@ -25,13 +25,11 @@ void philox_normal_range(const int64_t* seeds, int64_t numel, uint32_t stage, ui
   int64_t b = begin / numel, j = begin % numel;
   for (int64_t flat = begin; flat < end; ++b, j = 0) {
     const uint64_t s = static_cast<uint64_t>(seeds[b]);
-    const uint32_t k0 = static_cast<uint32_t>(s), k1 = static_cast<uint32_t>(s >> 32);
     const int64_t stop = std::min(numel, j + (end - flat));
-    for (; j < stop; ++j, ++flat) {
-      const uint64_t ju = static_cast<uint64_t>(j);
-      uint32_t c[4] = {static_cast<uint32_t>(ju), static_cast<uint32_t>(ju >> 32), stage, stream};
-      philox4x32_10(c, k0, k1);
-      out[flat] = philox_pair_to_normal(philox_uint_to_uniform(c[0]), philox_uint_to_uniform(c[1]));
+    while (j < stop) {  // one Philox call per four elements (a row may start or end inside a group)
+      float z[4];
+      philox_normals4(s, static_cast<uint64_t>(j) >> 2, stage, stream, z);
+      for (int q = static_cast<int>(j & 3); q < 4 && j < stop; ++q, ++j, ++flat) out[flat] = z[q];
     }
   }
 }
@@ -113,8 +111,9 @@ void bind_philox(py::module_& m) {
         return out;
       },
       py::arg("seeds"), py::arg("numel"), py::arg("stage"), py::arg("stream"),
-      "Standard normals (float32, shape (batch, numel)) from Philox4x32-10 exactly as Triton's tl.randn\n"
-      "computes them: row b is keyed by seeds[b], element j uses the counter (j lo, j hi, stage, stream).");
+      "Standard normals (float32, shape (batch, numel)) from Philox4x32-10 exactly as Triton's tl.randn4x\n"
+      "computes them: row b is keyed by seeds[b]; element j is normal j % 4 of the counter\n"
+      "(c lo, c hi, stage, stream), c = j // 4.");
 
   m.def(
       "philox4x32_10",

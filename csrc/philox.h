@@ -2,11 +2,14 @@
 // CPU and the Triton kernels produce the same normal for the same (seed, stage, stream, element).
 //
 // Counter contract (DESIGN.md principle 4): for a sample's int64 seed s (read as uint64), stage k,
-// stream r (0 = per-step noise, 1 = initial noise x_T, 2.. reserved) and element j of the sample:
+// stream r (0 = per-step noise, 1 = initial noise x_T, 2.. reserved) and element j of the sample,
+// each Philox call makes the four normals of elements 4c .. 4c + 3 (c = j >> 2), as tl.randn4x does:
 //   key     = (k0 = low 32 bits of s, k1 = high 32 bits of s)
-//   counter = (c0 = j & 0xffffffff, c1 = j >> 32, c2 = k, c3 = r)
-// Philox4x32-10 gives four words; words 0 and 1 become uniforms (triton's uint_to_uniform_float) and
-// one Box-Muller normal (triton's pair_uniform_to_normal, the cosine branch), all in float32.
+//   counter = (c0 = c & 0xffffffff, c1 = c >> 32, c2 = k, c3 = r)
+// Philox4x32-10 gives four words w0..w3, each made a uniform (triton's uint_to_uniform_float); the pairs
+// (w0, w1) and (w2, w3) each give two Box-Muller normals (triton's pair_uniform_to_normal: cosine, then
+// sine), so element j is normal j & 3 of (n0, n1, n2, n3) = (r0 cos t0, r0 sin t0, r1 cos t1, r1 sin t1),
+// all in float32.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -41,19 +44,26 @@ inline float philox_uint_to_uniform(uint32_t x) {
   return static_cast<float>(i) * 4.6566127342e-10f;
 }
 
-// triton.language.random.pair_uniform_to_normal, first (cosine) output, in float32.
-inline float philox_pair_to_normal(float u1, float u2) {
-  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
-  const float th = 6.283185307179586f * u2;
-  const float r = std::sqrt(-2.0f * std::log(u1));
-  return r * std::cos(th);
+// The four normals of counter c = j >> 2 (elements 4c .. 4c + 3): triton's pair_uniform_to_normal on words
+// (0, 1) then (2, 3), in float32 with libm's log, cos and sin.
+inline void philox_normals4(uint64_t seed, uint64_t c, uint32_t stage, uint32_t stream, float z[4]) {
+  uint32_t w[4] = {static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), stage, stream};
+  philox4x32_10(w, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int p = 0; p < 2; ++p) {
+    float u1 = philox_uint_to_uniform(w[2 * p]);
+    u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+    const float th = 6.283185307179586f * philox_uint_to_uniform(w[2 * p + 1]);
+    const float r = std::sqrt(-2.0f * std::log(u1));
+    z[2 * p] = r * std::cos(th);
+    z[2 * p + 1] = r * std::sin(th);
+  }
 }
 
 // The standard normal at (seed, stage, stream, element j).
 inline float philox_normal_at(uint64_t seed, uint64_t j, uint32_t stage, uint32_t stream) {
-  uint32_t c[4] = {static_cast<uint32_t>(j), static_cast<uint32_t>(j >> 32), stage, stream};
-  philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return philox_pair_to_normal(philox_uint_to_uniform(c[0]), philox_uint_to_uniform(c[1]));
+  float z[4];
+  philox_normals4(seed, j >> 2, stage, stream, z);
+  return z[j & 3];
 }
 
 // Fills out[b * numel + j] = philox_normal_at(seeds[b], j, stage, stream) for a [batch, numel] array.

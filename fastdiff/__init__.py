@@ -14,4 +14,4 @@ from fastdiff.schedule import Grid, Schedule
 
 __all__ = ["Grid", "NonFiniteError", "Pipeline", "Schedule", "interpolate", "list_samplers", "load", "models",
            "samplers", "save"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -142,8 +142,9 @@ def test_noise_equals_the_generators():
 
 
 def test_fast_normals_within_float32_rounding_of_libm():
-    # The polynomial log and cos (csrc/fast_normal.cpp) against libm's: a few float32 ulps of max(|z|, 1) (measured
-    # max 3 ulps), across many seeds, stages and blocks, with tails that are not whole lane groups.
+    # The polynomial log, cos and sin (csrc/fast_normal.cpp) against libm's: a few float32 ulps of max(|z|, 1)
+    # (measured max 3 ulps), across many seeds, stages and blocks, with tails that are not whole lane groups and
+    # blocks that start inside a counter's group of four.
     seeds = np.array([0, 1, 2**31 - 1, -1, 2**40 + 3, -(2**62)], dtype=np.int64)
     for stage in (0, 3, 2**32 - 1):
         libm = np.asarray(_C.philox_normal(seeds, 8192 + 13, stage, 0))
@@ -152,22 +153,27 @@ def test_fast_normals_within_float32_rounding_of_libm():
                                    for j0 in range(0, 8192 + 13, 256)])
             ulp = np.finfo(np.float32).eps * np.maximum(np.abs(libm[b]), 1.0)
             assert np.all(np.abs(fast - libm[b]) <= 4 * ulp)
+            for j0 in (1, 2, 3, 4099):
+                fast = np.asarray(_C.philox_normal_fast(int(seed) % 2**64, j0, 255, stage, 0))
+                assert np.all(np.abs(fast - libm[b, j0:j0 + 255]) <= 4 * ulp[j0:j0 + 255])
 
 
 def test_fast_normals_where_the_counters_cross_2_to_the_32():
-    # Element indices j0 .. j0 + 39 around 2^32 (word 1 of the counter changes inside a lane group), against
-    # Box-Muller in numpy on the raw Philox words.
-    j = np.arange(2**32 - 13, 2**32 + 27, dtype=np.uint64)
+    # Element indices j0 .. j0 + 39 where the counter j >> 2 crosses 2^32 (word 1 of the counter changes inside a
+    # lane group; j0 not a multiple of 4), against Box-Muller in numpy on the raw Philox words.
+    j = np.arange(2**34 - 13, 2**34 + 27, dtype=np.uint64)
+    c, lane = j >> np.uint64(2), (j & np.uint64(3)).astype(np.int64)
     seed = 2**40 + 7
-    counters = np.stack([j & 0xFFFFFFFF, j >> np.uint64(32), np.full_like(j, 5), np.zeros_like(j)], 1)
+    counters = np.stack([c & 0xFFFFFFFF, c >> np.uint64(32), np.full_like(c, 5), np.zeros_like(c)], 1)
     words = np.asarray(_C.philox4x32_10(np.full(len(j), seed, dtype=np.int64), counters.astype(np.uint32)))
-    signed = words[:, :2].astype(np.uint32).view(np.int32)
+    signed = words.astype(np.uint32).view(np.int32)
     u = np.where(signed < 0, ~signed, signed).astype(np.float32) * np.float32(4.6566127342e-10)
-    u1 = np.maximum(u[:, 0], np.float32(1e-7))
-    want = np.sqrt(np.float32(-2) * np.log(u1)) * np.cos(np.float32(6.283185307179586) * u[:, 1])
-    fast = np.asarray(_C.philox_normal_fast(seed, 2**32 - 13, len(j), 5, 0))
+    rows, first = np.arange(len(j)), 2 * (lane // 2)
+    u1 = np.maximum(u[rows, first], np.float32(1e-7))
+    th = np.float32(6.283185307179586) * u[rows, first + 1]
+    want = np.sqrt(np.float32(-2) * np.log(u1)) * np.where(lane % 2 == 0, np.cos(th), np.sin(th))
+    fast = np.asarray(_C.philox_normal_fast(seed, 2**34 - 13, len(j), 5, 0))
     assert np.all(np.abs(fast - want) <= 4 * np.finfo(np.float32).eps * np.maximum(np.abs(want), 1.0))
-
 
 def test_bitwise_the_same_whatever_the_thread_count():
     g = torch.Generator().manual_seed(11)

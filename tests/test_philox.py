@@ -2,7 +2,8 @@
 counter contract, batch invariance, statistics, the custom op and derive_seeds.
 
 What we observe (CPU, numpy 1.26, glibc): the Philox words and uniforms agree bit for bit; the normals
-differ by at most ~4.8e-7 (1-4 float32 ulps; about a quarter of the elements differ at all). The whole difference is float32 log/cos: Triton's
+differ by at most ~4.8e-7 (1-4 float32 ulps; about a quarter of the elements differ at all). The whole difference is float32
+log/cos/sin: Triton's
 interpreter evaluates them with numpy's float32 SIMD routines, the C++ with glibc's logf/cosf (which
 are within one ulp of the float64 result rounded). Recomputing the Box-Muller step in numpy float32
 from the C++ words reproduces the interpreted kernel exactly. The tolerance is the contract's 1e-5.
@@ -52,25 +53,37 @@ def philox_oracle(key: int, counters: np.ndarray) -> np.ndarray:
     return np.stack(c, axis=1).astype(np.uint32)
 
 
-def normal_oracle(words: np.ndarray) -> np.ndarray:
-    """Triton's uint_to_uniform_float + pair_uniform_to_normal, the transcendental part in float64."""
+def normal_oracle(words: np.ndarray, lanes: np.ndarray) -> np.ndarray:
+    """Triton's uint_to_uniform_float + pair_uniform_to_normal (cosine for even lanes, sine for odd ones, on the
+    word pair (0, 1) for lanes 0-1 and (2, 3) for lanes 2-3), the transcendental part in float64."""
 
     def uniform(x: np.ndarray) -> np.ndarray:
         i = x.view(np.int32)
         i = np.where(i < 0, ~i, i)
         return i.astype(np.float32) * np.float32(4.6566127342e-10)
 
-    u1 = np.maximum(np.float32(1e-7), uniform(words[:, 0]))
-    th = np.float32(6.283185307179586) * uniform(words[:, 1])
-    return np.sqrt(-2.0 * np.log(u1.astype(np.float64))) * np.cos(th.astype(np.float64))
+    lanes = np.asarray(lanes)
+    rows = np.arange(len(words))
+    first = 2 * (lanes // 2)
+    u1 = np.maximum(np.float32(1e-7), uniform(np.ascontiguousarray(words[rows, first])))
+    th = np.float32(6.283185307179586) * uniform(np.ascontiguousarray(words[rows, first + 1]))
+    trig = np.where(lanes % 2 == 0, np.cos(th.astype(np.float64)), np.sin(th.astype(np.float64)))
+    return np.sqrt(-2.0 * np.log(u1.astype(np.float64))) * trig
 
 
 def contract_counters(j: np.ndarray, stage: int, stream: int) -> np.ndarray:
-    j = np.asarray(j, dtype=np.uint64)
-    n = j.shape[0]
+    """The Philox counter of each element index in ``j``: (c lo, c hi, stage, stream) with c = j >> 2."""
+    c = np.asarray(j, dtype=np.uint64) >> np.uint64(2)
+    n = c.shape[0]
     return np.stack(
-        [j & _M, j >> np.uint64(32), np.full(n, stage, np.uint64), np.full(n, stream, np.uint64)], axis=1
+        [c & _M, c >> np.uint64(32), np.full(n, stage, np.uint64), np.full(n, stream, np.uint64)], axis=1
     ).astype(np.uint32)
+
+
+def contract_normals(seed: int, j: np.ndarray, stage: int, stream: int) -> np.ndarray:
+    """The contract's normals at element indices ``j``, from the oracle Philox alone."""
+    j = np.asarray(j, dtype=np.uint64)
+    return normal_oracle(philox_oracle(seed, contract_counters(j, stage, stream)), (j & np.uint64(3)).astype(np.int64))
 
 
 def test_cpp_philox_words_match_independent_oracle() -> None:
@@ -108,9 +121,8 @@ def test_cpp_normals_follow_the_counter_contract(stage: int, stream: int) -> Non
     seeds = np.array(SEEDS, dtype=np.int64)
     got = _C.philox_normal(seeds, numel, stage, stream)
     assert got.dtype == np.float32 and got.shape == (len(SEEDS), numel)
-    ctr = contract_counters(np.arange(numel), stage, stream)
     for b, seed in enumerate(SEEDS):
-        want = normal_oracle(philox_oracle(seed, ctr))
+        want = contract_normals(seed, np.arange(numel), stage, stream)
         np.testing.assert_allclose(got[b], want, rtol=0, atol=2e-6)
 
 
@@ -150,27 +162,30 @@ def _helper_probe_kernel(seed_ptr, out_ptr, j0, n, stage, BLOCK: tl.constexpr, S
 @pytest.mark.parametrize("wide", [False, True])
 def test_triton_helper_int32_and_high_indices(wide: bool) -> None:
     seed, stage, stream, n = -(2**62) + 5, 5, 1, 100
-    j0 = 2**33 + 2**32 - 50 if wide else 0  # crosses a 2**32 boundary: c1 changes within the block
+    j0 = 2**35 + 2**34 - 50 if wide else 0  # the counter j >> 2 crosses 2**32: c1 changes within the block
     out = torch.empty(n, dtype=torch.float32)
     _helper_probe_kernel[(1,)](torch.tensor([seed]), out, j0, n, stage, BLOCK=128, STREAM=stream, WIDE=wide)
-    ctr = contract_counters(np.arange(j0, j0 + n, dtype=np.uint64), stage, stream)
-    want = normal_oracle(philox_oracle(seed, ctr))
+    want = contract_normals(seed, np.arange(j0, j0 + n, dtype=np.uint64), stage, stream)
     np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=TOL)
     if not wide:
         np.testing.assert_allclose(out.numpy(), P.philox_normal(torch.tensor([seed]), n, stage, stream)[0], atol=TOL)
 
 
-def test_triton_helper_matches_tl_randn_at_stage0_stream0() -> None:
-    # With stage = stream = 0 the contract is exactly tl.randn(seed, j).
+def test_triton_helper_matches_tl_randn4x_at_stage0_stream0() -> None:
+    # With stage = stream = 0 the contract is exactly tl.randn4x(seed, c): its four outputs are elements 4c .. 4c + 3.
     @triton.jit
-    def randn_kernel(seed_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < n)
+    def randn4x_kernel(seed_ptr, out_ptr, BLOCK: tl.constexpr):
+        c = tl.arange(0, BLOCK)
+        n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), c)
+        tl.store(out_ptr + 4 * c, n0)
+        tl.store(out_ptr + 4 * c + 1, n1)
+        tl.store(out_ptr + 4 * c + 2, n2)
+        tl.store(out_ptr + 4 * c + 3, n3)
 
     seed = torch.tensor([2**40 + 3])
-    out = torch.empty(300)
-    randn_kernel[(1,)](seed, out, 300, BLOCK=512)
-    torch.testing.assert_close(P.launch_philox_normal_triton(seed, 300, 0, 0)[0], out, rtol=0, atol=0)
+    out = torch.empty(4 * 128)
+    randn4x_kernel[(1,)](seed, out, BLOCK=128)
+    torch.testing.assert_close(P.launch_philox_normal_triton(seed, 4 * 128, 0, 0)[0], out, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +243,23 @@ def test_statistics_of_the_noise() -> None:
     assert abs(tail - 0.0027 * n) < 5 * np.sqrt(0.0027 * n)
     # Uniform words: Box-Muller caps |z| at sqrt(-2 ln 1e-7) = 5.68.
     assert np.abs(z).max() <= 5.68
+
+
+def test_the_four_normals_of_one_counter_are_independent() -> None:
+    # Elements 4c .. 4c + 3 share a Philox call: (r0 cos t0, r0 sin t0, r1 cos t1, r1 sin t1). Each lane is N(0, 1),
+    # lanes are uncorrelated, and a Box-Muller pair's squared radius is chi-square with 2 degrees of freedom
+    # (exponential, mean 2), which fails if a lane repeated another's angle or radius.
+    z = P.philox_normal(P.derive_seeds(7, 4), 40000, 1, 0).double().reshape(-1, 4).numpy()
+    n = len(z)
+    for lane in range(4):
+        assert stats.kstest(z[:, lane], "norm").pvalue > 1e-3, lane
+    corr = np.corrcoef(z.T)
+    assert np.all(np.abs(corr[np.triu_indices(4, 1)]) < 5 / np.sqrt(n)), corr
+    for pair in ((0, 1), (2, 3), (0, 2), (1, 3)):
+        radius2 = z[:, pair[0]] ** 2 + z[:, pair[1]] ** 2
+        assert stats.kstest(radius2, "expon", args=(0, 2)).pvalue > 1e-3, pair
+    # The squares of a pair are not dependent through a shared radius beyond what independence gives.
+    assert abs(np.corrcoef(z[:, 0] ** 2, z[:, 1] ** 2)[0, 1]) < 5 / np.sqrt(n)
 
 
 # ------------------------------------------------------------------------------------------------
