@@ -16,17 +16,13 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu_isa.h"
 #include "philox.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
-#if defined(__x86_64__) && (defined(__clang__) || defined(__GNUC__))
-#define FASTDIFF_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTDIFF_AVX2_CLONE
-#endif
 
 namespace fastdiff {
 namespace {
@@ -204,8 +200,8 @@ inline void philox_words(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4])
 #endif
 
 // out[4i .. 4i + 3] = the four normals of counter i's words (w[0][i] .. w[3][i]) for i < counters, a multiple
-// of kLanes.
-FASTDIFF_AVX2_CLONE void box_muller_block(const uint32_t* const w[4], int counters, float* out) {
+// of kLanes. Built twice (baseline and AVX2, see cpu_isa.h).
+FASTDIFF_LANES void box_muller_lanes(const uint32_t* const w[4], int counters, float* out) {
   for (int i = 0; i < counters; i += kLanes) {
     F8 z[4];  // (r0 cos t0, r0 sin t0, r1 cos t1, r1 sin t1) of each lane's counter
     box_muller(w[0] + i, w[1] + i, z[0], z[1]);
@@ -214,6 +210,20 @@ FASTDIFF_AVX2_CLONE void box_muller_block(const uint32_t* const w[4], int counte
     for (int l = 0; l < kLanes; ++l)
       for (int k = 0; k < 4; ++k) o[4 * l + k] = z[k][l];
   }
+}
+void box_muller_block_baseline(const uint32_t* const w[4], int counters, float* out) {
+  box_muller_lanes(w, counters, out);
+}
+#if FASTDIFF_AVX2_BUILD
+FASTDIFF_TARGET_AVX2 void box_muller_block_avx2(const uint32_t* const w[4], int counters, float* out) {
+  box_muller_lanes(w, counters, out);
+}
+#endif
+void box_muller_block(const uint32_t* const w[4], int counters, float* out) {
+#if FASTDIFF_AVX2_BUILD
+  if (use_avx2()) return box_muller_block_avx2(w, counters, out);
+#endif
+  box_muller_block_baseline(w, counters, out);
 }
 
 }  // namespace

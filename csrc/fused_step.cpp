@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "cpu_isa.h"
 #include "fast_normal.h"
 
 namespace py = pybind11;
@@ -53,13 +54,15 @@ inline void prefetch(const T* p, int n) {
 }
 
 constexpr int kCols = 12;
+// Below this many elements a step runs on the calling thread: waking a second one costs more than it saves.
+constexpr int64_t kParallelElements = 32768;
 enum { CX, CM, CH0, CH1, CH2, CZ, DX, DM, EX, EM, CX0, DX0 };
 
+// One (sample, block) item of the step: kNoiseBlock elements of one sample. Returns whether a stored x_out value
+// is non-finite.
 template <class T, class M>
-void run(const FusedStepArgs& a) {
+inline __attribute__((always_inline)) bool step_item(const FusedStepArgs& a, int64_t item, int64_t blocks) {
   const int64_t numel = a.numel, batch = a.batch;
-  const int64_t blocks = (numel + kNoiseBlock - 1) / kNoiseBlock, items = batch * blocks;
-  std::vector<char> bad(static_cast<size_t>(items), 0);
   const T* x = static_cast<const T*>(a.x);
   const M* m = static_cast<const M*>(a.m);
   const M* mu = static_cast<const M*>(a.m_uncond);
@@ -68,98 +71,125 @@ void run(const FusedStepArgs& a) {
   T* h_out = static_cast<T*>(a.h_out);
   T* x0_out = static_cast<T*>(a.x0_out);
   T* pool = static_cast<T*>(a.pool);
-  const int threads = (items > 1 && batch * numel >= 32768) ? std::max(1, a.threads) : 1;
-
-  // Dynamic chunks of 16 items (4096 elements): a thread held up (a core shared with other work) does not hold
-  // back the whole step. Which thread runs an item does not change its result.
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t b = item / blocks, j0 = (item % blocks) * kNoiseBlock;
-    const int n = static_cast<int>(std::min<int64_t>(kNoiseBlock, numel - j0));
-    const int32_t* desc = a.rows ? a.rows + 6 * b : nullptr;
-    const int64_t row = desc ? desc[0] : a.stage;
-    const int64_t stage = desc ? desc[1] : a.stage;
-    float c[kCols];
-    for (int k = 0; k < kCols; ++k) c[k] = static_cast<float>(a.coeffs[row * kCols + k]);
-    const float w = a.row_guidance ? a.row_guidance[b] : a.guidance_scale;
-    const T* h[3] = {nullptr, nullptr, nullptr};
-    float ch[3] = {0.0f, 0.0f, 0.0f};
-    for (int k = 0; k < 3; ++k) {
-      const T* src = nullptr;
-      if (desc) {
-        if (pool && desc[2 + k] >= 0) src = pool + static_cast<int64_t>(desc[2 + k]) * batch * numel;
-      } else if (k < a.n_hist) {
-        src = static_cast<const T*>(a.hist[k]);
-      }
-      if (src) {
-        h[k] = src + b * numel;
-        ch[k] = c[CH0 + k];
-      }
+  const int64_t b = item / blocks, j0 = (item % blocks) * kNoiseBlock;
+  const int n = static_cast<int>(std::min<int64_t>(kNoiseBlock, numel - j0));
+  const int32_t* desc = a.rows ? a.rows + 6 * b : nullptr;
+  const int64_t row = desc ? desc[0] : a.stage;
+  const int64_t stage = desc ? desc[1] : a.stage;
+  float c[kCols];
+  for (int k = 0; k < kCols; ++k) c[k] = static_cast<float>(a.coeffs[row * kCols + k]);
+  const float w = a.row_guidance ? a.row_guidance[b] : a.guidance_scale;
+  const T* h[3] = {nullptr, nullptr, nullptr};
+  float ch[3] = {0.0f, 0.0f, 0.0f};
+  for (int k = 0; k < 3; ++k) {
+    const T* src = nullptr;
+    if (desc) {
+      if (pool && desc[2 + k] >= 0) src = pool + static_cast<int64_t>(desc[2 + k]) * batch * numel;
+    } else if (k < a.n_hist) {
+      src = static_cast<const T*>(a.hist[k]);
     }
-    T* h_dst = a.h_out ? h_out + b * numel : nullptr;
-    if (desc && pool && desc[5] >= 0) h_dst = pool + (static_cast<int64_t>(desc[5]) * batch + b) * numel;
-    const bool clip = a.clip != nullptr;
-    const float bound = clip ? a.clip[2 * b] : 0.0f, scale = clip ? a.clip[2 * b + 1] : 1.0f;
-
-    // The block in simple loops over local float buffers, so each loop vectorises.
-    float z[kNoiseBlock], xv[kNoiseBlock], mv[kNoiseBlock], x0[kNoiseBlock], acc[kNoiseBlock];
-    const bool philox = a.use_noise && !noise;
-    const int64_t base = b * numel + j0;
-    const T* xb = x + base;
-    const M* mb = m + base;
-    if (philox) {
-      // Making the noise takes far longer than a read from memory: start the block's reads first, so that
-      // they overlap it instead of following it.
-      prefetch(xb, n);
-      prefetch(mb, n);
-      if (mu) prefetch(mu + base, n);
-      for (const T* hk : h)
-        if (hk) prefetch(hk + j0, n);
-      philox_normal_block(static_cast<uint64_t>(a.seeds[b]), static_cast<uint64_t>(j0), n,
-                          static_cast<uint32_t>(stage), a.stream, z);
+    if (src) {
+      h[k] = src + b * numel;
+      ch[k] = c[CH0 + k];
     }
-    for (int i = 0; i < n; ++i) xv[i] = load(xb, i);
-    for (int i = 0; i < n; ++i) mv[i] = load(mb, i);
-    if (mu) {
-      const M* ub = mu + base;
-      for (int i = 0; i < n; ++i) {
-        const float uv = load(ub, i);
-        mv[i] = uv + w * (mv[i] - uv);
-      }
-    }
-    for (int i = 0; i < n; ++i) x0[i] = c[EX] * xv[i] + c[EM] * mv[i];
-    if (clip)
-      for (int i = 0; i < n; ++i) x0[i] = std::min(std::max(x0[i], -bound), bound) * scale;
-    for (int i = 0; i < n; ++i) acc[i] = c[CX] * xv[i] + c[CM] * mv[i] + c[CX0] * x0[i];
-    for (int k = 0; k < 3; ++k) {
-      if (!h[k]) continue;
-      const T* hb = h[k] + j0;
-      const float ck = ch[k];
-      for (int i = 0; i < n; ++i) acc[i] += ck * load(hb, i);
-    }
-    if (philox) {
-      for (int i = 0; i < n; ++i) acc[i] += c[CZ] * z[i];
-    } else if (a.use_noise) {
-      const M* nb = noise + base;
-      for (int i = 0; i < n; ++i) acc[i] += c[CZ] * load(nb, i);
-    }
-    T* ob = x_out + base;
-    for (int i = 0; i < n; ++i) store(ob, i, acc[i]);
-    int any_bad = 0;
-    for (int i = 0; i < n; ++i) {  // what was stored, so a half-precision overflow counts too
-      const float v = load(ob, i);
-      any_bad |= !(std::fabs(v) <= 3.402823466e38f);  // NaN and +-Inf fail this
-    }
-    if (h_dst) {
-      T* hb = h_dst + j0;
-      for (int i = 0; i < n; ++i) store(hb, i, c[DX] * xv[i] + c[DM] * mv[i] + c[DX0] * x0[i]);
-    }
-    if (x0_out) {
-      T* x0b = x0_out + base;
-      for (int i = 0; i < n; ++i) store(x0b, i, x0[i]);
-    }
-    bad[static_cast<size_t>(item)] = any_bad;
   }
+  T* h_dst = a.h_out ? h_out + b * numel : nullptr;
+  if (desc && pool && desc[5] >= 0) h_dst = pool + (static_cast<int64_t>(desc[5]) * batch + b) * numel;
+  const bool clip = a.clip != nullptr;
+  const float bound = clip ? a.clip[2 * b] : 0.0f, scale = clip ? a.clip[2 * b + 1] : 1.0f;
+
+  // The block in simple loops over local float buffers, so each loop vectorises.
+  float z[kNoiseBlock], xv[kNoiseBlock], mv[kNoiseBlock], x0[kNoiseBlock], acc[kNoiseBlock];
+  const bool philox = a.use_noise && !noise;
+  const int64_t base = b * numel + j0;
+  const T* xb = x + base;
+  const M* mb = m + base;
+  if (philox) {
+    // Making the noise takes far longer than a read from memory: start the block's reads first, so that
+    // they overlap it instead of following it.
+    prefetch(xb, n);
+    prefetch(mb, n);
+    if (mu) prefetch(mu + base, n);
+    for (const T* hk : h)
+      if (hk) prefetch(hk + j0, n);
+    philox_normal_block(static_cast<uint64_t>(a.seeds[b]), static_cast<uint64_t>(j0), n,
+                        static_cast<uint32_t>(stage), a.stream, z);
+  }
+  for (int i = 0; i < n; ++i) xv[i] = load(xb, i);
+  for (int i = 0; i < n; ++i) mv[i] = load(mb, i);
+  if (mu) {
+    const M* ub = mu + base;
+    for (int i = 0; i < n; ++i) {
+      const float uv = load(ub, i);
+      mv[i] = uv + w * (mv[i] - uv);
+    }
+  }
+  for (int i = 0; i < n; ++i) x0[i] = c[EX] * xv[i] + c[EM] * mv[i];
+  if (clip)
+    for (int i = 0; i < n; ++i) x0[i] = std::min(std::max(x0[i], -bound), bound) * scale;
+  for (int i = 0; i < n; ++i) acc[i] = c[CX] * xv[i] + c[CM] * mv[i] + c[CX0] * x0[i];
+  for (int k = 0; k < 3; ++k) {
+    if (!h[k]) continue;
+    const T* hb = h[k] + j0;
+    const float ck = ch[k];
+    for (int i = 0; i < n; ++i) acc[i] += ck * load(hb, i);
+  }
+  if (philox) {
+    for (int i = 0; i < n; ++i) acc[i] += c[CZ] * z[i];
+  } else if (a.use_noise) {
+    const M* nb = noise + base;
+    for (int i = 0; i < n; ++i) acc[i] += c[CZ] * load(nb, i);
+  }
+  T* ob = x_out + base;
+  for (int i = 0; i < n; ++i) store(ob, i, acc[i]);
+  int any_bad = 0;
+  for (int i = 0; i < n; ++i) {  // what was stored, so a half-precision overflow counts too
+    const float v = load(ob, i);
+    any_bad |= !(std::fabs(v) <= 3.402823466e38f);  // NaN and +-Inf fail this
+  }
+  if (h_dst) {
+    T* hb = h_dst + j0;
+    for (int i = 0; i < n; ++i) store(hb, i, c[DX] * xv[i] + c[DM] * mv[i] + c[DX0] * x0[i]);
+  }
+  if (x0_out) {
+    T* x0b = x0_out + base;
+    for (int i = 0; i < n; ++i) store(x0b, i, x0[i]);
+  }
+  return any_bad != 0;
+}
+
+// Items [lo, hi) into bad[]. Built for baseline x86-64 and for AVX2 (twice the vector width for every loop), one
+// picked by cpu_isa.h; both give the same bits.
+template <class T, class M>
+void step_items(const FusedStepArgs& a, int64_t lo, int64_t hi, int64_t blocks, char* bad) {
+  for (int64_t item = lo; item < hi; ++item) bad[item] = step_item<T, M>(a, item, blocks);
+}
+#if FASTDIFF_AVX2_BUILD
+template <class T, class M>
+FASTDIFF_TARGET_AVX2 void step_items_avx2(const FusedStepArgs& a, int64_t lo, int64_t hi, int64_t blocks,
+                                                      char* bad) {
+  for (int64_t item = lo; item < hi; ++item) bad[item] = step_item<T, M>(a, item, blocks);
+}
+#endif
+
+template <class T, class M>
+void run(const FusedStepArgs& a) {
+  const int64_t numel = a.numel, batch = a.batch;
+  const int64_t blocks = (numel + kNoiseBlock - 1) / kNoiseBlock, items = batch * blocks;
+  std::vector<char> bad(static_cast<size_t>(items), 0);
+  auto items_fn = &step_items<T, M>;
+#if FASTDIFF_AVX2_BUILD
+  if (use_avx2()) items_fn = &step_items_avx2<T, M>;
+#endif
+  constexpr int64_t kChunk = 16;  // items per task: 4096 elements
+  const int64_t chunks = (items + kChunk - 1) / kChunk;
+  const int threads = (chunks > 1 && batch * numel >= kParallelElements) ? std::max(1, a.threads) : 1;
+
+  // Dynamic chunks: a thread held up (a core shared with other work) does not hold back the whole step. Which
+  // thread runs an item does not change its result.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    items_fn(a, chunk * kChunk, std::min(items, (chunk + 1) * kChunk), blocks, bad.data());
   for (int64_t item = 0; item < items; ++item) {
     if (!bad[static_cast<size_t>(item)]) continue;
     const int64_t b = item / blocks;
@@ -239,6 +269,9 @@ void bind_fused_step(py::module_& m) {
         return res;
       },
       "The fused CPU step's vectorised normals for elements j0 .. j0 + n - 1 of one sample (testing).");
+  m.def(
+      "cpu_isa", [] { return use_avx2() ? "avx2" : "baseline"; },
+      "Which build of the vectorised CPU loops runs: 'avx2', or 'baseline' (no AVX2, or FASTDIFF_CPU_BASELINE=1).");
 }
 
 }  // namespace fastdiff

@@ -4,6 +4,8 @@ noise against the C++ libm generator and the (interpreted) Triton kernel; thread
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -203,3 +205,50 @@ def test_non_contiguous_output_falls_back_to_the_reference():
     fused_step_reference(x, x, None, 1.0, [], coeffs, 0, torch.tensor([1, 2]), 0, False, None, want, None, None,
                          torch.full((2,), INT32_MAX, dtype=torch.int32))
     assert torch.equal(out, want)
+
+
+def isa_outputs() -> dict:
+    """Every kind of input the kernel takes (dtypes, guidance, history, clip, explicit and Philox noise, per-row
+    programs, a block that is not whole lanes), with fixed inputs; the outputs by name."""
+    g = torch.Generator().manual_seed(21)
+    out = {}
+    for dtype in DTYPES:
+        for shape, n_hist in (((3, 1000), 2), ((2, 4, 33), 3), ((5, 5), 0)):
+            rnd = lambda: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+            coeffs = torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64)
+            x, m, mu, noise = rnd(), rnd(), rnd(), rnd()
+            for variant, extra in (("philox", {}), ("explicit", {"noise": noise}),
+                                   ("clip", {"clip": torch.tensor([[1.0, 1.0]] * shape[0])})):
+                res = _run(fused_step_cpu, dict(x=x, m=m, m_uncond=mu, w=2.5, hist=[rnd() for _ in range(n_hist)],
+                                                coeffs=coeffs, stage=3, seeds=torch.arange(shape[0]) * 7 - 3, **extra),
+                           _outputs(x))
+                out.update({f"{dtype}/{shape}/{variant}/{k}": v for k, v in res.items()})
+        pool = torch.randn(3, 4, 300, generator=g).to(dtype)
+        rows = torch.tensor([[0, 0, -1, -1, -1, 0], [2, 7, 0, -1, -1, 1], [3, 2, 2, 1, 0, 2], [1, 11, 1, 0, -1, -1]],
+                            dtype=torch.int32)
+        x, m, mu = (torch.randn(4, 300, generator=g).to(dtype) for _ in range(3))
+        res = _run(fused_step_cpu, dict(x=x, m=m, m_uncond=mu, coeffs=torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64),
+                                        seeds=torch.tensor([5, -7, 2**40, 9]), rows=rows, pool=pool,
+                                        row_guidance=torch.tensor([1.0, 7.5, 0.0, 3.0])), _outputs(x, want_h=False))
+        out.update({f"{dtype}/rows/{k}": v for k, v in res.items() if v is not None})
+        out[f"{dtype}/rows/pool"] = pool
+    return out
+
+
+def test_baseline_and_avx2_builds_give_the_same_bits(tmp_path):
+    # The vectorised loops are built for baseline x86-64 and for AVX2 (csrc/cpu_isa.h); FASTDIFF_CPU_BASELINE=1
+    # makes a process run the baseline build.
+    if _C.cpu_isa() != "avx2":
+        pytest.skip(f"this CPU runs the {_C.cpu_isa()} build only: there is no second build to compare")
+    path = tmp_path / "baseline.pt"
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from fastdiff import _C; "
+              "assert _C.cpu_isa() == 'baseline'; from test_fused_step_cpu import isa_outputs; "
+              "torch.save(isa_outputs(), sys.argv[1])")
+    env = dict(os.environ, FASTDIFF_CPU_BASELINE="1")
+    subprocess.run([sys.executable, "-c", script, str(path), os.path.dirname(os.path.abspath(__file__))], env=env,
+                   check=True, timeout=300)
+    baseline, avx2 = torch.load(path), isa_outputs()
+    assert baseline.keys() == avx2.keys()
+    for name, value in avx2.items():
+        assert torch.equal(value, baseline[name]) or (value.is_floating_point() and torch.equal(
+            value.isnan(), baseline[name].isnan()) and torch.equal(value.nan_to_num(), baseline[name].nan_to_num())), name
