@@ -5,7 +5,7 @@ returns a precomputed tensor, so nothing but the sampler's own work is measured)
 ``Pipeline.sample`` (one ``fastdiff::fused_step`` per stage; on the CPU the C++ kernel) against diffusers'
 scheduler loop (``set_timesteps`` once, then ``step`` per timestep) for the scheduler running the same
 algorithm. Reports ms per step for both and the ratio diffusers / fastdiff (> 1: fastdiff is faster);
-best of ``--repeats``. Writes JSON (``bench/results/step.json``) and prints a Markdown table.
+best of ``--repeats`` rounds in which the two take turns. Writes JSON (``bench/results/step.json``) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -35,14 +35,29 @@ DEFAULT_SIZES = ("2,2", "4,4,64,64", "16,4,128,128")
 DEFAULT_JSON = os.path.join("bench", "results", "step.json")
 
 
-def _best(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _best_of_each(fns: Sequence[Callable[[], Any]], repeats: int) -> List[float]:
+    """Best time of each function over ``repeats`` rounds, the functions taking turns within a round: a machine
+    whose speed drifts (a shared or throttled core) then slows both sides of a ratio alike."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure(name: str, shape: Sequence[int], steps: int, repeats: int) -> Dict[str, Any]:
@@ -56,8 +71,6 @@ def measure(name: str, shape: Sequence[int], steps: int, repeats: int) -> Dict[s
     sched = Schedule.vp_discrete()
     pipe = Pipeline(model, sched, device="cpu")
     x_T = pipe.initial_noise(shape, seed=0)
-    ours = _best(lambda: pipe.sample(shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing",
-                                     progress=False, **options), repeats)
     peer = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                                         beta_end=0.02, timestep_spacing="trailing", **config)
     takes_generator = "generator" in __import__("inspect").signature(peer.step).parameters
@@ -70,7 +83,8 @@ def measure(name: str, shape: Sequence[int], steps: int, repeats: int) -> Dict[s
             x = peer.step(model(peer.scale_model_input(x, t), t), t, x, **extra, **step_kwargs).prev_sample
         return x
 
-    theirs = _best(diffusers_loop, repeats)
+    ours, theirs = _best_of_each([lambda: pipe.sample(shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing",
+                                                      progress=False, **options), diffusers_loop], repeats)
     return dict(sampler=name, shape=list(shape), numel=int(torch.Size(shape).numel()), steps=steps,
                 fastdiff_ms_per_step=1e3 * ours / steps, diffusers_ms_per_step=1e3 * theirs / steps,
                 speedup=theirs / ours)
@@ -79,7 +93,9 @@ def measure(name: str, shape: Sequence[int], steps: int, repeats: int) -> Dict[s
 def run(samplers: Sequence[str], sizes: Sequence[Sequence[int]], steps: int, repeats: int) -> Dict[str, Any]:
     """Every (sampler, size) pair, with the machine described."""
     rows: List[Dict[str, Any]] = [measure(s, size, steps, repeats) for size in sizes for s in samplers]
-    return dict(device="cpu", threads=torch.get_num_threads(), host=platform.processor() or platform.machine(),
+    from fastdiff._ext import C
+
+    return dict(device="cpu", threads=torch.get_num_threads(), host=_cpu_name(), cpu_isa=C.cpu_isa(),
                 torch=torch.__version__, rows=rows)
 
 
@@ -98,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--samplers", default=",".join(PEERS), help=f"comma-separated, from: {', '.join(PEERS)}")
     p.add_argument("--sizes", default=";".join(DEFAULT_SIZES), help="state shapes, ';'-separated, e.g. '2,2;4,4,64,64'")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=DEFAULT_JSON, help="output path ('' for none)")
     a = p.parse_args(argv)

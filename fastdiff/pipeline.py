@@ -7,6 +7,8 @@ at the end, so the loop never waits on the host.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -34,6 +36,24 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 _EAGER_ONLY = object()  # graph-cache marker: capture failed for this key under cuda_graph="auto"
+
+
+
+PROGRAM_CACHE_SIZE = 64
+"""How many coefficient programs a Pipeline keeps (least recently used first out)."""
+
+
+def _program_key(pipe: "Pipeline", sampler: str, steps: int, spacing: str, steps_offset: int, rho: float,
+                 options: Mapping[str, Any]) -> Optional[tuple]:
+    """What a program built on a spaced grid depends on; None when an option is not hashable (then it is not
+    cached). The schedule and x0 limit are held by identity and value, so replacing either misses the cache."""
+    key = (pipe.schedule, pipe.prediction, pipe.device, pipe.x0_clip, sampler, steps, spacing, steps_offset, rho,
+           tuple(sorted(options.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 class Pipeline:
@@ -83,6 +103,7 @@ class Pipeline:
             raise TypeError(f"x0_clip must be a fastdiff.x0_clip.X0Clip or None, got {type(x0_clip).__name__}")
         self.x0_clip = x0_clip
         self.metadata: dict = {}
+        self._programs: OrderedDict = OrderedDict()  # program key -> Program (see program())
 
     @classmethod
     def from_diffusers(cls, model: Any, scheduler: Any, **pipeline_kwargs: Any) -> "Pipeline":
@@ -257,12 +278,23 @@ class Pipeline:
         """The coefficient program :meth:`sample` runs for these settings: ``sampler`` on ``grid``, or else on
         ``steps`` steps of the spaced grid (``spacing`` default per sampler and schedule), with the pipeline's
         x0 limit applied. The serving engine builds its rows' programs here too, so both run the same one."""
+        key = None
         if grid is None:
             if spacing is None:
                 spacing = get_sampler(sampler).default_spacing(self.schedule)
+            key = _program_key(self, sampler, steps, spacing, steps_offset, rho, sampler_options)
+            cached = self._programs.get(key) if key is not None else None
+            if cached is not None:
+                self._programs.move_to_end(key)
+                return cached
             grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
         prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
-        return prog if self.x0_clip is None else self.x0_clip.program(prog)
+        prog = prog if self.x0_clip is None else self.x0_clip.program(prog)
+        if key is not None:  # a program is read-only once built: calls with the same settings share it
+            self._programs[key] = prog
+            while len(self._programs) > PROGRAM_CACHE_SIZE:
+                self._programs.popitem(last=False)
+        return prog
 
     # ------------------------------------------------------------------ the loop
     def _run(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict, noise: Any,
@@ -285,8 +317,7 @@ class Pipeline:
 
     def _model_times(self, prog: Program, batch: int) -> torch.Tensor:
         # [stages, batch] float32 on the device, made before the loop (and before any graph capture).
-        model_times = torch.as_tensor(prog.model_time, dtype=torch.float32).to(self.device)
-        return model_times[:, None].expand(-1, batch).contiguous()
+        return prog.model_times(batch)
 
     def _loop(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, model_times: torch.Tensor, kwargs: dict,
               uncond: Optional[dict], guidance: Optional[Guidance], noise: Any, return_x0: bool,

@@ -1,8 +1,8 @@
 """A sampler's coefficient program, built in C++ in float64 and placed on the device once."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -29,6 +29,16 @@ class Program:
     model_time: np.ndarray
     slots: int
     coef_device: torch.Tensor
+    _times: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def model_times(self, batch: int) -> torch.Tensor:
+        """``model_time`` as a [stages, batch] float32 tensor on the program's device (made once per batch size;
+        read-only)."""
+        times = self._times.get(batch)
+        if times is None:
+            per_stage = torch.as_tensor(self.model_time, dtype=torch.float32).to(self.coef_device.device)
+            times = self._times[batch] = per_stage[:, None].expand(-1, batch).contiguous()
+        return times
 
     @property
     def stages(self) -> int:

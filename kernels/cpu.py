@@ -40,7 +40,10 @@ def _c_compatible(x: torch.Tensor, outs: Sequence[Optional[torch.Tensor]], state
     for t in outs:
         if t is not None and (t.dtype != dtype or not t.is_contiguous() or t.shape != shape):
             return False
-    return all(t.dtype == dtype and t.shape == shape for t in states)
+    for t in states:
+        if t.dtype != dtype or t.shape != shape:
+            return False
+    return True
 
 
 def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Tensor], guidance_scale: float,
@@ -50,6 +53,7 @@ def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Te
                    rows: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None,
                    row_guidance: Optional[torch.Tensor] = None) -> None:
     """Same arguments and results as :func:`fastdiff.kernels.reference.fused_step_reference`, in one C++ pass."""
+    # Runs once per sampler step: written to do as few calls into torch as the checks allow (~2 us here).
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
     if not _c_compatible(x, (x_out, h_out, x0_out), hist) or (pool is not None and not pool.is_contiguous()) \
             or nonfinite.dtype != torch.int32 or not nonfinite.is_contiguous():
@@ -57,21 +61,30 @@ def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Te
                              x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance)
         return
     state = x.dtype
-    x = x.contiguous()
-    m = _model_operand(m, state)
-    mu = _model_operand(m_uncond, state)
-    nz = _model_operand(noise, state) if use_noise else None
-    # The kernel reads m, m_uncond and noise in one dtype: float32 unless all of them are in the state's.
-    model_f32 = state == torch.float32 or any(t is not None and t.dtype == torch.float32 for t in (m, mu, nz))
-    if model_f32:
-        m, mu, nz = (_as(t, torch.float32) for t in (m, mu, nz))
+    x = _as(x)
+    nz = noise if use_noise else None
+    if state == torch.float32:  # the common case: every model operand is read in float32
+        model_f32 = True
+        m, mu, nz = _as(m, state), _as(m_uncond, state), _as(nz, state)
+    else:
+        m, mu, nz = _model_operand(m, state), _model_operand(m_uncond, state), _model_operand(nz, state)
+        # The kernel reads m, m_uncond and noise in one dtype: float32 unless all of them are in the state's.
+        model_f32 = (m.dtype == torch.float32 or (mu is not None and mu.dtype == torch.float32)
+                     or (nz is not None and nz.dtype == torch.float32))
+        if model_f32:
+            m, mu, nz = _as(m, torch.float32), _as(mu, torch.float32), _as(nz, torch.float32)
     # Every converted tensor is held in a local until the call returns (the kernel gets raw pointers).
-    hs = [_as(h) for h in hist]
-    h0, h1, h2 = (*(h.data_ptr() for h in hs), 0, 0, 0)[:3]
-    coef, sd, cl, rw, gd = _as(coeffs, torch.float64), _as(seeds, torch.int64), _as(clip, torch.float32), _as(rows), \
-        _as(row_guidance)
+    hs = [_as(h) for h in hist] if hist else ()
+    n_hist = len(hs)
+    h0 = hs[0].data_ptr() if n_hist > 0 else 0
+    h1 = hs[1].data_ptr() if n_hist > 1 else 0
+    h2 = hs[2].data_ptr() if n_hist > 2 else 0
+    coef, sd = _as(coeffs, torch.float64), _as(seeds, torch.int64)
+    cl = None if clip is None else _as(clip, torch.float32)
+    rw = None if rows is None else _as(rows)
+    gd = None if row_guidance is None else _as(row_guidance)
     batch = x.shape[0]
     C.fused_step_cpu(batch, x.numel() // batch if batch else 0, _STATE_TYPES[state], model_f32, x.data_ptr(),
-                     m.data_ptr(), _ptr(mu), float(guidance_scale), _ptr(gd), h0, h1, h2, len(hs), coef.data_ptr(),
+                     m.data_ptr(), _ptr(mu), float(guidance_scale), _ptr(gd), h0, h1, h2, n_hist, coef.data_ptr(),
                      int(stage), sd.data_ptr(), int(stream), bool(use_noise), _ptr(nz), x_out.data_ptr(), _ptr(h_out),
                      _ptr(x0_out), nonfinite.data_ptr(), _ptr(cl), _ptr(rw), _ptr(pool), torch.get_num_threads())

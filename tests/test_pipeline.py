@@ -378,3 +378,46 @@ def test_low_precision_state(dtype: torch.dtype) -> None:
     assert low.dtype == dtype
     tol = 2e-2 if dtype == torch.float16 else 1e-1
     torch.testing.assert_close(low.float(), ref, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Program cache
+# ------------------------------------------------------------------------------------------------
+
+
+def test_programs_are_built_once_per_setting_and_rebuilt_when_the_pipeline_changes() -> None:
+    from fastdiff.pipeline import PROGRAM_CACHE_SIZE
+    from fastdiff.x0_clip import X0Clip
+
+    pipe = _pipe(Schedule.vp_discrete())
+    a = pipe.program("ddim", 10, eta=0.5)
+    assert pipe.program("ddim", 10, eta=0.5) is a
+    assert pipe.program("ddim", 10, eta=0.0) is not a
+    assert pipe.program("ddim", 11, eta=0.5) is not a
+    assert pipe.program("ddim", 10, spacing="trailing", eta=0.5) is not a
+    # What the program depends on beyond its arguments: the schedule, the prediction and the x0 limit.
+    pipe.prediction = "x0"
+    b = pipe.program("ddim", 10, eta=0.5)
+    assert b is not a and not (b.coef == a.coef).all()
+    pipe.prediction = "eps"
+    pipe.x0_clip = X0Clip(clip_range=1.0)
+    assert pipe.program("ddim", 10, eta=0.5) is not a
+    pipe.x0_clip = None
+    pipe.schedule = Schedule.vp_discrete(beta_end=0.015)
+    assert pipe.program("ddim", 10, eta=0.5) is not a
+    # Bounded, least recently used out; a sample run equals one on a fresh pipeline.
+    for steps in range(1, PROGRAM_CACHE_SIZE + 5):
+        pipe.program("ddpm", steps)
+    assert len(pipe._programs) == PROGRAM_CACHE_SIZE
+    fresh = Pipeline(pipe.model, pipe.schedule, device="cpu")
+    for _ in range(2):
+        torch.testing.assert_close(pipe.sample((3, 2), steps=7, seed=1, progress=False),
+                                   fresh.sample((3, 2), steps=7, seed=1, progress=False), rtol=0, atol=0)
+
+
+def test_program_model_times_per_batch_size() -> None:
+    prog = _pipe(Schedule.vp_discrete()).program("ddim", 5)
+    t3 = prog.model_times(3)
+    assert t3.shape == (5, 3) and t3.dtype == torch.float32 and prog.model_times(3) is t3
+    assert torch.equal(t3[:, 0], torch.as_tensor(prog.model_time, dtype=torch.float32))
+    assert prog.model_times(1).shape == (5, 1)
