@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py
 
 # The C++ extension, rebuilt in place whenever csrc/ changes (serialised, so parallel rebuilds do
 # not collide).
-$(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/torch/*.cpp)
 	flock /tmp/fastdiff-build.lock $(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $(EXT_STAMP)
 
@@ -40,4 +40,4 @@ bench: $(EXT_STAMP)
 	$(PY) bench/quality.py
 
 clean:
-	rm -rf build $(VENV) fastdiff/_C*.so
+	rm -rf build $(VENV) fastdiff/_C*.so fastdiff/_ops*.so

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastdiff.kernels.op  # noqa: E402,F401
+import fastdiff.kernels.op  # noqa: E402
 from fastdiff import _C  # noqa: E402
 from fastdiff.kernels.cpu import fused_step_cpu  # noqa: E402
 from fastdiff.kernels.fused_step import launch_fused_step  # noqa: E402
@@ -252,3 +252,112 @@ def test_baseline_and_avx2_builds_give_the_same_bits(tmp_path):
     for name, value in avx2.items():
         assert torch.equal(value, baseline[name]) or (value.is_floating_point() and torch.equal(
             value.isnan(), baseline[name].isnan()) and torch.equal(value.nan_to_num(), baseline[name].nan_to_num())), name
+
+
+# ------------------------------------------------------------------------------------------------
+# The op's C++ CPU kernel (fastdiff._ops) against its Python CPU kernel (fastdiff::fused_step_any)
+# ------------------------------------------------------------------------------------------------
+
+
+def _op_args(args: dict, out: dict) -> tuple:
+    return (args["x"], args["m"], args.get("m_uncond"), args.get("w", 1.0), args.get("hist", []), args["coeffs"],
+            args.get("stage", 0), args["seeds"], 0, args.get("use_noise", True), args.get("noise"), out["x_out"],
+            out["h_out"], out["x0_out"], out["nonfinite"], args.get("clip"), args.get("rows"), args.get("pool"),
+            args.get("row_guidance"))
+
+
+def _op_cases():
+    g = torch.Generator().manual_seed(5)
+    for dtype in DTYPES:
+        rnd = lambda *shape: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+        coeffs = torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64)
+        x = rnd(3, 2, 333)
+        yield f"{dtype} plain", dict(x=x, m=rnd(3, 2, 333), coeffs=coeffs, stage=2, seeds=torch.tensor([1, 2, 3]))
+        yield f"{dtype} all", dict(x=x, m=rnd(3, 2, 333), m_uncond=rnd(3, 2, 333), w=3.0, hist=[rnd(3, 2, 333)] * 3,
+                                   coeffs=coeffs, stage=3, seeds=torch.tensor([4, 5, 6]), noise=rnd(3, 2, 333),
+                                   clip=torch.tensor([[1.0, 1.0], [0.5, 2.0], [2.0, 1.0]]))
+        rows = torch.tensor([[0, 0, -1, -1, -1, 0], [2, 7, 0, -1, -1, 1], [3, 2, 1, 0, -1, -1]], dtype=torch.int32)
+        yield f"{dtype} per-row", dict(x=x, m=rnd(3, 2, 333), m_uncond=rnd(3, 2, 333), coeffs=coeffs,
+                                       seeds=torch.tensor([7, 8, 9]), rows=rows, pool=rnd(2, 3, 2, 333),
+                                       row_guidance=torch.tensor([1.0, 2.0, 0.5]))
+        if dtype != torch.float32:  # a float32 network output with a half-precision state
+            yield f"{dtype} f32 model", dict(x=x, m=torch.randn(3, 2, 333, generator=g), coeffs=coeffs,
+                                             seeds=torch.tensor([1, 2, 3]))
+
+
+def _run_op(op, args: dict, want_h: bool) -> dict:
+    args = dict(args, pool=args["pool"].clone()) if args.get("pool") is not None else args
+    out = _outputs(args["x"].contiguous(), want_h)
+    op(*_op_args(args, out))
+    if args.get("pool") is not None:
+        out["pool"] = args["pool"]
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    for name, value in a.items():
+        if value is not None:
+            assert torch.equal(value.nan_to_num(), b[name].nan_to_num()) and torch.equal(value.isnan(),
+                                                                                      b[name].isnan()), name
+
+
+def test_the_op_runs_its_cpp_cpu_kernel():
+    # `make` builds fastdiff._ops (setup.py); without it the op would quietly run its Python CPU kernel.
+    assert fastdiff.kernels.op.CPU_KERNEL_IN_CPP
+
+
+@pytest.mark.parametrize("name,args", list(_op_cases()), ids=[n for n, _ in _op_cases()])
+def test_cpp_cpu_kernel_equals_the_python_one_bitwise_without_calling_it(monkeypatch, name, args):
+    calls = []
+    python_kernel = fastdiff.kernels.op.cpu_kernel
+    monkeypatch.setattr(fastdiff.kernels.op, "cpu_kernel", lambda *a: (calls.append(1), python_kernel(*a)))
+    want_h = args.get("rows") is None
+    ours = _run_op(torch.ops.fastdiff.fused_step, args, want_h)
+    assert calls == [], "the C++ fast path should take these arguments"
+    theirs = _run_op(torch.ops.fastdiff.fused_step_any, args, want_h)
+    assert calls == [1]
+    _same(ours, theirs)
+
+
+def test_what_the_cpp_fast_path_does_not_take_goes_to_the_python_kernel(monkeypatch):
+    calls = []
+    python_kernel = fastdiff.kernels.op.cpu_kernel
+    monkeypatch.setattr(fastdiff.kernels.op, "cpu_kernel", lambda *a: (calls.append(1), python_kernel(*a)))
+    g = torch.Generator().manual_seed(8)
+    x, m = torch.randn(2, 40, generator=g), torch.randn(2, 40, generator=g)
+    coeffs = torch.randn(3, NUM_COEF, generator=g, dtype=torch.float64)
+    base = dict(x=x, m=m, coeffs=coeffs, stage=1, seeds=torch.tensor([1, 2]))
+    want = _run_op(torch.ops.fastdiff.fused_step, base, True)
+    for change in (dict(m=m.double()), dict(m=torch.randn(40, 2, generator=g).t()),
+                   dict(x=x.t().contiguous().t()), dict(seeds=torch.tensor([1, 2], dtype=torch.int32))):
+        if "m" in change:
+            base_m = dict(base, m=change["m"].to(torch.float32).contiguous())
+            want_m = _run_op(torch.ops.fastdiff.fused_step, base_m, True)
+        else:
+            want_m = want
+        before = len(calls)
+        _same(_run_op(torch.ops.fastdiff.fused_step, dict(base, **change), True), want_m)
+        assert len(calls) == before + 1, change
+    # Argument errors come from the Python kernel, as before.
+    with pytest.raises(ValueError, match="pass rows as well"):
+        _run_op(torch.ops.fastdiff.fused_step, dict(base, pool=torch.zeros(1, 2, 40)), True)
+    with pytest.raises(ValueError, match="rows must be int32"):
+        _run_op(torch.ops.fastdiff.fused_step, dict(base, rows=torch.zeros(2, 6, dtype=torch.int64)), False)
+    out = _outputs(x)
+    out["x_out"] = torch.empty(40, 2).t()  # a non-contiguous output: the reference computes it (float rounding)
+    torch.ops.fastdiff.fused_step(*_op_args(base, out))
+    torch.testing.assert_close(out["x_out"], want["x_out"], rtol=1e-6, atol=1e-6)
+    assert len(calls) == 7  # the four changes, the two errors and this output
+
+
+def test_the_python_cpu_kernel_can_be_chosen(tmp_path):
+    script = ("import torch, fastdiff.kernels.op as op; assert not op.CPU_KERNEL_IN_CPP; "
+              "from fastdiff import Pipeline, Schedule; "
+              "p = Pipeline(lambda x, t: 0.1 * x, Schedule.vp_discrete(), device='cpu'); "
+              "torch.save(p.sample((3, 5), sampler='ddpm', steps=6, seed=2, progress=False), __import__('sys').argv[1])")
+    path = tmp_path / "py.pt"
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=300,
+                   env=dict(os.environ, FASTDIFF_PYTHON_CPU_KERNEL="1"))
+    from fastdiff import Pipeline, Schedule
+    pipe = Pipeline(lambda x, t: 0.1 * x, Schedule.vp_discrete(), device="cpu")
+    assert torch.equal(torch.load(path), pipe.sample((3, 5), sampler="ddpm", steps=6, seed=2, progress=False))

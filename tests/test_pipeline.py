@@ -12,6 +12,7 @@ only errors are the sampler's.
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -205,9 +206,9 @@ def test_initial_noise_is_the_start() -> None:
 
 @pytest.mark.parametrize("sampler,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler_maruyama", {}),
                                              ("pf_ode_euler", {})])
-def test_cpu_reference_equals_triton_kernel(monkeypatch: pytest.MonkeyPatch, sampler: str, options: dict) -> None:
-    # The op's CPU path calls kernels.op.cpu_kernel (the C++ step); swapping it for the Triton launch runs
-    # the whole loop through the (interpreted) kernel, noise included.
+def test_cpu_reference_equals_triton_kernel(sampler: str, options: dict) -> None:
+    # Registering the Triton launch as the op's CPU kernel for a while (over the C++ one) runs the whole loop
+    # through the (interpreted) Triton kernel, noise included; destroying the registration restores the C++ one.
     sch = Schedule.vp_linear()
     pipe = Pipeline(GMM3.as_model(sch, "eps"), sch, device="cpu")
     ref = pipe.sample((4, 3), sampler=sampler, steps=8, seed=11, progress=False, **options)
@@ -217,10 +218,18 @@ def test_cpu_reference_equals_triton_kernel(monkeypatch: pytest.MonkeyPatch, sam
         calls.append(1)
         launch_fused_step(*args)
 
-    monkeypatch.setattr(op_module, "cpu_kernel", via_triton)
-    tri = pipe.sample((4, 3), sampler=sampler, steps=8, seed=11, progress=False, **options)
+    override = torch.library.Library("fastdiff", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel": that is the point
+            override.impl("fused_step", via_triton, "CPU")
+        tri = pipe.sample((4, 3), sampler=sampler, steps=8, seed=11, progress=False, **options)
+    finally:
+        override._destroy()
     assert len(calls) == 8
     torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pipe.sample((4, 3), sampler=sampler, steps=8, seed=11, progress=False, **options), ref)
+    assert len(calls) == 8  # the C++ kernel is back
 
 
 
