@@ -33,18 +33,23 @@ PEERS: Dict[str, tuple] = {
 }
 DEFAULT_SIZES = ("2,2", "4,4,64,64", "16,4,128,128")
 DEFAULT_JSON = os.path.join("bench", "results", "step.json")
+"""Where the CPU run's table lives; pass ``--json bench/results/step_cuda.json`` for a GPU run."""
 
 
-def _best_of_each(fns: Sequence[Callable[[], Any]], repeats: int) -> List[float]:
+def _best_of_each(fns: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None] = lambda: None
+                  ) -> List[float]:
     """Best time of each function over ``repeats`` rounds, the functions taking turns within a round: a machine
-    whose speed drifts (a shared or throttled core) then slows both sides of a ratio alike."""
+    whose speed drifts (a shared or throttled core) then slows both sides of a ratio alike. ``sync`` waits for
+    the device (CUDA) before each clock reading."""
     for fn in fns:
-        fn()  # warm-up
+        fn()  # warm-up (and, on CUDA, the graph capture)
+    sync()
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
+            sync()
             best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
@@ -60,43 +65,49 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(name: str, shape: Sequence[int], steps: int, repeats: int) -> Dict[str, Any]:
-    """ms per step of fastdiff and diffusers for the peer pair ``name`` (a key of :data:`PEERS`)."""
+def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: str = "cpu") -> Dict[str, Any]:
+    """ms per step of fastdiff and diffusers for the peer pair ``name`` (a key of :data:`PEERS`) on ``device``
+    (on CUDA fastdiff replays its whole loop as a CUDA graph, its default there)."""
     import diffusers
 
     sampler, options, cls_name, config, step_kwargs = PEERS[name]
     shape = tuple(int(s) for s in shape)
-    const = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1
+    const = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1).to(device)
     model = lambda x, t, **_: const  # noqa: E731  (the constant model)
     sched = Schedule.vp_discrete()
-    pipe = Pipeline(model, sched, device="cpu")
+    pipe = Pipeline(model, sched, device=device)
     x_T = pipe.initial_noise(shape, seed=0)
     peer = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                                         beta_end=0.02, timestep_spacing="trailing", **config)
     takes_generator = "generator" in __import__("inspect").signature(peer.step).parameters
 
     def diffusers_loop() -> torch.Tensor:
-        peer.set_timesteps(steps)
+        peer.set_timesteps(steps, device=device)
         x = x_T * peer.init_noise_sigma
-        extra = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+        extra = {"generator": torch.Generator(device=device).manual_seed(0)} if takes_generator else {}
         for t in peer.timesteps:
             x = peer.step(model(peer.scale_model_input(x, t), t), t, x, **extra, **step_kwargs).prev_sample
         return x
 
     ours, theirs = _best_of_each([lambda: pipe.sample(shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing",
-                                                      progress=False, **options), diffusers_loop], repeats)
+                                                      progress=False, **options), diffusers_loop], repeats,
+                                 sync=torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None)
     return dict(sampler=name, shape=list(shape), numel=int(torch.Size(shape).numel()), steps=steps,
                 fastdiff_ms_per_step=1e3 * ours / steps, diffusers_ms_per_step=1e3 * theirs / steps,
                 speedup=theirs / ours)
 
 
-def run(samplers: Sequence[str], sizes: Sequence[Sequence[int]], steps: int, repeats: int) -> Dict[str, Any]:
+def run(samplers: Sequence[str], sizes: Sequence[Sequence[int]], steps: int, repeats: int,
+        device: str = "cpu") -> Dict[str, Any]:
     """Every (sampler, size) pair, with the machine described."""
-    rows: List[Dict[str, Any]] = [measure(s, size, steps, repeats) for size in sizes for s in samplers]
+    rows: List[Dict[str, Any]] = [measure(s, size, steps, repeats, device) for size in sizes for s in samplers]
     from fastdiff._ext import C
 
-    return dict(device="cpu", threads=torch.get_num_threads(), host=_cpu_name(), cpu_isa=C.cpu_isa(),
-                torch=torch.__version__, rows=rows)
+    res = dict(device=device, threads=torch.get_num_threads(), host=_cpu_name(), cpu_isa=C.cpu_isa(),
+               torch=torch.__version__, rows=rows)
+    if torch.device(device).type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return res
 
 
 def format_table(res: Dict[str, Any]) -> str:
@@ -116,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (both libraries on it)")
     p.add_argument("--json", default=DEFAULT_JSON, help="output path ('' for none)")
     a = p.parse_args(argv)
     samplers = [s.strip() for s in a.samplers.split(",") if s.strip()]
@@ -124,9 +136,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"unknown samplers {unknown}; choose from {list(PEERS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device: {exc}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"--device must be cpu or an available CUDA device, got {a.device!r}")
     sizes = [[int(v) for v in s.split(",")] for s in a.sizes.split(";") if s.strip()]
     with torch.inference_mode():
-        res = run(samplers, sizes, a.steps, a.repeats)
+        res = run(samplers, sizes, a.steps, a.repeats, str(device))
     print(format_table(res))
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)

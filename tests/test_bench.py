@@ -131,3 +131,18 @@ def test_bench_step_cli_times_fastdiff_and_diffusers(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["shape"] == [2, 2]
     with pytest.raises(SystemExit, match="unknown samplers"):
         main(["step", "--samplers", "nope", "--json", ""])
+
+
+def test_bench_step_refuses_a_device_it_cannot_use():
+    with pytest.raises(SystemExit, match="--device"):
+        main(["step", "--device", "tpu", "--json", ""])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="available CUDA device"):
+            main(["step", "--device", "cuda", "--json", ""])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_step_on_cuda(tmp_path):
+    res = main(["step", "--device", "cuda", "--sizes", "4,4,16,16", "--samplers", "ddim eta=1,dpmpp_2m", "--steps",
+                "4", "--repeats", "2", "--json", str(tmp_path / "cuda.json")])
+    assert res["device"] == "cuda" and res["gpu"] and all(r["speedup"] > 0 for r in res["rows"])

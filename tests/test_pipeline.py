@@ -21,7 +21,6 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastdiff.kernels.op as op_module  # noqa: E402
 from fastdiff import NonFiniteError, Pipeline, Schedule  # noqa: E402
 from fastdiff.demo import default_mixture  # noqa: E402
 from fastdiff.kernels.fused_step import launch_fused_step  # noqa: E402
