@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -26,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
+from fastdiff.bench_timing import best_of_each
 from fastdiff.kernels.philox import derive_seeds
 from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
 from fastdiff.program import build_program
@@ -143,20 +143,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Best-of-``repeats`` wall time of ``fn()`` in seconds (after one warm-up call)."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def step_cost(sampler: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype,
               schedule: Schedule, steps: int) -> Dict[str, Dict[str, float]]:
     """Framework ops and bytes of one sampler step (the model excluded), fastdiff vs diffusers, same tensors."""
@@ -216,21 +202,18 @@ def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64
                                steps=int(steps), device=str(dev), repeats=int(repeats),
                                host=platform.processor() or platform.machine(), torch=torch.__version__,
                                threads=torch.get_num_threads())
-    timings: Dict[str, float] = {}
     x_T = pipe.initial_noise(full, seed=0)
     kw = dict(sampler=sampler, steps=steps, seed=0, spacing="leading", x_T=x_T, progress=False)
+    runs: Dict[str, Callable[[], Any]] = {"fastdiff_eager": lambda: pipe.sample(full, cuda_graph=False, **kw)}
     with torch.inference_mode():
-        timings["fastdiff_eager"] = _time(lambda: pipe.sample(full, cuda_graph=False, **kw), dev, repeats)
+        ours = pipe.sample(full, cuda_graph=False, **kw)
         if dev.type == "cuda":
             try:
-                timings["fastdiff_graph"] = _time(lambda: pipe.sample(full, cuda_graph=True, **kw), dev, repeats)
                 graph_out = pipe.sample(full, cuda_graph=True, **kw)
+                runs["fastdiff_graph"] = lambda: pipe.sample(full, cuda_graph=True, **kw)
+                res["max_abs_diff_graph_vs_eager"] = float((graph_out.float() - ours.float()).abs().max())
             except Exception as e:  # noqa: BLE001  (e.g. a model that syncs with the host cannot be captured)
                 res["graph_error"] = f"{type(e).__name__}: {e}"
-                graph_out = None
-        ours = pipe.sample(full, cuda_graph=False, **kw)
-        if dev.type == "cuda" and graph_out is not None:
-            res["max_abs_diff_graph_vs_eager"] = float((graph_out.float() - ours.float()).abs().max())
         if sampler in DIFFUSERS_SAMPLERS:
             sched = diffusers_scheduler(sampler, _vp_params(schedule))
 
@@ -244,13 +227,15 @@ def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64
                         sched.step(m, t, x).prev_sample
                 return x
 
-            timings["diffusers"] = _time(diffusers_loop, dev, repeats)
+            runs["diffusers"] = diffusers_loop
             theirs = diffusers_loop()
             if not DIFFUSERS_SAMPLERS_STOCHASTIC.get(sampler, False):
                 res["max_abs_diff_vs_diffusers"] = float((ours.float() - theirs.float()).abs().max())
             # The model alone, so the sampler's own share of a step can be read off.
             t_model = torch.full((full[0],), 500.0, device=dev)
-            timings["model_only"] = _time(lambda: [net(x_T, t_model) for _ in range(steps)], dev, repeats)
+            runs["model_only"] = lambda: [net(x_T, t_model) for _ in range(steps)]
+        # All take turns (fastdiff, diffusers, the model alone), so the machine's drift does not favour one.
+        timings = dict(zip(runs, best_of_each(list(runs.values()), repeats, sync=lambda: _sync(dev))))
     res["seconds"] = timings
     res["samples_per_s"] = {k: full[0] / v for k, v in timings.items() if k != "model_only"}
     res["step_latency_ms"] = {k: 1e3 * v / steps for k, v in timings.items()}

@@ -13,11 +13,11 @@ import argparse
 import json
 import os
 import platform
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from fastdiff.bench_timing import best_of_each
 from fastdiff.pipeline import Pipeline
 from fastdiff.schedule import Schedule
 
@@ -34,24 +34,6 @@ PEERS: Dict[str, tuple] = {
 DEFAULT_SIZES = ("2,2", "4,4,64,64", "16,4,128,128")
 DEFAULT_JSON = os.path.join("bench", "results", "step.json")
 """Where the CPU run's table lives; pass ``--json bench/results/step_cuda.json`` for a GPU run."""
-
-
-def _best_of_each(fns: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None] = lambda: None
-                  ) -> List[float]:
-    """Best time of each function over ``repeats`` rounds, the functions taking turns within a round: a machine
-    whose speed drifts (a shared or throttled core) then slows both sides of a ratio alike. ``sync`` waits for
-    the device (CUDA) before each clock reading."""
-    for fn in fns:
-        fn()  # warm-up (and, on CUDA, the graph capture)
-    sync()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
 
 
 def _cpu_name() -> str:
@@ -89,7 +71,7 @@ def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: s
             x = peer.step(model(peer.scale_model_input(x, t), t), t, x, **extra, **step_kwargs).prev_sample
         return x
 
-    ours, theirs = _best_of_each([lambda: pipe.sample(shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing",
+    ours, theirs = best_of_each([lambda: pipe.sample(shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing",
                                                       progress=False, **options), diffusers_loop], repeats,
                                  sync=torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None)
     return dict(sampler=name, shape=list(shape), numel=int(torch.Size(shape).numel()), steps=steps,

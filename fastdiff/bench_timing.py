@@ -1,0 +1,24 @@
+"""Timing for the benchmarks: the measured functions take turns, so a machine whose speed drifts slows all alike."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, List, Sequence
+
+
+def best_of_each(fns: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None] = lambda: None
+                 ) -> List[float]:
+    """Best wall time (seconds) of each function over ``repeats`` rounds, the functions taking turns within a round
+    (a machine whose speed drifts, a shared or throttled core, then slows every side of a ratio alike), after one
+    warm-up call of each (on CUDA, also the graph capture). ``sync`` waits for the device before each clock
+    reading."""
+    for fn in fns:
+        fn()
+    sync()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
