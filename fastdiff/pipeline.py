@@ -7,6 +7,7 @@ at the end, so the loop never waits on the host.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -104,6 +105,7 @@ class Pipeline:
         self.x0_clip = x0_clip
         self.metadata: dict = {}
         self._programs: OrderedDict = OrderedDict()  # program key -> Program (see program())
+        self._programs_lock = threading.Lock()
 
     @classmethod
     def from_diffusers(cls, model: Any, scheduler: Any, **pipeline_kwargs: Any) -> "Pipeline":
@@ -283,17 +285,20 @@ class Pipeline:
             if spacing is None:
                 spacing = get_sampler(sampler).default_spacing(self.schedule)
             key = _program_key(self, sampler, steps, spacing, steps_offset, rho, sampler_options)
-            cached = self._programs.get(key) if key is not None else None
-            if cached is not None:
-                self._programs.move_to_end(key)
-                return cached
+            if key is not None:
+                with self._programs_lock:  # pipelines are shared between threads (a server's, a user's)
+                    cached = self._programs.get(key)
+                    if cached is not None:
+                        self._programs.move_to_end(key)
+                        return cached
             grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
         prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
         prog = prog if self.x0_clip is None else self.x0_clip.program(prog)
         if key is not None:  # a program is read-only once built: calls with the same settings share it
-            self._programs[key] = prog
-            while len(self._programs) > PROGRAM_CACHE_SIZE:
-                self._programs.popitem(last=False)
+            with self._programs_lock:
+                self._programs[key] = prog
+                while len(self._programs) > PROGRAM_CACHE_SIZE:
+                    self._programs.popitem(last=False)
         return prog
 
     # ------------------------------------------------------------------ the loop
