@@ -1,15 +1,16 @@
 // Philox normals for a block of consecutive elements (fast_normal.h), four per Philox call (the counter contract
 // of philox.h), shaped for what limits each part:
-//  - Philox (ten rounds of two 32x32->64 multiplies) is bound by the vector multiply unit. SSE2 pmuludq does the
+//  - Philox (ten rounds of two 32x32->64 multiplies) is bound by the vector multiply unit. pmuludq does the
 //    widening multiply directly when each 32-bit word sits in a 64-bit lane; the compiler cannot be led to that
 //    layout from plain loops (it packs and unpacks the halves around every multiply), so it is written with
-//    SSE2 intrinsics, with the scalar philox4x32_10 where SSE2 is absent.
-//  - Box-Muller is one long dependency chain per pair of elements (log, divide, sqrt, then cos and sin from one
-//    range reduction). It runs on 8-lane vector types
-//    (GCC/Clang vector extensions): each operation becomes two independent SSE instructions (one AVX2), so two
-//    chains are in flight at once instead of the core waiting on latency. It is built twice, for plain x86-64
-//    and for AVX2 (whose three-operand forms drop the register copies: ~1.7x faster here), picked at load
-//    time; both do the same IEEE float operations (no FMA), so they give the same bits.
+//    intrinsics: SSE2 (two counters per register), AVX2 where the CPU has it (four; cpu_isa.h), the scalar
+//    philox4x32_10 where SSE2 is absent.
+//  - Box-Muller is one long dependency chain per pair of elements (log, divide, sqrt, then cosine and sine from
+//    one range reduction). It runs on 8-lane vector types (GCC/Clang vector extensions): each operation becomes
+//    two independent SSE instructions (one AVX2), so two chains are in flight at once instead of the core
+//    waiting on latency. It is built twice, for plain x86-64 and for AVX2 (whose three-operand forms drop the
+//    register copies: ~1.7x faster), picked once (cpu_isa.h); both do the same IEEE float operations (no FMA),
+//    so they give the same bits.
 // Everything is branch-free.
 #include "fast_normal.h"
 
@@ -21,6 +22,9 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if FASTDIFF_AVX2_BUILD
+#include <immintrin.h>
 #endif
 
 
@@ -199,6 +203,63 @@ inline void philox_words(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4])
 inline void philox_words(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4]) { philox_words_scalar(p, c, w); }
 #endif
 
+#if FASTDIFF_AVX2_BUILD
+// The words of counters c .. c + counters - 1 (counters a multiple of kLanes) with AVX2: the SSE2 rounds above on
+// 256-bit registers, four counters per register, the round keys broadcast once per block.
+FASTDIFF_TARGET_AVX2 void philox_block_words_avx2(const PhiloxBlock& p, uint64_t c, int counters,
+                                                  uint32_t* const w[4]) {
+  constexpr int kRegs = kLanes / 4;
+  const __m256i ma = _mm256_set1_epi64x(kPhiloxRoundA), mb = _mm256_set1_epi64x(kPhiloxRoundB);
+  __m256i ka[10], kb[10];
+  for (uint32_t r = 0; r < 10; ++r) {
+    ka[r] = _mm256_set1_epi64x(static_cast<uint32_t>(p.k0 + r * kPhiloxKeyA));
+    kb[r] = _mm256_set1_epi64x(static_cast<uint32_t>(p.k1 + r * kPhiloxKeyB));
+  }
+  const uint64_t pb1 = static_cast<uint64_t>(kPhiloxRoundB) * p.stage;
+  const uint32_t ka1 = p.k0 + kPhiloxKeyA, kb1 = p.k1 + kPhiloxKeyB;
+  for (int i = 0; i < counters; i += kLanes) {
+    const uint64_t ci = c + static_cast<uint64_t>(i);
+    const uint32_t hi = static_cast<uint32_t>(ci >> 32);
+    if (static_cast<uint32_t>((ci + kLanes - 1) >> 32) != hi) {  // the counters straddle 2^32: word 1 differs
+      uint32_t* const wi[4] = {w[0] + i, w[1] + i, w[2] + i, w[3] + i};
+      philox_words_scalar(p, ci, wi);
+      continue;
+    }
+    const uint32_t x0c = static_cast<uint32_t>(pb1 >> 32) ^ hi ^ p.k0, x1c = static_cast<uint32_t>(pb1);
+    const uint64_t pa2 = static_cast<uint64_t>(kPhiloxRoundA) * x0c;
+    __m256i x0[kRegs], x1[kRegs], x2[kRegs], x3[kRegs];
+    for (int r = 0; r < kRegs; ++r) {  // rounds 1 and 2, the common words in scalar
+      const uint64_t a = ci + 4 * r;
+      const __m256i ctr = _mm256_set_epi64x(static_cast<int64_t>(a + 3), static_cast<int64_t>(a + 2),
+                                            static_cast<int64_t>(a + 1), static_cast<int64_t>(a));
+      const __m256i pa = _mm256_mul_epu32(ctr, ma);
+      const __m256i x2r = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), _mm256_set1_epi64x(p.stream ^ p.k1));
+      const __m256i pb = _mm256_mul_epu32(x2r, mb);
+      x0[r] = _mm256_xor_si256(_mm256_srli_epi64(pb, 32), _mm256_set1_epi64x(x1c ^ ka1));
+      x2[r] = _mm256_xor_si256(pa, _mm256_set1_epi64x(static_cast<uint32_t>(pa2 >> 32) ^ kb1));
+      x1[r] = pb;
+      x3[r] = _mm256_set1_epi64x(static_cast<uint32_t>(pa2));
+    }
+    for (int round = 2; round < 10; ++round) {
+      for (int r = 0; r < kRegs; ++r) {
+        const __m256i pa = _mm256_mul_epu32(x0[r], ma), pb = _mm256_mul_epu32(x2[r], mb);
+        x0[r] = _mm256_xor_si256(_mm256_srli_epi64(pb, 32), _mm256_xor_si256(x1[r], ka[round]));
+        x2[r] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), _mm256_xor_si256(x3[r], kb[round]));
+        x1[r] = pb;
+        x3[r] = pa;
+      }
+    }
+    const __m256i* const words[4] = {x0, x1, x2, x3};
+    for (int k = 0; k < 4; ++k) {  // the low halves of the 64-bit lanes, counters in order
+      const __m256 both = _mm256_shuffle_ps(_mm256_castsi256_ps(words[k][0]), _mm256_castsi256_ps(words[k][1]),
+                                            _MM_SHUFFLE(2, 0, 2, 0));  // c0 c1 c4 c5 | c2 c3 c6 c7
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[k] + i),
+                          _mm256_permute4x64_epi64(_mm256_castps_si256(both), _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+  }
+}
+#endif
+
 // out[4i .. 4i + 3] = the four normals of counter i's words (w[0][i] .. w[3][i]) for i < counters, a multiple
 // of kLanes. Built twice (baseline and AVX2, see cpu_isa.h).
 FASTDIFF_LANES void box_muller_lanes(const uint32_t* const w[4], int counters, float* out) {
@@ -235,9 +296,16 @@ void philox_normal_block(uint64_t seed, uint64_t j0, int n, uint32_t stage, uint
   const int counters = (skip + n + 4 * kLanes - 1) / (4 * kLanes) * kLanes;
   alignas(16) uint32_t w0[kMaxCounters], w1[kMaxCounters], w2[kMaxCounters], w3[kMaxCounters];
   uint32_t* const w[4] = {w0, w1, w2, w3};
-  for (int i = 0; i < counters; i += kLanes) {
-    uint32_t* const wi[4] = {w0 + i, w1 + i, w2 + i, w3 + i};
-    philox_words(p, (j0 >> 2) + i, wi);
+#if FASTDIFF_AVX2_BUILD
+  if (use_avx2()) {
+    philox_block_words_avx2(p, j0 >> 2, counters, w);
+  } else
+#endif
+  {
+    for (int i = 0; i < counters; i += kLanes) {
+      uint32_t* const wi[4] = {w0 + i, w1 + i, w2 + i, w3 + i};
+      philox_words(p, (j0 >> 2) + i, wi);
+    }
   }
   if (skip == 0) {  // the fused step's blocks: whole groups of four, written in place
     box_muller_block(w, counters, out);
