@@ -1,7 +1,7 @@
 """The CPU kernel of ``fastdiff::fused_step``: the C++ fused step (csrc/fused_step.cpp) on tensor data pointers.
 
 One pass over memory per step, OpenMP over (sample, block) items, float32 arithmetic from the float64 row,
-Philox noise made in the loop (vectorised log/cos, within ~1e-6 of the libm generator). Inputs the C++
+Philox noise made in the loop (vectorised log/cos/sin, within ~1e-6 of the libm generator). Inputs the C++
 kernel does not take (non-contiguous outputs, mixed state dtypes) go to the plain-torch reference instead,
 so every call gives the reference's result up to float32 rounding.
 """
@@ -53,7 +53,8 @@ def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Te
                    rows: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None,
                    row_guidance: Optional[torch.Tensor] = None) -> None:
     """Same arguments and results as :func:`fastdiff.kernels.reference.fused_step_reference`, in one C++ pass."""
-    # Runs once per sampler step: written to do as few calls into torch as the checks allow (~2 us here).
+    # The op's Python CPU kernel: every step where fastdiff._ops is not built (so it makes as few calls into torch
+    # as the checks allow), else only the layouts the C++ kernel (csrc/torch/fused_step_op.cpp) passes on.
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
     if not _c_compatible(x, (x_out, h_out, x0_out), hist) or (pool is not None and not pool.is_contiguous()) \
             or nonfinite.dtype != torch.int32 or not nonfinite.is_contiguous():
