@@ -361,3 +361,17 @@ def test_the_python_cpu_kernel_can_be_chosen(tmp_path):
     from fastdiff import Pipeline, Schedule
     pipe = Pipeline(lambda x, t: 0.1 * x, Schedule.vp_discrete(), device="cpu")
     assert torch.equal(torch.load(path), pipe.sample((3, 5), sampler="ddpm", steps=6, seed=2, progress=False))
+
+
+def test_a_cpp_kernel_that_does_not_load_warns_and_leaves_the_python_one(monkeypatch, tmp_path):
+    # A stale build (made against another torch, say) must not break `import fastdiff`: the loader warns and says no.
+    import importlib.machinery
+
+    broken = tmp_path / "_ops.so"
+    broken.write_bytes(b"not a shared library")
+    spec = importlib.machinery.ModuleSpec("fastdiff._ops", None, origin=str(broken))
+    monkeypatch.setattr(fastdiff.kernels.op.importlib.util, "find_spec", lambda name: spec)
+    with pytest.warns(UserWarning, match="did not load"):
+        assert fastdiff.kernels.op._load_cpp_cpu_kernel() is False
+    monkeypatch.setenv("FASTDIFF_PYTHON_CPU_KERNEL", "1")
+    assert fastdiff.kernels.op._load_cpp_cpu_kernel() is False
