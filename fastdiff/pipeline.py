@@ -22,6 +22,8 @@ from fastdiff.guidance import Guidance, check_double_batch, guided_outputs, make
 from fastdiff.kernels.philox import derive_seeds, philox_normal
 from fastdiff.likelihood import encode, log_likelihood
 from fastdiff.adaptive import SPECIAL_SAMPLERS, run_special
+from fastdiff.diffusers_call import DiffusersModel, scheduler_call, scheduler_grid
+from fastdiff.diffusers_setup import SchedulerSetup, scheduler_setup
 from fastdiff.checks import NonFiniteError  # noqa: F401  (re-exported: fastdiff.pipeline.NonFiniteError)
 from fastdiff.checks import (NO_NONFINITE, check_callback, check_model_kwargs, check_model_output, check_noise,
                              check_shape, raise_if_nonfinite)
@@ -107,13 +109,13 @@ class Pipeline:
         self._programs: OrderedDict = OrderedDict()  # program key -> Program (see program())
         self._programs_lock = threading.Lock()
 
-    @classmethod
-    def from_diffusers(cls, model: Any, scheduler: Any, **pipeline_kwargs: Any) -> "Pipeline":
-        """A pipeline for a diffusers model and its scheduler (or scheduler config): the schedule, prediction
-        type, timestep convention, default sampler and grid of that scheduler class
-        (:func:`fastdiff.diffusers.pipeline_from_diffusers`)."""
-        from fastdiff.diffusers_pipeline import pipeline_from_diffusers
-        return pipeline_from_diffusers(model, scheduler, **pipeline_kwargs)
+    @staticmethod
+    def from_diffusers(model: Any, scheduler: Any, **pipeline_kwargs: Any) -> "DiffusersPipeline":
+        """A pipeline for a diffusers model (or any callable) and its scheduler (a diffusers scheduler, its
+        config, or a ``FastdiffScheduler``): the schedule, prediction type, timestep convention, default sampler
+        and grid of that scheduler class (:class:`DiffusersPipeline`); ``pipeline_kwargs`` go to
+        :class:`Pipeline` (device, dtype, max_graphs, sample_shape, ...)."""
+        return DiffusersPipeline(model, scheduler_setup(scheduler), **pipeline_kwargs)
 
     # ------------------------------------------------------------------ public API
     def initial_noise(self, shape: Sequence[int], seed: SeedLike = 0) -> torch.Tensor:
@@ -520,3 +522,47 @@ def _explicit_grid(schedule: Schedule, timesteps: Any, sigmas: Any, spacing: Opt
     return schedule.grid_from_timesteps(timesteps) if timesteps is not None else schedule.grid_from_sigmas(sigmas)
 
 
+class DiffusersPipeline(Pipeline):
+    """A :class:`Pipeline` with a diffusers scheduler's defaults (``Pipeline.from_diffusers``): the sampler that is
+    that scheduler class's algorithm, its options, its x0 limit, and its own grid for any step count
+    (:mod:`fastdiff.diffusers_call`). ``setup`` is the :class:`~fastdiff.diffusers_setup.SchedulerSetup` of the
+    scheduler config."""
+
+    def __init__(self, model: Callable[..., Any], setup: SchedulerSetup, **pipeline_kwargs: Any):
+        pipeline_kwargs.setdefault("x0_clip", setup.x0_clip)
+        super().__init__(DiffusersModel(model), setup.schedule, prediction=setup.prediction, **pipeline_kwargs)
+        self.setup = setup
+
+    def diffusers_grid(self, steps: Optional[int] = None, timesteps: Optional[Sequence[float]] = None,
+                       sigmas: Optional[Sequence[float]] = None, **set_timesteps_kwargs: Any) -> tuple[Grid, float]:
+        """The scheduler's own grid for ``steps`` (or explicit ``timesteps`` / ``sigmas``) and the factor that
+        turns diffusers' ``latents`` into fastdiff's native x_T on it."""
+        return scheduler_grid(self.setup, steps, timesteps, sigmas, **set_timesteps_kwargs)
+
+    def sample(self, shape: Sequence[int], sampler: Optional[str] = None, steps: int = 50,
+               x_T: Optional[torch.Tensor] = None, timesteps: Optional[Sequence[float]] = None,
+               sigmas: Optional[Sequence[float]] = None, spacing: Optional[str] = None,
+               generator: Optional[torch.Generator] = None, mu: Optional[float] = None,
+               **kwargs: Any) -> Any:
+        """:meth:`Pipeline.sample` on the scheduler's own grid, sampler and options by default.
+
+        Args:
+            shape, steps, timesteps, sigmas: as diffusers' ``set_timesteps`` takes them (steps when neither
+                timesteps nor sigmas is given).
+            sampler: default the scheduler class's algorithm (with its config's options; options passed
+                here override them).
+            x_T: diffusers' ``latents`` (the initial noise before ``init_noise_sigma`` scaling); default the
+                seeded Philox noise of :meth:`initial_noise`.
+            spacing: instead of the scheduler's grid, fastdiff's own spaced grid (``x_T`` then is the native
+                initial state).
+            generator: draw the step noise from this generator exactly as the scheduler's ``step`` does
+                (same order, same shapes), instead of the seeded Philox noise.
+            mu: diffusers' ``mu`` for flow schedulers with ``use_dynamic_shifting``.
+            kwargs: the rest of :meth:`Pipeline.sample` (guidance_scale, model_kwargs, uncond_kwargs, eta, seed,
+                noise, return_x0, ...).
+        """
+        call = scheduler_call(self.setup, shape, sampler, steps, x_T, timesteps, sigmas, spacing, generator, mu,
+                              kwargs, self.device, self.dtype)
+        return call.finish(super().sample(shape, **call.kwargs))
+
+    __call__ = sample
