@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -25,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
-from fastdiff.bench_timing import best_of_each
+from fastdiff.bench_timing import best_of_each, cpu_name
 from fastdiff.kernels.philox import derive_seeds
 from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
 from fastdiff.program import build_program
@@ -200,7 +199,7 @@ def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64
     pipe = Pipeline(net, schedule, prediction="eps", device=dev, dtype=tdtype)
     res: Dict[str, Any] = dict(model=model, shape=list(shape), batch=int(batch), dtype=dtype, sampler=sampler,
                                steps=int(steps), device=str(dev), repeats=int(repeats),
-                               host=platform.processor() or platform.machine(), torch=torch.__version__,
+                               host=cpu_name(), torch=torch.__version__,
                                threads=torch.get_num_threads())
     x_T = pipe.initial_noise(full, seed=0)
     kw = dict(sampler=sampler, steps=steps, seed=0, spacing="leading", x_T=x_T, progress=False)

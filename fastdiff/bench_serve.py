@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from fastdiff.bench_timing import cpu_name
 from fastdiff.serving.client import Client, ServerError
 
 POLICIES = ("single", "request", "continuous")
@@ -168,7 +169,6 @@ def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, 
         batch_wait_ms: float, model: str, policies: Sequence[str] = POLICIES, seed: int = 0,
         ray_replicas: Sequence[int] = (), device: Optional[str] = None) -> Dict[str, Any]:
     """Every setup (:func:`setups`) at every rate, the same workload for all; with the machine described."""
-    import platform
 
     import torch
 
@@ -190,7 +190,7 @@ def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, 
                       f"p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s", file=sys.stderr, flush=True)
     return dict(model=model, device=device or "default", threads=threads, max_batch=max_batch,
                 batch_wait_ms=batch_wait_ms,
-                requests_per_rate=requests, time_limit_s=time_limit, host=platform.processor() or platform.machine(),
+                requests_per_rate=requests, time_limit_s=time_limit, host=cpu_name(),
                 cores=os.cpu_count(), torch=torch.__version__, rows=rows, summary=summary(rows))
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from fastdiff.bench_timing import best_of_each
+from fastdiff.bench_timing import best_of_each, cpu_name
 from fastdiff.pipeline import Pipeline
 from fastdiff.schedule import Schedule
 
@@ -34,17 +33,6 @@ PEERS: Dict[str, tuple] = {
 DEFAULT_SIZES = ("2,2", "4,4,64,64", "16,4,128,128")
 DEFAULT_JSON = os.path.join("bench", "results", "step.json")
 """Where the CPU run's table lives; pass ``--json bench/results/step_cuda.json`` for a GPU run."""
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: str = "cpu") -> Dict[str, Any]:
@@ -85,7 +73,7 @@ def run(samplers: Sequence[str], sizes: Sequence[Sequence[int]], steps: int, rep
     rows: List[Dict[str, Any]] = [measure(s, size, steps, repeats, device) for size in sizes for s in samplers]
     from fastdiff._ext import C
 
-    res = dict(device=device, threads=torch.get_num_threads(), host=_cpu_name(), cpu_isa=C.cpu_isa(),
+    res = dict(device=device, threads=torch.get_num_threads(), host=cpu_name(), cpu_isa=C.cpu_isa(),
                torch=torch.__version__, rows=rows)
     if torch.device(device).type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -1,6 +1,8 @@
-"""Timing for the benchmarks: the measured functions take turns, so a machine whose speed drifts slows all alike."""
+"""Timing for the benchmarks (the measured functions take turns, so a machine whose speed drifts slows all alike)
+and the description of the machine they ran on."""
 from __future__ import annotations
 
+import platform
 import time
 from typing import Any, Callable, List, Sequence
 
@@ -22,3 +24,15 @@ def best_of_each(fns: Sequence[Callable[[], Any]], repeats: int, sync: Callable[
             sync()
             best[i] = min(best[i], time.perf_counter() - t0)
     return best
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -316,15 +316,11 @@ class Pipeline:
                    callback_steps: int = 1, return_trajectory: bool = False
                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The eager loop: (samples, x0 estimates or None, trajectory or None); checks NaN/Inf once at the end."""
-        times = self._model_times(prog, x.shape[0])
+        times = prog.model_times(x.shape[0])  # made before the loop (and any graph capture)
         out, x0_all, traj, nonfinite = self._loop(prog, x, seeds, times, kwargs, uncond, guidance, noise, return_x0,
                                                   return_trajectory, callback, callback_steps, progress)
         raise_if_nonfinite(nonfinite, prog)
         return out, x0_all, traj
-
-    def _model_times(self, prog: Program, batch: int) -> torch.Tensor:
-        # [stages, batch] float32 on the device, made before the loop (and before any graph capture).
-        return prog.model_times(batch)
 
     def _loop(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, model_times: torch.Tensor, kwargs: dict,
               uncond: Optional[dict], guidance: Optional[Guidance], noise: Any, return_x0: bool,
@@ -407,7 +403,7 @@ class Pipeline:
 
         def create():
             inputs = StaticBuffers(values())
-            times = self._model_times(prog, x.shape[0])
+            times = prog.model_times(x.shape[0])  # made before the loop (and any graph capture)
 
             def loop(buf: StaticBuffers):
                 ckw = {n: buf[f"c:{n}"] if f"c:{n}" in buf else v for n, v in kwargs.items()}
