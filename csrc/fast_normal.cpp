@@ -173,7 +173,7 @@ inline void philox_words(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4])
     x1[r] = pb;
     x3[r] = broadcast(static_cast<uint32_t>(pa2));
   }
-  for (int round = 2; round < 9; ++round) {
+  for (int round = 2; round < 10; ++round) {
     const __m128i vka = p.ka[round], vkb = p.kb[round];
     for (int r = 0; r < kRegs; ++r) {  // the key is xored first, off the chain through the multiply
       const __m128i pa = _mm_mul_epu32(x0[r], ma), pb = _mm_mul_epu32(x2[r], mb);
@@ -182,14 +182,6 @@ inline void philox_words(const PhiloxBlock& p, uint64_t c, uint32_t* const w[4])
       x1[r] = pb;
       x3[r] = pa;
     }
-  }
-  const __m128i vka = p.ka[9], vkb = p.kb[9];
-  for (int r = 0; r < kRegs; ++r) {  // round 10
-    const __m128i pa = _mm_mul_epu32(x0[r], ma), pb = _mm_mul_epu32(x2[r], mb);
-    x0[r] = _mm_xor_si128(_mm_srli_epi64(pb, 32), _mm_xor_si128(x1[r], vka));
-    x2[r] = _mm_xor_si128(_mm_srli_epi64(pa, 32), _mm_xor_si128(x3[r], vkb));
-    x1[r] = pb;
-    x3[r] = pa;
   }
   const auto low_halves = [](__m128i p, __m128i q) {  // lanes 0 and 2 of p, then of q
     return _mm_castps_si128(_mm_shuffle_ps(_mm_castsi128_ps(p), _mm_castsi128_ps(q), _MM_SHUFFLE(2, 0, 2, 0)));
