@@ -33,11 +33,16 @@ def _outputs(x: torch.Tensor, want_h: bool = True) -> dict:
             "nonfinite": torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32)}
 
 
+def _op_args(args: dict, out: dict) -> tuple:
+    """The op's 19 arguments, in order, from named inputs (defaults for the optional ones) and outputs."""
+    return (args["x"], args["m"], args.get("m_uncond"), args.get("w", 1.0), args.get("hist", []), args["coeffs"],
+            args.get("stage", 0), args["seeds"], 0, args.get("use_noise", True), args.get("noise"), out["x_out"],
+            out["h_out"], out["x0_out"], out["nonfinite"], args.get("clip"), args.get("rows"), args.get("pool"),
+            args.get("row_guidance"))
+
+
 def _run(fn, args: dict, out: dict) -> dict:
-    fn(args["x"], args["m"], args.get("m_uncond"), args.get("w", 1.0), args.get("hist", []), args["coeffs"],
-       args.get("stage", 0), args["seeds"], 0, args.get("use_noise", True), args.get("noise"), out["x_out"],
-       out["h_out"], out["x0_out"], out["nonfinite"], args.get("clip"), args.get("rows"), args.get("pool"),
-       args.get("row_guidance"))
+    fn(*_op_args(args, out))
     return out
 
 
@@ -259,13 +264,6 @@ def test_baseline_and_avx2_builds_give_the_same_bits(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _op_args(args: dict, out: dict) -> tuple:
-    return (args["x"], args["m"], args.get("m_uncond"), args.get("w", 1.0), args.get("hist", []), args["coeffs"],
-            args.get("stage", 0), args["seeds"], 0, args.get("use_noise", True), args.get("noise"), out["x_out"],
-            out["h_out"], out["x0_out"], out["nonfinite"], args.get("clip"), args.get("rows"), args.get("pool"),
-            args.get("row_guidance"))
-
-
 def _op_cases():
     g = torch.Generator().manual_seed(5)
     for dtype in DTYPES:
@@ -287,8 +285,7 @@ def _op_cases():
 
 def _run_op(op, args: dict, want_h: bool) -> dict:
     args = dict(args, pool=args["pool"].clone()) if args.get("pool") is not None else args
-    out = _outputs(args["x"].contiguous(), want_h)
-    op(*_op_args(args, out))
+    out = _run(op, args, _outputs(args["x"].contiguous(), want_h))
     if args.get("pool") is not None:
         out["pool"] = args["pool"]
     return out
