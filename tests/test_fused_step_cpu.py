@@ -1,4 +1,4 @@
-"""The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via kernels/cpu.py) against the plain-torch
+"""The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via fastdiff/kernels/cpu.py) against the plain-torch
 reference: every row kind, dtype and odd size, guidance, history, clipping, per-row programs; its in-loop Philox
 noise against the C++ libm generator and the (interpreted) Triton kernel; thread-count independence."""
 from __future__ import annotations

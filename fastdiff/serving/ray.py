@@ -22,9 +22,14 @@ import signal
 import threading
 from typing import Any, Dict, Optional
 
-import ray
-from fastapi import FastAPI
-from ray import serve
+from fastdiff.extras import missing_extra
+
+try:
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+except ModuleNotFoundError as exc:
+    raise missing_extra("ray", exc) from exc
 
 from fastdiff.serving.server import ServeSettings, load_pipeline, make_app
 
