@@ -12,11 +12,15 @@ KDIFF_SPEC ?= k-diffusion
 # The build tools come from the lock too, and the package builds against the environment's own torch.
 PIP_LOCKED := $(PY) -m pip install -q -c $(LOCK)
 PIP_INSTALL := $(PY) -m pip install -q
+# The editable installs compile nothing; the extensions are built in place once ($(EXT_STAMP)).
+EDITABLE := FASTDIFF_SKIP_EXTENSIONS=1
 BASE_STAMP := $(VENV)/.base-installed
 DEMO_STAMP := $(VENV)/.demo-installed
 TEST_STAMP := $(VENV)/.test-installed
 EXT_STAMP := build/.ext-built-$(notdir $(VENV))
-PIN := $(if $(filter $(VENV),.venv-latest),$(PIP_INSTALL) "$(TORCH_SPEC)",$(PIP_LOCKED))
+# .venv-latest (make test-latest) takes the newest release of everything but torch; the tests then skip the lock check.
+LATEST := $(filter .venv-latest,$(VENV))
+PIN := $(if $(LATEST),$(PIP_INSTALL) "$(TORCH_SPEC)",$(PIP_LOCKED))
 
 .PHONY: demo test test-latest install ext bench lock clean
 
@@ -26,12 +30,12 @@ $(BASE_STAMP): $(LOCK)
 	touch $@
 
 $(DEMO_STAMP): $(BASE_STAMP) pyproject.toml setup.py
-	$(PIN) --no-build-isolation -e ".[demo]"
+	$(EDITABLE) $(PIN) --no-build-isolation -e ".[demo]"
 	touch $@
 
 # k-diffusion (a test peer) without its declared dependencies: see pyproject.toml's dev extra.
 $(TEST_STAMP): $(DEMO_STAMP)
-	$(PIN) --no-build-isolation -e ".[dev]"
+	$(EDITABLE) $(PIN) --no-build-isolation -e ".[dev]"
 	$(PIN) --no-deps "$(KDIFF_SPEC)"
 	touch $@
 
@@ -50,7 +54,7 @@ demo: $(EXT_STAMP)
 # The installed package is tested: the pytest script (not `python -m pytest`) and importlib mode put no repository
 # folder on sys.path.
 test: $(TEST_STAMP) $(EXT_STAMP)
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
+	TRITON_INTERPRET=1 FASTDIFF_UNLOCKED=$(if $(LATEST),1,0) $(VENV)/bin/pytest -q tests
 
 # The whole suite against the newest release of every dependency, in its own environment.
 test-latest:

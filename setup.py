@@ -96,4 +96,9 @@ else:
     ParallelCompile("NPY_NUM_BUILD_JOBS").install()  # compile the C++ sources in parallel
     command = build_ext
 
+# `make` installs the package editable with FASTDIFF_SKIP_EXTENSIONS=1 (pip compiles nothing), then builds both
+# extensions in place once (`setup.py build_ext --inplace`), where the editable install finds them.
+if os.environ.get("FASTDIFF_SKIP_EXTENSIONS") == "1":
+    extensions = []
+
 setup(ext_modules=extensions, cmdclass={"build_ext": command})
