@@ -4,9 +4,10 @@ For a 2-D and a 16-D Gaussian mixture (exact network: GaussianMixture.as_model),
 ``fastdiff.samplers.SAMPLERS`` (whatever is registered when this runs) and diffusers' DDIM, DDPM,
 Euler, EulerAncestral, Heun, DPMSolverMultistep, UniPC and DEIS schedulers draw samples at a budget of
 5, 10, 20 and 50 network evaluations (steps = NFE / nfe_per_step; the NFE actually spent is counted
-and reported). The distance is the sliced 2-Wasserstein distance (fastdiff.metrics.sliced_wasserstein)
+and reported). The distance is the sliced 2-Wasserstein distance (fastdiff.eval.metrics.sliced_wasserstein)
 to an independent set of exact samples. All runs start from the same initial noise, so two
-implementations of the same deterministic algorithm give the same number; the "exact" row is exact-vs-exact (the noise floor).
+implementations of the same deterministic algorithm give the same number; the "exact" row is exact-vs-exact (the noise
+floor).
 
 Schedules: the discrete VP schedule (1000 steps, linear betas) with an eps network and "trailing"
 timesteps (999, ..., the same grid in fastdiff and diffusers; diffusers' DDIM/DDPM with clip_sample off),
@@ -18,21 +19,23 @@ step (2 NFE per step); ``consistency`` runs the exact x0 = E[x0 | x_t] network t
 
 Writes JSON and a PNG plot (quality against NFE, one panel per mixture) next to it and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.bench_timing import default_results_path, write_results
-from fastdiff.demo import default_mixture
-from fastdiff.metrics import sliced_wasserstein
-from fastdiff.models import GaussianMixture
+from fastdiff.bench.timing import default_results_path, write_results
+from fastdiff.demos.mixture import default_mixture
+from fastdiff.eval.exact import GaussianMixture
+from fastdiff.eval.metrics import sliced_wasserstein
 from fastdiff.samplers import SAMPLERS
 
 NFES = (5, 10, 20, 50)
@@ -52,8 +55,9 @@ DIFFUSERS = {  # name -> (class name, extra config, NFE per step)
 def mixture16() -> GaussianMixture:
     """A 16-D mixture of three Gaussians (means ~ N(0, 1.5^2), stds 0.5-0.7)."""
     g = torch.Generator().manual_seed(0)
-    return GaussianMixture(torch.randn(3, 16, generator=g) * 1.5, torch.tensor([0.5, 0.7, 0.6]),
-                           torch.tensor([0.5, 0.3, 0.2]))
+    return GaussianMixture(
+        torch.randn(3, 16, generator=g) * 1.5, torch.tensor([0.5, 0.7, 0.6]), torch.tensor([0.5, 0.3, 0.2])
+    )
 
 
 def _initial(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -85,8 +89,16 @@ def run_fastdiff(name: str, gmm: GaussianMixture, n: int, nfe: int, seed: int) -
         steps = max(1, (nfe + 1) // 2)
     model = gmm.as_model(sch, pred)
     pipe = Pipeline(model, sch, pred, device="cpu")
-    x = pipe.sample((n, gmm.dim), sampler=name, steps=steps, seed=seed, spacing=spacing, progress=False,
-                    x_T=_initial(n, gmm.dim, seed), **options)
+    x = pipe.sample(
+        (n, gmm.dim),
+        sampler=name,
+        steps=steps,
+        seed=seed,
+        spacing=spacing,
+        progress=False,
+        x_T=_initial(n, gmm.dim, seed),
+        **options,
+    )
     return math.nan, int(model.nfe), x
 
 
@@ -94,19 +106,26 @@ def run_rk45(gmm: GaussianMixture, n: int, tol: float, seed: int) -> tuple[int, 
     sch = Schedule.vp_linear()
     model = gmm.as_model(sch, "eps")
     pipe = Pipeline(model, sch, "eps", device="cpu")
-    x = pipe.sample((n, gmm.dim), sampler="rk45", seed=seed, progress=False, rtol=tol, atol=tol,
-                    x_T=_initial(n, gmm.dim, seed))
+    x = pipe.sample(
+        (n, gmm.dim), sampler="rk45", seed=seed, progress=False, rtol=tol, atol=tol, x_T=_initial(n, gmm.dim, seed)
+    )
     return int(pipe.last_nfe), x
 
 
 def run_diffusers(label: str, gmm: GaussianMixture, n: int, nfe: int, seed: int) -> tuple[int, torch.Tensor]:
     import diffusers
+
     cls_name, extra, per = DIFFUSERS[label]
     sch = Schedule.vp_discrete()
     model = gmm.as_model(sch, "eps")
-    scheduler = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                                                    timestep_spacing="trailing",
-                                                    **extra)
+    scheduler = getattr(diffusers, cls_name)(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        timestep_spacing="trailing",
+        **extra,
+    )
     steps = max(1, (nfe + 1) // 2) if per == 2 else nfe
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed + 1)  # step noise
@@ -123,8 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (500) and only NFE 5 and 20")
     ap.add_argument("--n", type=int, default=None, help="samples per run (default 2000, quick 500)")
-    ap.add_argument("--out", default=default_results_path("quality.json"),
-                    help="output path (the committed table: bench/results/quality.json)")
+    ap.add_argument(
+        "--out",
+        default=default_results_path("quality.json"),
+        help="output path (the committed table: bench/results/quality.json)",
+    )
     args = ap.parse_args(argv)
     n = args.n or (500 if args.quick else 2000)
     nfes = (5, 20) if args.quick else NFES
@@ -139,13 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
         for name in sorted(SAMPLERS):
             if name == "rk45":
                 for tol in RK45_TOLS:
-                    jobs.append(("fastdiff", "rk45", f"tol={tol:g}", lambda tol=tol: run_rk45(gmm, n, tol, 1)))
+                    jobs.append(("fastdiff", "rk45", f"tol={tol:g}", lambda gmm=gmm, tol=tol: run_rk45(gmm, n, tol, 1)))
                 continue
             for nfe in nfes:
-                jobs.append(("fastdiff", name, nfe, lambda name=name, nfe=nfe: run_fastdiff(name, gmm, n, nfe, 1)[1:]))
+                run = lambda gmm=gmm, name=name, nfe=nfe: run_fastdiff(name, gmm, n, nfe, 1)[1:]
+                jobs.append(("fastdiff", name, nfe, run))
         for label in DIFFUSERS:
             for nfe in nfes:
-                jobs.append(("diffusers", label, nfe, lambda label=label, nfe=nfe: run_diffusers(label, gmm, n, nfe, 1)))
+                jobs.append(("diffusers", label, nfe, lambda g=gmm, lb=label, k=nfe: run_diffusers(lb, g, n, k, 1)))
         for lib, name, target, fn in jobs:
             try:
                 used, x = fn()
@@ -156,8 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
             if err:
                 row["error"] = err
             rows.append(row)
-    result = dict(benchmark="quality", metric="sliced W2 to exact samples (256 projections)", n=n,
-                  nfe_targets=list(nfes), device="cpu", seconds=round(time.time() - t_start, 1), rows=rows)
+    result = dict(
+        benchmark="quality",
+        metric="sliced W2 to exact samples (256 projections)",
+        n=n,
+        nfe_targets=list(nfes),
+        device="cpu",
+        seconds=round(time.time() - t_start, 1),
+        rows=rows,
+    )
     args.out = write_results(args.out, result)
     print_table(result)
     plot(result, os.path.splitext(args.out)[0] + ".png")
@@ -184,8 +214,14 @@ def print_table(result: dict) -> None:
         else:
             for m in mixes:
                 for k in nfes:
-                    rr = [r for r in rows if r["mixture"] == m and r["library"] == lib and r["sampler"] == name
-                          and (r["nfe_target"] == k or name == "exact")]
+                    rr = [
+                        r
+                        for r in rows
+                        if r["mixture"] == m
+                        and r["library"] == lib
+                        and r["sampler"] == name
+                        and (r["nfe_target"] == k or name == "exact")
+                    ]
                     if not rr:
                         cells.append("")
                         continue
@@ -195,28 +231,40 @@ def print_table(result: dict) -> None:
                         s += f" ({r['nfe']})"
                     cells.append(s)
         print(f"| {lib} | {name} | " + " | ".join(cells) + " |")
-    print("\n(n) = NFE actually spent where it differs from the target; rk45: SW2@NFE for tol "
-          + ", ".join(f"{t:g}" for t in RK45_TOLS))
+    print(
+        "\n(n) = NFE actually spent where it differs from the target; rk45: SW2@NFE for tol "
+        + ", ".join(f"{t:g}" for t in RK45_TOLS)
+    )
 
 
 def plot(result: dict, path: str) -> None:
     """Quality against NFE, one panel per mixture, log-log; fastdiff solid, diffusers dashed."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = [r for r in result["rows"] if "error" not in r and not math.isnan(r["sw2"])]
     mixes = list(dict.fromkeys(r["mixture"] for r in rows))
     fig, axes = plt.subplots(1, len(mixes), figsize=(7 * len(mixes), 5.5))
     for ax, m in zip(axes, mixes):
         keys = list(dict.fromkeys((r["library"], r["sampler"]) for r in rows if r["mixture"] == m))
         for lib, name in keys:
-            rr = sorted((r for r in rows if r["mixture"] == m and r["library"] == lib and r["sampler"] == name),
-                        key=lambda r: r["nfe"])
+            rr = sorted(
+                (r for r in rows if r["mixture"] == m and r["library"] == lib and r["sampler"] == name),
+                key=lambda r: r["nfe"],
+            )
             if name == "exact":
                 ax.axhline(rr[0]["sw2"], color="k", lw=1, ls=":", label="exact (noise floor)")
                 continue
-            ax.plot([r["nfe"] for r in rr], [r["sw2"] for r in rr], "-" if lib == "fastdiff" else "--",
-                    marker="o", ms=3, label=f"{lib}:{name}")
+            ax.plot(
+                [r["nfe"] for r in rr],
+                [r["sw2"] for r in rr],
+                "-" if lib == "fastdiff" else "--",
+                marker="o",
+                ms=3,
+                label=f"{lib}:{name}",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")

@@ -1,4 +1,5 @@
 """``python -m fastdiff``: see fastdiff.cli."""
+
 from fastdiff.cli import main
 
 main()

@@ -1,4 +1,5 @@
 """Loads the compiled C++ core, with a message that says how to build it when it is missing."""
+
 try:
     from fastdiff import _C  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test

@@ -13,15 +13,17 @@ Metadata keys (all strings; JSON where structured):
                          is the null class of classifier-free guidance
     ``extra``            JSON: anything else (training settings, data range, ...)
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from fastdiff.nets import ARCHITECTURES
 from fastdiff.pipeline import Pipeline
@@ -29,7 +31,7 @@ from fastdiff.samplers import ALL_PREDICTIONS
 from fastdiff.schedule import Schedule
 
 FORMAT_VERSION = "1"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
@@ -44,8 +46,14 @@ def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
     return builder(**config)
 
 
-def save(path: PathLike, model: torch.nn.Module, schedule: Schedule, prediction: str,
-         sample_shape: Sequence[int], extra: Optional[Mapping[str, Any]] = None) -> None:
+def save(
+    path: PathLike,
+    model: torch.nn.Module,
+    schedule: Schedule,
+    prediction: str,
+    sample_shape: Sequence[int],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """Writes ``model``'s weights and the metadata :func:`load` needs to ``path`` (a .safetensors file).
 
     ``model`` must be an instance of an architecture in :data:`fastdiff.nets.ARCHITECTURES` with a ``config``
@@ -76,8 +84,10 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("fastdiff_format") != FORMAT_VERSION:
-        raise ValueError(f"{os.fspath(path)} is not a fastdiff checkpoint (format {meta.get('fastdiff_format')!r}, "
-                         f"expected {FORMAT_VERSION!r})")
+        raise ValueError(
+            f"{os.fspath(path)} is not a fastdiff checkpoint (format {meta.get('fastdiff_format')!r}, "
+            f"expected {FORMAT_VERSION!r})"
+        )
     out: dict[str, Any] = dict(meta)
     for key in ("config", "schedule", "sample_shape", "extra"):
         out[key] = json.loads(meta[key])
@@ -85,7 +95,7 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     return out
 
 
-def load_model(path: PathLike, device: Optional[Union[str, torch.device]] = None) -> tuple[torch.nn.Module, dict]:
+def load_model(path: PathLike, device: str | torch.device | None = None) -> tuple[torch.nn.Module, dict]:
     """The network of a checkpoint (eval mode, no gradients) and its metadata."""
     meta = read_metadata(path)
     cls = ARCHITECTURES.get(meta["architecture"])
@@ -99,18 +109,29 @@ def load_model(path: PathLike, device: Optional[Union[str, torch.device]] = None
     return model, meta
 
 
-def load(path: PathLike, device: Optional[Union[str, torch.device]] = None,
-         dtype: Optional[torch.dtype] = None, **pipeline_kwargs: Any) -> Pipeline:
+def load(
+    path: PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **pipeline_kwargs: Any
+) -> Pipeline:
     """A ready :class:`Pipeline` on the checkpoint at ``path`` (written by :func:`save`).
 
     The pipeline's ``sample_shape`` is the checkpoint's; for a class-conditional network pass labels as
     ``model_kwargs={"y": labels}`` and, for guidance, ``uncond_kwargs={"y": labels.new_full((n,), pipe.num_classes)}``.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     model, meta = load_model(path, device)
     if dtype is not None:
         model.to(dtype)
-    pipe = Pipeline(model, schedule_from_config(meta["schedule"]), prediction=meta["prediction"], device=device,
-                    dtype=dtype, sample_shape=meta["sample_shape"], num_classes=meta["num_classes"], **pipeline_kwargs)
+    pipe = Pipeline(
+        model,
+        schedule_from_config(meta["schedule"]),
+        prediction=meta["prediction"],
+        device=device,
+        dtype=dtype,
+        sample_shape=meta["sample_shape"],
+        num_classes=meta["num_classes"],
+        **pipeline_kwargs,
+    )
     pipe.metadata = meta
     return pipe

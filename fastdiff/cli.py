@@ -1,9 +1,10 @@
 """Command line: ``python -m fastdiff demo`` (the main job, on the embedded digits network; ``--mixture`` for
 the 2-D Gaussian mixture), ``python -m fastdiff serve`` (the HTTP server) and ``python -m fastdiff schedules``."""
+
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def print_schedules(steps: int = 10) -> None:
             print(" ".join(f"{v:>12.6g}" if np.isfinite(v) else f"{v:>12}" for v in row))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m fastdiff`` and the ``fastdiff`` script."""
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,19 +36,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     demo.add_argument("--n", type=int, default=None, help="samples per table cell (default 128; mixture: 2000)")
     demo.add_argument("--out", default="out", help="folder for the PNGs")
     demo.add_argument("--no-diffusers", action="store_true", help="leave diffusers' schedulers out of the table")
-    demo.add_argument("--mixture", action="store_true",
-                      help="the earlier demo instead: every sampler on the exact network of a 2-D Gaussian mixture")
+    demo.add_argument(
+        "--mixture",
+        action="store_true",
+        help="the earlier demo instead: every sampler on the exact network of a 2-D Gaussian mixture",
+    )
     demo.add_argument("--no-plot", action="store_true", help="(--mixture) skip the PNG")
     serve_parser = sub.add_parser("serve", help="the HTTP server with step-level continuous batching (fastdiff[serve])")
-    serve_parser.add_argument("--model", default="digits",
-                       help="'digits' (the embedded network), a .safetensors checkpoint or 'package.module:factory'")
+    serve_parser.add_argument(
+        "--model",
+        default="digits",
+        help="'digits' (the embedded network), a .safetensors checkpoint or 'package.module:factory'",
+    )
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     serve_parser.add_argument("--max-batch", type=int, default=64, help="the most rows one tick runs")
     serve_parser.add_argument("--max-queue", type=int, default=256, help="the most requests waiting; beyond: 429")
     serve_parser.add_argument("--max-n", type=int, default=64, help="the most samples one request asks for")
-    serve_parser.add_argument("--batching", choices=("continuous", "request", "single"), default="continuous",
-                       help="step-level (default), request-level, or one request at a time")
+    serve_parser.add_argument(
+        "--batching",
+        choices=("continuous", "request", "single"),
+        default="continuous",
+        help="step-level (default), request-level, or one request at a time",
+    )
     serve_parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="(request batching) wait for a batch")
     serve_parser.add_argument("--timeout", type=float, default=300.0, help="default per-request deadline, seconds")
     serve_parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -68,12 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, serve_parser: argparse.ArgumentParser) -> None:
     """Runs the parsed command."""
     if args.command == "demo" and args.mixture:
-        from fastdiff.demo import run_demo
+        from fastdiff.demos.mixture import run_demo
 
         print("fastdiff demo: every sampler on the exact network of a 2-D, 3-component Gaussian mixture")
         run_demo(n=args.n or 2000, out_dir=args.out, plot=not args.no_plot)
     elif args.command == "demo":
-        from fastdiff.digits_demo import run_digits_demo
+        from fastdiff.demos.digits import run_digits_demo
 
         print("fastdiff demo: the embedded digits network (fastdiff.pretrained.digits), 8x8 images")
         run_digits_demo(out_dir=args.out, n=args.n or 128, with_diffusers=not args.no_diffusers, threads=2)
@@ -81,9 +92,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, serve_parser
         from fastdiff.serving.server import ServeSettings, load_pipeline, serve
 
         try:  # bad flags or a bad model spec are usage errors, not tracebacks
-            settings = ServeSettings(max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
-                                     batch_wait_s=args.batch_wait_ms / 1e3, max_n=args.max_n,
-                                     request_timeout_s=args.timeout, threads=args.threads)
+            settings = ServeSettings(
+                max_batch=args.max_batch,
+                max_queue=args.max_queue,
+                batching=args.batching,
+                batch_wait_s=args.batch_wait_ms / 1e3,
+                max_n=args.max_n,
+                request_timeout_s=args.timeout,
+                threads=args.threads,
+            )
             pipe = None if args.ray else load_pipeline(args.model, args.device)
             if args.replicas < 1:
                 raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
@@ -94,8 +111,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, serve_parser
         if args.ray:
             from fastdiff.serving.ray import serve_ray
 
-            serve_ray(args.model, host=args.host, port=args.port, settings=settings, num_replicas=args.replicas,
-                      address=args.address, device=args.device)
+            serve_ray(
+                args.model,
+                host=args.host,
+                port=args.port,
+                settings=settings,
+                num_replicas=args.replicas,
+                address=args.address,
+                device=args.device,
+            )
         else:
             serve(pipe, host=args.host, port=args.port, settings=settings, log_level=args.log_level)
     else:

@@ -3,6 +3,7 @@
 A feature whose dependency is missing raises :class:`MissingExtra`: one line naming the extra to install
 (``pip install 'fastdiff[serve]'``), not a raw ``ModuleNotFoundError`` from deep inside an import.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,11 @@ def missing_extra(extra: str, exc: ModuleNotFoundError) -> MissingExtra:
     """The error to raise (``from exc``) when importing ``extra``'s dependency failed with ``exc``."""
     if extra not in EXTRAS:
         raise ValueError(f"extra must be one of {sorted(EXTRAS)}, got {extra!r}")
-    return MissingExtra(f"{EXTRAS[extra]} needs the Python package {exc.name!r}, which is not installed: "
-                        f"pip install 'fastdiff[{extra}]'", name=exc.name)
+    return MissingExtra(
+        f"{EXTRAS[extra]} needs the Python package {exc.name!r}, which is not installed: "
+        f"pip install 'fastdiff[{extra}]'",
+        name=exc.name,
+    )
 
 
 def require(module: str, extra: str) -> ModuleType:

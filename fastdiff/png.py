@@ -1,4 +1,5 @@
 """A minimal greyscale/RGB PNG writer (zlib + struct), so the demo writes images without an imaging library."""
+
 from __future__ import annotations
 
 import struct
@@ -21,7 +22,9 @@ def encode_png(image: np.ndarray) -> bytes:
     h, w = img.shape[:2]
     raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))  # filter type 0 on every row
     header = struct.pack(">IIBBBBB", w, h, 8, 2 if rgb else 0, 0, 0, 0)  # 8-bit greyscale or truecolour
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    )
 
 
 def image_grid(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 1) -> np.ndarray:
@@ -36,7 +39,7 @@ def image_grid(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 1) ->
     grid = np.full((rows * hs + pad, cols * ws + pad), 64, dtype=np.uint8)  # grey gaps between images
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[pad + r * hs: pad + r * hs + h * scale, pad + c * ws: pad + c * ws + w * scale] = x[i]
+        grid[pad + r * hs : pad + r * hs + h * scale, pad + c * ws : pad + c * ws + w * scale] = x[i]
     return grid
 
 

@@ -1,8 +1,9 @@
 """A sampler's coefficient program, built in C++ in float64 and placed on the device once."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from fastdiff.schedule import Grid, Schedule
 
 @dataclass
 class Program:
-    """Stage rows (``coef`` [stages, 12] float64, columns as fastdiff/kernels/reference.py), slot/step metadata and model times of one sampler run.
+    """Stage rows (``coef`` [stages, 12] float64, columns as fastdiff/kernels/reference.py), slot/step metadata and
+    model times of one sampler run.
 
     ``coef_device`` is the same table on the device the kernel reads; ``model_time`` [stages] is what
     the network is fed at each stage; ``meta`` [stages, 6] holds the history slots each stage reads
@@ -29,7 +31,7 @@ class Program:
     model_time: np.ndarray
     slots: int
     coef_device: torch.Tensor
-    _times: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _times: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def model_times(self, batch: int) -> torch.Tensor:
         """``model_time`` as a [stages, batch] float32 tensor on the program's device (made once per batch size;
@@ -66,17 +68,25 @@ class Program:
         return bool(self.coef[stage, 5] != 0.0)
 
 
-def build_program(schedule: Schedule, grid: Grid, sampler: str, prediction: str, device: torch.device,
-                  **options: Any) -> Program:
+def build_program(
+    schedule: Schedule, grid: Grid, sampler: str, prediction: str, device: torch.device, **options: Any
+) -> Program:
     """Builds the coefficient program of ``sampler`` on ``grid`` for a network predicting ``prediction``.
 
     ``options`` are the sampler's named options (numbers or strings), e.g. ``eta`` or ``variance_type``.
     """
     raw = C.make_program(schedule._core, grid.t, sampler, prediction, dict(options))
     coef = raw["coef"]
-    return Program(sampler=sampler, grid=grid, coef=coef, meta=raw["meta"], t=raw["t"],
-                   model_time=_grid_model_times(grid, raw["t"], raw["model_time"]), slots=int(raw["slots"]),
-                   coef_device=torch.as_tensor(coef, dtype=torch.float64).to(device))
+    return Program(
+        sampler=sampler,
+        grid=grid,
+        coef=coef,
+        meta=raw["meta"],
+        t=raw["t"],
+        model_time=_grid_model_times(grid, raw["t"], raw["model_time"]),
+        slots=int(raw["slots"]),
+        coef_device=torch.as_tensor(coef, dtype=torch.float64).to(device),
+    )
 
 
 def _grid_model_times(grid: Grid, stage_t: np.ndarray, model_time: np.ndarray) -> np.ndarray:

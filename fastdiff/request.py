@@ -1,22 +1,25 @@
 """What to sample, as one object: :class:`SampleRequest`, shared by :meth:`fastdiff.Pipeline.sample` (which builds
 one from its arguments, or takes one), the serving engine and the HTTP API (which parses its JSON into one).
-Its checks live here, so every entry point refuses the same requests with the same messages.
+Its checks live here, so every entry point refuses the same requests with the same messages. How
+:meth:`~fastdiff.Pipeline.sample` runs a request (grids, explicit noise, what it records, CUDA graphs) is
+:class:`SampleOptions`.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
-from fastdiff.adaptive import SPECIAL_SAMPLERS
-from fastdiff.checks import check_model_kwargs, check_shape
-from fastdiff.pipeline_like import PipelineLike
 from fastdiff.program import Program
-from fastdiff.samplers import get_sampler
+from fastdiff.runtime.checks import check_model_kwargs, check_shape
+from fastdiff.runtime.pipeline_like import PipelineLike
+from fastdiff.samplers import EAGER_SAMPLERS, get_sampler
+from fastdiff.schedule import Grid
 
-
-SeedLike = Union[int, Sequence[int], torch.Tensor]
+SeedLike = int | Sequence[int] | torch.Tensor
 
 
 @dataclass
@@ -35,17 +38,17 @@ class SampleRequest:
     sampler: str = "ddim"
     steps: int = 50
     seed: SeedLike = 0
-    spacing: Optional[str] = None
+    spacing: str | None = None
     steps_offset: int = 0
     rho: float = 7.0
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    uncond_kwargs: Optional[Mapping[str, Any]] = None
+    uncond_kwargs: Mapping[str, Any] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def shape(self) -> Tuple[int, ...]:
+    def shape(self) -> tuple[int, ...]:
         """``(n, *sample_shape)``."""
         return (self.n, *self.sample_shape)
 
@@ -62,8 +65,9 @@ class SampleRequest:
         check_shape(self.shape)
         info = get_sampler(self.sampler)
         if pipe.prediction not in info.predictions:
-            raise ValueError(f"sampler {self.sampler!r} cannot use prediction {pipe.prediction!r}; "
-                             f"it accepts {info.predictions}")
+            raise ValueError(
+                f"sampler {self.sampler!r} cannot use prediction {pipe.prediction!r}; it accepts {info.predictions}"
+            )
         info.check_options(dict(self.options))
         for what, kwargs in (("model_kwargs", self.model_kwargs), ("uncond_kwargs", self.uncond_kwargs)):
             if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -74,32 +78,91 @@ class SampleRequest:
         if serving:
             if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
                 raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-            if self.sampler in SPECIAL_SAMPLERS:
-                raise ValueError(f"sampler {self.sampler!r} is not a fixed coefficient program and cannot be "
-                                 "batched per step")
+            if self.sampler in EAGER_SAMPLERS:
+                raise ValueError(
+                    f"sampler {self.sampler!r} is not a fixed coefficient program and cannot be batched per step"
+                )
             if self.guidance_rescale != 0.0:
                 raise ValueError("guidance_rescale is not available with step-level batching")
             if pipe.sample_shape is not None and tuple(self.sample_shape) != tuple(pipe.sample_shape):
-                raise ValueError(f"sample_shape must be {tuple(pipe.sample_shape)} for this network, "
-                                 f"got {tuple(self.sample_shape)}")
+                raise ValueError(
+                    f"sample_shape must be {tuple(pipe.sample_shape)} for this network, got {tuple(self.sample_shape)}"
+                )
 
     def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
         """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`)."""
-        return pipe.program(self.sampler, self.steps, self.spacing, self.steps_offset, self.rho, grid=grid,
-                            **dict(self.options))
+        return pipe.program(
+            self.sampler, self.steps, self.spacing, self.steps_offset, self.rho, grid=grid, **dict(self.options)
+        )
 
     def program_key(self) -> tuple:
         """Requests with equal keys run the same program (the engine shares one per key)."""
-        return (self.sampler, self.steps, self.spacing, self.steps_offset, self.rho,
-                tuple(sorted(dict(self.options).items())))
+        return (
+            self.sampler,
+            self.steps,
+            self.spacing,
+            self.steps_offset,
+            self.rho,
+            tuple(sorted(dict(self.options).items())),
+        )
 
 
-def fold_sampler_options(eta: Optional[float], variance_type: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    """:meth:`Pipeline.sample`'s ``eta`` and ``variance_type`` folded into the sampler options (an explicit
-    ``eta=0.0`` must reach samplers whose default is 1)."""
-    options = dict(options)
-    if eta is not None:
-        options["eta"] = eta
-    if variance_type != "fixed_small":
-        options["variance_type"] = variance_type
-    return options
+REQUEST_FIELDS = ("spacing", "steps_offset", "rho", "guidance_rescale")
+"""The keyword arguments of :meth:`fastdiff.Pipeline.sample` that are :class:`SampleRequest` fields."""
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How :meth:`fastdiff.Pipeline.sample` runs a request: every switch beside what to sample, with its default.
+
+    Args:
+        timesteps: run on these network times instead of a spaced grid (diffusers' meaning: what the network is
+            fed at each step, noisiest first; :meth:`Schedule.grid_from_timesteps`); ``steps`` and ``spacing`` are
+            then unused (``spacing`` must be None).
+        sigmas: run on these k-diffusion/diffusers sigmas (``sigma / alpha``, noisiest first, an optional final 0;
+            :meth:`Schedule.grid_from_sigmas`). At most one of ``timesteps``, ``sigmas`` and ``grid``.
+        grid: run on this :class:`Grid` (e.g. a diffusers scheduler's own, :mod:`fastdiff.diffusers`).
+        noise: explicit noise instead of Philox noise, indexable by stage: ``noise[k]`` shaped like the state
+            (for parity with other libraries' generators).
+        return_x0: also return the x0 estimate of every step, stacked as [steps, *shape].
+        return_trajectory: also return the state at every step boundary, stacked as [steps + 1, *shape] (x_T
+            first, the samples last).
+        callback: ``callback(step, x, x0_hat)`` after every sampler step with ``step % callback_steps == 0`` (as
+            diffusers); ``x`` is the state after the step and ``x0_hat`` that step's x0 estimate, both buffers the
+            loop reuses (clone to keep).
+        callback_steps: see ``callback`` (an int >= 1).
+        cuda_graph: ``"auto"`` runs the whole loop as one replayed CUDA graph where that applies (CUDA, fixed-step
+            sampler, no explicit noise list, no callback) and eagerly otherwise; ``True`` insists (ValueError where
+            it cannot apply); ``False`` is always eager. Graph and eager give the same samples for the same seeds.
+        guidance_batching: ``"double"`` (one model call on the doubled batch, conditional rows first) or
+            ``"separate"`` (two calls); see :mod:`fastdiff.runtime.guidance`.
+    """
+
+    timesteps: Sequence[float] | None = None
+    sigmas: Sequence[float] | None = None
+    grid: Grid | None = None
+    noise: Any = None
+    return_x0: bool = False
+    return_trajectory: bool = False
+    callback: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None
+    callback_steps: int = 1
+    cuda_graph: str | bool = "auto"
+    guidance_batching: str = "double"
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any]) -> tuple[SampleOptions, dict[str, Any], dict[str, Any]]:
+        """:meth:`fastdiff.Pipeline.sample`'s keyword arguments as (these options, :class:`SampleRequest` fields,
+        the sampler's own options). ``eta=None`` and ``variance_type="fixed_small"`` are the defaults and left out,
+        so they reach no sampler that does not take them."""
+        names = {f.name for f in fields(cls)}
+        run = cls(**{k: v for k, v in options.items() if k in names})
+        request = {k: v for k, v in options.items() if k in REQUEST_FIELDS}
+        sampler = {k: v for k, v in options.items() if k not in names and k not in REQUEST_FIELDS}
+        if sampler.get("eta", 0.0) is None:
+            del sampler["eta"]
+        if sampler.get("variance_type") == "fixed_small":
+            del sampler["variance_type"]
+        return run, request, sampler
+
+
+__all__ = ["REQUEST_FIELDS", "SampleOptions", "SampleRequest", "SeedLike"]

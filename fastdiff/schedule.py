@@ -4,10 +4,12 @@ Every schedule follows one state convention, ``x_t = alpha(t) x0 + sigma(t) eps`
 network is fed (:meth:`Schedule.model_time`): the training timestep index for discrete schedules, t for
 continuous ones, sigma for EDM.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +60,7 @@ class Schedule:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         rescale_zero_terminal_snr: bool = False,
-    ) -> "Schedule":
+    ) -> Schedule:
         """Discrete-time VP (DDPM) schedule with diffusers' beta schedules, computed in float64.
 
         ``beta_schedule`` is one of ``"linear"``, ``"scaled_linear"`` (linear in sqrt(beta)) or
@@ -70,20 +72,33 @@ class Schedule:
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
         _require_bool("rescale_zero_terminal_snr", rescale_zero_terminal_snr)
-        betas = C.make_betas(int(num_train_timesteps), beta_schedule, _as_float("beta_start", beta_start),
-                             _as_float("beta_end", beta_end), bool(rescale_zero_terminal_snr))
-        return cls(C.Schedule.vp_discrete(betas), dict(
-            kind="vp_discrete", num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
-            beta_start=beta_start, beta_end=beta_end, rescale_zero_terminal_snr=rescale_zero_terminal_snr))
+        betas = C.make_betas(
+            int(num_train_timesteps),
+            beta_schedule,
+            _as_float("beta_start", beta_start),
+            _as_float("beta_end", beta_end),
+            bool(rescale_zero_terminal_snr),
+        )
+        return cls(
+            C.Schedule.vp_discrete(betas),
+            dict(
+                kind="vp_discrete",
+                num_train_timesteps=int(num_train_timesteps),
+                beta_schedule=beta_schedule,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                rescale_zero_terminal_snr=rescale_zero_terminal_snr,
+            ),
+        )
 
     @classmethod
-    def from_betas(cls, betas: Sequence[float] | np.ndarray) -> "Schedule":
+    def from_betas(cls, betas: Sequence[float] | np.ndarray) -> Schedule:
         """Discrete-time VP schedule from any tabulated beta array (each beta in (0, 1])."""
         arr = _as_float64_vector("betas", betas)
         return cls(C.Schedule.vp_discrete(arr), dict(kind="vp_discrete", betas=arr.tolist()))
 
     @classmethod
-    def from_beta_function(cls, t: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray) -> "Schedule":
+    def from_beta_function(cls, t: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray) -> Schedule:
         """Continuous VP schedule from beta(t) given on an increasing grid ``t`` starting at t[0] = 0.
 
         ``int_0^t beta`` is tabulated by the composite trapezoid rule, whose error up to t is at most
@@ -95,53 +110,69 @@ class Schedule:
         return cls(C.Schedule.vp_tabulated(tt, bb), dict(kind="vp_tabulated"))
 
     @classmethod
-    def vp_linear(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_eps: float = 1e-3) -> "Schedule":
+    def vp_linear(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_eps: float = 1e-3) -> Schedule:
         """Continuous VP SDE with linear beta(t) (score-SDE's VP), t in [t_eps, 1]."""
-        return cls(C.Schedule.vp_linear(_as_float("beta_min", beta_min), _as_float("beta_max", beta_max),
-                                         _as_float("t_eps", t_eps)),
-                   dict(kind="vp_linear", beta_min=beta_min, beta_max=beta_max, t_eps=t_eps))
+        return cls(
+            C.Schedule.vp_linear(
+                _as_float("beta_min", beta_min), _as_float("beta_max", beta_max), _as_float("t_eps", t_eps)
+            ),
+            dict(kind="vp_linear", beta_min=beta_min, beta_max=beta_max, t_eps=t_eps),
+        )
 
     @classmethod
-    def vp_cosine(cls, s: float = 0.008, t_eps: float = 1e-3, t_max: float = 1.0) -> "Schedule":
+    def vp_cosine(cls, s: float = 0.008, t_eps: float = 1e-3, t_max: float = 1.0) -> Schedule:
         """Continuous VP with the cosine abar(t) = cos^2((t+s)/(1+s) pi/2) / cos^2(s/(1+s) pi/2).
 
         abar reaches 0 at t = 1; pass ``t_max < 1`` (DPM-Solver uses 0.9946) to start where the
         log-SNR is finite, which noise-predicting samplers need.
         """
-        return cls(C.Schedule.vp_cosine(_as_float("s", s), _as_float("t_eps", t_eps), _as_float("t_max", t_max)),
-                   dict(kind="vp_cosine", s=s, t_eps=t_eps, t_max=t_max))
+        return cls(
+            C.Schedule.vp_cosine(_as_float("s", s), _as_float("t_eps", t_eps), _as_float("t_max", t_max)),
+            dict(kind="vp_cosine", s=s, t_eps=t_eps, t_max=t_max),
+        )
 
     @classmethod
-    def sub_vp(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_eps: float = 1e-3) -> "Schedule":
+    def sub_vp(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_eps: float = 1e-3) -> Schedule:
         """score-SDE's sub-VP SDE: alpha = exp(-B/2), sigma = 1 - exp(-B), t in [t_eps, 1]."""
-        return cls(C.Schedule.sub_vp(_as_float("beta_min", beta_min), _as_float("beta_max", beta_max),
-                                      _as_float("t_eps", t_eps)),
-                   dict(kind="sub_vp", beta_min=beta_min, beta_max=beta_max, t_eps=t_eps))
+        return cls(
+            C.Schedule.sub_vp(
+                _as_float("beta_min", beta_min), _as_float("beta_max", beta_max), _as_float("t_eps", t_eps)
+            ),
+            dict(kind="sub_vp", beta_min=beta_min, beta_max=beta_max, t_eps=t_eps),
+        )
 
     @classmethod
-    def ve(cls, sigma_min: float = 0.01, sigma_max: float = 50.0) -> "Schedule":
+    def ve(cls, sigma_min: float = 0.01, sigma_max: float = 50.0) -> Schedule:
         """Variance-exploding SDE: alpha = 1, sigma(t) = sigma_min (sigma_max/sigma_min)^t, t in [0, 1]."""
-        return cls(C.Schedule.ve(_as_float("sigma_min", sigma_min), _as_float("sigma_max", sigma_max)),
-                   dict(kind="ve", sigma_min=sigma_min, sigma_max=sigma_max))
+        return cls(
+            C.Schedule.ve(_as_float("sigma_min", sigma_min), _as_float("sigma_max", sigma_max)),
+            dict(kind="ve", sigma_min=sigma_min, sigma_max=sigma_max),
+        )
 
     @classmethod
-    def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> "Schedule":
+    def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> Schedule:
         """EDM (Karras et al.): alpha = 1 and t is sigma itself, in [sigma_min, sigma_max]; the model is
         fed sigma. ``sigma_data`` is kept for the network's preconditioning."""
-        return cls(C.Schedule.edm(_as_float("sigma_min", sigma_min), _as_float("sigma_max", sigma_max),
-                                   _as_float("sigma_data", sigma_data)),
-                   dict(kind="edm", sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data))
+        return cls(
+            C.Schedule.edm(
+                _as_float("sigma_min", sigma_min),
+                _as_float("sigma_max", sigma_max),
+                _as_float("sigma_data", sigma_data),
+            ),
+            dict(kind="edm", sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data),
+        )
 
     @classmethod
-    def flow(cls, t_min: float = 1e-3, t_max: float = 1.0, time_scale: float = 1000.0) -> "Schedule":
+    def flow(cls, t_min: float = 1e-3, t_max: float = 1.0, time_scale: float = 1000.0) -> Schedule:
         """Rectified flow: x_t = (1 - t) x0 + t eps, t in [t_min, t_max], clean end t = 0. The network is
         fed ``t * time_scale`` (diffusers' flow-matching transformers take sigma * 1000)."""
-        return cls(C.Schedule.flow(_as_float("t_min", t_min), _as_float("t_max", t_max),
-                                    _as_float("time_scale", time_scale)),
-                   dict(kind="flow", t_min=t_min, t_max=t_max, time_scale=time_scale))
+        return cls(
+            C.Schedule.flow(_as_float("t_min", t_min), _as_float("t_max", t_max), _as_float("time_scale", time_scale)),
+            dict(kind="flow", t_min=t_min, t_max=t_max, time_scale=time_scale),
+        )
 
     @classmethod
-    def from_diffusers(cls, scheduler_or_config: Any) -> "Schedule":
+    def from_diffusers(cls, scheduler_or_config: Any) -> Schedule:
         """Discrete VP schedule from a diffusers scheduler or its config (dict or FrozenDict).
 
         Reads ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
@@ -149,8 +180,10 @@ class Schedule:
         """
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         if not isinstance(config, Mapping):
-            raise TypeError("scheduler_or_config must be a diffusers scheduler or its config mapping, got "
-                            f"{type(scheduler_or_config).__name__}")
+            raise TypeError(
+                "scheduler_or_config must be a diffusers scheduler or its config mapping, got "
+                f"{type(scheduler_or_config).__name__}"
+            )
         trained = config.get("trained_betas")
         if trained is not None:
             betas = _as_float64_vector("trained_betas", trained)
@@ -284,8 +317,9 @@ class Schedule:
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         t = self._core.grid(int(steps), spacing, int(steps_offset), _as_float("rho", rho))
-        return Grid(t=t, alpha=self.alpha(t), sigma=self.sigma(t), log_snr=self.log_snr(t),
-                    model_time=self.model_time(t))
+        return Grid(
+            t=t, alpha=self.alpha(t), sigma=self.sigma(t), log_snr=self.log_snr(t), model_time=self.model_time(t)
+        )
 
     def grid_from_times(self, times: Sequence[float]) -> Grid:
         """A :class:`Grid` through ``times`` (schedule times, strictly decreasing, in [t_min, t_max]) plus the
@@ -299,8 +333,9 @@ class Schedule:
             raise ValueError(f"times must lie in [t_min, t_max] = [{self.t_min}, {self.t_max}], got {list(t)}")
         end = self.clean_end if self.clean_end is not None else self.t_min
         t = np.concatenate([t, [end]])
-        return Grid(t=t, alpha=self.alpha(t), sigma=self.sigma(t), log_snr=self.log_snr(t),
-                    model_time=self.model_time(t))
+        return Grid(
+            t=t, alpha=self.alpha(t), sigma=self.sigma(t), log_snr=self.log_snr(t), model_time=self.model_time(t)
+        )
 
     def grid_from_timesteps(self, timesteps: Sequence[float]) -> Grid:
         """The grid of diffusers' ``timesteps``: what the network is fed at each step, noisiest first (the

@@ -1,4 +1,5 @@
 """Shared fixtures: peers (k-diffusion, diffusers) and one torch thread for the whole session."""
+
 from __future__ import annotations
 
 import os

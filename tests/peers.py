@@ -16,6 +16,7 @@ put placeholder modules for ``torchvision``, ``torchvision.transforms`` and
 :class:`PeerUnavailable` with the reason, so a test that did need torchvision would fail loudly
 instead of silently using a stub.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ import types
 
 # float32 unit roundoff: the peers (diffusers' betas and alphas_cumprod, k-diffusion's Karras ramp)
 # compute in float32, so tolerances against them are stated in multiples of it.
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 
 
 class PeerUnavailable(AttributeError):
@@ -53,7 +54,8 @@ class _Placeholder(types.ModuleType):
         raise PeerUnavailable(
             f"{self.__name__}.{attr} is unavailable: tests/peers.py put a placeholder for "
             f"{self.__name__} in sys.modules because importing torchvision failed ({self._reason}). "
-            "k-diffusion only uses torchvision for PIL conversions, which its sampling code never calls.")
+            "k-diffusion only uses torchvision for PIL conversions, which its sampling code never calls."
+        )
 
 
 def _k_diffusion_dir() -> list[str]:
@@ -76,6 +78,7 @@ def _ensure_torchvision() -> bool:
     """Imports torchvision, or puts placeholders for it in sys.modules; returns True for placeholders."""
     try:
         import torchvision.transforms.functional  # noqa: F401
+
         return False
     except Exception as exc:  # ImportError (not installed: the Makefile's set-up), or a mismatched binary wheel
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -90,7 +93,7 @@ def _ensure_torchvision() -> bool:
         return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def k_diffusion_sampling() -> types.ModuleType:
     """k-diffusion's real ``k_diffusion.sampling`` module, imported without its package ``__init__``."""
     if "k_diffusion.sampling" in sys.modules:

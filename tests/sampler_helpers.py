@@ -1,12 +1,13 @@
 """Shared helpers of the sampler tests: peer inputs, grids through given times, convergence order."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from fastdiff.ode import solve_ivp_rk45
 from fastdiff.program import Program, build_program
 from fastdiff.schedule import Grid, Schedule
+from fastdiff.solvers.ode import solve_ivp_rk45
 
 CPU = torch.device("cpu")
 
@@ -14,8 +15,13 @@ CPU = torch.device("cpu")
 def grid_from_t(schedule: Schedule, t) -> Grid:
     """A fastdiff grid through the given schedule times (e.g. a peer's own timesteps)."""
     t = np.asarray(t, dtype=np.float64)
-    return Grid(t=t, alpha=schedule.alpha(t), sigma=schedule.sigma(t), log_snr=schedule.log_snr(t),
-                model_time=schedule.model_time(t))
+    return Grid(
+        t=t,
+        alpha=schedule.alpha(t),
+        sigma=schedule.sigma(t),
+        log_snr=schedule.log_snr(t),
+        model_time=schedule.model_time(t),
+    )
 
 
 def x_T(n: int = 64, dim: int = 2, seed: int = 0) -> torch.Tensor:
@@ -51,8 +57,15 @@ def edm_reference_solution(gmm) -> tuple[Schedule, torch.Tensor, torch.Tensor]:
     """x at sigma_max and the PF-ODE solution dx/dsigma = (x - D(x, sigma)) / sigma at sigma_min (EDM)."""
     schedule = Schedule.edm()
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 80.0
-    sol = solve_ivp_rk45(lambda s, y: (y - gmm.posterior_mean(y, 1.0, s)) / s, 80.0, 0.002, x,
-                         rtol=1e-10, atol=1e-10, dtype=torch.float64)
+    sol = solve_ivp_rk45(
+        lambda s, y: (y - gmm.posterior_mean(y, 1.0, s)) / s,
+        80.0,
+        0.002,
+        x,
+        rtol=1e-10,
+        atol=1e-10,
+        dtype=torch.float64,
+    )
     return schedule, x, sol.y
 
 

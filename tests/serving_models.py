@@ -1,4 +1,5 @@
 """Networks for the serving tests, importable by a server subprocess as ``serving_models:<factory>``."""
+
 from __future__ import annotations
 
 import threading
@@ -7,7 +8,7 @@ import time
 import torch
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.demo import default_mixture
+from fastdiff.demos.mixture import default_mixture
 
 
 class ConditionedMixture:

@@ -1,5 +1,6 @@
 """The throughput harness and the per-step op count: one ``fastdiff.fused_step`` per stage, nothing else
 outside the model, counted by a TorchDispatchMode during ``Pipeline.sample``."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.bench import OpCounter, format_table, main, step_cost
+from fastdiff.bench.throughput import OpCounter, format_table, main, step_cost
 from fastdiff.samplers import SAMPLERS
 
 
@@ -37,8 +38,11 @@ class ConstantModel:
 
 
 SAMPLER_CASES = [("ddim", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler_maruyama", {}), ("pf_ode_euler", {})]
-SAMPLER_CASES += [(n, {}) for n in ("heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler_ancestral", "unipc", "deis")
-                  if n in SAMPLERS]
+SAMPLER_CASES += [
+    (n, {})
+    for n in ("heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler_ancestral", "unipc", "deis")
+    if n in SAMPLERS
+]
 
 
 @pytest.mark.parametrize("sampler,opts", SAMPLER_CASES)
@@ -51,11 +55,12 @@ def test_each_stage_is_exactly_one_framework_op(sampler, opts):
         pipe.sample(shape, sampler=sampler, steps=steps, progress=False, **opts)
     fused = [i for i, name in enumerate(c.ops) if name == "fused_step"]
     from fastdiff.program import build_program
+
     sched = pipe.schedule
     prog = build_program(sched, sched.grid(steps), sampler, "eps", torch.device("cpu"), **opts)
     assert len(fused) == prog.stages
     # between the first and the last stage nothing but fused steps is dispatched
-    assert c.ops[fused[0]:fused[-1] + 1] == ["fused_step"] * prog.stages, c.ops
+    assert c.ops[fused[0] : fused[-1] + 1] == ["fused_step"] * prog.stages, c.ops
 
 
 def test_guided_stage_is_still_one_op():
@@ -65,7 +70,7 @@ def test_guided_stage_is_still_one_op():
     with OpCounter() as c:
         pipe.sample(shape, steps=5, progress=False, guidance_scale=3.0, uncond_kwargs={}, guidance_batching="separate")
     i = c.ops.index("fused_step")
-    assert c.ops[i:i + 5] == ["fused_step"] * 5
+    assert c.ops[i : i + 5] == ["fused_step"] * 5
 
 
 def test_step_cost_bytes_match_the_tensors_read_and_written():
@@ -100,14 +105,31 @@ def test_bench_main_writes_json_and_matches_diffusers(tmp_path, capsys):
 
 
 def test_bench_takes_a_user_model_factory():
-    from fastdiff.bench import make_model
-    import sys, types
+    import sys
+    import types
+
+    from fastdiff.bench.throughput import make_model
+
     mod = types.ModuleType("user_models_for_bench_test")
     mod.make = lambda shape, device, dtype: ConstantModel(torch.zeros(shape, dtype=dtype, device=device))
     sys.modules["user_models_for_bench_test"] = mod
     try:
-        res = main(["--model", "user_models_for_bench_test:make", "--shape", "6", "--batch", "2", "--steps", "3",
-                    "--repeats", "1", "--json", ""])
+        res = main(
+            [
+                "--model",
+                "user_models_for_bench_test:make",
+                "--shape",
+                "6",
+                "--batch",
+                "2",
+                "--steps",
+                "3",
+                "--repeats",
+                "1",
+                "--json",
+                "",
+            ]
+        )
         assert res["model"] == "user_models_for_bench_test:make" and res["step_cost"]["fastdiff"]["ops"] == 1
         with pytest.raises(ValueError, match="model must be"):
             make_model("unet", (2, 6), torch.device("cpu"), torch.float32, Schedule.vp_discrete())
@@ -125,8 +147,21 @@ def test_bench_default_model_is_the_shipped_digits_network(capsys):
 
 def test_bench_step_cli_times_fastdiff_and_diffusers(tmp_path):
     out = tmp_path / "step.json"
-    res = main(["step", "--sizes", "2,2;1,3,5", "--samplers", "ddim eta=0,unipc", "--steps", "3", "--repeats", "1",
-                "--json", str(out)])
+    res = main(
+        [
+            "step",
+            "--sizes",
+            "2,2;1,3,5",
+            "--samplers",
+            "ddim eta=0,unipc",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert [r["sampler"] for r in res["rows"]] == ["ddim eta=0", "unipc"] * 2
     assert all(r["fastdiff_ms_per_step"] > 0 and r["diffusers_ms_per_step"] > 0 for r in res["rows"])
     assert json.loads(out.read_text())["rows"][0]["shape"] == [2, 2]
@@ -144,8 +179,23 @@ def test_bench_step_refuses_a_device_it_cannot_use():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_step_on_cuda(tmp_path):
-    res = main(["step", "--device", "cuda", "--sizes", "4,4,16,16", "--samplers", "ddim eta=1,dpmpp_2m", "--steps",
-                "4", "--repeats", "2", "--json", str(tmp_path / "cuda.json")])
+    res = main(
+        [
+            "step",
+            "--device",
+            "cuda",
+            "--sizes",
+            "4,4,16,16",
+            "--samplers",
+            "ddim eta=1,dpmpp_2m",
+            "--steps",
+            "4",
+            "--repeats",
+            "2",
+            "--json",
+            str(tmp_path / "cuda.json"),
+        ]
+    )
     assert res["device"] == "cuda" and res["gpu"] and all(r["speedup"] > 0 for r in res["rows"])
 
 
@@ -154,14 +204,14 @@ def test_benchmarks_write_to_a_temporary_path_unless_told(tmp_path, monkeypatch,
     run without --json writes its default (here moved into tmp_path) and says where."""
     import tempfile
 
-    import fastdiff.bench
-    import fastdiff.bench_serve
-    import fastdiff.bench_step
+    import fastdiff.bench.serve
+    import fastdiff.bench.step
+    import fastdiff.bench.throughput
 
-    for module in (fastdiff.bench, fastdiff.bench_step, fastdiff.bench_serve):
+    for module in (fastdiff.bench.throughput, fastdiff.bench.step, fastdiff.bench.serve):
         assert module.DEFAULT_JSON.startswith(os.path.join(tempfile.gettempdir(), "fastdiff-bench") + os.sep)
     written = tmp_path / "step.json"
-    monkeypatch.setattr(fastdiff.bench_step, "DEFAULT_JSON", str(written))
+    monkeypatch.setattr(fastdiff.bench.step, "DEFAULT_JSON", str(written))
     main(["step", "--sizes", "2,2", "--samplers", "ddim eta=0", "--steps", "2", "--repeats", "1"])
     assert json.loads(written.read_text())["rows"][0]["shape"] == [2, 2]
     assert f"results written to {written}" in capsys.readouterr().out

@@ -1,11 +1,12 @@
 """The serving load benchmark's command line, on a tiny workload against real server processes (loopback)."""
+
 from __future__ import annotations
 
 import json
 import os
 
-from fastdiff.bench import main
-from fastdiff.bench_serve import format_table, workload
+from fastdiff.bench.serve import format_table, workload
+from fastdiff.bench.throughput import main
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,8 +27,23 @@ def test_workload_is_seeded_poisson_and_mixed():
 def test_bench_serve_runs_every_policy_and_writes_json(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "serve.json"
-    res = main(["serve", "--model", "serving_models:mixture_pipeline", "--rates", "20", "--requests", "4",
-                "--time-limit", "5", "--json", str(out), "--plot", str(tmp_path / "serve.png")])
+    res = main(
+        [
+            "serve",
+            "--model",
+            "serving_models:mixture_pipeline",
+            "--rates",
+            "20",
+            "--requests",
+            "4",
+            "--time-limit",
+            "5",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "serve.png"),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert [r["policy"] for r in saved["rows"]] == ["single", "request", "continuous"]
     for row in saved["rows"]:

@@ -4,6 +4,7 @@
 Every comparison runs the same network on the same latents and, for stochastic schedulers, the same
 generator: relative difference max|a - b| / max|b| <= 1e-4 (measured: 1e-7 .. 1e-5, printed with ``-s``).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -59,16 +60,31 @@ def _check(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def cond_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def sd_pipe(cond_unet):
-    pipe = diffusers.StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=cond_unet,
-                                             scheduler=diffusers.DDIMScheduler(**SD_CONFIG), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=cond_unet,
+        scheduler=diffusers.DDIMScheduler(**SD_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -90,34 +106,61 @@ def test_stable_diffusion_pipeline_both_paths(sd_pipe, name, overrides):
     def run(s):
         sd_pipe.scheduler = s
         with torch.no_grad():
-            return sd_pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents.clone(),
-                           num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
-                           generator=torch.Generator().manual_seed(11)).images
+            return sd_pipe(
+                prompt_embeds=cond,
+                negative_prompt_embeds=uncond,
+                latents=latents.clone(),
+                num_inference_steps=STEPS,
+                guidance_scale=5.0,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(11),
+            ).images
 
     theirs = run(scheduler)
     _check(f"{name} {_id(overrides)} drop-in", run(FastdiffScheduler.from_config(scheduler.config)), theirs)
     pipe = fastdiff.Pipeline.from_diffusers(sd_pipe.unet, scheduler, device="cpu")
     with torch.no_grad():
-        ours = pipe.sample(latents.shape, steps=STEPS, x_T=latents, guidance_scale=5.0,
-                           model_kwargs={"encoder_hidden_states": cond}, uncond_kwargs={"encoder_hidden_states": uncond},
-                           generator=torch.Generator().manual_seed(11), progress=False)
+        ours = pipe.sample(
+            latents.shape,
+            steps=STEPS,
+            x_T=latents,
+            guidance_scale=5.0,
+            model_kwargs={"encoder_hidden_states": cond},
+            uncond_kwargs={"encoder_hidden_states": uncond},
+            generator=torch.Generator().manual_seed(11),
+            progress=False,
+        )
     _check(f"{name} {_id(overrides)} own loop", ours, theirs)
 
 
 def test_ddim_pipeline_both_paths():
     """DDIMPipeline (clip_sample=True, diffusers' DDIM default) on a tiny UNet2DModel."""
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
     scheduler = diffusers.DDIMScheduler()
     ddim = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler)
     ddim.set_progress_bar_config(disable=True)
 
     def run():
         with torch.no_grad():
-            return torch.from_numpy(ddim(batch_size=2, num_inference_steps=STEPS, eta=0.0, output_type="np",
-                                         generator=torch.Generator().manual_seed(5)).images)
+            return torch.from_numpy(
+                ddim(
+                    batch_size=2,
+                    num_inference_steps=STEPS,
+                    eta=0.0,
+                    output_type="np",
+                    generator=torch.Generator().manual_seed(5),
+                ).images
+            )
 
     theirs = run()
     ddim.scheduler = FastdiffScheduler.from_config(scheduler)
@@ -125,18 +168,32 @@ def test_ddim_pipeline_both_paths():
     latents = diffusers.utils.torch_utils.randn_tensor((2, 3, 8, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ours = fastdiff.Pipeline.from_diffusers(unet, scheduler, device="cpu").sample(
-            latents.shape, steps=STEPS, x_T=latents, progress=False)
+            latents.shape, steps=STEPS, x_T=latents, progress=False
+        )
     _check("DDIMPipeline own loop", (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), theirs)
 
 
 def test_flow_matching_transformer_both_paths():
-    """A tiny SD3Transformer2DModel with FlowMatchEulerDiscreteScheduler(shift=3), SD3's loop (timestep = sigma * 1000)."""
+    """A tiny SD3Transformer2DModel with FlowMatchEulerDiscreteScheduler(shift=3), SD3's loop (timestep = sigma *
+    1000)."""
     torch.manual_seed(0)
-    net = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
-                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                          caption_projection_dim=16, pooled_projection_dim=8, out_channels=4).eval()
+    net = diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+    ).eval()
     g = torch.Generator().manual_seed(2)
-    kwargs = {"encoder_hidden_states": torch.randn(2, 6, 16, generator=g), "pooled_projections": torch.randn(2, 8, generator=g)}
+    kwargs = {
+        "encoder_hidden_states": torch.randn(2, 6, 16, generator=g),
+        "pooled_projections": torch.randn(2, 8, generator=g),
+    }
     latents = torch.randn(2, 4, 8, 8, generator=g)
     for cls in (diffusers.FlowMatchEulerDiscreteScheduler, diffusers.FlowMatchHeunDiscreteScheduler):
         scheduler = cls(shift=3.0)
@@ -154,7 +211,8 @@ def test_flow_matching_transformer_both_paths():
         _check(f"{cls.__name__} drop-in", loop(FastdiffScheduler.from_config(scheduler)), theirs)
         with torch.no_grad():
             ours = fastdiff.Pipeline.from_diffusers(net, scheduler, device="cpu").sample(
-                latents.shape, steps=STEPS, x_T=latents, model_kwargs=kwargs, progress=False)
+                latents.shape, steps=STEPS, x_T=latents, model_kwargs=kwargs, progress=False
+            )
         _check(f"{cls.__name__} own loop", ours, theirs)
 
 
@@ -169,17 +227,23 @@ def _dummy_model(sample: torch.Tensor, t) -> torch.Tensor:
     return sample * t / (t + 1)
 
 
-@pytest.mark.parametrize("overrides,expected_sum,expected_mean", [
-    ({}, 172.0067, 0.223967),
-    ({"prediction_type": "v_prediction"}, 52.5302, 0.0684),
-    ({"set_alpha_to_one": True, "beta_start": 0.01}, 149.8295, 0.1951),
-    ({"set_alpha_to_one": False, "beta_start": 0.01}, 149.0784, 0.1941),
-], ids=["eps", "v", "set_alpha_to_one", "no_set_alpha_to_one"])
+@pytest.mark.parametrize(
+    "overrides,expected_sum,expected_mean",
+    [
+        ({}, 172.0067, 0.223967),
+        ({"prediction_type": "v_prediction"}, 52.5302, 0.0684),
+        ({"set_alpha_to_one": True, "beta_start": 0.01}, 149.8295, 0.1951),
+        ({"set_alpha_to_one": False, "beta_start": 0.01}, 149.0784, 0.1941),
+    ],
+    ids=["eps", "v", "set_alpha_to_one", "no_set_alpha_to_one"],
+)
 def test_ddim_full_loop_expectations(overrides, expected_sum, expected_mean):
     """diffusers' tests/schedulers/test_scheduler_ddim.py full loops (10 steps, clip_sample=True), through
     FastdiffScheduler, to diffusers' own tolerances."""
-    config = {**dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                     clip_sample=True), **overrides}
+    config = {
+        **dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=True),
+        **overrides,
+    }
     s = FastdiffScheduler.from_config(diffusers.DDIMScheduler(**config))
     s.set_timesteps(10)
     x = _sample_deter()
@@ -205,16 +269,19 @@ def test_clip_sample_changes_the_samples_as_diffusers():
         assert (float(x.abs().max()) <= 1.0 + 1e-6) == clip  # the last step lands on the (clipped) x0
 
 
-@pytest.mark.parametrize("name,field,value", [
-    ("PNDMScheduler", "skip_prk_steps", False),
-    ("DDPMScheduler", "variance_type", "learned_range"),
-    ("DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver"),
-    ("DPMSolverMultistepScheduler", "solver_order", 1),
-    ("UniPCMultistepScheduler", "solver_type", "bh1"),
-    ("UniPCMultistepScheduler", "predict_x0", False),
-    ("EulerDiscreteScheduler", "rescale_betas_zero_snr", True),
-    ("FlowMatchEulerDiscreteScheduler", "stochastic_sampling", True),
-])
+@pytest.mark.parametrize(
+    "name,field,value",
+    [
+        ("PNDMScheduler", "skip_prk_steps", False),
+        ("DDPMScheduler", "variance_type", "learned_range"),
+        ("DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver"),
+        ("DPMSolverMultistepScheduler", "solver_order", 1),
+        ("UniPCMultistepScheduler", "solver_type", "bh1"),
+        ("UniPCMultistepScheduler", "predict_x0", False),
+        ("EulerDiscreteScheduler", "rescale_betas_zero_snr", True),
+        ("FlowMatchEulerDiscreteScheduler", "stochastic_sampling", True),
+    ],
+)
 def test_refused_fields_name_field_and_value(name, field, value):
     config = {**getattr(diffusers, name)().config, field: value, "_class_name": name}
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
@@ -234,20 +301,29 @@ def test_unknown_scheduler_class_and_non_chain_grid_are_refused():
 def test_default_samplers_and_timestep_conventions():
     from fastdiff.diffusers import scheduler_setup
 
-    cases = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms",
-             "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis",
-             "FlowMatchEulerDiscreteScheduler": "flow_euler"}
+    cases = {
+        "DDIMScheduler": "ddim",
+        "PNDMScheduler": "pndm",
+        "LMSDiscreteScheduler": "lms",
+        "HeunDiscreteScheduler": "heun",
+        "UniPCMultistepScheduler": "unipc",
+        "DEISMultistepScheduler": "deis",
+        "FlowMatchEulerDiscreteScheduler": "flow_euler",
+    }
     for name, sampler in cases.items():
         kw = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
         assert scheduler_setup(getattr(diffusers, name)(**kw)).sampler == sampler
-    assert scheduler_setup(diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")).sampler == "dpmpp_2m_sde"
+    assert (
+        scheduler_setup(diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")).sampler
+        == "dpmpp_2m_sde"
+    )
     flow = scheduler_setup(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
     grid = flow.grid(4)
     assert flow.prediction == "flow"
     assert abs(grid.model_time[0] - 1000.0) < 1e-3 and grid.t[-1] == 0.0  # fed sigma * 1000, ends clean
     karras = scheduler_setup(diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True)).grid(6)
     assert all(float(v).is_integer() for v in karras.model_time[:-1])  # diffusers' rounded timesteps
-    assert not all(float(v).is_integer() for v in karras.t[1:-1])       # on the Karras sigmas themselves
+    assert not all(float(v).is_integer() for v in karras.t[1:-1])  # on the Karras sigmas themselves
 
 
 def test_fastdiff_scheduler_config_round_trip(tmp_path):

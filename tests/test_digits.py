@@ -1,5 +1,6 @@
 """The shipped digits network: U-Net shapes and conditioning, the checkpoint format, the PNG writer, the
 quality judge, and the shipped weights' sample quality against an untrained network of the same shape."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,12 @@ import torch
 
 import fastdiff
 from fastdiff.checkpoint import load, read_metadata, save, schedule_from_config
+from fastdiff.eval.quality import DigitsJudge, frechet_distance
 from fastdiff.nets import UNet
 from fastdiff.png import encode_png, image_grid
 from fastdiff.pretrained import digits
-from fastdiff.quality import DigitsJudge, frechet_distance
+from fastdiff.pretrained.train import DIGITS_UNET
 from fastdiff.schedule import Schedule
-from fastdiff.train import DIGITS_UNET
 
 # Frechet distance (classifier features) of 256 samples that the shipped network must beat. Measured when
 # the weights were committed: 5-15 for 256 samples of the shipped network (DDIM, 20-50 steps), 3-8 for 256
@@ -77,6 +78,7 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="prediction"):
         save(tmp_path / "x.safetensors", net, Schedule.vp_discrete(), "noise", (1, 8, 8))
     from safetensors.torch import save_file
+
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a fastdiff checkpoint"):
         load(tmp_path / "other.safetensors")
@@ -85,8 +87,13 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_schedule_configs_round_trip():
-    for sch in (Schedule.vp_discrete(beta_schedule="scaled_linear"), Schedule.vp_linear(), Schedule.edm(),
-                Schedule.flow(), Schedule.from_betas(np.linspace(1e-4, 0.02, 50))):
+    for sch in (
+        Schedule.vp_discrete(beta_schedule="scaled_linear"),
+        Schedule.vp_linear(),
+        Schedule.edm(),
+        Schedule.flow(),
+        Schedule.from_betas(np.linspace(1e-4, 0.02, 50)),
+    ):
         back = schedule_from_config(json.loads(json.dumps(sch.config)))
         t = np.linspace(sch.t_min, sch.t_max, 7)
         assert np.allclose(back.alpha(t), sch.alpha(t), rtol=0, atol=0) and back.kind == sch.kind
@@ -98,8 +105,8 @@ def test_png_encoding_decodes_back():
     data = encode_png(img)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     idat = data.index(b"IDAT")
-    length = int.from_bytes(data[idat - 4:idat], "big")
-    raw = zlib.decompress(data[idat + 4:idat + 4 + length])
+    length = int.from_bytes(data[idat - 4 : idat], "big")
+    raw = zlib.decompress(data[idat + 4 : idat + 4 + length])
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(12, 6)
     assert (rows[:, 0] == 0).all() and np.array_equal(rows[:, 1:], img)
     grid = image_grid(torch.zeros(5, 1, 8, 8), rows=2, scale=2, pad=1)
@@ -121,7 +128,9 @@ def test_frechet_distance_known_values():
 
 def test_judge_separates_real_digits_from_noise(judge):
     floor = judge.real_floor(256, draws=2)
-    real = judge.score(judge.images[torch.randperm(len(judge.images), generator=torch.Generator().manual_seed(1))[:256]])
+    real = judge.score(
+        judge.images[torch.randperm(len(judge.images), generator=torch.Generator().manual_seed(1))[:256]]
+    )
     noise = judge.score(torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert judge.train_accuracy > 0.97
     assert floor < 15 and real.fd < 15 and noise.fd > 100 and real.confidence > noise.confidence
@@ -153,15 +162,22 @@ def test_shipped_weights_guidance_draws_the_requested_digit(judge):
     pipe = digits(device="cpu")
     labels = torch.arange(10).repeat(4)
     with torch.inference_mode():
-        x = pipe.sample((40, 1, 8, 8), steps=15, seed=3, progress=False, model_kwargs={"y": labels},
-                        uncond_kwargs={"y": torch.full_like(labels, 10)}, guidance_scale=3.0)
+        x = pipe.sample(
+            (40, 1, 8, 8),
+            steps=15,
+            seed=3,
+            progress=False,
+            model_kwargs={"y": labels},
+            uncond_kwargs={"y": torch.full_like(labels, 10)},
+            guidance_scale=3.0,
+        )
     assert judge.score(x, labels).accuracy >= 0.9
 
 
 def test_digits_samples_leave_the_data_range_unless_x0_is_clipped():
     """What the README says of the range: unclipped samples go past [-1, 1]; x0_clip at 1 keeps them inside, the
     guided ones too."""
-    from fastdiff.x0_clip import X0Clip
+    from fastdiff.runtime.x0_clip import X0Clip
 
     y = torch.arange(10).repeat(2)
     guided = dict(model_kwargs={"y": y}, uncond_kwargs={"y": torch.full_like(y, 10)}, guidance_scale=3.0)

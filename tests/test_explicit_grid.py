@@ -1,5 +1,6 @@
 """``Pipeline.sample(timesteps=...)`` / ``sigmas=...`` and ``Schedule.grid_from_timesteps`` / ``grid_from_sigmas``:
 a fastdiff sampler on a diffusers scheduler's own time grid equals that scheduler on the same inputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.demo import default_mixture
+from fastdiff.demos.mixture import default_mixture
 
 
 def _pipe(schedule: Schedule) -> Pipeline:
@@ -38,8 +39,7 @@ def test_dpmpp_2m_on_diffusers_own_timesteps_equals_diffusers():
 
     schedule = Schedule.vp_discrete()
     pipe = _pipe(schedule)
-    peer = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                                       beta_end=0.02)
+    peer = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     peer.set_timesteps(10)
     x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     x = x_T.clone()

@@ -1,6 +1,8 @@
-"""The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via fastdiff/kernels/cpu.py) against the plain-torch
+"""The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via fastdiff/kernels/cpu.py) against the
+plain-torch
 reference: every row kind, dtype and odd size, guidance, history, clipping, per-row programs; its in-loop Philox
 noise against the C++ libm generator and the (interpreted) Triton kernel; thread-count independence."""
+
 from __future__ import annotations
 
 import os
@@ -23,22 +25,42 @@ from fastdiff.schedule import Schedule  # noqa: E402
 
 INT32_MAX = torch.iinfo(torch.int32).max
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+ULP = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 NOISE_ATOL = 1e-5  # the vectorised log/cos against libm (measured max ~5e-7)
 
 
 def _outputs(x: torch.Tensor, want_h: bool = True) -> dict:
-    return {"x_out": torch.full_like(x, float("nan")), "h_out": torch.full_like(x, float("nan")) if want_h else None,
-            "x0_out": torch.full_like(x, float("nan")),
-            "nonfinite": torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32)}
+    return {
+        "x_out": torch.full_like(x, float("nan")),
+        "h_out": torch.full_like(x, float("nan")) if want_h else None,
+        "x0_out": torch.full_like(x, float("nan")),
+        "nonfinite": torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32),
+    }
 
 
 def _op_args(args: dict, out: dict) -> tuple:
     """The op's 19 arguments, in order, from named inputs (defaults for the optional ones) and outputs."""
-    return (args["x"], args["m"], args.get("m_uncond"), args.get("w", 1.0), args.get("hist", []), args["coeffs"],
-            args.get("stage", 0), args["seeds"], 0, args.get("use_noise", True), args.get("noise"), out["x_out"],
-            out["h_out"], out["x0_out"], out["nonfinite"], args.get("clip"), args.get("rows"), args.get("pool"),
-            args.get("row_guidance"))
+    return (
+        args["x"],
+        args["m"],
+        args.get("m_uncond"),
+        args.get("w", 1.0),
+        args.get("hist", []),
+        args["coeffs"],
+        args.get("stage", 0),
+        args["seeds"],
+        0,
+        args.get("use_noise", True),
+        args.get("noise"),
+        out["x_out"],
+        out["h_out"],
+        out["x0_out"],
+        out["nonfinite"],
+        args.get("clip"),
+        args.get("rows"),
+        args.get("pool"),
+        args.get("row_guidance"),
+    )
 
 
 def _run(fn, args: dict, out: dict) -> dict:
@@ -66,10 +88,19 @@ def _compare(args: dict, dtype: torch.dtype, want_h: bool = True) -> dict:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("sampler,options,schedule", [
-    ("ddpm", {}, "vp_discrete"), ("ddim", {"eta": 0.5}, "vp_discrete"), ("euler_ancestral", {}, "vp_discrete"),
-    ("dpmpp_2m_sde", {}, "vp_discrete"), ("dpmpp_3m", {}, "vp_discrete"), ("unipc", {}, "vp_discrete"),
-    ("heun", {}, "edm"), ("euler_maruyama", {}, "vp_linear")])
+@pytest.mark.parametrize(
+    "sampler,options,schedule",
+    [
+        ("ddpm", {}, "vp_discrete"),
+        ("ddim", {"eta": 0.5}, "vp_discrete"),
+        ("euler_ancestral", {}, "vp_discrete"),
+        ("dpmpp_2m_sde", {}, "vp_discrete"),
+        ("dpmpp_3m", {}, "vp_discrete"),
+        ("unipc", {}, "vp_discrete"),
+        ("heun", {}, "edm"),
+        ("euler_maruyama", {}, "vp_linear"),
+    ],
+)
 def test_sampler_rows(sampler, options, schedule, dtype):
     sch = getattr(Schedule, schedule)()
     prog = build_program(sch, sch.grid(8), sampler, "eps", torch.device("cpu"), **options)
@@ -78,8 +109,18 @@ def test_sampler_rows(sampler, options, schedule, dtype):
     pool = [torch.randn(3, 5, 7, generator=g).to(dtype) for _ in range(prog.slots)]
     for stage in range(prog.stages):
         hist = [pool[s] for s in prog.reads(stage)]
-        _compare(dict(x=x, m=m, hist=hist, coeffs=prog.coef_device, stage=stage, seeds=torch.tensor([1, -2, 2**40]),
-                      use_noise=prog.uses_noise(stage)), dtype)
+        _compare(
+            dict(
+                x=x,
+                m=m,
+                hist=hist,
+                coeffs=prog.coef_device,
+                stage=stage,
+                seeds=torch.tensor([1, -2, 2**40]),
+                use_noise=prog.uses_noise(stage),
+            ),
+            dtype,
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -88,14 +129,27 @@ def test_random_rows_every_input(sample_shape, dtype):
     g = torch.Generator().manual_seed(len(sample_shape) * 100 + sample_shape[0])
     coeffs = torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64)
     shape = (3, *sample_shape)
-    rnd = lambda: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+    rnd = lambda shape=shape, dtype=dtype: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
     x, m, mu = rnd(), rnd(), rnd()
     seeds = torch.tensor([4, 5, 6])
     for n_hist in range(4):
         for clip in (None, torch.tensor([[1.0, 1.0], [0.5, 2.0], [1e30, 1.0]])):
             for noise in (None, rnd()):
-                _compare(dict(x=x, m=m, m_uncond=mu, w=2.5, hist=[rnd() for _ in range(n_hist)], coeffs=coeffs,
-                              stage=n_hist, seeds=seeds, noise=noise, clip=clip), dtype)
+                _compare(
+                    dict(
+                        x=x,
+                        m=m,
+                        m_uncond=mu,
+                        w=2.5,
+                        hist=[rnd() for _ in range(n_hist)],
+                        coeffs=coeffs,
+                        stage=n_hist,
+                        seeds=seeds,
+                        noise=noise,
+                        clip=clip,
+                    ),
+                    dtype,
+                )
     _compare(dict(x=x, m=m, coeffs=coeffs, stage=1, seeds=seeds, use_noise=False), dtype, want_h=False)
 
 
@@ -114,10 +168,19 @@ def test_per_row_programs(dtype):
     shape = (4, 3, 90)
     x, m, mu = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
     pool = torch.randn(3, *shape, generator=g).to(dtype)
-    rows = torch.tensor([[0, 0, -1, -1, -1, 0], [5, 7, 0, -1, -1, 1], [8, 2, 2, 1, 0, 2], [3, 11, 1, 0, -1, -1]],
-                        dtype=torch.int32)
-    args = dict(x=x, m=m, m_uncond=mu, coeffs=coeffs, seeds=torch.tensor([5, -7, 2**40, 9]), rows=rows,
-                row_guidance=torch.tensor([1.0, 7.5, 0.0, 3.0]), clip=torch.tensor([[1.0, 1.0]] * 4))
+    rows = torch.tensor(
+        [[0, 0, -1, -1, -1, 0], [5, 7, 0, -1, -1, 1], [8, 2, 2, 1, 0, 2], [3, 11, 1, 0, -1, -1]], dtype=torch.int32
+    )
+    args = dict(
+        x=x,
+        m=m,
+        m_uncond=mu,
+        coeffs=coeffs,
+        seeds=torch.tensor([5, -7, 2**40, 9]),
+        rows=rows,
+        row_guidance=torch.tensor([1.0, 7.5, 0.0, 3.0]),
+        clip=torch.tensor([[1.0, 1.0]] * 4),
+    )
     ours = _run(fused_step_cpu, dict(args, pool=pool.clone()), _outputs(x, want_h=False))
     ref_pool = pool.clone()
     ref = _run(fused_step_reference, dict(args, pool=ref_pool), _outputs(x, want_h=False))
@@ -139,8 +202,23 @@ def test_noise_equals_the_generators():
         libm = torch.from_numpy(np.asarray(_C.philox_normal(seeds.numpy(), 700, stage, 0)))
         assert float((out - libm).abs().max()) <= NOISE_ATOL
         triton = torch.empty_like(x)
-        launch_fused_step(x, x, None, 1.0, [], coeffs, stage, seeds, 0, True, None, triton, None, None,
-                          torch.full((3,), INT32_MAX, dtype=torch.int32))
+        launch_fused_step(
+            x,
+            x,
+            None,
+            1.0,
+            [],
+            coeffs,
+            stage,
+            seeds,
+            0,
+            True,
+            None,
+            triton,
+            None,
+            None,
+            torch.full((3,), INT32_MAX, dtype=torch.int32),
+        )
         assert float((out - triton).abs().max()) <= NOISE_ATOL
     # The extreme tails: u1 at its 1e-7 floor gives |z| up to sqrt(-2 log 1e-7) = 5.68.
     many = torch.from_numpy(np.asarray(_C.philox_normal(np.arange(64), 4096, 1, 0)))
@@ -156,13 +234,17 @@ def test_fast_normals_within_float32_rounding_of_libm():
     for stage in (0, 3, 2**32 - 1):
         libm = np.asarray(_C.philox_normal(seeds, 8192 + 13, stage, 0))
         for b, seed in enumerate(seeds):
-            fast = np.concatenate([_C.philox_normal_fast(int(seed) % 2**64, j0, min(256, 8192 + 13 - j0), stage, 0)
-                                   for j0 in range(0, 8192 + 13, 256)])
+            fast = np.concatenate(
+                [
+                    _C.philox_normal_fast(int(seed) % 2**64, j0, min(256, 8192 + 13 - j0), stage, 0)
+                    for j0 in range(0, 8192 + 13, 256)
+                ]
+            )
             ulp = np.finfo(np.float32).eps * np.maximum(np.abs(libm[b]), 1.0)
             assert np.all(np.abs(fast - libm[b]) <= 4 * ulp)
             for j0 in (1, 2, 3, 4099):
                 fast = np.asarray(_C.philox_normal_fast(int(seed) % 2**64, j0, 255, stage, 0))
-                assert np.all(np.abs(fast - libm[b, j0:j0 + 255]) <= 4 * ulp[j0:j0 + 255])
+                assert np.all(np.abs(fast - libm[b, j0 : j0 + 255]) <= 4 * ulp[j0 : j0 + 255])
 
 
 def test_fast_normals_where_the_counters_cross_2_to_the_32():
@@ -182,6 +264,7 @@ def test_fast_normals_where_the_counters_cross_2_to_the_32():
     fast = np.asarray(_C.philox_normal_fast(seed, 2**34 - 13, len(j), 5, 0))
     assert np.all(np.abs(fast - want) <= 4 * np.finfo(np.float32).eps * np.maximum(np.abs(want), 1.0))
 
+
 def test_bitwise_the_same_whatever_the_thread_count():
     g = torch.Generator().manual_seed(11)
     x, m, h = (torch.randn(4, 4, 64, 64, generator=g) for _ in range(3))  # large enough to run threaded
@@ -191,8 +274,13 @@ def test_bitwise_the_same_whatever_the_thread_count():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append(_run(fused_step_cpu, dict(x=x, m=m, hist=[h], coeffs=coeffs, stage=2,
-                                                  seeds=torch.tensor([1, 2, 3, 4])), _outputs(x)))
+            outs.append(
+                _run(
+                    fused_step_cpu,
+                    dict(x=x, m=m, hist=[h], coeffs=coeffs, stage=2, seeds=torch.tensor([1, 2, 3, 4])),
+                    _outputs(x),
+                )
+            )
     finally:
         torch.set_num_threads(old)
     for o in outs[1:]:
@@ -204,11 +292,41 @@ def test_non_contiguous_output_falls_back_to_the_reference():
     x = torch.randn(2, 8)
     coeffs = torch.randn(1, NUM_COEF, dtype=torch.float64)
     out = torch.empty(8, 2).t()  # a transposed view
-    fused_step_cpu(x, x, None, 1.0, [], coeffs, 0, torch.tensor([1, 2]), 0, False, None, out, None, None,
-                   torch.full((2,), INT32_MAX, dtype=torch.int32))
+    fused_step_cpu(
+        x,
+        x,
+        None,
+        1.0,
+        [],
+        coeffs,
+        0,
+        torch.tensor([1, 2]),
+        0,
+        False,
+        None,
+        out,
+        None,
+        None,
+        torch.full((2,), INT32_MAX, dtype=torch.int32),
+    )
     want = torch.empty(2, 8)
-    fused_step_reference(x, x, None, 1.0, [], coeffs, 0, torch.tensor([1, 2]), 0, False, None, want, None, None,
-                         torch.full((2,), INT32_MAX, dtype=torch.int32))
+    fused_step_reference(
+        x,
+        x,
+        None,
+        1.0,
+        [],
+        coeffs,
+        0,
+        torch.tensor([1, 2]),
+        0,
+        False,
+        None,
+        want,
+        None,
+        None,
+        torch.full((2,), INT32_MAX, dtype=torch.int32),
+    )
     assert torch.equal(out, want)
 
 
@@ -219,22 +337,49 @@ def isa_outputs() -> dict:
     out = {}
     for dtype in DTYPES:
         for shape, n_hist in (((3, 1000), 2), ((2, 4, 33), 3), ((5, 5), 0)):
-            rnd = lambda: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+            rnd = lambda shape=shape, dtype=dtype: torch.randn(shape, generator=g).to(dtype)
             coeffs = torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64)
             x, m, mu, noise = rnd(), rnd(), rnd(), rnd()
-            for variant, extra in (("philox", {}), ("explicit", {"noise": noise}),
-                                   ("clip", {"clip": torch.tensor([[1.0, 1.0]] * shape[0])})):
-                res = _run(fused_step_cpu, dict(x=x, m=m, m_uncond=mu, w=2.5, hist=[rnd() for _ in range(n_hist)],
-                                                coeffs=coeffs, stage=3, seeds=torch.arange(shape[0]) * 7 - 3, **extra),
-                           _outputs(x))
+            for variant, extra in (
+                ("philox", {}),
+                ("explicit", {"noise": noise}),
+                ("clip", {"clip": torch.tensor([[1.0, 1.0]] * shape[0])}),
+            ):
+                res = _run(
+                    fused_step_cpu,
+                    dict(
+                        x=x,
+                        m=m,
+                        m_uncond=mu,
+                        w=2.5,
+                        hist=[rnd() for _ in range(n_hist)],
+                        coeffs=coeffs,
+                        stage=3,
+                        seeds=torch.arange(shape[0]) * 7 - 3,
+                        **extra,
+                    ),
+                    _outputs(x),
+                )
                 out.update({f"{dtype}/{shape}/{variant}/{k}": v for k, v in res.items()})
         pool = torch.randn(3, 4, 300, generator=g).to(dtype)
-        rows = torch.tensor([[0, 0, -1, -1, -1, 0], [2, 7, 0, -1, -1, 1], [3, 2, 2, 1, 0, 2], [1, 11, 1, 0, -1, -1]],
-                            dtype=torch.int32)
+        rows = torch.tensor(
+            [[0, 0, -1, -1, -1, 0], [2, 7, 0, -1, -1, 1], [3, 2, 2, 1, 0, 2], [1, 11, 1, 0, -1, -1]], dtype=torch.int32
+        )
         x, m, mu = (torch.randn(4, 300, generator=g).to(dtype) for _ in range(3))
-        res = _run(fused_step_cpu, dict(x=x, m=m, m_uncond=mu, coeffs=torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64),
-                                        seeds=torch.tensor([5, -7, 2**40, 9]), rows=rows, pool=pool,
-                                        row_guidance=torch.tensor([1.0, 7.5, 0.0, 3.0])), _outputs(x, want_h=False))
+        res = _run(
+            fused_step_cpu,
+            dict(
+                x=x,
+                m=m,
+                m_uncond=mu,
+                coeffs=torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64),
+                seeds=torch.tensor([5, -7, 2**40, 9]),
+                rows=rows,
+                pool=pool,
+                row_guidance=torch.tensor([1.0, 7.5, 0.0, 3.0]),
+            ),
+            _outputs(x, want_h=False),
+        )
         out.update({f"{dtype}/rows/{k}": v for k, v in res.items() if v is not None})
         out[f"{dtype}/rows/pool"] = pool
     return out
@@ -246,17 +391,26 @@ def test_baseline_and_avx2_builds_give_the_same_bits(tmp_path):
     if _C.cpu_isa() != "avx2":
         pytest.skip(f"this CPU runs the {_C.cpu_isa()} build only: there is no second build to compare")
     path = tmp_path / "baseline.pt"
-    script = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from fastdiff import _C; "
-              "assert _C.cpu_isa() == 'baseline'; from test_fused_step_cpu import isa_outputs; "
-              "torch.save(isa_outputs(), sys.argv[1])")
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); from fastdiff import _C; "
+        "assert _C.cpu_isa() == 'baseline'; from test_fused_step_cpu import isa_outputs; "
+        "torch.save(isa_outputs(), sys.argv[1])"
+    )
     env = dict(os.environ, FASTDIFF_CPU_BASELINE="1")
-    subprocess.run([sys.executable, "-c", script, str(path), os.path.dirname(os.path.abspath(__file__))], env=env,
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", script, str(path), os.path.dirname(os.path.abspath(__file__))],
+        env=env,
+        check=True,
+        timeout=300,
+    )
     baseline, avx2 = torch.load(path), isa_outputs()
     assert baseline.keys() == avx2.keys()
     for name, value in avx2.items():
-        assert torch.equal(value, baseline[name]) or (value.is_floating_point() and torch.equal(
-            value.isnan(), baseline[name].isnan()) and torch.equal(value.nan_to_num(), baseline[name].nan_to_num())), name
+        assert torch.equal(value, baseline[name]) or (
+            value.is_floating_point()
+            and torch.equal(value.isnan(), baseline[name].isnan())
+            and torch.equal(value.nan_to_num(), baseline[name].nan_to_num())
+        ), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,20 +421,44 @@ def test_baseline_and_avx2_builds_give_the_same_bits(tmp_path):
 def _op_cases():
     g = torch.Generator().manual_seed(5)
     for dtype in DTYPES:
-        rnd = lambda *shape: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+        rnd = lambda *shape, dtype=dtype: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
         coeffs = torch.randn(4, NUM_COEF, generator=g, dtype=torch.float64)
         x = rnd(3, 2, 333)
         yield f"{dtype} plain", dict(x=x, m=rnd(3, 2, 333), coeffs=coeffs, stage=2, seeds=torch.tensor([1, 2, 3]))
-        yield f"{dtype} all", dict(x=x, m=rnd(3, 2, 333), m_uncond=rnd(3, 2, 333), w=3.0, hist=[rnd(3, 2, 333)] * 3,
-                                   coeffs=coeffs, stage=3, seeds=torch.tensor([4, 5, 6]), noise=rnd(3, 2, 333),
-                                   clip=torch.tensor([[1.0, 1.0], [0.5, 2.0], [2.0, 1.0]]))
+        yield (
+            f"{dtype} all",
+            dict(
+                x=x,
+                m=rnd(3, 2, 333),
+                m_uncond=rnd(3, 2, 333),
+                w=3.0,
+                hist=[rnd(3, 2, 333)] * 3,
+                coeffs=coeffs,
+                stage=3,
+                seeds=torch.tensor([4, 5, 6]),
+                noise=rnd(3, 2, 333),
+                clip=torch.tensor([[1.0, 1.0], [0.5, 2.0], [2.0, 1.0]]),
+            ),
+        )
         rows = torch.tensor([[0, 0, -1, -1, -1, 0], [2, 7, 0, -1, -1, 1], [3, 2, 1, 0, -1, -1]], dtype=torch.int32)
-        yield f"{dtype} per-row", dict(x=x, m=rnd(3, 2, 333), m_uncond=rnd(3, 2, 333), coeffs=coeffs,
-                                       seeds=torch.tensor([7, 8, 9]), rows=rows, pool=rnd(2, 3, 2, 333),
-                                       row_guidance=torch.tensor([1.0, 2.0, 0.5]))
+        yield (
+            f"{dtype} per-row",
+            dict(
+                x=x,
+                m=rnd(3, 2, 333),
+                m_uncond=rnd(3, 2, 333),
+                coeffs=coeffs,
+                seeds=torch.tensor([7, 8, 9]),
+                rows=rows,
+                pool=rnd(2, 3, 2, 333),
+                row_guidance=torch.tensor([1.0, 2.0, 0.5]),
+            ),
+        )
         if dtype != torch.float32:  # a float32 network output with a half-precision state
-            yield f"{dtype} f32 model", dict(x=x, m=torch.randn(3, 2, 333, generator=g), coeffs=coeffs,
-                                             seeds=torch.tensor([1, 2, 3]))
+            yield (
+                f"{dtype} f32 model",
+                dict(x=x, m=torch.randn(3, 2, 333, generator=g), coeffs=coeffs, seeds=torch.tensor([1, 2, 3])),
+            )
 
 
 def _run_op(op, args: dict, want_h: bool) -> dict:
@@ -294,8 +472,9 @@ def _run_op(op, args: dict, want_h: bool) -> dict:
 def _same(a: dict, b: dict) -> None:
     for name, value in a.items():
         if value is not None:
-            assert torch.equal(value.nan_to_num(), b[name].nan_to_num()) and torch.equal(value.isnan(),
-                                                                                      b[name].isnan()), name
+            assert torch.equal(value.nan_to_num(), b[name].nan_to_num()) and torch.equal(
+                value.isnan(), b[name].isnan()
+            ), name
 
 
 def test_the_op_runs_its_cpp_cpu_kernel():
@@ -325,8 +504,12 @@ def test_what_the_cpp_fast_path_does_not_take_goes_to_the_python_kernel(monkeypa
     coeffs = torch.randn(3, NUM_COEF, generator=g, dtype=torch.float64)
     base = dict(x=x, m=m, coeffs=coeffs, stage=1, seeds=torch.tensor([1, 2]))
     want = _run_op(torch.ops.fastdiff.fused_step, base, True)
-    for change in (dict(m=m.double()), dict(m=torch.randn(40, 2, generator=g).t()),
-                   dict(x=x.t().contiguous().t()), dict(seeds=torch.tensor([1, 2], dtype=torch.int32))):
+    for change in (
+        dict(m=m.double()),
+        dict(m=torch.randn(40, 2, generator=g).t()),
+        dict(x=x.t().contiguous().t()),
+        dict(seeds=torch.tensor([1, 2], dtype=torch.int32)),
+    ):
         if "m" in change:
             base_m = dict(base, m=change["m"].to(torch.float32).contiguous())
             want_m = _run_op(torch.ops.fastdiff.fused_step, base_m, True)
@@ -348,14 +531,21 @@ def test_what_the_cpp_fast_path_does_not_take_goes_to_the_python_kernel(monkeypa
 
 
 def test_the_python_cpu_kernel_can_be_chosen(tmp_path):
-    script = ("import torch, fastdiff.kernels.op as op; assert not op.CPU_KERNEL_IN_CPP; "
-              "from fastdiff import Pipeline, Schedule; "
-              "p = Pipeline(lambda x, t: 0.1 * x, Schedule.vp_discrete(), device='cpu'); "
-              "torch.save(p.sample((3, 5), sampler='ddpm', steps=6, seed=2, progress=False), __import__('sys').argv[1])")
+    script = (
+        "import torch, fastdiff.kernels.op as op; assert not op.CPU_KERNEL_IN_CPP; "
+        "from fastdiff import Pipeline, Schedule; "
+        "p = Pipeline(lambda x, t: 0.1 * x, Schedule.vp_discrete(), device='cpu'); "
+        "torch.save(p.sample((3, 5), sampler='ddpm', steps=6, seed=2, progress=False), __import__('sys').argv[1])"
+    )
     path = tmp_path / "py.pt"
-    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=300,
-                   env=dict(os.environ, FASTDIFF_PYTHON_CPU_KERNEL="1"))
+    subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        check=True,
+        timeout=300,
+        env=dict(os.environ, FASTDIFF_PYTHON_CPU_KERNEL="1"),
+    )
     from fastdiff import Pipeline, Schedule
+
     pipe = Pipeline(lambda x, t: 0.1 * x, Schedule.vp_discrete(), device="cpu")
     assert torch.equal(torch.load(path), pipe.sample((3, 5), sampler="ddpm", steps=6, seed=2, progress=False))
 

@@ -1,22 +1,34 @@
 """The CUDA-graph runner: cache keys, LRU eviction, static buffers and argument checks on the CPU; capture,
 replay, cache hits and the absence of host syncs on CUDA (skipped without CUDA)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastdiff.pipeline as pipeline_mod
+import fastdiff.runtime.loop as loop_mod
 from fastdiff import Pipeline, Schedule
-from fastdiff.bench import TimeMLP
-from fastdiff.graphs import CapturedLoop, GraphCache, StaticBuffers, graph_key, kwargs_spec, resolve_cuda_graph
+from fastdiff.bench.throughput import TimeMLP
+from fastdiff.runtime.graphs import CapturedLoop, GraphCache, StaticBuffers, graph_key, kwargs_spec, resolve_cuda_graph
 
 CUDA = torch.cuda.is_available()
 
 
 def _key(**over):
-    base = dict(shape=(4, 2), dtype=torch.float32, device=torch.device("cuda"), sampler="ddim", steps=10,
-                options={"eta": 0.5}, guidance=None, model_kwargs=(), uncond_kwargs=None, return_x0=False,
-                return_trajectory=False)
+    base = dict(
+        shape=(4, 2),
+        dtype=torch.float32,
+        device=torch.device("cuda"),
+        sampler="ddim",
+        steps=10,
+        options={"eta": 0.5},
+        guidance=None,
+        model_kwargs=(),
+        uncond_kwargs=None,
+        return_x0=False,
+        return_trajectory=False,
+    )
     base.update(over)
     return graph_key(**base)
 
@@ -25,12 +37,21 @@ def _key(**over):
 def test_graph_key_changes_with_everything_the_graph_depends_on():
     base = _key()
     assert base == _key() and hash(base) == hash(_key())
-    variants = [_key(shape=(8, 2)), _key(dtype=torch.float16), _key(sampler="ddpm"), _key(steps=11),
-                _key(options={"eta": 0.25}), _key(options={"eta": 0.5, "spacing": "trailing"}),
-                _key(guidance=(3.0, 0.0, "double")), _key(guidance=(3.0, 0.0, "separate")),
-                _key(model_kwargs=kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]),
-                _key(uncond_kwargs=()), _key(return_x0=True), _key(return_trajectory=True),
-                _key(device=torch.device("cuda", 1))]
+    variants = [
+        _key(shape=(8, 2)),
+        _key(dtype=torch.float16),
+        _key(sampler="ddpm"),
+        _key(steps=11),
+        _key(options={"eta": 0.25}),
+        _key(options={"eta": 0.5, "spacing": "trailing"}),
+        _key(guidance=(3.0, 0.0, "double")),
+        _key(guidance=(3.0, 0.0, "separate")),
+        _key(model_kwargs=kwargs_spec({"y": torch.zeros(4, dtype=torch.long)})[0]),
+        _key(uncond_kwargs=()),
+        _key(return_x0=True),
+        _key(return_trajectory=True),
+        _key(device=torch.device("cuda", 1)),
+    ]
     keys = {base, *variants}
     assert len(keys) == len(variants) + 1
 
@@ -93,8 +114,13 @@ def test_resolve_cuda_graph_modes():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_cuda_graph("auto", cuda) is True
     assert resolve_cuda_graph(False, cuda) is False
-    for kwargs in ({}, {"adaptive": True}, {"explicit_noise": True}, {"callback": True},
-                   {"unhashable_kwargs": ("opts",)}):
+    for kwargs in (
+        {},
+        {"adaptive": True},
+        {"explicit_noise": True},
+        {"callback": True},
+        {"unhashable_kwargs": ("opts",)},
+    ):
         dev = cpu if not kwargs else cuda
         assert resolve_cuda_graph("auto", dev, **kwargs) is False  # silent fallback
         with pytest.raises(ValueError, match="cuda_graph=True cannot apply"):
@@ -136,7 +162,7 @@ def _fake_capture(loop, inputs, warmup=1, keep_alive=()):
 
 
 def test_graph_path_buffer_management_on_cpu(monkeypatch, mlp_pipe):
-    monkeypatch.setattr(pipeline_mod, "capture", _fake_capture)
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
     monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
     pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu", max_graphs=2)
     y = torch.tensor([0, 1, 2, 3])
@@ -149,18 +175,21 @@ def test_graph_path_buffer_management_on_cpu(monkeypatch, mlp_pipe):
     kw = dict(steps=4, sampler="ddim", eta=0.7, progress=False)
     for seed in (0, 1, 2):  # one capture, then replays with new seeds and new conditioning
         cond = {"y": (y + seed) % 3}
-        g, g_x0, g_tr = pipe.sample((4, 8), seed=seed, model_kwargs=cond, cuda_graph=True, return_x0=True,
-                                    return_trajectory=True, **kw)
-        e, e_x0, e_tr = pipe.sample((4, 8), seed=seed, model_kwargs=cond, cuda_graph=False, return_x0=True,
-                                    return_trajectory=True, **kw)
+        g, g_x0, g_tr = pipe.sample(
+            (4, 8), seed=seed, model_kwargs=cond, cuda_graph=True, return_x0=True, return_trajectory=True, **kw
+        )
+        e, e_x0, e_tr = pipe.sample(
+            (4, 8), seed=seed, model_kwargs=cond, cuda_graph=False, return_x0=True, return_trajectory=True, **kw
+        )
         torch.testing.assert_close(g, e, rtol=0, atol=0)
         torch.testing.assert_close(g_x0, e_x0, rtol=0, atol=0)
         torch.testing.assert_close(g_tr, e_tr, rtol=0, atol=0)
     assert pipe.graphs.misses == 1 and pipe.graphs.hits == 2 and len(pipe.graphs) == 1
     # an explicit x_T is copied in too
     x_T = torch.randn(4, 8)
-    a = pipe.sample((4, 8), x_T=x_T, model_kwargs={"y": y}, cuda_graph=True, return_x0=True, return_trajectory=True,
-                    **kw)
+    a = pipe.sample(
+        (4, 8), x_T=x_T, model_kwargs={"y": y}, cuda_graph=True, return_x0=True, return_trajectory=True, **kw
+    )
     assert torch.equal(a[2][0], x_T)
     # returned tensors are fresh: a later replay does not overwrite them
     first = pipe.sample((4, 8), seed=5, model_kwargs={"y": y}, cuda_graph=True, **dict(kw))
@@ -179,8 +208,14 @@ def test_model_kwargs_batch_validation(mlp_pipe):
     with pytest.raises(ValueError, match=r"model_kwargs\['y'\] has batch size 3, expected 2"):
         mlp_pipe.sample((2, 8), steps=2, progress=False, model_kwargs={"y": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"uncond_kwargs\['y'\] has batch size 5, expected 2"):
-        mlp_pipe.sample((2, 8), steps=2, progress=False, guidance_scale=2.0, model_kwargs={"y": torch.zeros(2)},
-                        uncond_kwargs={"y": torch.zeros(5)})
+        mlp_pipe.sample(
+            (2, 8),
+            steps=2,
+            progress=False,
+            guidance_scale=2.0,
+            model_kwargs={"y": torch.zeros(2)},
+            uncond_kwargs={"y": torch.zeros(5)},
+        )
 
 
 # ---------------------------------------------------------------- CUDA only: the shipped digits U-Net
@@ -211,8 +246,16 @@ def test_cuda_graph_replay_equals_eager(sampler, opts):
 def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
     pipe = _cuda_pipe()
     y = torch.arange(6, device="cuda")
-    kw = dict(steps=10, sampler="ddim", progress=False, guidance_scale=4.0, model_kwargs={"y": y},
-              uncond_kwargs={"y": torch.full_like(y, pipe.num_classes)}, return_x0=True, return_trajectory=True)
+    kw = dict(
+        steps=10,
+        sampler="ddim",
+        progress=False,
+        guidance_scale=4.0,
+        model_kwargs={"y": y},
+        uncond_kwargs={"y": torch.full_like(y, pipe.num_classes)},
+        return_x0=True,
+        return_trajectory=True,
+    )
     for batching in ("double", "separate"):
         g = pipe.sample((6, 1, 8, 8), cuda_graph=True, guidance_batching=batching, **kw)
         e = pipe.sample((6, 1, 8, 8), cuda_graph=False, guidance_batching=batching, **kw)
@@ -262,7 +305,7 @@ def test_auto_falls_back_when_capture_fails(monkeypatch, mlp_pipe):
         calls.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(pipeline_mod, "capture", failing_capture)
+    monkeypatch.setattr(loop_mod, "capture", failing_capture)
     monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is not False)
     pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
     eager = pipe.sample((2, 8), steps=3, progress=False, cuda_graph=False)
@@ -283,8 +326,16 @@ def test_callback_and_trajectory_follow_ddim_by_hand():
     pipe = Pipeline(lambda x, t: c.to(x.dtype), sched, prediction="eps", device="cpu")
     steps = 7
     seen = []
-    out, x0s, traj = pipe.sample((2, 2), steps=steps, seed=4, progress=False, return_x0=True, return_trajectory=True,
-                                 callback=lambda s, x, x0: seen.append((s, x.clone(), x0.clone())), callback_steps=3)
+    out, x0s, traj = pipe.sample(
+        (2, 2),
+        steps=steps,
+        seed=4,
+        progress=False,
+        return_x0=True,
+        return_trajectory=True,
+        callback=lambda s, x, x0: seen.append((s, x.clone(), x0.clone())),
+        callback_steps=3,
+    )
     grid = sched.grid(steps)
     x = pipe.initial_noise((2, 2), seed=4).double()
     assert traj.shape == (steps + 1, 2, 2) and torch.equal(traj[0], x.float()) and torch.equal(traj[-1], out)
@@ -303,7 +354,7 @@ def test_callback_and_trajectory_follow_ddim_by_hand():
 
 
 def test_cached_graph_serves_inference_mode_and_grad_mode_callers(monkeypatch, mlp_pipe):
-    monkeypatch.setattr(pipeline_mod, "capture", _fake_capture)
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
     monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
     pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
     with torch.inference_mode():
@@ -316,6 +367,7 @@ def test_cached_graph_serves_inference_mode_and_grad_mode_callers(monkeypatch, m
 
 def test_non_program_samplers_refuse_cuda_graph_true(mlp_pipe):
     from fastdiff.samplers import SAMPLERS
+
     if "rk45" not in SAMPLERS:
         pytest.skip("rk45 is not registered")
     with pytest.raises(ValueError, match="not one fixed coefficient program"):

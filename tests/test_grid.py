@@ -1,13 +1,14 @@
 """Time grids (Schedule.grid) against diffusers' timesteps/sigmas, k-diffusion's Karras sigmas and the
 spacing formulas computed here."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-
 from peers import U32
+
 from fastdiff import Grid, Schedule
 
 STEPS = [1, 7, 10, 50, 1000]
@@ -43,8 +44,9 @@ def test_model_times_equal_ddim_timesteps(diffusers_schedulers, vp_discrete, spa
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_model_times_equal_euler_timesteps(diffusers_schedulers, vp_discrete, spacing, steps):
     euler = _diffusers_timesteps(diffusers_schedulers["euler"], steps, timestep_spacing=spacing)
-    np.testing.assert_array_equal(vp_discrete.grid(steps, spacing).model_time[:-1],
-                                  euler.timesteps.numpy().astype(np.float64))
+    np.testing.assert_array_equal(
+        vp_discrete.grid(steps, spacing).model_time[:-1], euler.timesteps.numpy().astype(np.float64)
+    )
 
 
 @pytest.mark.parametrize("steps", [1, 4, 7, 10, 50, 1000])
@@ -57,15 +59,17 @@ def test_leading_steps_offset(diffusers_schedulers, which, steps):
             sch.grid(steps, "leading", steps_offset=1)
         return
     peer = _diffusers_timesteps(diffusers_schedulers[which], steps, timestep_spacing="leading", steps_offset=1)
-    np.testing.assert_array_equal(sch.grid(steps, "leading", steps_offset=1).model_time[:-1],
-                                  peer.timesteps.numpy().astype(np.float64))
+    np.testing.assert_array_equal(
+        sch.grid(steps, "leading", steps_offset=1).model_time[:-1], peer.timesteps.numpy().astype(np.float64)
+    )
 
 
 @pytest.mark.parametrize("n_train,steps", [(500, 7), (500, 500), (1200, 13), (64, 10), (2, 1), (2, 2)])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_other_train_lengths_match_ddim(diffusers_schedulers, spacing, n_train, steps):
-    ddim = _diffusers_timesteps(diffusers_schedulers["ddim"], steps, timestep_spacing=spacing,
-                                num_train_timesteps=n_train)
+    ddim = _diffusers_timesteps(
+        diffusers_schedulers["ddim"], steps, timestep_spacing=spacing, num_train_timesteps=n_train
+    )
     g = Schedule.vp_discrete(num_train_timesteps=n_train).grid(steps, spacing)
     np.testing.assert_array_equal(g.model_time[:-1], ddim.timesteps.numpy().astype(np.float64))
 
@@ -198,8 +202,9 @@ def test_karras_on_vp_discrete_matches_k_diffusion(kdiff_sampling, steps):
 
 SCHEDULES = {
     "vp_discrete": lambda: Schedule.vp_discrete(),
-    "vp_discrete_scaled": lambda: Schedule.vp_discrete(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                       beta_end=0.012),
+    "vp_discrete_scaled": lambda: Schedule.vp_discrete(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    ),
     "vp_linear": lambda: Schedule.vp_linear(),
     "vp_cosine": lambda: Schedule.vp_cosine(t_max=0.9946),
     "sub_vp": lambda: Schedule.sub_vp(),
@@ -211,9 +216,15 @@ SCHEDULES = {
 # Where grids end: t_min, then the clean end for the schedules that have one.
 CLEAN_END = {"vp_discrete": -1.0, "vp_discrete_scaled": -1.0, "edm": 0.0, "flow": 0.0}
 EXPECTED_RANGE = {  # (t_max, t_min) from each constructor's documented time axis
-    "vp_discrete": (999.0, 0.0), "vp_discrete_scaled": (999.0, 0.0), "vp_linear": (1.0, 1e-3),
-    "vp_cosine": (0.9946, 1e-3), "sub_vp": (1.0, 1e-3), "ve": (1.0, 0.0), "edm": (80.0, 0.002),
-    "flow": (0.999, 1e-3), "tabulated": (1.0, 0.01),
+    "vp_discrete": (999.0, 0.0),
+    "vp_discrete_scaled": (999.0, 0.0),
+    "vp_linear": (1.0, 1e-3),
+    "vp_cosine": (0.9946, 1e-3),
+    "sub_vp": (1.0, 1e-3),
+    "ve": (1.0, 0.0),
+    "edm": (80.0, 0.002),
+    "flow": (0.999, 1e-3),
+    "tabulated": (1.0, 0.01),
 }
 
 
@@ -244,13 +255,11 @@ def test_uniform_and_quadratic_formulas(name, steps):
     t_max, t_min = EXPECTED_RANGE[name]
     u = np.linspace(1.0, 0.0, steps + 1)
     np.testing.assert_allclose(sch.grid(steps, "uniform").t, t_min + (t_max - t_min) * u, rtol=1e-14, atol=1e-15)
-    np.testing.assert_allclose(sch.grid(steps, "quadratic").t, t_min + (t_max - t_min) * u**2, rtol=1e-14,
-                               atol=1e-15)
+    np.testing.assert_allclose(sch.grid(steps, "quadratic").t, t_min + (t_max - t_min) * u**2, rtol=1e-14, atol=1e-15)
 
 
 @pytest.mark.parametrize("steps", [1, 5, 20])
-@pytest.mark.parametrize("name", ["vp_linear", "sub_vp", "vp_cosine", "ve", "tabulated", "vp_discrete", "edm",
-                                  "flow"])
+@pytest.mark.parametrize("name", ["vp_linear", "sub_vp", "vp_cosine", "ve", "tabulated", "vp_discrete", "edm", "flow"])
 def test_logsnr_is_uniform_in_log_snr(name, steps):
     """'logsnr' points are equally spaced in log-SNR between its values at t_max and t_min, computed
     here by the closed forms (for the tabulated schedule, whose log-SNR has no closed form, by the
@@ -312,36 +321,49 @@ def test_default_spacings():
 # Bad inputs
 
 
-@pytest.mark.parametrize("make,kw,exc,match", [
-    (lambda: Schedule.vp_discrete(), dict(steps=0), ValueError, "steps"),
-    (lambda: Schedule.vp_discrete(), dict(steps=-3), ValueError, "steps"),
-    (lambda: Schedule.vp_linear(), dict(steps=0, spacing="uniform"), ValueError, "steps"),
-    (lambda: Schedule.vp_discrete(), dict(steps=1001), ValueError, "steps must be <= num_train_timesteps"),
-    (lambda: Schedule.vp_discrete(num_train_timesteps=50), dict(steps=51, spacing="trailing"), ValueError,
-     "num_train_timesteps"),
-    (lambda: Schedule.vp_discrete(), dict(steps=10, spacing="cosine"), ValueError, "spacing"),
-    (lambda: Schedule.vp_linear(), dict(steps=10, spacing="Leading"), ValueError, "spacing"),
-    (lambda: Schedule.edm(), dict(steps=10, spacing="karras", rho=0.0), ValueError, "rho"),
-    (lambda: Schedule.edm(), dict(steps=10, spacing="karras", rho=-7.0), ValueError, "rho"),
-    (lambda: Schedule.edm(), dict(steps=10, spacing="karras", rho=float("nan")), ValueError, "rho"),
-    (lambda: Schedule.vp_discrete(), dict(steps=10, rho=0.0), ValueError, "rho"),
-    (lambda: Schedule.edm(), dict(steps=10, rho="7"), TypeError, "rho"),
-    *[(mk, dict(steps=10, spacing=sp), ValueError, "spacing")
-      for mk in (lambda: Schedule.vp_linear(), lambda: Schedule.edm(), lambda: Schedule.flow())
-      for sp in ("leading", "trailing", "linspace")],
-    (lambda: Schedule.vp_discrete(), dict(steps=10.0), TypeError, "steps"),
-    (lambda: Schedule.vp_discrete(), dict(steps="10"), TypeError, "steps"),
-    (lambda: Schedule.vp_discrete(), dict(steps=True), TypeError, "steps"),
-    (lambda: Schedule.vp_discrete(), dict(steps=None), TypeError, "steps"),
-    (lambda: Schedule.vp_discrete(), dict(steps=10, steps_offset=-1), ValueError, "steps_offset"),
-    (lambda: Schedule.vp_discrete(), dict(steps=10, steps_offset=1.0), TypeError, "steps_offset"),
-    (lambda: Schedule.vp_discrete(), dict(steps=10, steps_offset=100), ValueError, "steps_offset"),
-    # log-SNR or sigma/alpha infinite at an end: these spacings cannot be formed and say so
-    (lambda: Schedule.flow(), dict(steps=10, spacing="logsnr"), ValueError, "logsnr"),
-    (lambda: Schedule.flow(), dict(steps=10, spacing="karras"), ValueError, "karras"),
-    (lambda: Schedule.vp_discrete(rescale_zero_terminal_snr=True), dict(steps=10, spacing="karras"), ValueError,
-     "karras"),
-])
+@pytest.mark.parametrize(
+    "make,kw,exc,match",
+    [
+        (lambda: Schedule.vp_discrete(), dict(steps=0), ValueError, "steps"),
+        (lambda: Schedule.vp_discrete(), dict(steps=-3), ValueError, "steps"),
+        (lambda: Schedule.vp_linear(), dict(steps=0, spacing="uniform"), ValueError, "steps"),
+        (lambda: Schedule.vp_discrete(), dict(steps=1001), ValueError, "steps must be <= num_train_timesteps"),
+        (
+            lambda: Schedule.vp_discrete(num_train_timesteps=50),
+            dict(steps=51, spacing="trailing"),
+            ValueError,
+            "num_train_timesteps",
+        ),
+        (lambda: Schedule.vp_discrete(), dict(steps=10, spacing="cosine"), ValueError, "spacing"),
+        (lambda: Schedule.vp_linear(), dict(steps=10, spacing="Leading"), ValueError, "spacing"),
+        (lambda: Schedule.edm(), dict(steps=10, spacing="karras", rho=0.0), ValueError, "rho"),
+        (lambda: Schedule.edm(), dict(steps=10, spacing="karras", rho=-7.0), ValueError, "rho"),
+        (lambda: Schedule.edm(), dict(steps=10, spacing="karras", rho=float("nan")), ValueError, "rho"),
+        (lambda: Schedule.vp_discrete(), dict(steps=10, rho=0.0), ValueError, "rho"),
+        (lambda: Schedule.edm(), dict(steps=10, rho="7"), TypeError, "rho"),
+        *[
+            (mk, dict(steps=10, spacing=sp), ValueError, "spacing")
+            for mk in (lambda: Schedule.vp_linear(), lambda: Schedule.edm(), lambda: Schedule.flow())
+            for sp in ("leading", "trailing", "linspace")
+        ],
+        (lambda: Schedule.vp_discrete(), dict(steps=10.0), TypeError, "steps"),
+        (lambda: Schedule.vp_discrete(), dict(steps="10"), TypeError, "steps"),
+        (lambda: Schedule.vp_discrete(), dict(steps=True), TypeError, "steps"),
+        (lambda: Schedule.vp_discrete(), dict(steps=None), TypeError, "steps"),
+        (lambda: Schedule.vp_discrete(), dict(steps=10, steps_offset=-1), ValueError, "steps_offset"),
+        (lambda: Schedule.vp_discrete(), dict(steps=10, steps_offset=1.0), TypeError, "steps_offset"),
+        (lambda: Schedule.vp_discrete(), dict(steps=10, steps_offset=100), ValueError, "steps_offset"),
+        # log-SNR or sigma/alpha infinite at an end: these spacings cannot be formed and say so
+        (lambda: Schedule.flow(), dict(steps=10, spacing="logsnr"), ValueError, "logsnr"),
+        (lambda: Schedule.flow(), dict(steps=10, spacing="karras"), ValueError, "karras"),
+        (
+            lambda: Schedule.vp_discrete(rescale_zero_terminal_snr=True),
+            dict(steps=10, spacing="karras"),
+            ValueError,
+            "karras",
+        ),
+    ],
+)
 def test_grid_rejects_bad_arguments(make, kw, exc, match):
     with pytest.raises(exc, match=match):
         make().grid(**kw)

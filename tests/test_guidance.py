@@ -1,14 +1,15 @@
 """Classifier-free guidance: the fused guided step against the guided output formed outside fastdiff,
 doubled-batch against separate calls, guidance_rescale against diffusers' own function, per-sample
 conditioning routing, and argument checks."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.guidance import rescale_noise_cfg
-from fastdiff.models import GaussianMixture
+from fastdiff.eval.exact import GaussianMixture
+from fastdiff.runtime.guidance import rescale_noise_cfg
 
 
 class CondGaussians:
@@ -33,7 +34,7 @@ class CondGaussians:
         s = torch.as_tensor(self.schedule.sigma(tt), dtype=torch.float64)[:, None]
         mix = self.mixture(x, t).double()
         mu = self.means.double()[y.clamp(min=0)]
-        cond = s * (x.double() - a * mu) / (a ** 2 * self.std ** 2 + s ** 2)
+        cond = s * (x.double() - a * mu) / (a**2 * self.std**2 + s**2)
         out = torch.where((y >= 0)[:, None], cond, mix)
         return out.to(x.dtype)
 
@@ -53,6 +54,7 @@ def _guided_reference_model(model, w, rescale=0.0):
         m_u = model(x, t, y=torch.full_like(y, -1)).float()
         m = m_u + w * (m_c - m_u)
         return d_rescale(m, m_c, guidance_rescale=rescale) if rescale else m
+
     return f
 
 
@@ -65,8 +67,14 @@ def test_fused_guidance_equals_guided_model(setup, sampler, eta, batching):
     if eta:
         kw["eta"] = eta
     pipe = Pipeline(model, sched, device="cpu")
-    got = pipe.sample((6, 2), guidance_scale=3.5, model_kwargs={"y": y}, uncond_kwargs={"y": torch.full_like(y, -1)},
-                      guidance_batching=batching, **kw)
+    got = pipe.sample(
+        (6, 2),
+        guidance_scale=3.5,
+        model_kwargs={"y": y},
+        uncond_kwargs={"y": torch.full_like(y, -1)},
+        guidance_batching=batching,
+        **kw,
+    )
     ref = Pipeline(_guided_reference_model(model, 3.5), sched, device="cpu").sample((6, 2), model_kwargs={"y": y}, **kw)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -90,6 +98,7 @@ def test_doubled_batch_is_one_call_separate_is_two(setup):
 
 def test_guidance_rescale_matches_diffusers(setup):
     from diffusers.guiders.guider_utils import rescale_noise_cfg as d_rescale
+
     g = torch.Generator().manual_seed(0)
     cfg, text = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g) * 2
     for r in (0.0, 0.3, 0.7, 1.0):
@@ -97,8 +106,9 @@ def test_guidance_rescale_matches_diffusers(setup):
     sched, model = setup
     y = torch.tensor([0, 1, 2, 0])
     kw = dict(steps=12, seed=1, progress=False, model_kwargs={"y": y})
-    got = Pipeline(model, sched, device="cpu").sample((4, 2), guidance_scale=5.0, guidance_rescale=0.7,
-                                                      uncond_kwargs={"y": torch.full_like(y, -1)}, **kw)
+    got = Pipeline(model, sched, device="cpu").sample(
+        (4, 2), guidance_scale=5.0, guidance_rescale=0.7, uncond_kwargs={"y": torch.full_like(y, -1)}, **kw
+    )
     ref = Pipeline(_guided_reference_model(model, 5.0, 0.7), sched, device="cpu").sample((4, 2), **kw)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -114,12 +124,24 @@ def test_per_sample_conditioning_follows_its_row(setup):
     for c in (0, 1, 2):
         rows = (y == c).nonzero().flatten()
         yc = y[rows]
-        alone = pipe.sample((len(rows), 2), seed=[seeds[i] for i in rows], model_kwargs={"y": yc},
-                            uncond_kwargs={"y": torch.full_like(yc, -1)}, **g)
+        alone = pipe.sample(
+            (len(rows), 2),
+            seed=[seeds[i] for i in rows],
+            model_kwargs={"y": yc},
+            uncond_kwargs={"y": torch.full_like(yc, -1)},
+            **g,
+        )
         torch.testing.assert_close(mixed[rows], alone, rtol=1e-6, atol=1e-6)
     # and conditioning is real: with strong guidance each sample lands near its class mean
-    near = pipe.sample((5, 2), seed=seeds, model_kwargs={"y": y}, uncond_kwargs={"y": torch.full_like(y, -1)},
-                       guidance_scale=1.0, steps=50, progress=False)
+    near = pipe.sample(
+        (5, 2),
+        seed=seeds,
+        model_kwargs={"y": y},
+        uncond_kwargs={"y": torch.full_like(y, -1)},
+        guidance_scale=1.0,
+        steps=50,
+        progress=False,
+    )
     assert ((near - model.means[y]).norm(dim=1) < 4 * model.std * 2).all()
 
 

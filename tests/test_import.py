@@ -4,6 +4,7 @@ peer loader in tests/peers.py.
 
 Each runs in a fresh interpreter so the test session's own imports are not disturbed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,8 +47,14 @@ def _run(code: str, cwd: str = REPO) -> subprocess.CompletedProcess:
     """``code`` in a fresh ``python -c`` started in ``cwd`` (which puts ``cwd`` first on sys.path, as a user's REPL
     or notebook started there does), with tests/ importable and the BLOCKER helpers defined."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_import_without_extension_says_how_to_build():
@@ -139,24 +146,34 @@ def test_nothing_in_the_tree_shadows_an_installed_distribution():
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert os.path.join("site-packages", "kernels") in lines["KERNELS"], lines
     assert lines["FASTDIFF_KERNELS"].startswith(os.path.join(REPO, "fastdiff", "kernels")), lines
-    assert not [name for name in os.listdir(REPO) if os.path.isfile(os.path.join(REPO, name, "__init__.py"))
-                and name != "fastdiff"], "a top-level package in the repository root can shadow a distribution"
+    assert not [
+        name
+        for name in os.listdir(REPO)
+        if os.path.isfile(os.path.join(REPO, name, "__init__.py")) and name != "fastdiff"
+    ], "a top-level package in the repository root can shadow a distribution"
 
 
-@pytest.mark.parametrize("command, blocked, extra", [
-    ("fastdiff.cli.main(['serve'])", "uvicorn", "serve"),
-    ("fastdiff.cli.main(['serve', '--ray'])", "ray", "ray"),
-    ("fastdiff.bench.main(['--steps', '2', '--repeats', '1', '--json', ''])", "diffusers", "bench"),
-    ("fastdiff.bench.main(['step', '--steps', '2', '--repeats', '1', '--json', ''])", "diffusers", "bench"),
-    ("__import__('fastdiff.diffusers')", "diffusers", "diffusers"),
-    ("__import__('fastdiff.train').train.load_digits_dataset()", "sklearn", "digits"),
-])
+@pytest.mark.parametrize(
+    "command, blocked, extra",
+    [
+        ("fastdiff.cli.main(['serve'])", "uvicorn", "serve"),
+        ("fastdiff.cli.main(['serve', '--ray'])", "ray", "ray"),
+        ("fastdiff.bench.throughput.main(['--steps', '2', '--repeats', '1', '--json', ''])", "diffusers", "bench"),
+        (
+            "fastdiff.bench.throughput.main(['step', '--steps', '2', '--repeats', '1', '--json', ''])",
+            "diffusers",
+            "bench",
+        ),
+        ("__import__('fastdiff.diffusers')", "diffusers", "diffusers"),
+        ("__import__('fastdiff.pretrained.train').pretrained.train.load_digits_dataset()", "sklearn", "digits"),
+    ],
+)
 def test_a_feature_without_its_extra_names_the_extra(command, blocked, extra):
     """Each optional feature, run with its dependency missing, fails with one line naming the extra to install;
     the command line says it as a usage error (exit 2) rather than a traceback."""
     r = _run(f"""
         block([{blocked!r}])
-        import fastdiff.cli, fastdiff.bench
+        import fastdiff.cli, fastdiff.bench.throughput
         from fastdiff.extras import MissingExtra
         try:
             {command}

@@ -17,12 +17,12 @@ interpreter (3.9) converts fp32 to bf16 by truncating the mantissa (interpreter.
 no rounding mode to ``_convert_float``) while torch -- and Triton on a GPU, where fptrunc is
 round-to-nearest-even -- round to nearest. One bf16 ulp is inside the bound either way.
 """
+
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 
 import numpy as np  # noqa: E402
@@ -38,13 +38,14 @@ from fastdiff.program import build_program, clip_form  # noqa: E402
 from fastdiff.schedule import Schedule  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("the Triton kernel needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
-                allow_module_level=True)
+    pytest.skip(
+        "the Triton kernel needs CUDA or TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True
+    )
 
 INT32_MAX = torch.iinfo(torch.int32).max
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Unit roundoff of each storage dtype: one ulp of a value v is at most eps * |v|.
-EPS = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 # float32 arithmetic of a handful of terms plus Philox's float32 log/cos (<= 4.8e-7 measured).
 F32_REL = 1e-6
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
@@ -72,9 +73,24 @@ def _both(**kw) -> dict:
             "x0_out": torch.full_like(x, float("nan")) if kw.get("want_x0") else None,
             "nonfinite": kw.get("nonfinite", torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32)).clone(),
         }
-        fn(x, kw["m"], kw.get("m_uncond"), kw.get("guidance_scale", 1.0), kw.get("hist", []), kw["coeffs"],
-           kw["stage"], kw["seeds"], kw.get("stream", 0), kw.get("use_noise", True), kw.get("noise"),
-           res["x_out"], res["h_out"], res["x0_out"], res["nonfinite"], kw.get("clip"))
+        fn(
+            x,
+            kw["m"],
+            kw.get("m_uncond"),
+            kw.get("guidance_scale", 1.0),
+            kw.get("hist", []),
+            kw["coeffs"],
+            kw["stage"],
+            kw["seeds"],
+            kw.get("stream", 0),
+            kw.get("use_noise", True),
+            kw.get("noise"),
+            res["x_out"],
+            res["h_out"],
+            res["x0_out"],
+            res["nonfinite"],
+            kw.get("clip"),
+        )
         out[name] = res
     return out
 
@@ -136,7 +152,9 @@ def _program(sampler: str, options: dict, schedule: str, prediction: str):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("config", SAMPLER_CONFIGS, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}")
+@pytest.mark.parametrize(
+    "config", SAMPLER_CONFIGS, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}"
+)
 def test_sampler_rows_kernel_matches_reference(config, prediction: str, dtype: torch.dtype) -> None:
     sampler, options, schedule = config
     prog = _program(sampler, options, schedule, prediction)
@@ -146,8 +164,9 @@ def test_sampler_rows_kernel_matches_reference(config, prediction: str, dtype: t
     # The first stage and the last one (which steps into the clean end: no noise for ddpm).
     for stage in (0, prog.stages - 1):
         use_noise = prog.uses_noise(stage)
-        out = _both(x=x, m=m, coeffs=prog.coef_device, stage=stage, seeds=seeds, use_noise=use_noise,
-                    want_h=True, want_x0=True)
+        out = _both(
+            x=x, m=m, coeffs=prog.coef_device, stage=stage, seeds=seeds, use_noise=use_noise, want_h=True, want_x0=True
+        )
         k, r = out["kernel"], out["reference"]
         z = _C.philox_normal(seeds.numpy(), x[0].numel(), stage, 0) if use_noise else None
         z = torch.from_numpy(np.asarray(z)).reshape(x.shape) if z is not None else None
@@ -184,8 +203,19 @@ def test_random_rows_all_inputs(batch: int, sample_shape: tuple, dtype: torch.dt
         mu = rnd() if case["guidance"] is not None else None
         noise = rnd() if case["explicit"] else None
         w = case["guidance"] if case["guidance"] is not None else 1.0
-        out = _both(x=x, m=m, m_uncond=mu, guidance_scale=w, hist=hist, coeffs=coeffs, stage=case["stage"],
-                    seeds=seeds, noise=noise, want_h=case["want_h"], want_x0=case["want_x0"])
+        out = _both(
+            x=x,
+            m=m,
+            m_uncond=mu,
+            guidance_scale=w,
+            hist=hist,
+            coeffs=coeffs,
+            stage=case["stage"],
+            seeds=seeds,
+            noise=noise,
+            want_h=case["want_h"],
+            want_x0=case["want_x0"],
+        )
         k, r = out["kernel"], out["reference"]
         if noise is None:
             z = torch.from_numpy(np.asarray(_C.philox_normal(seeds.numpy(), x[0].numel(), case["stage"], 0)))
@@ -253,13 +283,21 @@ def test_clip_form_is_the_same_step_without_clipping_and_diffusers_step_with_it(
     for impl in ("kernel", "reference"):
         torch.testing.assert_close(folded[impl]["x_out"], plain[impl]["x_out"], rtol=1e-5, atol=1e-5)
     # With clipping: diffusers' DDIM (eta 0) clips x0, recomputes eps from it and steps with both.
-    clipped = _both(x=x, m=eps, coeffs=torch.from_numpy(rows), stage=k, seeds=seeds, use_noise=False,
-                    clip=torch.tensor([[1.0, 1.0]] * 2), want_x0=True)
+    clipped = _both(
+        x=x,
+        m=eps,
+        coeffs=torch.from_numpy(rows),
+        stage=k,
+        seeds=seeds,
+        use_noise=False,
+        clip=torch.tensor([[1.0, 1.0]] * 2),
+        want_x0=True,
+    )
     a_t, a_s = float(prog.grid.alpha[k]) ** 2, float(prog.grid.alpha[k + 1]) ** 2
     xd, ed = x.double(), eps.double()
-    x0 = ((xd - (1 - a_t) ** 0.5 * ed) / a_t ** 0.5).clamp(-1, 1)
-    eps_c = (xd - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
-    want = a_s ** 0.5 * x0 + (1 - a_s) ** 0.5 * eps_c
+    x0 = ((xd - (1 - a_t) ** 0.5 * ed) / a_t**0.5).clamp(-1, 1)
+    eps_c = (xd - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+    want = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * eps_c
     assert float((x0.abs() == 1).float().mean()) > 0.1  # the bound is active
     for impl in ("kernel", "reference"):
         torch.testing.assert_close(clipped[impl]["x_out"].double(), want, rtol=1e-5, atol=1e-5)
@@ -279,20 +317,43 @@ def _per_row_case(dtype: torch.dtype, batch: int = 4, sample_shape: tuple = (3, 
     pool = torch.stack([rnd() for _ in range(slots)])
     # (coefficient row, noise stage, read slots, write slot) per sample: different rows, stages and slot
     # patterns, including a sample that reads and writes the same slot and one with no history at all.
-    rows = torch.tensor([[0, 0, -1, -1, -1, 0],
-                         [5, 7, 0, -1, -1, 1],
-                         [8, 2, 2, 1, 0, 2],
-                         [3, 11, 1, 0, -1, -1]][:batch], dtype=torch.int32)
+    rows = torch.tensor(
+        [[0, 0, -1, -1, -1, 0], [5, 7, 0, -1, -1, 1], [8, 2, 2, 1, 0, 2], [3, 11, 1, 0, -1, -1]][:batch],
+        dtype=torch.int32,
+    )
     guidance = torch.tensor([1.0, 7.5, 0.0, 3.0][:batch], dtype=torch.float32)
     seeds = torch.tensor([5, -7, 2**40, 9][:batch], dtype=torch.int64)
     return coeffs, x, m, mu, pool, rows, guidance, seeds
 
 
 def _run_per_row(fn, coeffs, x, m, mu, pool, rows, guidance, seeds, clip=None):
-    out = {"x_out": torch.full_like(x, float("nan")), "x0_out": torch.full_like(x, float("nan")),
-           "pool": pool.clone(), "nonfinite": torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32)}
-    fn(x, m, mu, 1.0, [], coeffs, 0, seeds, 0, True, None, out["x_out"], None, out["x0_out"], out["nonfinite"],
-       clip, rows, out["pool"], guidance)
+    out = {
+        "x_out": torch.full_like(x, float("nan")),
+        "x0_out": torch.full_like(x, float("nan")),
+        "pool": pool.clone(),
+        "nonfinite": torch.full((x.shape[0],), INT32_MAX, dtype=torch.int32),
+    }
+    fn(
+        x,
+        m,
+        mu,
+        1.0,
+        [],
+        coeffs,
+        0,
+        seeds,
+        0,
+        True,
+        None,
+        out["x_out"],
+        None,
+        out["x0_out"],
+        out["nonfinite"],
+        clip,
+        rows,
+        out["pool"],
+        guidance,
+    )
     return out
 
 
@@ -306,20 +367,27 @@ def test_per_row_kernel_matches_reference(dtype: torch.dtype) -> None:
         coeffs, x, m, mu, pool, rows, guidance, seeds = case
         for b in range(x.shape[0]):
             stage = int(rows[b, 1])
-            z = torch.from_numpy(np.asarray(_C.philox_normal(seeds[b:b + 1].numpy(), x[0].numel(), stage, 0)))
-            hist = [pool[s, b:b + 1] if s >= 0 else torch.zeros_like(x[b:b + 1]) for s in rows[b, 2:5].tolist()]
-            expected = _expected64(x[b:b + 1], m[b:b + 1], mu[b:b + 1], float(guidance[b]), hist,
-                                   coeffs[int(rows[b, 0])], z.reshape(x[b:b + 1].shape),
-                                   None if c is None else c[b:b + 1])
+            z = torch.from_numpy(np.asarray(_C.philox_normal(seeds[b : b + 1].numpy(), x[0].numel(), stage, 0)))
+            hist = [pool[s, b : b + 1] if s >= 0 else torch.zeros_like(x[b : b + 1]) for s in rows[b, 2:5].tolist()]
+            expected = _expected64(
+                x[b : b + 1],
+                m[b : b + 1],
+                mu[b : b + 1],
+                float(guidance[b]),
+                hist,
+                coeffs[int(rows[b, 0])],
+                z.reshape(x[b : b + 1].shape),
+                None if c is None else c[b : b + 1],
+            )
             (x_next, xs), (h_new, hs), (x0, x0s) = expected
-            _assert_within(k["x_out"][b:b + 1], r["x_out"][b:b + 1], xs, dtype, f"sample {b} x_out kernel vs ref")
-            _assert_within(r["x_out"][b:b + 1], x_next, xs, dtype, f"sample {b} x_out ref vs float64")
-            _assert_within(k["x0_out"][b:b + 1], x0, x0s, dtype, f"sample {b} x0_out kernel vs float64")
+            _assert_within(k["x_out"][b : b + 1], r["x_out"][b : b + 1], xs, dtype, f"sample {b} x_out kernel vs ref")
+            _assert_within(r["x_out"][b : b + 1], x_next, xs, dtype, f"sample {b} x_out ref vs float64")
+            _assert_within(k["x0_out"][b : b + 1], x0, x0s, dtype, f"sample {b} x0_out kernel vs float64")
             write = int(rows[b, 5])
             for s in range(pool.shape[0]):
                 if s == write:
-                    _assert_within(k["pool"][s, b:b + 1], h_new, hs, dtype, f"sample {b} slot {s} kernel")
-                    _assert_within(r["pool"][s, b:b + 1], h_new, hs, dtype, f"sample {b} slot {s} reference")
+                    _assert_within(k["pool"][s, b : b + 1], h_new, hs, dtype, f"sample {b} slot {s} kernel")
+                    _assert_within(r["pool"][s, b : b + 1], h_new, hs, dtype, f"sample {b} slot {s} reference")
                 else:  # slots a sample does not write are left alone
                     assert torch.equal(k["pool"][s, b], pool[s, b]) and torch.equal(r["pool"][s, b], pool[s, b])
         assert (k["nonfinite"] == INT32_MAX).all() and (r["nonfinite"] == INT32_MAX).all()
@@ -334,15 +402,30 @@ def test_per_row_reference_equals_single_program_calls_bitwise() -> None:
         table = torch.zeros(stage + 1, NUM_COEF, dtype=torch.float64)
         table[stage] = coeffs[int(rows[b, 0])]
         reads = [s for s in rows[b, 2:5].tolist()]
-        hist = [pool[s, b:b + 1].clone() if s >= 0 else torch.zeros_like(x[b:b + 1]) for s in reads]
-        x_out, h_out, x0_out = (torch.empty_like(x[b:b + 1]) for _ in range(3))
+        hist = [pool[s, b : b + 1].clone() if s >= 0 else torch.zeros_like(x[b : b + 1]) for s in reads]
+        x_out, h_out, x0_out = (torch.empty_like(x[b : b + 1]) for _ in range(3))
         nonfinite = torch.full((1,), INT32_MAX, dtype=torch.int32)
-        fused_step_reference(x[b:b + 1], m[b:b + 1], mu[b:b + 1], float(guidance[b]), hist, table, stage,
-                             seeds[b:b + 1], 0, True, None, x_out, h_out, x0_out, nonfinite)
-        assert torch.equal(together["x_out"][b:b + 1], x_out), b
-        assert torch.equal(together["x0_out"][b:b + 1], x0_out), b
+        fused_step_reference(
+            x[b : b + 1],
+            m[b : b + 1],
+            mu[b : b + 1],
+            float(guidance[b]),
+            hist,
+            table,
+            stage,
+            seeds[b : b + 1],
+            0,
+            True,
+            None,
+            x_out,
+            h_out,
+            x0_out,
+            nonfinite,
+        )
+        assert torch.equal(together["x_out"][b : b + 1], x_out), b
+        assert torch.equal(together["x0_out"][b : b + 1], x0_out), b
         if int(rows[b, 5]) >= 0:
-            assert torch.equal(together["pool"][int(rows[b, 5]), b:b + 1], h_out), b
+            assert torch.equal(together["pool"][int(rows[b, 5]), b : b + 1], h_out), b
 
 
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
@@ -371,8 +454,27 @@ def test_per_row_bad_arguments(impl: str) -> None:
     with pytest.raises(ValueError, match="pass rows"):
         _run_per_row(fn, coeffs, x, m, mu, pool, None, guidance, seeds)
     with pytest.raises(ValueError, match="hist must be"):
-        fn(x, m, mu, 1.0, [x], coeffs, 0, seeds, 0, True, None, torch.empty_like(x), None, None,
-           torch.zeros(4, dtype=torch.int32), None, rows, pool, guidance)
+        fn(
+            x,
+            m,
+            mu,
+            1.0,
+            [x],
+            coeffs,
+            0,
+            seeds,
+            0,
+            True,
+            None,
+            torch.empty_like(x),
+            None,
+            None,
+            torch.zeros(4, dtype=torch.int32),
+            None,
+            rows,
+            pool,
+            guidance,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,8 +527,23 @@ def test_nonfinite_records_first_stage_per_sample(impl: str, poison: str) -> Non
     fn(x, m, None, 1.0, [], coeffs, 6, seeds, 0, False, None, out, None, None, nonfinite)
     assert nonfinite.tolist() == [6, 3, INT32_MAX]
     # An even later clean call changes nothing.
-    fn(torch.zeros_like(x), torch.zeros_like(x), None, 1.0, [], coeffs, 7, seeds, 0, False, None, out, None, None,
-       nonfinite)
+    fn(
+        torch.zeros_like(x),
+        torch.zeros_like(x),
+        None,
+        1.0,
+        [],
+        coeffs,
+        7,
+        seeds,
+        0,
+        False,
+        None,
+        out,
+        None,
+        None,
+        nonfinite,
+    )
     assert nonfinite.tolist() == [6, 3, INT32_MAX]
 
 
@@ -459,9 +576,23 @@ def _op_args(with_optional: bool) -> tuple:
     nonfinite = torch.full((2,), INT32_MAX, dtype=torch.int32)
     if not with_optional:
         return (x, m, None, 1.0, [], coeffs, 1, seeds, 0, True, None, torch.empty_like(x), None, None, nonfinite)
-    return (x, m, torch.randn(2, 3, 4, generator=gen), 2.0, [torch.randn_like(x), torch.randn_like(x)], coeffs, 2,
-            seeds, 0, True, torch.randn_like(x), torch.empty_like(x), torch.empty_like(x), torch.empty_like(x),
-            nonfinite)
+    return (
+        x,
+        m,
+        torch.randn(2, 3, 4, generator=gen),
+        2.0,
+        [torch.randn_like(x), torch.randn_like(x)],
+        coeffs,
+        2,
+        seeds,
+        0,
+        True,
+        torch.randn_like(x),
+        torch.empty_like(x),
+        torch.empty_like(x),
+        torch.empty_like(x),
+        nonfinite,
+    )
 
 
 @pytest.mark.parametrize("with_optional", [False, True])
@@ -472,8 +603,27 @@ def test_op_opcheck_cpu(with_optional: bool) -> None:
 def test_op_opcheck_cpu_per_row_and_clip() -> None:
     coeffs, x, m, mu, pool, rows, guidance, seeds = _per_row_case(torch.float32)
     clip = torch.tensor([[1.0, 1.0]] * 4)
-    args = (x, m, mu, 1.0, [], coeffs, 0, seeds, 0, True, None, torch.empty_like(x), None, torch.empty_like(x),
-            torch.full((4,), INT32_MAX, dtype=torch.int32), clip, rows, pool.clone(), guidance)
+    args = (
+        x,
+        m,
+        mu,
+        1.0,
+        [],
+        coeffs,
+        0,
+        seeds,
+        0,
+        True,
+        None,
+        torch.empty_like(x),
+        None,
+        torch.empty_like(x),
+        torch.full((4,), INT32_MAX, dtype=torch.int32),
+        clip,
+        rows,
+        pool.clone(),
+        guidance,
+    )
     torch.library.opcheck(torch.ops.fastdiff.fused_step.default, args)
 
 
@@ -525,4 +675,4 @@ def test_pipeline_loop_dispatches_one_step_op_per_stage() -> None:
         pipe.sample((3, 4), sampler="ddpm", steps=6, progress=False)
     steps = [i for i, op in enumerate(counter.ops) if op == "fastdiff.fused_step"]
     assert len(steps) == 6, counter.ops
-    assert counter.ops[steps[0]:steps[-1] + 1] == ["fastdiff.fused_step"] * 6, counter.ops
+    assert counter.ops[steps[0] : steps[-1] + 1] == ["fastdiff.fused_step"] * 6, counter.ops

@@ -1,6 +1,7 @@
 """requirements/lock.txt: it pins every dependency pyproject.toml declares (the engine's, every extra's, the test
 peers'), and the environment the tests run in is the locked one (``make test-latest`` sets FASTDIFF_UNLOCKED=1:
 it runs against the newest releases on purpose)."""
+
 from __future__ import annotations
 
 import importlib.metadata

@@ -1,4 +1,5 @@
-"""The exact model (fastdiff.models.GaussianMixture) and the sample-quality metrics (fastdiff.metrics)."""
+"""The exact model (fastdiff.eval.exact.GaussianMixture) and the sample-quality metrics (fastdiff.eval.metrics)."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from fastdiff import Schedule
-from fastdiff.metrics import GMMCheck, gmm_statistical_check, moment_errors, sliced_wasserstein
-from fastdiff.models import PREDICTIONS, GaussianMixture
+from fastdiff.eval.exact import PREDICTIONS, GaussianMixture
+from fastdiff.eval.metrics import GMMCheck, gmm_statistical_check, moment_errors, sliced_wasserstein
 
 
 def gmm2d() -> GaussianMixture:
@@ -18,11 +19,13 @@ def gmm2d() -> GaussianMixture:
 
 def gmm_diag4() -> GaussianMixture:
     """D = 4 with diagonal (anisotropic) components, for [B, 2, 2]-shaped inputs."""
-    return GaussianMixture([[1.0, -1.0, 0.5, 0.0], [-1.5, 0.5, 0.0, 2.0]],
-                           [[0.3, 0.6, 1.0, 0.4], [0.8, 0.2, 0.5, 0.7]], [2.0, 3.0])
+    return GaussianMixture(
+        [[1.0, -1.0, 0.5, 0.0], [-1.5, 0.5, 0.0, 2.0]], [[0.3, 0.6, 1.0, 0.4], [0.8, 0.2, 0.5, 0.7]], [2.0, 3.0]
+    )
 
 
 # ----------------------------------------------------------------------------- construction
+
 
 def test_shapes_properties_and_normalised_weights():
     g = GaussianMixture([[0.0, 1.0]], [2.0], [5.0])
@@ -34,23 +37,27 @@ def test_shapes_properties_and_normalised_weights():
     assert torch.allclose(g4.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(means=[0.0, 1.0], stds=[1.0], weights=[1.0]), "means"),
-    (dict(means=[[0.0], [1.0]], stds=[1.0, 1.0, 1.0], weights=[1.0, 1.0]), "stds"),
-    (dict(means=[[0.0, 0.0]], stds=[[1.0, 1.0, 1.0]], weights=[1.0]), "stds"),
-    (dict(means=[[0.0]], stds=[0.0], weights=[1.0]), "stds"),
-    (dict(means=[[0.0]], stds=[-1.0], weights=[1.0]), "stds"),
-    (dict(means=[[0.0], [1.0]], stds=[1.0, 1.0], weights=[1.0]), "weights"),
-    (dict(means=[[0.0], [1.0]], stds=[1.0, 1.0], weights=[1.0, 0.0]), "weights"),
-    (dict(means=[[float("nan")]], stds=[1.0], weights=[1.0]), "means"),
-    (dict(means=[["a"]], stds=[1.0], weights=[1.0]), "means"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(means=[0.0, 1.0], stds=[1.0], weights=[1.0]), "means"),
+        (dict(means=[[0.0], [1.0]], stds=[1.0, 1.0, 1.0], weights=[1.0, 1.0]), "stds"),
+        (dict(means=[[0.0, 0.0]], stds=[[1.0, 1.0, 1.0]], weights=[1.0]), "stds"),
+        (dict(means=[[0.0]], stds=[0.0], weights=[1.0]), "stds"),
+        (dict(means=[[0.0]], stds=[-1.0], weights=[1.0]), "stds"),
+        (dict(means=[[0.0], [1.0]], stds=[1.0, 1.0], weights=[1.0]), "weights"),
+        (dict(means=[[0.0], [1.0]], stds=[1.0, 1.0], weights=[1.0, 0.0]), "weights"),
+        (dict(means=[[float("nan")]], stds=[1.0], weights=[1.0]), "means"),
+        (dict(means=[["a"]], stds=[1.0], weights=[1.0]), "means"),
+    ],
+)
 def test_bad_construction_raises_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GaussianMixture(**kwargs)
 
 
 # ----------------------------------------------------------------------------- samples and moments
+
 
 def test_sample_is_deterministic_and_typed():
     g = gmm2d()
@@ -96,6 +103,7 @@ def test_sample_moments_match_exact_moments():
 
 # ----------------------------------------------------------------------------- densities
 
+
 def test_log_prob_integrates_to_one_1d():
     g = GaussianMixture([[-1.0], [1.5]], [0.4, 0.7], [0.3, 0.7])
     h = 0.01
@@ -106,16 +114,19 @@ def test_log_prob_integrates_to_one_1d():
 
 def test_log_prob_integrates_to_one_2d_and_matches_scipy():
     from scipy import stats
+
     g = GaussianMixture([[-1.0, 0.5], [1.0, -0.5]], [[0.5, 0.9], [0.7, 0.4]], [0.4, 0.6])
     h = 0.04
     u = torch.arange(-8.0, 8.0 + h / 2, h, dtype=torch.float64)
     xx, yy = torch.meshgrid(u, u, indexing="ij")
     pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
-    total = float(g.log_prob(pts).exp().sum()) * h * h   # rectangle rule: spectrally accurate for Gaussians
+    total = float(g.log_prob(pts).exp().sum()) * h * h  # rectangle rule: spectrally accurate for Gaussians
     assert abs(total - 1) < 1e-8
     x = g.sample(50, seed=1, dtype=torch.float64)
-    ref = sum(w * stats.multivariate_normal(mu, np.diag(s ** 2)).pdf(x.numpy())
-              for w, mu, s in zip(g.weights.numpy(), g.means.numpy(), g.stds.numpy()))
+    ref = sum(
+        w * stats.multivariate_normal(mu, np.diag(s**2)).pdf(x.numpy())
+        for w, mu, s in zip(g.weights.numpy(), g.means.numpy(), g.stds.numpy())
+    )
     assert np.allclose(g.log_prob(x).numpy(), np.log(ref), rtol=0, atol=1e-10)
 
 
@@ -123,23 +134,25 @@ def test_log_prob_noised_is_the_noised_mixture_and_keeps_dtype():
     g = gmm2d()
     x = g.sample(20, seed=2)
     a, s = 0.6, 0.8
-    noised = GaussianMixture(a * g.means, (a ** 2 * g.stds ** 2 + s ** 2).sqrt(), g.weights)
+    noised = GaussianMixture(a * g.means, (a**2 * g.stds**2 + s**2).sqrt(), g.weights)
     lp = g.log_prob_noised(x, a, s)
     assert lp.dtype == torch.float32 and lp.shape == (20,)
     assert torch.allclose(g.log_prob_noised(x.double(), a, s), noised.log_prob(x.double()), atol=1e-12)
     # per-sample alpha, sigma
     at = torch.linspace(0.1, 1.0, 20, dtype=torch.float64)
-    st = (1 - at ** 2).sqrt()
+    st = (1 - at**2).sqrt()
     per = g.log_prob_noised(x.double(), at, st)
     for i in (0, 7, 19):
-        assert torch.allclose(per[i], g.log_prob_noised(x[i:i + 1].double(), float(at[i]), float(st[i]))[0])
+        assert torch.allclose(per[i], g.log_prob_noised(x[i : i + 1].double(), float(at[i]), float(st[i]))[0])
 
 
 @pytest.mark.parametrize("alpha, sigma", [(1.0, 0.1), (0.7, 0.7), (0.05, 1.0), (1.0, 30.0)])
 def test_score_is_gradient_of_log_prob_noised(alpha, sigma):
     g = gmm_diag4()
-    x = (alpha * g.sample(32, seed=5, dtype=torch.float64) + sigma * torch.randn(32, 4, dtype=torch.float64,
-         generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    x = (
+        alpha * g.sample(32, seed=5, dtype=torch.float64)
+        + sigma * torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ).requires_grad_(True)
     (grad,) = torch.autograd.grad(g.log_prob_noised(x, alpha, sigma).sum(), x)
     assert torch.allclose(g.score_noised(x.detach(), alpha, sigma), grad, rtol=1e-10, atol=1e-10)
 
@@ -148,7 +161,7 @@ def test_score_with_per_sample_coefficients_matches_autograd():
     g = gmm2d()
     n = 16
     a = torch.linspace(0.05, 0.99, n, dtype=torch.float64)
-    s = (1 - a ** 2).sqrt()
+    s = (1 - a**2).sqrt()
     x = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     (grad,) = torch.autograd.grad(g.log_prob_noised(x, a, s).sum(), x)
     assert torch.allclose(g.score_noised(x.detach(), a, s), grad, rtol=1e-10, atol=1e-10)
@@ -158,7 +171,7 @@ def test_score_with_per_sample_coefficients_matches_autograd():
 def test_posterior_mean_is_tweedie(alpha, sigma):
     g = gmm_diag4()
     x = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2
-    tweedie = (x + sigma ** 2 * g.score_noised(x, alpha, sigma)) / alpha
+    tweedie = (x + sigma**2 * g.score_noised(x, alpha, sigma)) / alpha
     assert torch.allclose(g.posterior_mean(x, alpha, sigma), tweedie, rtol=1e-9, atol=1e-9)
 
 
@@ -195,8 +208,9 @@ def test_bad_density_inputs_raise():
 
 SCHEDULES = {
     "vp_discrete": lambda: Schedule.vp_discrete(),
-    "vp_discrete_zsnr": lambda: Schedule.vp_discrete(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                     beta_end=0.012, rescale_zero_terminal_snr=True),
+    "vp_discrete_zsnr": lambda: Schedule.vp_discrete(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_zero_terminal_snr=True
+    ),
     "vp_linear": lambda: Schedule.vp_linear(),
     "vp_cosine": lambda: Schedule.vp_cosine(),
     "sub_vp": lambda: Schedule.sub_vp(),
@@ -211,13 +225,13 @@ def test_as_model_predictions_are_mutually_consistent(name):
     schedule = SCHEDULES[name]()
     g = gmm_diag4()
     grid = schedule.grid(6)
-    mt = torch.tensor(grid.model_time, dtype=torch.float64)        # includes the clean end where there is one
+    mt = torch.tensor(grid.model_time, dtype=torch.float64)  # includes the clean end where there is one
     b = len(mt)
     alpha = torch.tensor(grid.alpha, dtype=torch.float64)
     sigma = torch.tensor(grid.sigma, dtype=torch.float64)
     x0 = g.sample(b, seed=4, dtype=torch.float64)
     z = torch.randn(b, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    x = (alpha[:, None] * x0 + sigma[:, None] * z).reshape(b, 2, 2)   # [B, *shape] input
+    x = (alpha[:, None] * x0 + sigma[:, None] * z).reshape(b, 2, 2)  # [B, *shape] input
     models = {p: g.as_model(schedule, p) for p in PREDICTIONS}
     out = {p: m(x, mt) for p, m in models.items()}
     for p, o in out.items():
@@ -246,7 +260,7 @@ def test_as_model_float32_io_counts_calls_and_accepts_kwargs():
     a, s = float(schedule.alpha(0.5)), float(schedule.sigma(0.5))
     ref = g.predict(x.double(), a, s, "v").float()
     assert torch.allclose(y, ref)
-    assert torch.allclose(model(x, torch.tensor(0.5)), y)   # a scalar t broadcasts
+    assert torch.allclose(model(x, torch.tensor(0.5)), y)  # a scalar t broadcasts
     assert model.nfe == 2
     model.reset_nfe()
     assert model.nfe == 0
@@ -274,12 +288,12 @@ def test_clean_end_sigma_zero_is_finite():
     x = torch.randn(4, 2, dtype=torch.float64)
     for schedule, mt in ((Schedule.vp_discrete(), -1.0), (Schedule.edm(), 0.0), (Schedule.flow(), 0.0)):
         t = torch.full((4,), mt)
-        assert torch.allclose(g.as_model(schedule, "x0")(x, t), x, atol=1e-12)     # x0_hat = x at sigma = 0
+        assert torch.allclose(g.as_model(schedule, "x0")(x, t), x, atol=1e-12)  # x0_hat = x at sigma = 0
         assert torch.equal(g.as_model(schedule, "eps")(x, t), torch.zeros_like(x))
 
 
 def test_flow_model_time_is_scaled():
-    schedule = Schedule.flow()   # the network is fed t * 1000
+    schedule = Schedule.flow()  # the network is fed t * 1000
     g = gmm2d()
     x = torch.randn(3, 2, dtype=torch.float64)
     out = g.as_model(schedule, "flow")(x, torch.full((3,), 250.0))
@@ -303,6 +317,7 @@ def test_as_model_bad_inputs_raise():
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 def test_sliced_wasserstein_same_vs_shifted():
     g = gmm2d()
@@ -347,7 +362,7 @@ def test_moment_errors():
     # sampling error: |m_hat - m| ~ sqrt(trace(C) / n) = 0.015 relative; weights ~ sqrt(w(1-w)/n) = 0.0035
     assert e["mean_error_rel"] < 5 / math.sqrt(20_000)
     assert e["cov_error"] < 0.05
-    assert e["weight_error_soft"] < 0.02 and e["weight_error"] < 0.02   # well separated: hard ~ soft
+    assert e["weight_error_soft"] < 0.02 and e["weight_error"] < 0.02  # well separated: hard ~ soft
     shifted = moment_errors(x + torch.tensor([0.3, 0.4]), g)
     assert abs(shifted["mean_error"] - 0.5) < 0.05
     with pytest.raises(ValueError, match="dimension"):

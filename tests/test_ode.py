@@ -1,4 +1,5 @@
-"""fastdiff.ode.solve_ivp_rk45 against closed-form solutions and scipy's RK45."""
+"""fastdiff.solvers.ode.solve_ivp_rk45 against closed-form solutions and scipy's RK45."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.ode import ODESolverError, solve_ivp_rk45
-
+from fastdiff.solvers.ode import ODESolverError, solve_ivp_rk45
 
 RATES = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)[:, None]
 
@@ -60,13 +60,15 @@ def test_same_nfe_as_scipy_rk45():
 def test_tuple_state_time_dependent_and_accumulator():
     """y' = cos(t) and L' = sum(y): a state plus a per-sample accumulator, as the likelihood ODE uses."""
     y0 = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
-    sol = solve_ivp_rk45(lambda t, y: (math.cos(t) * torch.ones_like(y[0]), y[0].sum(1)), 0.0, 1.0, y0,
-                         rtol=1e-9, atol=1e-12)
+    sol = solve_ivp_rk45(
+        lambda t, y: (math.cos(t) * torch.ones_like(y[0]), y[0].sum(1)), 0.0, 1.0, y0, rtol=1e-9, atol=1e-12
+    )
     y, acc = sol.y
     assert isinstance(sol.y, tuple)
     torch.testing.assert_close(y, torch.full((4, 3), math.sin(1.0), dtype=torch.float64), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(acc, torch.full((4,), 3 * (1 - math.cos(1.0)), dtype=torch.float64),
-                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        acc, torch.full((4,), 3 * (1 - math.cos(1.0)), dtype=torch.float64), rtol=1e-8, atol=1e-10
+    )
 
 
 def test_float64_on_request_and_dtype_kept():
@@ -99,14 +101,28 @@ def test_zero_span_returns_y0():
 
 def test_max_steps_raises():
     with pytest.raises(ODESolverError, match="max_steps"):
-        solve_ivp_rk45(lambda t, y: -1000.0 * y, 0.0, 10.0, torch.ones(1, 1, dtype=torch.float64),
-                       rtol=1e-10, atol=1e-12, max_steps=5)
+        solve_ivp_rk45(
+            lambda t, y: -1000.0 * y,
+            0.0,
+            10.0,
+            torch.ones(1, 1, dtype=torch.float64),
+            rtol=1e-10,
+            atol=1e-12,
+            max_steps=5,
+        )
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(rtol=-1.0), "rtol"), (dict(atol=float("nan")), "atol"), (dict(max_steps=0), "max_steps"),
-    (dict(norm="l2"), "norm"), (dict(first_step=0.0), "first_step"), (dict(dtype=torch.int32), "dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(rtol=-1.0), "rtol"),
+        (dict(atol=float("nan")), "atol"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(norm="l2"), "norm"),
+        (dict(first_step=0.0), "first_step"),
+        (dict(dtype=torch.int32), "dtype"),
+    ],
+)
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
         solve_ivp_rk45(decay, 0.0, 1.0, torch.ones(3, 1, dtype=torch.float64), **kwargs)
@@ -137,13 +153,20 @@ def test_matches_scipy_on_a_nonlinear_problem():
 
     sol = solve_ivp_rk45(vdp, 0.0, 5.0, y0, rtol=1e-10, atol=1e-10)
     for i in range(3):
-        ref = solve_ivp(lambda t, y: [y[1], (1 - y[0] ** 2) * y[1] - y[0]], (0, 5), y0[i].numpy(),
-                        rtol=1e-12, atol=1e-12, method="DOP853")
+        ref = solve_ivp(
+            lambda t, y: [y[1], (1 - y[0] ** 2) * y[1] - y[0]],
+            (0, 5),
+            y0[i].numpy(),
+            rtol=1e-12,
+            atol=1e-12,
+            method="DOP853",
+        )
         np.testing.assert_allclose(sol.y[i].numpy(), ref.y[:, -1], rtol=0, atol=1e-7)
 
 
 def test_nonfinite_midway_shrinks_then_raises():
     """A right-hand side that blows up at t > 0.5: steps are rejected down to underflow, then it raises."""
+
     def f(t, y):
         return y * (float("inf") if t > 0.5 else 1.0)
 

@@ -17,15 +17,14 @@ it further, so the max over 512 samples grows with the step count. Measured max 
 to float64 leaves these at the same level (2.5e-5 and 5.9e-5 for the two largest), so they are
 float32 state rounding, not a formula difference.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import pytest
 import torch
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.demo import default_mixture
+from fastdiff.demos.mixture import default_mixture
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
@@ -35,8 +34,16 @@ B = 512
 REL_TOL = 1e-4
 
 
-def _diffusers_loop(scheduler, model, x_T: torch.Tensor, steps: int, *, eta: Optional[float] = None,
-                    variance_noise: Optional[list] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def _diffusers_loop(
+    scheduler,
+    model,
+    x_T: torch.Tensor,
+    steps: int,
+    *,
+    eta: float | None = None,
+    variance_noise: list | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """diffusers' own sampling loop (as its pipelines run it), with the exact network."""
     scheduler.set_timesteps(steps)
     x = x_T.clone()
@@ -73,8 +80,16 @@ def test_ddim(eta: float, spacing: str, steps: int) -> None:
     noise = [torch.randn(B, 2, generator=gen) for _ in range(steps)]
     theirs = _diffusers_loop(sched, model, x_T, steps, eta=eta, variance_noise=noise)
     pipe = Pipeline(model, schedule, prediction="eps", device="cpu")
-    ours = pipe.sample((B, 2), sampler="ddim", steps=steps, eta=eta, spacing=spacing, x_T=x_T,
-                       noise=noise if eta > 0 else None, progress=False)
+    ours = pipe.sample(
+        (B, 2),
+        sampler="ddim",
+        steps=steps,
+        eta=eta,
+        spacing=spacing,
+        x_T=x_T,
+        noise=noise if eta > 0 else None,
+        progress=False,
+    )
     _check(f"ddim eta={eta} {spacing} {steps} steps", ours, theirs)
     if eta > 0:  # the explicit noise really is used: Philox noise gives other samples
         other = pipe.sample((B, 2), sampler="ddim", steps=steps, eta=eta, spacing=spacing, x_T=x_T, progress=False)
@@ -94,7 +109,8 @@ def test_ddpm(variance_type: str, steps: int) -> None:
     noise = [torch.randn(B, 2, generator=gen) if int(t) > 0 else torch.zeros(B, 2) for t in sched.timesteps]
     assert int(sched.timesteps[-1]) == 0  # so the last stage adds no noise, in both
     ours = Pipeline(model, schedule, prediction="eps", device="cpu").sample(
-        (B, 2), sampler="ddpm", steps=steps, variance_type=variance_type, x_T=x_T, noise=noise, progress=False)
+        (B, 2), sampler="ddpm", steps=steps, variance_type=variance_type, x_T=x_T, noise=noise, progress=False
+    )
     _check(f"ddpm {variance_type} {steps} steps", ours, theirs)
 
 
@@ -109,7 +125,8 @@ def test_ddim_v_prediction(eta: float) -> None:
     noise = [torch.randn(B, 2, generator=gen) for _ in range(steps)]
     theirs = _diffusers_loop(sched, model, x_T, steps, eta=eta, variance_noise=noise)
     ours = Pipeline(model, schedule, prediction="v", device="cpu").sample(
-        (B, 2), sampler="ddim", steps=steps, eta=eta, x_T=x_T, noise=noise if eta > 0 else None, progress=False)
+        (B, 2), sampler="ddim", steps=steps, eta=eta, x_T=x_T, noise=noise if eta > 0 else None, progress=False
+    )
     _check(f"ddim v-prediction eta={eta} {steps} steps", ours, theirs)
 
 
@@ -118,8 +135,13 @@ def test_ddim_v_prediction(eta: float) -> None:
 def test_ddim_zero_terminal_snr_v_prediction(eta: float, steps: int) -> None:
     # Rescaled betas: alphas_cumprod[999] == 0 in both, the trailing grid starts there, and only
     # v-prediction has a finite first step (x0 = alpha x - sigma v = -v at alpha = 0).
-    sched = DDIMScheduler(clip_sample=False, set_alpha_to_one=True, rescale_betas_zero_snr=True,
-                          prediction_type="v_prediction", timestep_spacing="trailing")
+    sched = DDIMScheduler(
+        clip_sample=False,
+        set_alpha_to_one=True,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
     assert float(sched.alphas_cumprod[-1]) == 0.0
     schedule = Schedule.from_diffusers(sched)
     if eta == 1.0 and steps == 10:
@@ -136,6 +158,13 @@ def test_ddim_zero_terminal_snr_v_prediction(eta: float, steps: int) -> None:
     noise = [torch.randn(B, 2, generator=gen) for _ in range(steps)]
     theirs = _diffusers_loop(sched, model, x_T, steps, eta=eta, variance_noise=noise)
     ours = Pipeline(model, schedule, prediction="v", device="cpu").sample(
-        (B, 2), sampler="ddim", steps=steps, eta=eta, spacing="trailing", x_T=x_T,
-        noise=noise if eta > 0 else None, progress=False)
+        (B, 2),
+        sampler="ddim",
+        steps=steps,
+        eta=eta,
+        spacing="trailing",
+        x_T=x_T,
+        noise=noise if eta > 0 else None,
+        progress=False,
+    )
     _check(f"ddim zero-SNR v-prediction eta={eta} trailing {steps} steps", ours, theirs)

@@ -2,12 +2,14 @@
 counter contract, batch invariance, statistics, the custom op and derive_seeds.
 
 What we observe (CPU, numpy 1.26, glibc): the Philox words and uniforms agree bit for bit; the normals
-differ by at most ~4.8e-7 (1-4 float32 ulps; about a quarter of the elements differ at all). The whole difference is float32
+differ by at most ~4.8e-7 (1-4 float32 ulps; about a quarter of the elements differ at all). The whole difference is
+float32
 log/cos/sin: Triton's
 interpreter evaluates them with numpy's float32 SIMD routines, the C++ with glibc's logf/cosf (which
 are within one ulp of the float64 result rounded). Recomputing the Box-Muller step in numpy float32
 from the C++ words reproduces the interpreted kernel exactly. The tolerance is the contract's 1e-5.
 """
+
 from __future__ import annotations
 
 import os
@@ -147,7 +149,9 @@ def test_cpu_matches_triton_elementwise(numel: int) -> None:
 
 
 @triton.jit
-def _helper_probe_kernel(seed_ptr, out_ptr, j0, n, stage, BLOCK: tl.constexpr, STREAM: tl.constexpr, WIDE: tl.constexpr):
+def _helper_probe_kernel(
+    seed_ptr, out_ptr, j0, n, stage, BLOCK: tl.constexpr, STREAM: tl.constexpr, WIDE: tl.constexpr
+):
     # The way a fused kernel calls the helper: int32 or int64 indices, stream as a constexpr.
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -208,7 +212,9 @@ def test_batch_invariance_cpu_and_triton() -> None:
     one = P.launch_philox_normal_triton(seeds[3:4], numel, 2, 0)
     torch.testing.assert_close(one[0], tri[5], rtol=0, atol=0)
     # numel does not change a prefix either.
-    torch.testing.assert_close(P.philox_normal(seeds, 20, 2, 0), P.philox_normal(seeds, numel, 2, 0)[:, :20], rtol=0, atol=0)
+    torch.testing.assert_close(
+        P.philox_normal(seeds, 20, 2, 0), P.philox_normal(seeds, numel, 2, 0)[:, :20], rtol=0, atol=0
+    )
 
 
 def test_different_seed_stage_stream_give_different_noise() -> None:
@@ -412,7 +418,7 @@ def test_philox_normal_rows_equals_per_sample_calls_and_triton() -> None:
     stages = torch.tensor([0, 5, 2, 9], dtype=torch.int32)
     rows = P.philox_normal_rows(seeds, 1030, stages, 0)
     for b in range(4):
-        assert torch.equal(rows[b:b + 1], P.philox_normal(seeds[b:b + 1], 1030, int(stages[b]), 0))
+        assert torch.equal(rows[b : b + 1], P.philox_normal(seeds[b : b + 1], 1030, int(stages[b]), 0))
     assert not torch.equal(rows[0], rows[3])  # same seed, other stage: other noise
     out = torch.empty(4, 1030)
     P.philox_normal_rows_kernel[(triton.cdiv(1030, 1024), 4)](seeds, stages, out, 1030, 0, BLOCK=1024)

@@ -1,14 +1,15 @@
 """Pipeline: the issue-3 samplers against exact samples of a Gaussian mixture, parameterization
 invariance, seeds, CPU reference vs the Triton kernel (interpreted), and every bad input.
 
-The statistical tests compare with samples drawn directly from the mixture (fastdiff.demo's 2-D,
-3-component default), through :func:`fastdiff.metrics.gmm_statistical_check`: mean, covariance, soft
+The statistical tests compare with samples drawn directly from the mixture (fastdiff.demos.mixture's 2-D,
+3-component default), through :func:`fastdiff.eval.metrics.gmm_statistical_check`: mean, covariance, soft
 component weights, sliced KS (DKW bound) and sliced W2, each at a false-alarm rate of 1e-4 for
 exact i.i.d. samples and with no allowance for discretisation bias (``bias_tol=0``). So a sampler
 passes only when its bias at the chosen step count is below the sampling error of 3000 samples
 (about 2% of a standard deviation). The networks are exact (``GaussianMixture.as_model``), so the
 only errors are the sampler's.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,20 +23,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastdiff import NonFiniteError, Pipeline, Schedule  # noqa: E402
-from fastdiff.demo import default_mixture  # noqa: E402
+from fastdiff.demos.mixture import default_mixture  # noqa: E402
+from fastdiff.eval.exact import GaussianMixture  # noqa: E402
+from fastdiff.eval.metrics import gmm_statistical_check  # noqa: E402
 from fastdiff.kernels.fused_step import launch_fused_step  # noqa: E402
 from fastdiff.kernels.philox import derive_seeds  # noqa: E402
-from fastdiff.metrics import gmm_statistical_check  # noqa: E402
-from fastdiff.models import GaussianMixture  # noqa: E402
 
 GMM = default_mixture()
 GMM3 = GaussianMixture([[1.0, -1.0, 0.5], [-1.0, 2.0, 0.0]], [0.5, 0.8], [0.4, 0.6])  # a 3-D one
 N = 3000  # samples per statistical check: sampling error ~ 1/sqrt(N) ~ 2% of a standard deviation
 SCHEDULES = {
     "vp_discrete": Schedule.vp_discrete,  # diffusers' DDPM betas, 1000 timesteps, "leading" grid
-    "vp_linear": Schedule.vp_linear,      # score-SDE VP, beta 0.1..20, t in [1e-3, 1], uniform grid
-    "sub_vp": Schedule.sub_vp,            # score-SDE sub-VP
-    "ve": Schedule.ve,                    # score-SDE VE, sigma 0.01..50
+    "vp_linear": Schedule.vp_linear,  # score-SDE VP, beta 0.1..20, t in [1e-3, 1], uniform grid
+    "sub_vp": Schedule.sub_vp,  # score-SDE sub-VP
+    "ve": Schedule.ve,  # score-SDE VE, sigma 0.01..50
 }
 # (sampler, options). 100 steps is enough for every first-order sampler here: over seeds 0-5 the
 # largest statistic/threshold ratio at 100 steps was 0.91 (ddim eta=0.5 on sub-VP), while at 25 steps
@@ -70,13 +71,15 @@ def _pipe(schedule: Schedule, prediction: str = "eps", **kw: Any) -> Pipeline:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler,options", SAMPLERS, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}={x}" for k, x in v.items()) or "default")
+@pytest.mark.parametrize(
+    "sampler,options",
+    SAMPLERS,
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "default",
+)
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_sampler_matches_exact_samples(schedule: str, sampler: str, options: dict) -> None:
     sch = SCHEDULES[schedule]()
-    x = _pipe(sch).sample((N, 2), sampler=sampler, steps=_steps(schedule, sampler), seed=0, progress=False,
-                          **options)
+    x = _pipe(sch).sample((N, 2), sampler=sampler, steps=_steps(schedule, sampler), seed=0, progress=False, **options)
     assert x.shape == (N, 2) and x.dtype == torch.float32
     check = gmm_statistical_check(x, GMM)
     assert check, check
@@ -126,7 +129,9 @@ def test_predictions_give_the_same_samples(schedule: str, sampler: str) -> None:
     ref = _pipe(sch, "eps").sample((256, 2), sampler=sampler, steps=20, x_T=x_T, progress=False)
     for prediction in ("x0", "v", "score"):
         x = _pipe(sch, prediction).sample((256, 2), sampler=sampler, steps=20, x_T=x_T, progress=False)
-        torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{prediction}: {m}")
+        torch.testing.assert_close(
+            x, ref, rtol=1e-4, atol=1e-4, msg=lambda m, prediction=prediction: f"{prediction}: {m}"
+        )
 
 
 def test_ddim_eta_one_equals_ddpm_fixed_small() -> None:
@@ -155,8 +160,9 @@ def test_return_x0() -> None:
     want = GMM.posterior_mean(x_T.double(), float(sch.alpha(t0)), float(sch.sigma(t0))).float()
     torch.testing.assert_close(x0[0], want, rtol=1e-4, atol=1e-4)
     # Without return_x0, only the samples come back, and the same ones.
-    torch.testing.assert_close(pipe.sample((5, 2), sampler="ddim", steps=10, x_T=x_T, progress=False), out,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        pipe.sample((5, 2), sampler="ddim", steps=10, x_T=x_T, progress=False), out, rtol=0, atol=0
+    )
     for sampler in ("ddpm", "euler_maruyama", "pf_ode_euler"):
         out, x0 = _pipe(Schedule.vp_linear()).sample((3, 2), sampler=sampler, steps=7, return_x0=True, progress=False)
         assert out.shape == (3, 2) and x0.shape == (7, 3, 2)
@@ -203,8 +209,9 @@ def test_initial_noise_is_the_start() -> None:
     assert torch.equal(x_T, before)
 
 
-@pytest.mark.parametrize("sampler,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler_maruyama", {}),
-                                             ("pf_ode_euler", {})])
+@pytest.mark.parametrize(
+    "sampler,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler_maruyama", {}), ("pf_ode_euler", {})]
+)
 def test_cpu_reference_equals_triton_kernel(sampler: str, options: dict) -> None:
     # Registering the Triton launch as the op's CPU kernel for a while (over the C++ one) runs the whole loop
     # through the (interpreted) Triton kernel, noise included; destroying the registration restores the C++ one.
@@ -231,7 +238,6 @@ def test_cpu_reference_equals_triton_kernel(sampler: str, options: dict) -> None
     assert len(calls) == 8  # the C++ kernel is back
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------------
@@ -244,12 +250,15 @@ def test_unknown_sampler_lists_known_ones() -> None:
     assert "dddim" in msg and all(name in msg for name in ("ddim", "ddpm", "euler_maruyama", "pf_ode_euler"))
 
 
-@pytest.mark.parametrize("bad,exc,match", [
-    (lambda x: x[:, :1], ValueError, "shape"),
-    (lambda x: torch.zeros(x.shape, dtype=torch.int64), TypeError, "dtype"),
-    (lambda x: x.numpy(), TypeError, "tensor"),
-    (lambda x: None, TypeError, "tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        (lambda x: x[:, :1], ValueError, "shape"),
+        (lambda x: torch.zeros(x.shape, dtype=torch.int64), TypeError, "dtype"),
+        (lambda x: x.numpy(), TypeError, "tensor"),
+        (lambda x: None, TypeError, "tensor"),
+    ],
+)
 def test_bad_model_output(bad, exc: type, match: str) -> None:
     sch = Schedule.vp_discrete()
     pipe = Pipeline(lambda x, t: bad(x.clone()), sch, device="cpu")
@@ -290,23 +299,26 @@ def test_nan_names_step_and_sample() -> None:
     assert info.value.step == 7 and info.value.samples == [0, 3]
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(steps=0), ValueError, "steps"),
-    (dict(steps=1001), ValueError, "steps"),
-    (dict(steps=-3), ValueError, "steps"),
-    (dict(steps=2.5), TypeError, "steps"),
-    (dict(eta=1.5), ValueError, "eta"),
-    (dict(eta=-0.1), ValueError, "eta"),
-    (dict(sampler="ddpm", eta=0.5), ValueError, "eta"),
-    (dict(sampler="ddim", variance_type="fixed_large"), ValueError, "variance_type"),
-    (dict(sampler="pf_ode_euler", s_churn=1.0), ValueError, "s_churn"),
-    (dict(sampler="ddpm", variance_type="learned"), ValueError, "variance_type"),
-    (dict(model_kwargs={"cond": torch.zeros(4, 1)}), ValueError, "model_kwargs"),
-    (dict(x_T=torch.zeros(3, 3)), ValueError, "x_T"),
-    (dict(x_T=[[0.0, 0.0]] * 3), TypeError, "x_T"),
-    (dict(spacing="weird"), ValueError, "spacing"),
-    (dict(noise=[torch.zeros(3, 2)] * 2, sampler="ddpm"), ValueError, "noise"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=1001), ValueError, "steps"),
+        (dict(steps=-3), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),
+        (dict(eta=1.5), ValueError, "eta"),
+        (dict(eta=-0.1), ValueError, "eta"),
+        (dict(sampler="ddpm", eta=0.5), ValueError, "eta"),
+        (dict(sampler="ddim", variance_type="fixed_large"), ValueError, "variance_type"),
+        (dict(sampler="pf_ode_euler", s_churn=1.0), ValueError, "s_churn"),
+        (dict(sampler="ddpm", variance_type="learned"), ValueError, "variance_type"),
+        (dict(model_kwargs={"cond": torch.zeros(4, 1)}), ValueError, "model_kwargs"),
+        (dict(x_T=torch.zeros(3, 3)), ValueError, "x_T"),
+        (dict(x_T=[[0.0, 0.0]] * 3), TypeError, "x_T"),
+        (dict(spacing="weird"), ValueError, "spacing"),
+        (dict(noise=[torch.zeros(3, 2)] * 2, sampler="ddpm"), ValueError, "noise"),
+    ],
+)
 def test_bad_sample_arguments(kwargs: dict, exc: type, match: str) -> None:
     pipe = _pipe(Schedule.vp_discrete())
     args = dict(sampler="ddim", steps=5, progress=False)
@@ -323,12 +335,15 @@ def test_steps_up_to_num_train_timesteps_are_fine() -> None:
         _pipe(sch).sample((2, 2), sampler="ddim", steps=51, progress=False)
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(prediction="noise"), ValueError, "prediction"),
-    (dict(prediction="EPS"), ValueError, "prediction"),
-    (dict(dtype=torch.float64), ValueError, "dtype"),
-    (dict(dtype=torch.int32), ValueError, "dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(prediction="noise"), ValueError, "prediction"),
+        (dict(prediction="EPS"), ValueError, "prediction"),
+        (dict(dtype=torch.float64), ValueError, "dtype"),
+        (dict(dtype=torch.int32), ValueError, "dtype"),
+    ],
+)
 def test_bad_pipeline_arguments(kwargs: dict, exc: type, match: str) -> None:
     sch = Schedule.vp_discrete()
     with pytest.raises(exc, match=match):
@@ -339,8 +354,17 @@ def test_bad_pipeline_arguments(kwargs: dict, exc: type, match: str) -> None:
         Pipeline(GMM.as_model(sch, "eps"), "vp_discrete")
 
 
-@pytest.mark.parametrize("shape,exc", [((3,), ValueError), ((0, 2), ValueError), ((3, 0), ValueError),
-                                       ("ab", TypeError), ((3, 2.5), TypeError), (3, TypeError)])
+@pytest.mark.parametrize(
+    "shape,exc",
+    [
+        ((3,), ValueError),
+        ((0, 2), ValueError),
+        ((3, 0), ValueError),
+        ("ab", TypeError),
+        ((3, 2.5), TypeError),
+        (3, TypeError),
+    ],
+)
 def test_bad_shape(shape: Any, exc: type) -> None:
     with pytest.raises(exc, match="shape"):
         _pipe(Schedule.vp_discrete()).sample(shape, steps=3, progress=False)
@@ -369,8 +393,10 @@ def test_model_kwargs_reach_the_model() -> None:
     def model(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, label: str) -> torch.Tensor:
         seen.append((t.shape, t.dtype, label))
         return exact(x, t) + 0.0 * shift
-    out = Pipeline(model, sch, device="cpu").sample((3, 2), steps=4, progress=False,
-                                                    model_kwargs={"shift": torch.ones(3, 2), "label": "a"})
+
+    out = Pipeline(model, sch, device="cpu").sample(
+        (3, 2), steps=4, progress=False, model_kwargs={"shift": torch.ones(3, 2), "label": "a"}
+    )
     assert out.shape == (3, 2) and len(seen) == 4
     assert all(s == (torch.Size([3]), torch.float32, "a") for s in seen)
 
@@ -395,7 +421,7 @@ def test_low_precision_state(dtype: torch.dtype) -> None:
 
 def test_programs_are_built_once_per_setting_and_rebuilt_when_the_pipeline_changes() -> None:
     from fastdiff.pipeline import PROGRAM_CACHE_SIZE
-    from fastdiff.x0_clip import X0Clip
+    from fastdiff.runtime.x0_clip import X0Clip
 
     pipe = _pipe(Schedule.vp_discrete())
     a = pipe.program("ddim", 10, eta=0.5)
@@ -419,8 +445,12 @@ def test_programs_are_built_once_per_setting_and_rebuilt_when_the_pipeline_chang
     assert len(pipe._programs) == PROGRAM_CACHE_SIZE
     fresh = Pipeline(pipe.model, pipe.schedule, device="cpu")
     for _ in range(2):
-        torch.testing.assert_close(pipe.sample((3, 2), steps=7, seed=1, progress=False),
-                                   fresh.sample((3, 2), steps=7, seed=1, progress=False), rtol=0, atol=0)
+        torch.testing.assert_close(
+            pipe.sample((3, 2), steps=7, seed=1, progress=False),
+            fresh.sample((3, 2), steps=7, seed=1, progress=False),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_program_model_times_per_batch_size() -> None:

@@ -4,6 +4,7 @@ beta(t) = 0.1 + 19.9 t^2 + sin(3t) has int_0^t beta = 0.1 t + 19.9 t^3 / 3 + (1 
 beta'' = 39.8 - 9 sin(3t) (so max|beta''| = 39.8 on [0, 1], where sin(3t) >= 0) and
 |beta'''| = |27 cos(3t)| <= 27.
 """
+
 from __future__ import annotations
 
 import numpy as np

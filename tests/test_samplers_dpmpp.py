@@ -12,17 +12,18 @@ reproduce the peers with ``legacy_third_order=True``; the convergence tests show
 (diffusers' sde-dpmsolver++ order 3 also flips the sign of the 1/2 in that coefficient; it is not
 compared.)
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from sampler_helpers import CPU, convergence_slope, edm_reference_solution, grid_from_t, noises, x_T
 
 from fastdiff._ext import C
-from sampler_helpers import CPU, convergence_slope, edm_reference_solution, grid_from_t, noises, x_T
-from fastdiff.demo import default_mixture
-from fastdiff.metrics import gmm_statistical_check
-from fastdiff.models import GaussianMixture
+from fastdiff.demos.mixture import default_mixture
+from fastdiff.eval.exact import GaussianMixture
+from fastdiff.eval.metrics import gmm_statistical_check
 from fastdiff.pipeline import Pipeline
 from fastdiff.program import build_program
 from fastdiff.samplers import SAMPLERS
@@ -38,13 +39,14 @@ def gmm() -> GaussianMixture:
     return default_mixture()
 
 
-def run_fastdiff(model, schedule: Schedule, prediction: str, grid: Grid, sampler: str, x: torch.Tensor,
-                 noise=None, **options) -> torch.Tensor:
+def run_fastdiff(
+    model, schedule: Schedule, prediction: str, grid: Grid, sampler: str, x: torch.Tensor, noise=None, **options
+) -> torch.Tensor:
     """Runs ``sampler`` on ``grid`` (one stage per step, so ``noise[k]`` is step k's noise)."""
     pipe = Pipeline(model, schedule, prediction, device="cpu")
     prog = build_program(schedule, grid, sampler, prediction, CPU, **options)
     assert prog.stages == grid.steps
-    return pipe._run(prog, x.clone(), torch.zeros(x.shape[0], dtype=torch.int64), {}, noise, False, False)[0]
+    return pipe.run_program(prog, x, noise=noise)
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -109,20 +111,34 @@ def test_3m_sde_is_diffusers_order_3_with_its_sign_fixed(gmm, steps, monkeypatch
     assert src.count(wrong) == 1
     namespace: dict = {}
     exec(src.replace(wrong, "(2.0 * h) ** 2 + 0.5)) * D2"), dict(mod.__dict__), namespace)
-    monkeypatch.setattr(mod.DPMSolverMultistepScheduler, "multistep_dpm_solver_third_order_update",
-                        namespace["multistep_dpm_solver_third_order_update"])
+    monkeypatch.setattr(
+        mod.DPMSolverMultistepScheduler,
+        "multistep_dpm_solver_third_order_update",
+        namespace["multistep_dpm_solver_third_order_update"],
+    )
     peer.set_timesteps(steps)
     assert_close(ours, run_diffusers(peer, model, x, z))
 
 
-@pytest.mark.parametrize("case", [
-    dict(prediction="v", sampler="dpmpp_2m", config=dict(solver_order=2)),
-    dict(prediction="x0", sampler="dpmpp_2m", config=dict(solver_order=2)),
-    dict(prediction="eps", sampler="dpmpp_2m", config=dict(solver_order=2, solver_type="heun"),
-         options=dict(solver_type="heun")),
-    dict(prediction="eps", sampler="dpmpp_3m", config=dict(solver_order=3, lower_order_final=False),
-         options=dict(lower_order_final=False)),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(prediction="v", sampler="dpmpp_2m", config=dict(solver_order=2)),
+        dict(prediction="x0", sampler="dpmpp_2m", config=dict(solver_order=2)),
+        dict(
+            prediction="eps",
+            sampler="dpmpp_2m",
+            config=dict(solver_order=2, solver_type="heun"),
+            options=dict(solver_type="heun"),
+        ),
+        dict(
+            prediction="eps",
+            sampler="dpmpp_3m",
+            config=dict(solver_order=3, lower_order_final=False),
+            options=dict(lower_order_final=False),
+        ),
+    ],
+)
 def test_options_and_predictions_match_diffusers(gmm, case):
     peer, schedule, grid, model = diffusers_case(gmm, 10, case["prediction"], **case["config"])
     options = dict(case.get("options", {}))
@@ -162,20 +178,29 @@ def test_2m_matches_k_diffusion(gmm, kdiff_sampling, steps):
     assert_close(run_fastdiff(model, schedule, "x0", grid, "dpmpp_2m", x), theirs)
 
 
-@pytest.mark.parametrize("sampler,options", [
-    ("dpmpp_2m_sde", dict(eta=1.0, solver_type="midpoint")),
-    ("dpmpp_2m_sde", dict(eta=0.5, s_noise=0.9, solver_type="heun")),
-    ("dpmpp_3m_sde", dict(eta=1.0)),
-    ("dpmpp_3m_sde", dict(eta=0.7, s_noise=1.1)),
-])
+@pytest.mark.parametrize(
+    "sampler,options",
+    [
+        ("dpmpp_2m_sde", dict(eta=1.0, solver_type="midpoint")),
+        ("dpmpp_2m_sde", dict(eta=0.5, s_noise=0.9, solver_type="heun")),
+        ("dpmpp_3m_sde", dict(eta=1.0)),
+        ("dpmpp_3m_sde", dict(eta=0.7, s_noise=1.1)),
+    ],
+)
 @pytest.mark.parametrize("steps", [10, 25])
 def test_sde_matches_k_diffusion(gmm, kdiff_sampling, steps, sampler, options):
     schedule, sigmas, grid, model = kdiff_case(gmm, kdiff_sampling, steps)
     x, z = x_T() * 80.0, noises(steps)
     drawn = iter(z)
     peer = getattr(kdiff_sampling, f"sample_{sampler}")
-    theirs = peer(lambda y, s: model(y, s), x.clone(), sigmas, disable=True,
-                  noise_sampler=lambda s, s_next: next(drawn).clone(), **options)
+    theirs = peer(
+        lambda y, s: model(y, s),
+        x.clone(),
+        sigmas,
+        disable=True,
+        noise_sampler=lambda s, s_next: next(drawn).clone(),
+        **options,
+    )
     ours_options = dict(options, lower_order_final=False)  # k-diffusion lowers the order only into sigma = 0
     if sampler == "dpmpp_3m_sde":
         # k-diffusion's 3m_sde warms up with the "heun" second-order step and uses the legacy D2 term
@@ -190,10 +215,13 @@ def edm_reference(gmm):
     return edm_reference_solution(gmm)
 
 
-@pytest.mark.parametrize("sampler,order,steps,options", [
-    ("dpmpp_2m", 2, [128, 256, 512], {}),
-    ("dpmpp_3m", 3, [64, 128, 256], {}),
-])
+@pytest.mark.parametrize(
+    "sampler,order,steps,options",
+    [
+        ("dpmpp_2m", 2, [128, 256, 512], {}),
+        ("dpmpp_3m", 3, [64, 128, 256], {}),
+    ],
+)
 def test_convergence_order(gmm, edm_reference, sampler, order, steps, options):
     slope, errors = convergence_slope(gmm, edm_reference, sampler, steps, **options)
     assert abs(slope - order) < 0.3, (slope, errors)
@@ -222,17 +250,20 @@ def test_history_ring():
     assert prog.slots == 3
     for k in range(1, 19):
         assert prog.writes(k) == k % 3
-        assert prog.reads(k) == [(k - 1) % 3, (k - 2) % 3][:min(k, 2)]
+        assert prog.reads(k) == [(k - 1) % 3, (k - 2) % 3][: min(k, 2)]
     assert prog.reads(19) == []  # into sigma = 0: first order
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(lower_order_final=2), "lower_order_final must be a bool"),
-    (dict(solver_type="rk4"), "solver_type must be 'midpoint' or 'heun'"),
-    (dict(eta=-0.1), "eta"),
-    (dict(s_noise="x"), "s_noise must be a number"),
-    (dict(legacy_third_order=0.5), "legacy_third_order must be a bool"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(lower_order_final=2), "lower_order_final must be a bool"),
+        (dict(solver_type="rk4"), "solver_type must be 'midpoint' or 'heun'"),
+        (dict(eta=-0.1), "eta"),
+        (dict(s_noise="x"), "s_noise must be a number"),
+        (dict(legacy_third_order=0.5), "legacy_third_order must be a bool"),
+    ],
+)
 def test_bad_options(options, match):
     schedule = Schedule.edm()
     with pytest.raises(ValueError, match=match):

@@ -12,6 +12,7 @@ Convergence: on an EDM schedule the error against an RK45 solution of the probab
 (float64, rtol 1e-10) must shrink at the method's order as the steps double. The programs are run in
 float64 by a plain loop here, so the float32 kernel's rounding does not hide the discretisation error.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from peers import U32
+from sampler_helpers import CPU, convergence_slope, edm_reference_solution, grid_from_t, noises, x_T
 
 from fastdiff._ext import C
-from sampler_helpers import CPU, convergence_slope, edm_reference_solution, grid_from_t, noises, x_T
-from peers import U32
-from fastdiff.demo import default_mixture
-from fastdiff.metrics import gmm_statistical_check
-from fastdiff.models import GaussianMixture
+from fastdiff.demos.mixture import default_mixture
+from fastdiff.eval.exact import GaussianMixture
+from fastdiff.eval.metrics import gmm_statistical_check
 from fastdiff.pipeline import Pipeline
 from fastdiff.program import build_program
 from fastdiff.samplers import SAMPLERS, get_sampler
@@ -41,16 +42,23 @@ def gmm() -> GaussianMixture:
     return default_mixture()
 
 
-def run_fastdiff(model, schedule: Schedule, prediction: str, grid: Grid, sampler: str, x: torch.Tensor,
-                 noise_per_step=None, **options) -> torch.Tensor:
+def run_fastdiff(
+    model,
+    schedule: Schedule,
+    prediction: str,
+    grid: Grid,
+    sampler: str,
+    x: torch.Tensor,
+    noise_per_step=None,
+    **options,
+) -> torch.Tensor:
     """Runs ``sampler`` on ``grid``; ``noise_per_step[i]`` is the noise of step i's noisy stage."""
     pipe = Pipeline(model, schedule, prediction, device="cpu")
     prog = build_program(schedule, grid, sampler, prediction, CPU, **options)
     if noise_per_step is None:
         return pipe.run_program(prog, x)
-    noise = [noise_per_step[prog.step_of(k)] if prog.uses_noise(k) else torch.zeros_like(x)
-             for k in range(prog.stages)]
-    return pipe._run(prog, x.clone(), torch.zeros(x.shape[0], dtype=torch.int64), {}, noise, False, False)[0]
+    noise = [noise_per_step[prog.step_of(k)] if prog.uses_noise(k) else torch.zeros_like(x) for k in range(prog.stages)]
+    return pipe.run_program(prog, x, noise=noise)
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -192,11 +200,18 @@ def test_euler_ancestral_matches_k_diffusion(gmm, kdiff_sampling, steps, eta):
     sigmas, grid = kdiff_grid(kdiff_sampling, steps, schedule)
     x, z = x_T() * 80.0, noises(steps)
     drawn = iter(z)
-    theirs = kdiff_sampling.sample_euler_ancestral(kdiff_denoiser(gmm, schedule), x.clone(), sigmas.float(),
-                                                   disable=True, eta=eta, s_noise=0.9,
-                                                   noise_sampler=lambda s, s_next: next(drawn).clone())
-    ours = run_fastdiff(gmm.as_model(schedule, "x0"), schedule, "x0", grid, "euler_ancestral", x, z,
-                        eta=eta, s_noise=0.9)
+    theirs = kdiff_sampling.sample_euler_ancestral(
+        kdiff_denoiser(gmm, schedule),
+        x.clone(),
+        sigmas.float(),
+        disable=True,
+        eta=eta,
+        s_noise=0.9,
+        noise_sampler=lambda s, s_next: next(drawn).clone(),
+    )
+    ours = run_fastdiff(
+        gmm.as_model(schedule, "x0"), schedule, "x0", grid, "euler_ancestral", x, z, eta=eta, s_noise=0.9
+    )
     assert_close(ours, theirs)
 
 
@@ -218,11 +233,14 @@ def test_convergence_order(gmm, edm_reference, sampler, steps):
 # --------------------------------------------------------------------------------------- statistics
 # First-order samplers need ~150 steps before their bias drops below the check's sampling error at
 # n = 4000 (euler_ancestral at 60 steps: covariance |z| up to 5.7 against a threshold of 4.15).
-@pytest.mark.parametrize("sampler,steps,options", [
-    ("euler_ancestral", 150, {}),
-    ("euler", 150, dict(s_churn=5.0, s_tmin=0.05, s_tmax=10.0)),
-    ("heun", 60, dict(s_churn=10.0, s_tmax=50.0)),
-])
+@pytest.mark.parametrize(
+    "sampler,steps,options",
+    [
+        ("euler_ancestral", 150, {}),
+        ("euler", 150, dict(s_churn=5.0, s_tmin=0.05, s_tmax=10.0)),
+        ("heun", 60, dict(s_churn=10.0, s_tmax=50.0)),
+    ],
+)
 def test_stochastic_samples_match_the_mixture(gmm, sampler, steps, options):
     schedule = Schedule.edm()
     pipe = Pipeline(gmm.as_model(schedule, "x0"), schedule, "x0", device="cpu")
@@ -269,12 +287,15 @@ def test_churn_beyond_the_schedule_is_an_error():
         build_program(schedule, schedule.grid(10), "heun", "eps", CPU, s_churn=10.0)
 
 
-@pytest.mark.parametrize("sampler,options,match", [
-    ("euler_ancestral", dict(eta=1.5), "eta"),
-    ("heun", dict(s_churn=-1.0), "s_churn"),
-    ("euler", dict(s_noise="loud"), "s_noise must be a number"),
-    ("heun", dict(s_tmin=2.0, s_tmax=1.0), "s_tmax"),
-])
+@pytest.mark.parametrize(
+    "sampler,options,match",
+    [
+        ("euler_ancestral", dict(eta=1.5), "eta"),
+        ("heun", dict(s_churn=-1.0), "s_churn"),
+        ("euler", dict(s_noise="loud"), "s_noise must be a number"),
+        ("heun", dict(s_tmin=2.0, s_tmax=1.0), "s_tmax"),
+    ],
+)
 def test_bad_options(sampler, options, match):
     schedule = Schedule.edm()
     with pytest.raises(ValueError, match=match):
@@ -299,8 +320,13 @@ def test_unknown_option_is_named(gmm):
 def test_registry_entries(name):
     info = SAMPLERS[name]
     assert name in C.sampler_names()
-    expected = {"euler": (1, False, 1), "euler_ancestral": (1, True, 1), "heun": (2, False, 2),
-                "flow_euler": (1, False, 1), "flow_heun": (2, False, 2)}[name]
+    expected = {
+        "euler": (1, False, 1),
+        "euler_ancestral": (1, True, 1),
+        "heun": (2, False, 2),
+        "flow_euler": (1, False, 1),
+        "flow_heun": (2, False, 2),
+    }[name]
     assert (info.order, info.stochastic, info.nfe_per_step) == expected
     assert "flow" in info.predictions
 

@@ -1,6 +1,7 @@
 """pndm (PLMS) and lms against diffusers' PNDMScheduler / LMSDiscreteScheduler and k-diffusion's sample_lms on the
 exact eps (or v) network of a 2-D Gaussian mixture, on the peers' own grids, same x_T: relative difference
 <= 1e-4 (measured 4e-8 .. 6e-6)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.demo import default_mixture
+from fastdiff.demos.mixture import default_mixture
 from fastdiff.program import build_program
 from fastdiff.samplers import SAMPLERS
 from fastdiff.schedule import Grid
@@ -35,8 +36,13 @@ def test_pndm_equals_diffusers_plms(steps, prediction, ptype):
         x = sched.step(model(x, torch.full((B,), float(t))), t, x).prev_sample
     chain = sched._timesteps[::-1].astype(np.float64)
     t = np.concatenate([chain, [0.0]])  # set_alpha_to_one=False: the last step lands on alphas_cumprod[0]
-    grid = Grid(t=t, alpha=schedule.alpha(t), sigma=schedule.sigma(t), log_snr=schedule.log_snr(t),
-                model_time=schedule.model_time(t))
+    grid = Grid(
+        t=t,
+        alpha=schedule.alpha(t),
+        sigma=schedule.sigma(t),
+        log_snr=schedule.log_snr(t),
+        model_time=schedule.model_time(t),
+    )
     prog = build_program(schedule, grid, "pndm", prediction, torch.device("cpu"))
     assert prog.stages == len(sched.timesteps) and prog.slots <= 3  # one stage per network call, as diffusers
     ours = Pipeline(model, schedule, prediction=prediction, device="cpu").run_program(prog, x_T)
@@ -55,18 +61,28 @@ def test_lms_equals_diffusers_and_k_diffusion(steps, kdiff_sampling):
     for t in sched.timesteps:
         y = sched.step(model(sched.scale_model_input(y, t), torch.full((B,), float(t))), t, y).prev_sample
     a0 = float(schedule.alpha(schedule.grid_from_sigmas(sched.sigmas.tolist()).t[0]))
-    ours = pipe.sample((B, 2), sampler="lms", sigmas=sched.sigmas.tolist(), x_T=x_T * sched.init_noise_sigma * a0,
-                       progress=False)
+    ours = pipe.sample(
+        (B, 2), sampler="lms", sigmas=sched.sigmas.tolist(), x_T=x_T * sched.init_noise_sigma * a0, progress=False
+    )
     assert _rel(ours, y) <= 1e-4
     sig = torch.tensor(sched.sigmas.tolist(), dtype=torch.float64)
 
     def denoiser(yy, s):
         t = float(schedule.t_from_edm_sigma(float(s.reshape(-1)[0])))
-        return yy - float(s.reshape(-1)[0]) * model((yy * float(schedule.alpha(t))).float(), torch.full((B,), t)).double()
+        return (
+            yy - float(s.reshape(-1)[0]) * model((yy * float(schedule.alpha(t))).float(), torch.full((B,), t)).double()
+        )
 
     theirs = kdiff_sampling.sample_lms(denoiser, x_T.double() * float(sig[0]), sig, disable=True)
-    assert _rel(pipe.sample((B, 2), sampler="lms", sigmas=sig.tolist(), x_T=(x_T * float(sig[0]) * a0).float(),
-                            progress=False), theirs) <= 1e-4
+    assert (
+        _rel(
+            pipe.sample(
+                (B, 2), sampler="lms", sigmas=sig.tolist(), x_T=(x_T * float(sig[0]) * a0).float(), progress=False
+            ),
+            theirs,
+        )
+        <= 1e-4
+    )
 
 
 def test_registry_and_options():

@@ -1,4 +1,5 @@
 """pc (predictor-corrector), rk45 (adaptive PF-ODE) and consistency sampling, against independent answers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +8,11 @@ import torch
 from scipy.integrate import solve_ivp
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.corrector import langevin_step
-from fastdiff.demo import default_mixture
-from fastdiff.metrics import gmm_statistical_check, sliced_wasserstein
-from fastdiff.models import GaussianMixture
+from fastdiff.demos.mixture import default_mixture
+from fastdiff.eval.exact import GaussianMixture
+from fastdiff.eval.metrics import gmm_statistical_check, sliced_wasserstein
 from fastdiff.samplers import SAMPLERS, get_sampler
+from fastdiff.solvers.corrector import langevin_step
 
 
 def test_registry_lists_the_special_samplers():
@@ -27,8 +28,9 @@ def test_registry_lists_the_special_samplers():
 # ----------------------------------------------------------------------------------------------- pc
 def _mixture16() -> GaussianMixture:
     g = torch.Generator().manual_seed(0)
-    return GaussianMixture(torch.randn(3, 16, generator=g) * 1.5, torch.tensor([0.5, 0.7, 0.6]),
-                           torch.tensor([0.5, 0.3, 0.2]))
+    return GaussianMixture(
+        torch.randn(3, 16, generator=g) * 1.5, torch.tensor([0.5, 0.7, 0.6]), torch.tensor([0.5, 0.3, 0.2])
+    )
 
 
 def test_langevin_step_is_score_sde_formula():
@@ -96,7 +98,7 @@ def test_pc_predictor_is_reverse_diffusion_step():
     x = x_T.double()
     for i in range(3):
         a = float(sch.alpha(t[i]) / sch.alpha(t[i + 1]))
-        G2 = float(sch.sigma(t[i]) ** 2 - a ** 2 * sch.sigma(t[i + 1]) ** 2)  # VP: beta_i = 1 - a^2
+        G2 = float(sch.sigma(t[i]) ** 2 - a**2 * sch.sigma(t[i + 1]) ** 2)  # VP: beta_i = 1 - a^2
         assert abs(G2 - (1 - a * a)) < 1e-9
         score = gmm.score_noised(x, float(sch.alpha(t[i])), float(sch.sigma(t[i])))
         x = (2 - a) * x + G2 * score + (np.sqrt(G2) * noise[i].double() if i < 2 else 0.0)
@@ -127,7 +129,9 @@ def _scipy_pf_ode(gmm, sch, x: np.ndarray) -> np.ndarray:
         score = gmm.score_noised(torch.as_tensor(y.reshape(shape)), float(sch.alpha(t)), float(sch.sigma(t))).numpy()
         return (float(sch.drift_coef(t)) * y.reshape(shape) - 0.5 * float(sch.g2(t)) * score).ravel()
 
-    return solve_ivp(f, (sch.t_max, sch.t_min), x.ravel(), method="DOP853", rtol=1e-11, atol=1e-11).y[:, -1].reshape(shape)
+    return (
+        solve_ivp(f, (sch.t_max, sch.t_min), x.ravel(), method="DOP853", rtol=1e-11, atol=1e-11).y[:, -1].reshape(shape)
+    )
 
 
 def test_rk45_reaches_its_tolerance_and_reports_nfe():
@@ -152,7 +156,8 @@ def test_rk45_reaches_its_tolerance_and_reports_nfe():
         pipe.sample((2, 2), sampler="rk45", rtol=0.0, progress=False)
     with pytest.raises(ValueError, match="discrete"):
         Pipeline(gmm.as_model(Schedule.vp_discrete(), "eps"), Schedule.vp_discrete()).sample(
-            (2, 2), sampler="rk45", progress=False)
+            (2, 2), sampler="rk45", progress=False
+        )
 
 
 # ---------------------------------------------------------------------------------------- consistency
@@ -164,8 +169,9 @@ def test_consistency_steps_are_alpha_x0_plus_sigma_z():
     g = torch.Generator().manual_seed(4)
     noise = [torch.randn(8, 2, generator=g) for _ in times]
     x_T = torch.randn(8, 2, generator=g)
-    out, x0s = pipe.sample((8, 2), sampler="consistency", x_T=x_T, noise=noise, times=times, return_x0=True,
-                           progress=False)
+    out, x0s = pipe.sample(
+        (8, 2), sampler="consistency", x_T=x_T, noise=noise, times=times, return_x0=True, progress=False
+    )
     x = x_T.double()
     for i, t in enumerate(times):  # independent recomputation with the exact posterior mean
         x0 = gmm.posterior_mean(x, float(sch.alpha(t)), float(sch.sigma(t)))

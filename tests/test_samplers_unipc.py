@@ -4,6 +4,7 @@ The grid is taken from diffusers' own timesteps/sigmas (including UniPC's linspa
 np.linspace(0, N-1, steps+1).round()[::-1][:-1] and DEIS's final sigma), built into a fastdiff
 Grid and run with build_program + Pipeline.run_program, from the same initial noise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,8 @@ import torch
 from scipy.integrate import solve_ivp
 
 from fastdiff import Pipeline, Schedule
-from fastdiff.demo import default_mixture
-from fastdiff.models import GaussianMixture
+from fastdiff.demos.mixture import default_mixture
+from fastdiff.eval.exact import GaussianMixture
 from fastdiff.program import build_program
 from fastdiff.samplers import get_sampler
 from fastdiff.schedule import Grid
@@ -40,8 +41,9 @@ def _parity(cls, sampler: str, steps: int, spacing: str, prediction: str, **opti
     xd = x.clone()
     for t in scheduler.timesteps:
         xd = scheduler.step(model(xd, t.to(torch.float64).expand(64)), t, xd).prev_sample
-    prog = build_program(sch, _grid_from_diffusers(sch, scheduler), sampler, prediction, CPU,
-                         **{k: float(v) for k, v in options.items()})
+    prog = build_program(
+        sch, _grid_from_diffusers(sch, scheduler), sampler, prediction, CPU, **{k: float(v) for k, v in options.items()}
+    )
     assert prog.stages == steps
     xf = Pipeline(model, sch, prediction, device="cpu").run_program(prog, x.float())
     return float((xf.double() - xd).norm() / xd.norm())
@@ -51,17 +53,20 @@ def _parity(cls, sampler: str, steps: int, spacing: str, prediction: str, **opti
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_unipc_matches_diffusers(steps, spacing):
     from diffusers import UniPCMultistepScheduler
+
     assert _parity(UniPCMultistepScheduler, "unipc", steps, spacing, "eps") < 1e-4
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_unipc_matches_diffusers_other_predictions(prediction):
     from diffusers import UniPCMultistepScheduler
+
     assert _parity(UniPCMultistepScheduler, "unipc", 10, "trailing", prediction) < 1e-4
 
 
 def test_unipc_first_order_and_no_lower_order_final_match_diffusers():
     from diffusers import UniPCMultistepScheduler
+
     assert _parity(UniPCMultistepScheduler, "unipc", 10, "linspace", "eps", solver_order=1) < 1e-4
     # without lower_order_final, an order-2 step into the clean end is ill-defined (rk = 0) in both
     with pytest.raises(ValueError, match="no finite update"):
@@ -72,12 +77,14 @@ def test_unipc_first_order_and_no_lower_order_final_match_diffusers():
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_deis_matches_diffusers(steps, spacing):
     from diffusers import DEISMultistepScheduler
+
     assert _parity(DEISMultistepScheduler, "deis", steps, spacing, "eps") < 1e-4
 
 
 @pytest.mark.parametrize("steps,prediction", [(10, "v"), (25, "eps"), (10, "x0")])
 def test_deis_third_order_matches_diffusers(steps, prediction):
     from diffusers import DEISMultistepScheduler
+
     # diffusers evaluates the order-3 log-rho integrals in float32; give it float64 sigmas so the
     # comparison measures the algorithm, not diffusers' rounding (float32 agrees to ~6e-6)
     orig = DEISMultistepScheduler.set_timesteps
@@ -124,7 +131,9 @@ def smooth_reference():
     return gmm, sch, x, _pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
 
 
-@pytest.mark.parametrize("sampler,options,order", [("unipc", {}, 3), ("deis", {}, 2), ("deis", {"solver_order": 3.0}, 3)])
+@pytest.mark.parametrize(
+    "sampler,options,order", [("unipc", {}, 3), ("deis", {}, 2), ("deis", {"solver_order": 3.0}, 3)]
+)
 def test_convergence_order(sampler, options, order, smooth_reference):
     """Error against an accurate PF-ODE solution shrinks at the theoretical rate as steps double.
 

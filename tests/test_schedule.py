@@ -3,14 +3,15 @@
 Every expected value is computed in this file from the formulas (DESIGN.md, "The math") or taken from
 a peer library; nothing is read back from the code under test.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-
 from peers import U32
+
 from fastdiff import Schedule
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,32 +49,68 @@ def ref_vp_cosine(t, s=0.008):
 
 def ref_ve(t, sigma_min=0.01, sigma_max=50.0):
     sigma = sigma_min * (sigma_max / sigma_min) ** t
-    return dict(alpha=np.ones_like(t), sigma=sigma, log_snr=-2 * np.log(sigma), edm_sigma=sigma,
-                drift_coef=np.zeros_like(t), g2=2 * sigma**2 * math.log(sigma_max / sigma_min), model_time=t)
+    return dict(
+        alpha=np.ones_like(t),
+        sigma=sigma,
+        log_snr=-2 * np.log(sigma),
+        edm_sigma=sigma,
+        drift_coef=np.zeros_like(t),
+        g2=2 * sigma**2 * math.log(sigma_max / sigma_min),
+        model_time=t,
+    )
 
 
 def ref_edm(t):
-    return dict(alpha=np.ones_like(t), sigma=t, log_snr=-2 * np.log(t), edm_sigma=t, drift_coef=np.zeros_like(t),
-                g2=2 * t, model_time=t)
+    return dict(
+        alpha=np.ones_like(t),
+        sigma=t,
+        log_snr=-2 * np.log(t),
+        edm_sigma=t,
+        drift_coef=np.zeros_like(t),
+        g2=2 * t,
+        model_time=t,
+    )
 
 
 def ref_flow(t, time_scale=1000.0):
     # alpha = 1 - t, sigma = t: f = d log alpha/dt = -1/(1-t); g^2 = 2t + 2t^2/(1-t) = 2t/(1-t).
-    return dict(alpha=1 - t, sigma=t, log_snr=2 * (np.log1p(-t) - np.log(t)), edm_sigma=t / (1 - t),
-                drift_coef=-1 / (1 - t), g2=2 * t / (1 - t), model_time=time_scale * t)
+    return dict(
+        alpha=1 - t,
+        sigma=t,
+        log_snr=2 * (np.log1p(-t) - np.log(t)),
+        edm_sigma=t / (1 - t),
+        drift_coef=-1 / (1 - t),
+        g2=2 * t / (1 - t),
+        model_time=time_scale * t,
+    )
 
 
 # (id, constructor, reference, t_lo, t_hi): t_lo/t_hi are the expected range [t_min, t_max].
 CASES = [
     ("vp_linear", lambda: Schedule.vp_linear(), ref_vp_linear, 1e-3, 1.0),
-    ("vp_linear_custom", lambda: Schedule.vp_linear(0.05, 12.0, 1e-4),
-     lambda t: ref_vp_linear(t, 0.05, 12.0), 1e-4, 1.0),
+    (
+        "vp_linear_custom",
+        lambda: Schedule.vp_linear(0.05, 12.0, 1e-4),
+        lambda t: ref_vp_linear(t, 0.05, 12.0),
+        1e-4,
+        1.0,
+    ),
     ("vp_cosine", lambda: Schedule.vp_cosine(), ref_vp_cosine, 1e-3, 1.0),
-    ("vp_cosine_custom", lambda: Schedule.vp_cosine(s=0.02, t_eps=1e-4, t_max=0.9946),
-     lambda t: ref_vp_cosine(t, 0.02), 1e-4, 0.9946),
+    (
+        "vp_cosine_custom",
+        lambda: Schedule.vp_cosine(s=0.02, t_eps=1e-4, t_max=0.9946),
+        lambda t: ref_vp_cosine(t, 0.02),
+        1e-4,
+        0.9946,
+    ),
     ("sub_vp", lambda: Schedule.sub_vp(), lambda t: ref_vp_linear(t, sub=True), 1e-3, 1.0),
-    ("sub_vp_custom", lambda: Schedule.sub_vp(0.2, 15.0, 1e-2),
-     lambda t: ref_vp_linear(t, 0.2, 15.0, sub=True), 1e-2, 1.0),
+    (
+        "sub_vp_custom",
+        lambda: Schedule.sub_vp(0.2, 15.0, 1e-2),
+        lambda t: ref_vp_linear(t, 0.2, 15.0, sub=True),
+        1e-2,
+        1.0,
+    ),
     ("ve", lambda: Schedule.ve(), ref_ve, 0.0, 1.0),
     ("ve_custom", lambda: Schedule.ve(0.002, 80.0), lambda t: ref_ve(t, 0.002, 80.0), 0.0, 1.0),
     ("edm", lambda: Schedule.edm(), ref_edm, 0.002, 80.0),
@@ -166,11 +203,14 @@ def test_vp_linear_inverse_matches_quadratic_formula():
     np.testing.assert_allclose(Schedule.vp_linear(bmin, bmax).t_from_log_snr(lam), t_exact, rtol=1e-10)
 
 
-@pytest.mark.parametrize("make,name", [
-    (lambda: Schedule.vp_linear(), "log_snr"),
-    (lambda: Schedule.edm(), "sigma"),
-    (lambda: Schedule.vp_discrete(), "sigma"),
-])
+@pytest.mark.parametrize(
+    "make,name",
+    [
+        (lambda: Schedule.vp_linear(), "log_snr"),
+        (lambda: Schedule.edm(), "sigma"),
+        (lambda: Schedule.vp_discrete(), "sigma"),
+    ],
+)
 def test_inverse_out_of_range_raises(make, name):
     """A log-SNR or sigma the schedule never reaches must raise, not be silently clamped to an end."""
     sch = make()
@@ -192,8 +232,16 @@ def test_vp_cosine_reaches_zero_signal_at_t_max_one():
     assert sch.alpha(1.0) < 1e-15 and sch.sigma(1.0) == pytest.approx(1.0, abs=1e-15)
 
 
-@pytest.mark.parametrize("make", [lambda: Schedule.vp_linear(), lambda: Schedule.ve(), lambda: Schedule.edm(),
-                                  lambda: Schedule.flow(), lambda: Schedule.vp_discrete()])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Schedule.vp_linear(),
+        lambda: Schedule.ve(),
+        lambda: Schedule.edm(),
+        lambda: Schedule.flow(),
+        lambda: Schedule.vp_discrete(),
+    ],
+)
 def test_t_outside_range_raises(make):
     sch = make()
     below = (sch.clean_end if sch.clean_end is not None else min(0.0, sch.t_min)) - 0.5
@@ -214,10 +262,16 @@ def test_clean_ends():
     assert Schedule.vp_linear().clean_end is None and Schedule.ve().clean_end is None
 
 
-@pytest.mark.parametrize("make,prior", [
-    (lambda: Schedule.vp_discrete(), 1.0), (lambda: Schedule.vp_linear(), 1.0), (lambda: Schedule.flow(), 1.0),
-    (lambda: Schedule.ve(0.01, 50.0), 50.0), (lambda: Schedule.edm(0.002, 80.0), 80.0),
-])
+@pytest.mark.parametrize(
+    "make,prior",
+    [
+        (lambda: Schedule.vp_discrete(), 1.0),
+        (lambda: Schedule.vp_linear(), 1.0),
+        (lambda: Schedule.flow(), 1.0),
+        (lambda: Schedule.ve(0.01, 50.0), 50.0),
+        (lambda: Schedule.edm(0.002, 80.0), 80.0),
+    ],
+)
 def test_prior_std(make, prior):
     assert make().prior_std == pytest.approx(prior, rel=1e-14)
 
@@ -297,8 +351,9 @@ def test_alphas_cumprod_match_diffusers(diffusers_schedulers, which, kw, rescale
     see _f32_abar_tolerance for the per-entry bound; observed errors are 5-40x below it)."""
     theirs = diffusers_schedulers[which](rescale_betas_zero_snr=rescale, **kw).alphas_cumprod.double().numpy()
     ours = Schedule.vp_discrete(rescale_zero_terminal_snr=rescale, **kw).alphas_cumprod
-    tol = _f32_abar_tolerance(np.cumprod(1 - ref_betas(1000, rescale=rescale, **kw)),
-                              np.cumprod(1 - ref_betas(1000, **kw)), rescale)
+    tol = _f32_abar_tolerance(
+        np.cumprod(1 - ref_betas(1000, rescale=rescale, **kw)), np.cumprod(1 - ref_betas(1000, **kw)), rescale
+    )
     if which == "euler" and rescale:
         # diffusers' Euler overwrites the terminal abar = 0 with 2^-24 so that its first sigma is finite;
         # fastdiff keeps the exact zero (its grids never evaluate sigma/alpha at the zero-SNR end).
@@ -414,9 +469,14 @@ def test_from_diffusers_rejects_other_types():
         Schedule.from_diffusers(42)
 
 
-@pytest.mark.parametrize("betas", [
-    np.linspace(1e-4, 0.02, 1000), [0.5, 0.25, 1.0], np.geomspace(1e-5, 0.9, 17).astype(np.float32),
-])
+@pytest.mark.parametrize(
+    "betas",
+    [
+        np.linspace(1e-4, 0.02, 1000),
+        [0.5, 0.25, 1.0],
+        np.geomspace(1e-5, 0.9, 17).astype(np.float32),
+    ],
+)
 def test_from_betas(betas):
     b = np.asarray(betas, dtype=np.float64)
     sch = Schedule.from_betas(betas)
@@ -451,13 +511,24 @@ BAD_CONSTRUCTOR_ARGS = [
     (Schedule.vp_discrete, dict(beta_start="1e-4"), TypeError, "beta_start"),
     (Schedule.vp_discrete, dict(rescale_zero_terminal_snr="yes"), TypeError, "rescale_zero_terminal_snr"),
     # vp_linear and sub_vp
-    *[(ctor, kw, ValueError, name) for ctor in (Schedule.vp_linear, Schedule.sub_vp) for kw, name in [
-        (dict(beta_min=NAN), "beta_min"), (dict(beta_min=-0.1), "beta_min"), (dict(beta_min=float("inf")), "beta_min"),
-        (dict(beta_max=NAN), "beta_max"), (dict(beta_max=0.1), "beta_max"), (dict(beta_min=5.0, beta_max=1.0), "beta_max"),
-        (dict(beta_max=float("inf")), "beta_max"),
-        (dict(t_eps=0.0), "t_eps"), (dict(t_eps=1.0), "t_eps"), (dict(t_eps=-1e-3), "t_eps"), (dict(t_eps=NAN), "t_eps"),
-        (dict(t_eps=1.5), "t_eps"),
-    ]],
+    *[
+        (ctor, kw, ValueError, name)
+        for ctor in (Schedule.vp_linear, Schedule.sub_vp)
+        for kw, name in [
+            (dict(beta_min=NAN), "beta_min"),
+            (dict(beta_min=-0.1), "beta_min"),
+            (dict(beta_min=float("inf")), "beta_min"),
+            (dict(beta_max=NAN), "beta_max"),
+            (dict(beta_max=0.1), "beta_max"),
+            (dict(beta_min=5.0, beta_max=1.0), "beta_max"),
+            (dict(beta_max=float("inf")), "beta_max"),
+            (dict(t_eps=0.0), "t_eps"),
+            (dict(t_eps=1.0), "t_eps"),
+            (dict(t_eps=-1e-3), "t_eps"),
+            (dict(t_eps=NAN), "t_eps"),
+            (dict(t_eps=1.5), "t_eps"),
+        ]
+    ],
     (Schedule.vp_linear, dict(beta_min=None), TypeError, "beta_min"),
     (Schedule.sub_vp, dict(beta_max="20"), TypeError, "beta_max"),
     # vp_cosine
@@ -472,11 +543,19 @@ BAD_CONSTRUCTOR_ARGS = [
     (Schedule.vp_cosine, dict(t_max=NAN), ValueError, "t_max"),
     (Schedule.vp_cosine, dict(s=[0.008]), TypeError, "^s must"),
     # ve and edm
-    *[(ctor, kw, ValueError, name) for ctor in (Schedule.ve, Schedule.edm) for kw, name in [
-        (dict(sigma_min=0.0), "sigma_min"), (dict(sigma_min=-1.0), "sigma_min"), (dict(sigma_min=NAN), "sigma_min"),
-        (dict(sigma_max=NAN), "sigma_max"), (dict(sigma_min=1.0, sigma_max=1.0), "sigma_max"),
-        (dict(sigma_min=2.0, sigma_max=1.0), "sigma_max"), (dict(sigma_max=float("inf")), "sigma_max"),
-    ]],
+    *[
+        (ctor, kw, ValueError, name)
+        for ctor in (Schedule.ve, Schedule.edm)
+        for kw, name in [
+            (dict(sigma_min=0.0), "sigma_min"),
+            (dict(sigma_min=-1.0), "sigma_min"),
+            (dict(sigma_min=NAN), "sigma_min"),
+            (dict(sigma_max=NAN), "sigma_max"),
+            (dict(sigma_min=1.0, sigma_max=1.0), "sigma_max"),
+            (dict(sigma_min=2.0, sigma_max=1.0), "sigma_max"),
+            (dict(sigma_max=float("inf")), "sigma_max"),
+        ]
+    ],
     (Schedule.edm, dict(sigma_data=0.0), ValueError, "sigma_data"),
     (Schedule.edm, dict(sigma_data=-0.5), ValueError, "sigma_data"),
     (Schedule.edm, dict(sigma_data=NAN), ValueError, "sigma_data"),
@@ -496,43 +575,51 @@ BAD_CONSTRUCTOR_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("ctor,kw,exc,name", BAD_CONSTRUCTOR_ARGS,
-                         ids=[f"{c.__name__}-{'-'.join(f'{k}={v!r}' for k, v in kw.items())}"
-                              for c, kw, _, _ in BAD_CONSTRUCTOR_ARGS])
+@pytest.mark.parametrize(
+    "ctor,kw,exc,name",
+    BAD_CONSTRUCTOR_ARGS,
+    ids=[f"{c.__name__}-{'-'.join(f'{k}={v!r}' for k, v in kw.items())}" for c, kw, _, _ in BAD_CONSTRUCTOR_ARGS],
+)
 def test_constructor_rejects_bad_argument(ctor, kw, exc, name):
     with pytest.raises(exc, match=name):
         ctor(**kw)
 
 
-@pytest.mark.parametrize("betas,exc,name", [
-    ([0.1, 0.0, 0.2], ValueError, r"betas\[1\]"),
-    ([0.1, -0.2], ValueError, r"betas\[1\]"),
-    ([0.1, 1.5], ValueError, r"betas\[1\]"),
-    ([], ValueError, "betas"),
-    (np.zeros((0,)), ValueError, "betas"),
-    ([0.1, NAN], ValueError, "betas"),
-    ([0.1, float("inf")], ValueError, "betas"),
-    ([[0.1, 0.2]], ValueError, "betas"),
-    (["a", "b"], TypeError, "betas"),
-])
+@pytest.mark.parametrize(
+    "betas,exc,name",
+    [
+        ([0.1, 0.0, 0.2], ValueError, r"betas\[1\]"),
+        ([0.1, -0.2], ValueError, r"betas\[1\]"),
+        ([0.1, 1.5], ValueError, r"betas\[1\]"),
+        ([], ValueError, "betas"),
+        (np.zeros((0,)), ValueError, "betas"),
+        ([0.1, NAN], ValueError, "betas"),
+        ([0.1, float("inf")], ValueError, "betas"),
+        ([[0.1, 0.2]], ValueError, "betas"),
+        (["a", "b"], TypeError, "betas"),
+    ],
+)
 def test_from_betas_rejects(betas, exc, name):
     with pytest.raises(exc, match=name):
         Schedule.from_betas(betas)
 
 
-@pytest.mark.parametrize("t,beta,name", [
-    ([0.0, 0.5, 0.5, 1.0], [1.0, 2.0, 3.0, 4.0], "t must be strictly increasing"),
-    ([0.0, 0.6, 0.5, 1.0], [1.0, 2.0, 3.0, 4.0], "t must be strictly increasing"),
-    ([0.0, 0.5, 1.0], [1.0, 2.0], "t and beta"),
-    ([0.0, 0.5, 1.0], [1.0, 2.0, 3.0, 4.0], "t and beta"),
-    ([0.0], [1.0], "^t must"),
-    ([-0.1, 0.5, 1.0], [1.0, 2.0, 3.0], "^t must"),
-    ([0.1, 0.5, 1.0], [1.0, 2.0, 3.0], "^t must start at 0"),
-    ([0.0, NAN, 1.0], [1.0, 2.0, 3.0], "^t must"),
-    ([0.0, 0.5, 1.0], [1.0, -2.0, 3.0], "^beta must"),
-    ([0.0, 0.5, 1.0], [1.0, NAN, 3.0], "^beta must"),
-    ([], [], "^t must"),
-])
+@pytest.mark.parametrize(
+    "t,beta,name",
+    [
+        ([0.0, 0.5, 0.5, 1.0], [1.0, 2.0, 3.0, 4.0], "t must be strictly increasing"),
+        ([0.0, 0.6, 0.5, 1.0], [1.0, 2.0, 3.0, 4.0], "t must be strictly increasing"),
+        ([0.0, 0.5, 1.0], [1.0, 2.0], "t and beta"),
+        ([0.0, 0.5, 1.0], [1.0, 2.0, 3.0, 4.0], "t and beta"),
+        ([0.0], [1.0], "^t must"),
+        ([-0.1, 0.5, 1.0], [1.0, 2.0, 3.0], "^t must"),
+        ([0.1, 0.5, 1.0], [1.0, 2.0, 3.0], "^t must start at 0"),
+        ([0.0, NAN, 1.0], [1.0, 2.0, 3.0], "^t must"),
+        ([0.0, 0.5, 1.0], [1.0, -2.0, 3.0], "^beta must"),
+        ([0.0, 0.5, 1.0], [1.0, NAN, 3.0], "^beta must"),
+        ([], [], "^t must"),
+    ],
+)
 def test_from_beta_function_rejects(t, beta, name):
     with pytest.raises(ValueError, match=name):
         Schedule.from_beta_function(t, beta)

@@ -1,5 +1,6 @@
 """The client's retries against a stand-in server that fails the way a replica dying behind a proxy does: the
 status line and headers arrive, then the connection closes before the body's end."""
+
 from __future__ import annotations
 
 import http.client

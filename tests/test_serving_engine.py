@@ -1,16 +1,17 @@
 """The step-level batching engine: a request's samples equal ``Pipeline.sample`` bitwise for a batch-invariant
 network (the exact mixture), whatever shares its batch and whenever it joined; guidance; per-request failure;
 validation."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
+from serving_models import mixture_pipeline
 
 from fastdiff import Pipeline
 from fastdiff.serving import Engine, RequestCancelled, RequestFailed, SampleRequest
-from serving_models import mixture_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +20,47 @@ def pipe() -> Pipeline:
 
 
 def _offline(pipe: Pipeline, req: SampleRequest) -> torch.Tensor:
-    return pipe.sample((req.n, *req.sample_shape), sampler=req.sampler, steps=req.steps, seed=req.seed,
-                       spacing=req.spacing, guidance_scale=req.guidance_scale, model_kwargs=dict(req.model_kwargs),
-                       uncond_kwargs=req.uncond_kwargs, progress=False, **dict(req.options))
+    return pipe.sample(
+        (req.n, *req.sample_shape),
+        sampler=req.sampler,
+        steps=req.steps,
+        seed=req.seed,
+        spacing=req.spacing,
+        guidance_scale=req.guidance_scale,
+        model_kwargs=dict(req.model_kwargs),
+        uncond_kwargs=req.uncond_kwargs,
+        progress=False,
+        **dict(req.options),
+    )
 
 
 def test_mixed_load_equals_offline_sampling_bitwise(pipe):
     rng = random.Random(0)
-    samplers = [("ddim", {}), ("ddim", {"eta": 1.0}), ("ddpm", {}), ("dpmpp_2m", {}), ("dpmpp_3m_sde", {}),
-                ("unipc", {}), ("euler_ancestral", {}), ("heun", {}), ("deis", {})]
+    samplers = [
+        ("ddim", {}),
+        ("ddim", {"eta": 1.0}),
+        ("ddpm", {}),
+        ("dpmpp_2m", {}),
+        ("dpmpp_3m_sde", {}),
+        ("unipc", {}),
+        ("euler_ancestral", {}),
+        ("heun", {}),
+        ("deis", {}),
+    ]
     engine = Engine(pipe, max_batch=12)
     reqs = {}
     for i in range(14):
         sampler, opts = samplers[i % len(samplers)]
         n = rng.randint(1, 5)
-        req = SampleRequest(n=n, sample_shape=(2,), sampler=sampler, steps=rng.randint(3, 12), seed=1000 + i,
-                            options=opts, model_kwargs={"y": torch.arange(n) % 3})
+        req = SampleRequest(
+            n=n,
+            sample_shape=(2,),
+            sampler=sampler,
+            steps=rng.randint(3, 12),
+            seed=1000 + i,
+            options=opts,
+            model_kwargs={"y": torch.arange(n) % 3},
+        )
         reqs[engine.submit(req)] = req
         for _ in range(rng.randint(0, 3)):  # requests arrive while others run
             engine.tick()
@@ -50,10 +76,19 @@ def test_mixed_load_equals_offline_sampling_bitwise(pipe):
 def test_guided_and_unguided_rows_share_a_batch(pipe):
     engine = Engine(pipe, max_batch=16)
     y = torch.tensor([0, 1, 2, 1])
-    guided = SampleRequest(n=4, sample_shape=(2,), sampler="ddim", steps=6, seed=[5, 6, 7, 8], guidance_scale=3.0,
-                           model_kwargs={"y": y}, uncond_kwargs={"y": torch.zeros_like(y)})
-    plain = SampleRequest(n=3, sample_shape=(2,), sampler="dpmpp_2m", steps=8, seed=9,
-                          model_kwargs={"y": torch.tensor([2, 2, 0])})
+    guided = SampleRequest(
+        n=4,
+        sample_shape=(2,),
+        sampler="ddim",
+        steps=6,
+        seed=[5, 6, 7, 8],
+        guidance_scale=3.0,
+        model_kwargs={"y": y},
+        uncond_kwargs={"y": torch.zeros_like(y)},
+    )
+    plain = SampleRequest(
+        n=3, sample_shape=(2,), sampler="dpmpp_2m", steps=8, seed=9, model_kwargs={"y": torch.tensor([2, 2, 0])}
+    )
     a, b = engine.submit(guided), engine.submit(plain)
     engine.run()
     assert torch.equal(engine.result(a), _offline(pipe, guided))
@@ -62,7 +97,9 @@ def test_guided_and_unguided_rows_share_a_batch(pipe):
 
 def test_a_nan_fails_only_its_request(pipe):
     engine = Engine(pipe, max_batch=16)
-    bad = engine.submit(SampleRequest(n=2, sample_shape=(2,), steps=5, seed=1, model_kwargs={"y": torch.tensor([0, 99])}))
+    bad = engine.submit(
+        SampleRequest(n=2, sample_shape=(2,), steps=5, seed=1, model_kwargs={"y": torch.tensor([0, 99])})
+    )
     good_req = SampleRequest(n=2, sample_shape=(2,), steps=5, seed=2, model_kwargs={"y": torch.tensor([1, 1])})
     good = engine.submit(good_req)
     engine.run()
@@ -73,11 +110,13 @@ def test_a_nan_fails_only_its_request(pipe):
 
 def test_bad_requests(pipe):
     engine = Engine(pipe, max_batch=4)
-    for req, match in [(SampleRequest(n=0, sample_shape=(2,)), "every size >= 1"),
-                       (SampleRequest(n=1, sample_shape=(2,), sampler="nope"), "unknown sampler"),
-                       (SampleRequest(n=1, sample_shape=(2,), sampler="pc"), "cannot be batched"),
-                       (SampleRequest(n=1, sample_shape=(2,), options={"bogus": 1}), "does not take"),
-                       (SampleRequest(n=2, sample_shape=(2,), model_kwargs={"y": torch.zeros(3)}), "batch size 3")]:
+    for req, match in [
+        (SampleRequest(n=0, sample_shape=(2,)), "every size >= 1"),
+        (SampleRequest(n=1, sample_shape=(2,), sampler="nope"), "unknown sampler"),
+        (SampleRequest(n=1, sample_shape=(2,), sampler="pc"), "cannot be batched"),
+        (SampleRequest(n=1, sample_shape=(2,), options={"bogus": 1}), "does not take"),
+        (SampleRequest(n=2, sample_shape=(2,), model_kwargs={"y": torch.zeros(3)}), "batch size 3"),
+    ]:
         with pytest.raises(ValueError, match=match):
             engine.submit(req)
     too_big = engine.submit(SampleRequest(n=5, sample_shape=(2,), steps=2))
@@ -148,7 +187,7 @@ def test_engine_arguments_are_checked(pipe):
 
 def test_stages_without_a_network_call_skip_the_network_for_their_rows():
     from fastdiff import Schedule
-    from fastdiff.demo import default_mixture
+    from fastdiff.demos.mixture import default_mixture
 
     schedule = Schedule.edm()
     base = default_mixture().as_model(schedule, "eps")
@@ -159,7 +198,9 @@ def test_stages_without_a_network_call_skip_the_network_for_their_rows():
         return base(x, t)
 
     pipe = Pipeline(model, schedule, device="cpu")
-    churn = SampleRequest(n=2, sample_shape=(2,), sampler="euler", steps=6, seed=4, options={"s_churn": 20.0, "s_tmax": 50.0})
+    churn = SampleRequest(
+        n=2, sample_shape=(2,), sampler="euler", steps=6, seed=4, options={"s_churn": 20.0, "s_tmax": 50.0}
+    )
     plain = SampleRequest(n=1, sample_shape=(2,), sampler="heun", steps=4, seed=5)
     prog = pipe.program("euler", 6, s_churn=20.0, s_tmax=50.0)
     no_call = [k for k in range(prog.stages) if not prog.calls_model(k)]
@@ -175,9 +216,17 @@ def test_stages_without_a_network_call_skip_the_network_for_their_rows():
 
 
 def test_pipeline_sample_takes_the_same_request(pipe):
-    req = SampleRequest(n=3, sample_shape=(2,), sampler="dpmpp_2m_sde", steps=7, seed=[4, 5, 6], guidance_scale=2.5,
-                        model_kwargs={"y": torch.tensor([0, 1, 2])}, uncond_kwargs={"y": torch.zeros(3, dtype=torch.long)},
-                        options={"eta": 0.5})
+    req = SampleRequest(
+        n=3,
+        sample_shape=(2,),
+        sampler="dpmpp_2m_sde",
+        steps=7,
+        seed=[4, 5, 6],
+        guidance_scale=2.5,
+        model_kwargs={"y": torch.tensor([0, 1, 2])},
+        uncond_kwargs={"y": torch.zeros(3, dtype=torch.long)},
+        options={"eta": 0.5},
+    )
     assert torch.equal(pipe.sample(req, progress=False), _offline(pipe, req))
     with pytest.raises(ValueError, match="does not take"):
         pipe.sample(SampleRequest(n=1, sample_shape=(2,), options={"bogus": 1}), progress=False)

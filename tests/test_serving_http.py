@@ -1,6 +1,7 @@
 """The HTTP server end to end on loopback: samples equal offline sampling (npy and png), 422s naming the field,
 429 with Retry-After, deadlines (504), NaN isolation (500), metrics, a disconnecting client's rows freed, and
 SIGTERM draining a real ``fastdiff serve`` process."""
+
 from __future__ import annotations
 
 import io
@@ -20,6 +21,7 @@ import pytest
 import torch
 import uvicorn
 from PIL import Image
+from serving_models import gated_mixture_pipeline, mixture_pipeline
 
 from fastdiff.pretrained import digits
 from fastdiff.serving.api import Limits
@@ -27,7 +29,6 @@ from fastdiff.serving.app import create_app
 from fastdiff.serving.client import Client, ServerError
 from fastdiff.serving.metrics import ServingMetrics
 from fastdiff.serving.runner import Runner
-from serving_models import gated_mixture_pipeline, mixture_pipeline
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,12 +56,23 @@ def serving(pipe, limits: Limits = Limits(), **runner_kwargs):
 
 
 def _offline(pipe, n, seed, sampler="ddim", steps=50, eta=None, y=None, guidance_scale=1.0):
-    kwargs = {} if y is None else {"model_kwargs": {"y": torch.as_tensor(y).expand(n) if np.ndim(y) == 0
-                                                    else torch.as_tensor(y)}}
+    kwargs = (
+        {}
+        if y is None
+        else {"model_kwargs": {"y": torch.as_tensor(y).expand(n) if np.ndim(y) == 0 else torch.as_tensor(y)}}
+    )
     if guidance_scale != 1.0:
         kwargs["uncond_kwargs"] = {"y": torch.full((n,), pipe.num_classes)}
-    return pipe.sample((n, *pipe.sample_shape), sampler=sampler, steps=steps, seed=seed, eta=eta,
-                       guidance_scale=guidance_scale, progress=False, **kwargs).numpy()
+    return pipe.sample(
+        (n, *pipe.sample_shape),
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        progress=False,
+        **kwargs,
+    ).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +84,10 @@ def mixture_server():
 
 def test_concurrent_requests_equal_offline_sampling(mixture_server):
     pipe, client, _ = mixture_server
-    cases = [dict(n=1 + i % 4, seed=i, sampler=s, steps=3 + 2 * i, **({"eta": 1.0} if s == "ddim" else {}))
-             for i, s in enumerate(["ddim", "dpmpp_2m", "ddpm", "unipc", "euler_ancestral", "heun", "ddim", "lms"])]
+    cases = [
+        dict(n=1 + i % 4, seed=i, sampler=s, steps=3 + 2 * i, **({"eta": 1.0} if s == "ddim" else {}))
+        for i, s in enumerate(["ddim", "dpmpp_2m", "ddpm", "unipc", "euler_ancestral", "heun", "ddim", "lms"])
+    ]
     cases.append(dict(n=3, seed=[7, 8, 9], sampler="ddim", steps=5, conditioning={"y": [0.0, 1.0, 2.0]}))
     with ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda c: Client(client.base_url).sample(**c), cases))
@@ -87,12 +101,25 @@ def test_concurrent_requests_equal_offline_sampling(mixture_server):
 
 def test_bad_requests_are_422_naming_the_field(mixture_server):
     _, client, _ = mixture_server
-    cases = [(dict(steps=0), "steps"), (dict(steps=5000), "steps"), (dict(sampler="nope"), "sampler"),
-             (dict(sampler="pc"), "sampler"), (dict(n=0), "n"), (dict(n=100), "n"), (dict(steps="ten"), "steps"),
-             (dict(seed=[1, 2]), "seed"), (dict(seed=-1), "seed"), (dict(bogus=1), "bogus"),
-             (dict(class_label=1), "class_label"), (dict(guidance_scale=2.0), "guidance_scale"),
-             (dict(eta=0.5, sampler="dpmpp_2m"), "eta"), (dict(shape=[3]), "shape"), (dict(format="png"), "format"),
-             (dict(conditioning={"y": [1, 2]}), "conditioning"), (dict(timeout_s=-1), "timeout_s")]
+    cases = [
+        (dict(steps=0), "steps"),
+        (dict(steps=5000), "steps"),
+        (dict(sampler="nope"), "sampler"),
+        (dict(sampler="pc"), "sampler"),
+        (dict(n=0), "n"),
+        (dict(n=100), "n"),
+        (dict(steps="ten"), "steps"),
+        (dict(seed=[1, 2]), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(bogus=1), "bogus"),
+        (dict(class_label=1), "class_label"),
+        (dict(guidance_scale=2.0), "guidance_scale"),
+        (dict(eta=0.5, sampler="dpmpp_2m"), "eta"),
+        (dict(shape=[3]), "shape"),
+        (dict(format="png"), "format"),
+        (dict(conditioning={"y": [1, 2]}), "conditioning"),
+        (dict(timeout_s=-1), "timeout_s"),
+    ]
     for fields, field in cases:
         call = client.sample_png if fields.pop("format", None) == "png" else client.sample
         with pytest.raises(ServerError) as info:
@@ -110,10 +137,18 @@ def test_nan_fails_only_its_request_and_metrics_count_it(mixture_server):
     assert np.array_equal(client.sample(n=2, steps=5, seed=3), _offline(pipe, 2, 3, steps=5))
     metrics = client.metrics()
     assert metrics['fastdiff_requests_total{outcome="request_failed"}'] == before + 1
-    for name in ("fastdiff_queue_depth", "fastdiff_running_rows", "fastdiff_batch_occupancy_count",
-                 'fastdiff_request_latency_seconds_count{outcome="ok"}', "fastdiff_time_to_first_step_seconds_count",
-                 "fastdiff_samples_total", "fastdiff_samples_per_second", "fastdiff_ticks_total",
-                 "fastdiff_engine_busy_seconds_total", "fastdiff_process_cpu_seconds_total"):
+    for name in (
+        "fastdiff_queue_depth",
+        "fastdiff_running_rows",
+        "fastdiff_batch_occupancy_count",
+        'fastdiff_request_latency_seconds_count{outcome="ok"}',
+        "fastdiff_time_to_first_step_seconds_count",
+        "fastdiff_samples_total",
+        "fastdiff_samples_per_second",
+        "fastdiff_ticks_total",
+        "fastdiff_engine_busy_seconds_total",
+        "fastdiff_process_cpu_seconds_total",
+    ):
         assert name in metrics, name
     assert metrics["fastdiff_samples_per_second"] > 0 and metrics["fastdiff_queue_depth"] == 0
     assert client.healthz() == {"status": "ok"} and client.readyz()["status"] == "ready"
@@ -150,8 +185,10 @@ def test_a_disconnecting_client_frees_its_rows():
         port = int(client.base_url.rsplit(":", 1)[1])
         body = json.dumps({"n": 3, "steps": 1000, "seed": 0}).encode()
         with socket.create_connection(("127.0.0.1", port)) as conn:
-            conn.sendall(b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            conn.sendall(
+                b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
             _wait_for(lambda: runner.running_rows == 3)
         _wait_for(lambda: runner.running_rows == 0)
         metrics = client.metrics()
@@ -176,9 +213,26 @@ def test_png_format_on_the_digits_network():
 
 def test_sigterm_drains_a_real_server_process():
     env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "fastdiff", "serve", "--model", "serving_models:slow_mixture",
-                             "--port", "0", "--max-batch", "8", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastdiff",
+            "serve",
+            "--model",
+            "serving_models:slow_mixture",
+            "--port",
+            "0",
+            "--max-batch",
+            "8",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert "fastdiff serving on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
@@ -206,12 +260,17 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("flags, message", [(["--max-batch", "0"], "max_batch must be"),
-                                            (["--model", "no_such_module:factory"], "No module named"),
-                                            (["--model", "missing.safetensors"], "no checkpoint"),
-                                            (["--model", "digits:"], "--model must be"),
-                                            (["--timeout", "0"], "request_timeout_s must be"),
-                                            (["--ray", "--replicas", "0"], "--replicas must be")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-batch", "0"], "max_batch must be"),
+        (["--model", "no_such_module:factory"], "No module named"),
+        (["--model", "missing.safetensors"], "no checkpoint"),
+        (["--model", "digits:"], "--model must be"),
+        (["--timeout", "0"], "request_timeout_s must be"),
+        (["--ray", "--replicas", "0"], "--replicas must be"),
+    ],
+)
 def test_bad_serve_flags_are_usage_errors(flags, message, capsys):
     from fastdiff.cli import main
 

@@ -2,6 +2,7 @@
 offline sampling, every response names its replica; killing a replica mid-load loses no request (each either
 completes, on a retry with the same seed giving the same samples, or gets an error; none hangs) and the replica
 comes back and takes traffic; shutdown leaves none of our Ray processes behind."""
+
 from __future__ import annotations
 
 import os
@@ -14,14 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 import ray
 from ray import serve
+from serving_models import mixture_pipeline
 
 from fastdiff.serving.client import Client
 from fastdiff.serving.ray import build_app
 from fastdiff.serving.server import ServeSettings
-from serving_models import mixture_pipeline
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,16 +35,28 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_app():
     try:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR}})
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR}},
+        )
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"a local Ray instance cannot start here: {exc}")
     node = ray._private.worker._global_node
     ray_pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app("serving_models:slow_mixture", num_replicas=2, ray_actor_options={"num_cpus": 0.5},
-                        settings=ServeSettings(max_batch=16, threads=1)), name="fastdiff", route_prefix="/")
+    serve.run(
+        build_app(
+            "serving_models:slow_mixture",
+            num_replicas=2,
+            ray_actor_options={"num_cpus": 0.5},
+            settings=ServeSettings(max_batch=16, threads=1),
+        ),
+        name="fastdiff",
+        route_prefix="/",
+    )
     replica_pids = set()
     yield f"http://127.0.0.1:{port}", replica_pids
     serve.shutdown()
@@ -77,8 +89,7 @@ def _sample(url: str, seed: int, steps: int = 10, retries: int = 0):
     """(samples, replica, pid, attempts); retries (same seed) on what a dying replica answers."""
     client = Client(url, timeout=60, retries=retries, retry_statuses=(500, 502, 503))
     x = client.sample(n=2, seed=seed, steps=steps)
-    return x, client.last_headers.get("x-fastdiff-replica"), client.last_headers.get("x-fastdiff-pid"), \
-        client.attempts
+    return x, client.last_headers.get("x-fastdiff-replica"), client.last_headers.get("x-fastdiff-pid"), client.attempts
 
 
 def _wait_until_running(url: str, pid: int, timeout: float = 60.0) -> None:
@@ -96,9 +107,27 @@ def test_fastdiff_serve_ray_starts_serves_and_stops_clean():
     """The command line: a local Ray instance with one replica; SIGTERM shuts Serve and Ray down (exit 0)."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "fastdiff", "serve", "--ray", "--replicas", "1", "--port", str(port),
-                             "--model", "serving_models:mixture_pipeline", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastdiff",
+            "serve",
+            "--ray",
+            "--replicas",
+            "1",
+            "--port",
+            str(port),
+            "--model",
+            "serving_models:mixture_pipeline",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert f"fastdiff serving on http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() else "")
@@ -158,8 +187,17 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_app):
 def test_app_from_args_reads_settings_and_refuses_unknown_arguments():
     from fastdiff.serving.ray import app_from_args
 
-    app = app_from_args({"model": "digits", "max_batch": "32", "threads": "2", "min_replicas": "1",
-                         "max_replicas": "4", "num_cpus": "1", "request_timeout_s": "none"})
+    app = app_from_args(
+        {
+            "model": "digits",
+            "max_batch": "32",
+            "threads": "2",
+            "min_replicas": "1",
+            "max_replicas": "4",
+            "num_cpus": "1",
+            "request_timeout_s": "none",
+        }
+    )
     deployment = app._bound_deployment
     assert deployment.max_ongoing_requests == 256 + 32
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4

@@ -1,5 +1,6 @@
 """The runner: the engine driven from a thread. Every batching policy gives ``Pipeline.sample``'s samples under
 concurrent submissions; backpressure, deadlines, cancellation, network errors and shutdown."""
+
 from __future__ import annotations
 
 import threading
@@ -7,27 +8,49 @@ import time
 
 import pytest
 import torch
-
-from fastdiff.serving import (DeadlineExceeded, QueueFull, RequestCancelled, RequestFailed, Runner, SampleRequest,
-                              ShuttingDown)
-from fastdiff.serving.metrics import ServingMetrics
 from serving_models import gated_mixture_pipeline, mixture_pipeline
+
+from fastdiff.serving import (
+    DeadlineExceeded,
+    QueueFull,
+    RequestCancelled,
+    RequestFailed,
+    Runner,
+    SampleRequest,
+    ShuttingDown,
+)
+from fastdiff.serving.metrics import ServingMetrics
 
 MIXED = [("ddim", {}), ("ddpm", {}), ("dpmpp_2m", {}), ("euler_ancestral", {}), ("unipc", {}), ("ddim", {"eta": 1.0})]
 
 
 def _request(i: int, n: int = 2, **kw) -> SampleRequest:
     sampler, options = MIXED[i % len(MIXED)]
-    fields = dict(n=n, sample_shape=(2,), sampler=sampler, steps=3 + i % 5, seed=100 + i, options=options,
-                  model_kwargs={"y": torch.arange(n) % 3})
+    fields = dict(
+        n=n,
+        sample_shape=(2,),
+        sampler=sampler,
+        steps=3 + i % 5,
+        seed=100 + i,
+        options=options,
+        model_kwargs={"y": torch.arange(n) % 3},
+    )
     fields.update(kw)
     return SampleRequest(**fields)
 
 
 def _offline(pipe, req: SampleRequest) -> torch.Tensor:
-    return pipe.sample((req.n, *req.sample_shape), sampler=req.sampler, steps=req.steps, seed=req.seed,
-                       guidance_scale=req.guidance_scale, model_kwargs=dict(req.model_kwargs),
-                       uncond_kwargs=req.uncond_kwargs, progress=False, **dict(req.options))
+    return pipe.sample(
+        (req.n, *req.sample_shape),
+        sampler=req.sampler,
+        steps=req.steps,
+        seed=req.seed,
+        guidance_scale=req.guidance_scale,
+        model_kwargs=dict(req.model_kwargs),
+        uncond_kwargs=req.uncond_kwargs,
+        progress=False,
+        **dict(req.options),
+    )
 
 
 @pytest.mark.parametrize("batching", ["continuous", "request", "single"])

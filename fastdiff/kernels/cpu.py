@@ -6,9 +6,10 @@ Philox noise made in the loop (vectorised log/cos/sin, within ~1e-6 of the libm 
 kernel does not take (non-contiguous outputs, mixed state dtypes) go to the plain-torch reference instead,
 so every call gives the reference's result up to float32 rounding.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,23 +19,23 @@ from fastdiff.kernels.reference import check_per_row_args, fused_step_reference
 _STATE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
+def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _as(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+def _as(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """t contiguous and (when given) in dtype; t itself when it already is (the common case: no call into torch)."""
     if t is None or ((dtype is None or t.dtype == dtype) and t.is_contiguous()):
         return t
     return (t if dtype is None else t.to(dtype)).contiguous()
 
 
-def _model_operand(t: Optional[torch.Tensor], state: torch.dtype) -> Optional[torch.Tensor]:
+def _model_operand(t: torch.Tensor | None, state: torch.dtype) -> torch.Tensor | None:
     """m, m_uncond or noise as the kernel reads them: contiguous, float32 or the state's dtype."""
     return _as(t, None if t is None or t.dtype in (torch.float32, state) else torch.float32)
 
 
-def _c_compatible(x: torch.Tensor, outs: Sequence[Optional[torch.Tensor]], states: Sequence[torch.Tensor]) -> bool:
+def _c_compatible(x: torch.Tensor, outs: Sequence[torch.Tensor | None], states: Sequence[torch.Tensor]) -> bool:
     dtype, shape = x.dtype, x.shape
     if dtype not in _STATE_TYPES:
         return False
@@ -47,20 +48,58 @@ def _c_compatible(x: torch.Tensor, outs: Sequence[Optional[torch.Tensor]], state
     return True
 
 
-def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Tensor], guidance_scale: float,
-                   hist: Sequence[torch.Tensor], coeffs: torch.Tensor, stage: int, seeds: torch.Tensor, stream: int,
-                   use_noise: bool, noise: Optional[torch.Tensor], x_out: torch.Tensor, h_out: Optional[torch.Tensor],
-                   x0_out: Optional[torch.Tensor], nonfinite: torch.Tensor, clip: Optional[torch.Tensor] = None,
-                   rows: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None,
-                   row_guidance: Optional[torch.Tensor] = None) -> None:
+def fused_step_cpu(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    m_uncond: torch.Tensor | None,
+    guidance_scale: float,
+    hist: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    stage: int,
+    seeds: torch.Tensor,
+    stream: int,
+    use_noise: bool,
+    noise: torch.Tensor | None,
+    x_out: torch.Tensor,
+    h_out: torch.Tensor | None,
+    x0_out: torch.Tensor | None,
+    nonfinite: torch.Tensor,
+    clip: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    row_guidance: torch.Tensor | None = None,
+) -> None:
     """Same arguments and results as :func:`fastdiff.kernels.reference.fused_step_reference`, in one C++ pass."""
     # The op's Python CPU kernel: every step where fastdiff._ops is not built (so it makes as few calls into torch
     # as the checks allow), else only the layouts the C++ kernel (csrc/torch/fused_step_op.cpp) passes on.
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
-    if not _c_compatible(x, (x_out, h_out, x0_out), hist) or (pool is not None and not pool.is_contiguous()) \
-            or nonfinite.dtype != torch.int32 or not nonfinite.is_contiguous():
-        fused_step_reference(x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise,
-                             x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance)
+    if (
+        not _c_compatible(x, (x_out, h_out, x0_out), hist)
+        or (pool is not None and not pool.is_contiguous())
+        or nonfinite.dtype != torch.int32
+        or not nonfinite.is_contiguous()
+    ):
+        fused_step_reference(
+            x,
+            m,
+            m_uncond,
+            guidance_scale,
+            hist,
+            coeffs,
+            stage,
+            seeds,
+            stream,
+            use_noise,
+            noise,
+            x_out,
+            h_out,
+            x0_out,
+            nonfinite,
+            clip,
+            rows,
+            pool,
+            row_guidance,
+        )
         return
     state = x.dtype
     x = _as(x)
@@ -71,8 +110,11 @@ def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Te
     else:
         m, mu, nz = _model_operand(m, state), _model_operand(m_uncond, state), _model_operand(nz, state)
         # The kernel reads m, m_uncond and noise in one dtype: float32 unless all of them are in the state's.
-        model_f32 = (m.dtype == torch.float32 or (mu is not None and mu.dtype == torch.float32)
-                     or (nz is not None and nz.dtype == torch.float32))
+        model_f32 = (
+            m.dtype == torch.float32
+            or (mu is not None and mu.dtype == torch.float32)
+            or (nz is not None and nz.dtype == torch.float32)
+        )
         if model_f32:
             m, mu, nz = _as(m, torch.float32), _as(mu, torch.float32), _as(nz, torch.float32)
     # Every converted tensor is held in a local until the call returns (the kernel gets raw pointers).
@@ -86,7 +128,32 @@ def fused_step_cpu(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Te
     rw = None if rows is None else _as(rows)
     gd = None if row_guidance is None else _as(row_guidance)
     batch = x.shape[0]
-    C.fused_step_cpu(batch, x.numel() // batch if batch else 0, _STATE_TYPES[state], model_f32, x.data_ptr(),
-                     m.data_ptr(), _ptr(mu), float(guidance_scale), _ptr(gd), h0, h1, h2, n_hist, coef.data_ptr(),
-                     int(stage), sd.data_ptr(), int(stream), bool(use_noise), _ptr(nz), x_out.data_ptr(), _ptr(h_out),
-                     _ptr(x0_out), nonfinite.data_ptr(), _ptr(cl), _ptr(rw), _ptr(pool), torch.get_num_threads())
+    C.fused_step_cpu(
+        batch,
+        x.numel() // batch if batch else 0,
+        _STATE_TYPES[state],
+        model_f32,
+        x.data_ptr(),
+        m.data_ptr(),
+        _ptr(mu),
+        float(guidance_scale),
+        _ptr(gd),
+        h0,
+        h1,
+        h2,
+        n_hist,
+        coef.data_ptr(),
+        int(stage),
+        sd.data_ptr(),
+        int(stream),
+        bool(use_noise),
+        _ptr(nz),
+        x_out.data_ptr(),
+        _ptr(h_out),
+        _ptr(x0_out),
+        nonfinite.data_ptr(),
+        _ptr(cl),
+        _ptr(rw),
+        _ptr(pool),
+        torch.get_num_threads(),
+    )

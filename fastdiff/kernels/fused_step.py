@@ -6,9 +6,10 @@ makes the noise in registers with Philox at counter (element, stage, stream), an
 h_new, x0_hat). Arithmetic is float32 whatever the storage dtype; coefficients are read from a float64
 table on the device.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -21,8 +22,21 @@ BLOCK_SIZE = 1024
 
 
 @triton.jit
-def _history_term(acc, row, which: tl.constexpr, h_ptr, pool_ptr, rows_ptr, b, batch, numel, off, mask,
-                  NUM_HIST: tl.constexpr, PER_ROW: tl.constexpr):
+def _history_term(
+    acc,
+    row,
+    which: tl.constexpr,
+    h_ptr,
+    pool_ptr,
+    rows_ptr,
+    b,
+    batch,
+    numel,
+    off,
+    mask,
+    NUM_HIST: tl.constexpr,
+    PER_ROW: tl.constexpr,
+):
     """acc + c_hj * h_j: h_j from its own tensor, or from the pool slot the sample's descriptor names."""
     if PER_ROW:
         slot = tl.load(rows_ptr + b * 6 + 2 + which)
@@ -37,12 +51,39 @@ def _history_term(acc, row, which: tl.constexpr, h_ptr, pool_ptr, rows_ptr, b, b
 
 @triton.jit
 def _fused_step_kernel(
-    x_ptr, m_ptr, mu_ptr, h0_ptr, h1_ptr, h2_ptr, coef_ptr, seeds_ptr, noise_ptr,
-    x_out_ptr, h_out_ptr, x0_out_ptr, nonfinite_ptr, clip_ptr, rows_ptr, pool_ptr, guid_ptr,
-    batch, numel, stage, stream, guidance_scale,
-    NUM_HIST: tl.constexpr, HAS_UNCOND: tl.constexpr, USE_NOISE: tl.constexpr,
-    EXPLICIT_NOISE: tl.constexpr, WRITE_H: tl.constexpr, WRITE_X0: tl.constexpr, HAS_CLIP: tl.constexpr,
-    PER_ROW: tl.constexpr, HAS_POOL: tl.constexpr, ROW_GUIDANCE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    m_ptr,
+    mu_ptr,
+    h0_ptr,
+    h1_ptr,
+    h2_ptr,
+    coef_ptr,
+    seeds_ptr,
+    noise_ptr,
+    x_out_ptr,
+    h_out_ptr,
+    x0_out_ptr,
+    nonfinite_ptr,
+    clip_ptr,
+    rows_ptr,
+    pool_ptr,
+    guid_ptr,
+    batch,
+    numel,
+    stage,
+    stream,
+    guidance_scale,
+    NUM_HIST: tl.constexpr,
+    HAS_UNCOND: tl.constexpr,
+    USE_NOISE: tl.constexpr,
+    EXPLICIT_NOISE: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    WRITE_X0: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    HAS_POOL: tl.constexpr,
+    ROW_GUIDANCE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -102,7 +143,7 @@ def _fused_step_kernel(
 def launch_fused_step(
     x: torch.Tensor,
     m: torch.Tensor,
-    m_uncond: Optional[torch.Tensor],
+    m_uncond: torch.Tensor | None,
     guidance_scale: float,
     hist: Sequence[torch.Tensor],
     coeffs: torch.Tensor,
@@ -110,15 +151,15 @@ def launch_fused_step(
     seeds: torch.Tensor,
     stream: int,
     use_noise: bool,
-    noise: Optional[torch.Tensor],
+    noise: torch.Tensor | None,
     x_out: torch.Tensor,
-    h_out: Optional[torch.Tensor],
-    x0_out: Optional[torch.Tensor],
+    h_out: torch.Tensor | None,
+    x0_out: torch.Tensor | None,
     nonfinite: torch.Tensor,
-    clip: Optional[torch.Tensor] = None,
-    rows: Optional[torch.Tensor] = None,
-    pool: Optional[torch.Tensor] = None,
-    row_guidance: Optional[torch.Tensor] = None,
+    clip: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    row_guidance: torch.Tensor | None = None,
     launcher=None,
 ) -> None:
     """Launches the Triton kernel (same arguments as ``fused_step_reference``).
@@ -134,14 +175,37 @@ def launch_fused_step(
     kernel = _fused_step_kernel if launcher is None else launcher(_fused_step_kernel)
     grid = (triton.cdiv(numel, BLOCK_SIZE), batch)
     kernel[grid](
-        x, m, m_uncond if m_uncond is not None else m, h[0], h[1], h[2], coeffs, seeds,
+        x,
+        m,
+        m_uncond if m_uncond is not None else m,
+        h[0],
+        h[1],
+        h[2],
+        coeffs,
+        seeds,
         noise if noise is not None else x,
-        x_out, h_out if h_out is not None else x_out, x0_out if x0_out is not None else x_out, nonfinite,
-        clip if clip is not None else coeffs, rows if rows is not None else nonfinite,
-        pool if pool is not None else x, row_guidance if row_guidance is not None else coeffs,
-        batch, numel, stage, stream, float(guidance_scale),
-        NUM_HIST=len(hist), HAS_UNCOND=m_uncond is not None, USE_NOISE=bool(use_noise),
-        EXPLICIT_NOISE=noise is not None, WRITE_H=h_out is not None, WRITE_X0=x0_out is not None,
-        HAS_CLIP=clip is not None, PER_ROW=rows is not None, HAS_POOL=pool is not None,
-        ROW_GUIDANCE=row_guidance is not None, BLOCK=BLOCK_SIZE,
+        x_out,
+        h_out if h_out is not None else x_out,
+        x0_out if x0_out is not None else x_out,
+        nonfinite,
+        clip if clip is not None else coeffs,
+        rows if rows is not None else nonfinite,
+        pool if pool is not None else x,
+        row_guidance if row_guidance is not None else coeffs,
+        batch,
+        numel,
+        stage,
+        stream,
+        float(guidance_scale),
+        NUM_HIST=len(hist),
+        HAS_UNCOND=m_uncond is not None,
+        USE_NOISE=bool(use_noise),
+        EXPLICIT_NOISE=noise is not None,
+        WRITE_H=h_out is not None,
+        WRITE_X0=x0_out is not None,
+        HAS_CLIP=clip is not None,
+        PER_ROW=rows is not None,
+        HAS_POOL=pool is not None,
+        ROW_GUIDANCE=row_guidance is not None,
+        BLOCK=BLOCK_SIZE,
     )

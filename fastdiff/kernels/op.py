@@ -17,12 +17,12 @@ at 64k elements; a Python ``Library`` kernel is reached in ~12 us, the C++ one i
 the op as opaque either way for our purposes (one op per step); what triton_op added, tracing into the
 Triton kernel, is not needed.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import warnings
-from typing import List, Optional
 
 import torch
 
@@ -45,15 +45,49 @@ _lib.define(SCHEMA)
 _lib.define(SCHEMA.replace("fused_step(", "fused_step_any(", 1))
 
 
-def _fused_step_cuda(x: torch.Tensor, m: torch.Tensor, m_uncond: Optional[torch.Tensor], guidance_scale: float,
-                     hist: List[torch.Tensor], coeffs: torch.Tensor, stage: int, seeds: torch.Tensor, stream: int,
-                     use_noise: bool, noise: Optional[torch.Tensor], x_out: torch.Tensor,
-                     h_out: Optional[torch.Tensor], x0_out: Optional[torch.Tensor], nonfinite: torch.Tensor,
-                     clip: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
-                     pool: Optional[torch.Tensor] = None, row_guidance: Optional[torch.Tensor] = None) -> None:
+def _fused_step_cuda(
+    x: torch.Tensor,
+    m: torch.Tensor,
+    m_uncond: torch.Tensor | None,
+    guidance_scale: float,
+    hist: list[torch.Tensor],
+    coeffs: torch.Tensor,
+    stage: int,
+    seeds: torch.Tensor,
+    stream: int,
+    use_noise: bool,
+    noise: torch.Tensor | None,
+    x_out: torch.Tensor,
+    h_out: torch.Tensor | None,
+    x0_out: torch.Tensor | None,
+    nonfinite: torch.Tensor,
+    clip: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    row_guidance: torch.Tensor | None = None,
+) -> None:
     with torch.cuda.device(x.device):
-        launch_fused_step(x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise,
-                          x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance)
+        launch_fused_step(
+            x,
+            m,
+            m_uncond,
+            guidance_scale,
+            hist,
+            coeffs,
+            stage,
+            seeds,
+            stream,
+            use_noise,
+            noise,
+            x_out,
+            h_out,
+            x0_out,
+            nonfinite,
+            clip,
+            rows,
+            pool,
+            row_guidance,
+        )
 
 
 def _fused_step_fake(*args, **kwargs) -> None:
@@ -78,15 +112,21 @@ def _load_cpp_cpu_kernel() -> bool:
         return False
     built_with = built_torch_version(spec.origin)
     if built_with != torch.__version__:  # its C++ ABI is that torch's: loading it could crash, not just fail
-        warnings.warn(f"fastdiff._ops was built against torch {built_with or '(unknown)'}, this is torch "
-                      f"{torch.__version__}: not loaded; fastdiff::fused_step runs its Python CPU kernel. Rebuild it "
-                      "with `make install` (or `python setup.py build_ext --inplace`).", stacklevel=2)
+        warnings.warn(
+            f"fastdiff._ops was built against torch {built_with or '(unknown)'}, this is torch "
+            f"{torch.__version__}: not loaded; fastdiff::fused_step runs its Python CPU kernel. Rebuild it "
+            "with `make install` (or `python setup.py build_ext --inplace`).",
+            stacklevel=2,
+        )
         return False
     try:
         torch.ops.load_library(spec.origin)
     except OSError as exc:  # built against another torch, say: correct results still, ~8 us more per step
-        warnings.warn(f"fastdiff._ops did not load ({exc}); fastdiff::fused_step runs its Python CPU kernel. "
-                      "Rebuild it with `make install` (or `python setup.py build_ext --inplace`).", stacklevel=2)
+        warnings.warn(
+            f"fastdiff._ops did not load ({exc}); fastdiff::fused_step runs its Python CPU kernel. "
+            "Rebuild it with `make install` (or `python setup.py build_ext --inplace`).",
+            stacklevel=2,
+        )
         return False
     return True
 

@@ -26,6 +26,7 @@ The custom op ``fastdiff::philox_normal`` (CPU: C++, CUDA: the Triton kernel, pl
 tracing) fills a ``[B, numel]`` float32 tensor; :func:`philox_normal` is its Python entry point and
 :func:`derive_seeds` turns a user's seed argument into the per-sample int64 seeds.
 """
+
 from __future__ import annotations
 
 import operator
@@ -163,9 +164,7 @@ def launch_philox_normal_triton(seeds: torch.Tensor, numel: int, stage: int, str
 
 @torch.library.custom_op("fastdiff::philox_normal", mutates_args=())
 def _philox_normal_op(seeds: torch.Tensor, numel: int, stage: int, stream: int) -> torch.Tensor:
-    raise NotImplementedError(
-        f"fastdiff::philox_normal has kernels for cpu and cuda only, got seeds on {seeds.device}"
-    )
+    raise NotImplementedError(f"fastdiff::philox_normal has kernels for cpu and cuda only, got seeds on {seeds.device}")
 
 
 @_philox_normal_op.register_kernel("cpu")
@@ -201,7 +200,7 @@ def _philox_normal_rows_cpu(seeds: torch.Tensor, numel: int, stages: torch.Tenso
     from fastdiff._ext import C
 
     arr = seeds.detach().contiguous().numpy()
-    rows = [C.philox_normal(arr[b:b + 1], numel, int(k), stream) for b, k in enumerate(stages.tolist())]
+    rows = [C.philox_normal(arr[b : b + 1], numel, int(k), stream) for b, k in enumerate(stages.tolist())]
     return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty((0, numel), dtype=torch.float32)
 
 
@@ -211,7 +210,8 @@ def _philox_normal_rows_cuda(seeds: torch.Tensor, numel: int, stages: torch.Tens
     if seeds.shape[0] and numel:
         with torch.cuda.device(seeds.device):
             philox_normal_rows_kernel[(triton.cdiv(numel, _BLOCK), seeds.shape[0])](
-                seeds.contiguous(), stages.to(torch.int32).contiguous(), out, numel, stream, BLOCK=_BLOCK)
+                seeds.contiguous(), stages.to(torch.int32).contiguous(), out, numel, stream, BLOCK=_BLOCK
+            )
     return out
 
 
@@ -221,15 +221,20 @@ def _philox_normal_rows_fake(seeds: torch.Tensor, numel: int, stages: torch.Tens
     return seeds.new_empty((seeds.shape[0], numel), dtype=torch.float32)
 
 
-def philox_normal_rows(seeds: torch.Tensor, numel: int, stages: torch.Tensor, stream: int = STREAM_STEP) -> torch.Tensor:
+def philox_normal_rows(
+    seeds: torch.Tensor, numel: int, stages: torch.Tensor, stream: int = STREAM_STEP
+) -> torch.Tensor:
     """:func:`philox_normal` with one stage per sample: row ``b`` is keyed by ``seeds[b]`` at stage ``stages[b]``.
 
     Row ``b`` equals ``philox_normal(seeds[b:b+1], numel, stages[b], stream)`` (the serving engine's rows each
     run their own program).
     """
     _check_args(seeds, numel, 0, stream)
-    if not isinstance(stages, torch.Tensor) or stages.shape != seeds.shape or stages.dtype not in (torch.int32,
-                                                                                                    torch.int64):
+    if (
+        not isinstance(stages, torch.Tensor)
+        or stages.shape != seeds.shape
+        or stages.dtype not in (torch.int32, torch.int64)
+    ):
         raise ValueError(f"stages must be an int tensor shaped like seeds {tuple(seeds.shape)}")
     return torch.ops.fastdiff.philox_normal_rows(seeds, int(numel), stages, int(stream))
 
@@ -339,9 +344,7 @@ def derive_seeds(seed: int | Sequence[int] | torch.Tensor, batch: int) -> torch.
             raise ValueError(f"seed array must have shape ({batch},) (one seed per sample), got a 0-d array")
 
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
-        raise TypeError(
-            f"seed must be an int, a sequence of ints or an integer tensor, got {type(seed).__name__}"
-        )
+        raise TypeError(f"seed must be an int, a sequence of ints or an integer tensor, got {type(seed).__name__}")
     if len(seed) != batch:
         raise ValueError(f"seed must hold one seed per sample: expected {batch} seeds, got {len(seed)}")
     vals = [_as_int_seed(v, f"seed[{i}]") & _U64_MASK for i, v in enumerate(seed)]

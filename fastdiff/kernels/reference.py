@@ -21,9 +21,10 @@ the slot it writes (-1 = none). History lives in ``pool`` [slots, B, ...], read 
 (each element is read before it is written); ``row_guidance`` [B] float32 gives each sample's guidance
 weight. In this mode ``stage`` is ignored and ``hist`` must be empty and ``h_out`` None.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,9 +37,15 @@ ROW_COEF, ROW_STAGE, ROW_READ0, ROW_READ1, ROW_READ2, ROW_WRITE = range(6)
 ROW_FIELDS = 6
 
 
-def check_per_row_args(x: torch.Tensor, hist: Sequence[torch.Tensor], h_out: Optional[torch.Tensor],
-                       rows: Optional[torch.Tensor], pool: Optional[torch.Tensor],
-                       row_guidance: Optional[torch.Tensor], m_uncond: Optional[torch.Tensor]) -> None:
+def check_per_row_args(
+    x: torch.Tensor,
+    hist: Sequence[torch.Tensor],
+    h_out: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    pool: torch.Tensor | None,
+    row_guidance: torch.Tensor | None,
+    m_uncond: torch.Tensor | None,
+) -> None:
     """Raises ValueError when the per-row arguments are inconsistent (shared by every implementation)."""
     if rows is None:
         if pool is not None or row_guidance is not None:
@@ -65,7 +72,7 @@ def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
 def fused_step_reference(
     x: torch.Tensor,
     m: torch.Tensor,
-    m_uncond: Optional[torch.Tensor],
+    m_uncond: torch.Tensor | None,
     guidance_scale: float,
     hist: Sequence[torch.Tensor],
     coeffs: torch.Tensor,
@@ -73,15 +80,15 @@ def fused_step_reference(
     seeds: torch.Tensor,
     stream: int,
     use_noise: bool,
-    noise: Optional[torch.Tensor],
+    noise: torch.Tensor | None,
     x_out: torch.Tensor,
-    h_out: Optional[torch.Tensor],
-    x0_out: Optional[torch.Tensor],
+    h_out: torch.Tensor | None,
+    x0_out: torch.Tensor | None,
     nonfinite: torch.Tensor,
-    clip: Optional[torch.Tensor] = None,
-    rows: Optional[torch.Tensor] = None,
-    pool: Optional[torch.Tensor] = None,
-    row_guidance: Optional[torch.Tensor] = None,
+    clip: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    row_guidance: torch.Tensor | None = None,
 ) -> None:
     """Applies row ``stage`` of ``coeffs`` ([R, 12] float64) to ``x`` and ``m`` (or one row per sample,
     see the module docstring), writing the outputs."""

@@ -7,10 +7,12 @@ guidance evaluates, and ``y=None`` means null for every sample. The forward pass
 Python control flow and never reads device values on the host, so the whole sampling loop around it can
 be captured in one CUDA graph.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +60,16 @@ class UNet(nn.Module):
         groups: GroupNorm groups.
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 8, channels: Sequence[int] = (64, 128),
-                 blocks_per_level: int = 1, emb_dim: int = 128, num_classes: int = 10, groups: int = 8):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        channels: Sequence[int] = (64, 128),
+        blocks_per_level: int = 1,
+        emb_dim: int = 128,
+        num_classes: int = 10,
+        groups: int = 8,
+    ):
         super().__init__()
         channels = [int(c) for c in channels]
         if not channels or any(c < 1 for c in channels):
@@ -68,8 +78,15 @@ class UNet(nn.Module):
             raise ValueError(f"image_size {image_size} must be divisible by 2**{len(channels) - 1}")
         if num_classes < 0 or blocks_per_level < 1:
             raise ValueError("num_classes must be >= 0 and blocks_per_level >= 1")
-        self.config = dict(in_channels=in_channels, image_size=image_size, channels=channels,
-                           blocks_per_level=blocks_per_level, emb_dim=emb_dim, num_classes=num_classes, groups=groups)
+        self.config = dict(
+            in_channels=in_channels,
+            image_size=image_size,
+            channels=channels,
+            blocks_per_level=blocks_per_level,
+            emb_dim=emb_dim,
+            num_classes=num_classes,
+            groups=groups,
+        )
         self.num_classes = num_classes
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -108,7 +125,7 @@ class UNet(nn.Module):
         """The label of the unconditional (null) class used for classifier-free guidance."""
         return self.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """Predicts the network target (noise for the shipped digits model) for ``x`` at times ``t``."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])

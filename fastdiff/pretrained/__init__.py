@@ -1,12 +1,13 @@
 """Networks shipped with fastdiff, as ready pipelines.
 
 ``fastdiff.pretrained.digits()`` is the class-conditional U-Net trained on scikit-learn's 8x8 digits by
-``python -m fastdiff.train digits`` (weights: ``digits.safetensors`` beside this file, about 2 MB).
+``python -m fastdiff.pretrained.train digits`` (weights: ``digits.safetensors`` beside this file, about 2 MB).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -16,8 +17,9 @@ from fastdiff.pipeline import Pipeline
 DIGITS_PATH = os.path.join(os.path.dirname(__file__), "digits.safetensors")
 
 
-def digits(device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
-           **pipeline_kwargs: Any) -> Pipeline:
+def digits(
+    device: str | torch.device | None = None, dtype: torch.dtype | None = None, **pipeline_kwargs: Any
+) -> Pipeline:
     """The shipped digits network as a :class:`Pipeline` (eps prediction, diffusers' default DDPM schedule).
 
     Samples are [n, 1, 8, 8] (``pipe.sample_shape`` is ``(1, 8, 8)``), about in the data's [-1, 1] but not clipped

@@ -6,14 +6,16 @@ Every accepted request gets its samples or an error, never silence: 422 for a fi
 became NaN/Inf or the network raised (only that request fails). A client that disconnects has its rows dropped
 at the next tick.
 """
+
 from __future__ import annotations
 
 import asyncio
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastdiff.extras import missing_extra
 
@@ -23,7 +25,15 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra("serve", exc) from exc
 
-from fastdiff.serving.api import BATCHABLE_SAMPLERS, FieldError, Limits, SamplesBody, npy_bytes, png_payload, to_sample_request
+from fastdiff.serving.api import (
+    BATCHABLE_SAMPLERS,
+    FieldError,
+    Limits,
+    SamplesBody,
+    npy_bytes,
+    png_payload,
+    to_sample_request,
+)
 from fastdiff.serving.engine import RequestCancelled, RequestFailed
 from fastdiff.serving.metrics import CONTENT_TYPE_LATEST
 from fastdiff.serving.runner import DeadlineExceeded, QueueFull, Runner, ShuttingDown
@@ -32,7 +42,7 @@ DISCONNECT_POLL_S = 0.05
 NPY_MEDIA_TYPE = "application/x-npy"
 
 
-def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str] = None) -> FastAPI:
+def create_app(runner: Runner, limits: Limits = Limits(), replica: str | None = None) -> FastAPI:
     """The app serving ``runner`` (started with the app, drained when it shuts down). With ``replica`` (a
     name), every response carries ``X-Fastdiff-Replica: <replica>`` and ``X-Fastdiff-Pid`` (Ray Serve
     replicas)."""
@@ -45,11 +55,13 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str]
         finally:
             await asyncio.to_thread(runner.stop, True)
 
-    app = FastAPI(title="fastdiff", description="Diffusion sampling with step-level continuous batching",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="fastdiff", description="Diffusion sampling with step-level continuous batching", lifespan=lifespan
+    )
     app.state.runner = runner
     app.state.limits = limits
     if replica is not None:
+
         @app.middleware("http")
         async def name_the_replica(request: Request, call_next: Any) -> Response:
             response = await call_next(request)
@@ -67,8 +79,9 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str]
         try:
             ticket = runner.submit(sample_request, timeout)
         except QueueFull as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=429,
-                                headers={"Retry-After": str(math.ceil(exc.retry_after))})
+            return JSONResponse(
+                {"detail": str(exc)}, status_code=429, headers={"Retry-After": str(math.ceil(exc.retry_after))}
+            )
         except ShuttingDown as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
         future = asyncio.wrap_future(ticket.future)
@@ -77,8 +90,10 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str]
             if not future.done() and await request.is_disconnected():
                 runner.cancel(ticket, RequestCancelled(f"request {ticket.id}: the client disconnected"))
                 await asyncio.wait([future])
-        headers = {"X-Fastdiff-Request-Id": str(ticket.id),
-                   "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}"}
+        headers = {
+            "X-Fastdiff-Request-Id": str(ticket.id),
+            "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}",
+        }
         try:
             result = future.result()
         except DeadlineExceeded as exc:
@@ -100,10 +115,16 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str]
     async def info() -> dict:
         """What this server samples: sample shape, class count, prediction, samplers and limits."""
         pipe = runner.pipe
-        return {"sample_shape": None if pipe.sample_shape is None else list(pipe.sample_shape),
-                "num_classes": pipe.num_classes, "prediction": pipe.prediction, "samplers": list(BATCHABLE_SAMPLERS),
-                "max_n": limits.max_n, "max_steps": limits.max_steps, "batching": runner.batching,
-                "max_batch": runner.max_batch}
+        return {
+            "sample_shape": None if pipe.sample_shape is None else list(pipe.sample_shape),
+            "num_classes": pipe.num_classes,
+            "prediction": pipe.prediction,
+            "samplers": list(BATCHABLE_SAMPLERS),
+            "max_n": limits.max_n,
+            "max_steps": limits.max_steps,
+            "batching": runner.batching,
+            "max_batch": runner.max_batch,
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -114,8 +135,9 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str]
     async def readyz() -> Response:
         """Readiness: 200 while requests are taken, 503 once shutting down."""
         if runner.accepting:
-            return JSONResponse({"status": "ready", "queue_depth": runner.queue_depth,
-                                 "running_rows": runner.running_rows})
+            return JSONResponse(
+                {"status": "ready", "queue_depth": runner.queue_depth, "running_rows": runner.running_rows}
+            )
         return JSONResponse({"status": "shutting down"}, status_code=503)
 
     @app.get("/metrics")
@@ -123,7 +145,6 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: Optional[str]
         """Prometheus text format (``fastdiff_*``)."""
         if runner.metrics is None:
             return Response("metrics are off\n", status_code=404, media_type="text/plain")
-        return Response(runner.metrics.render(runner.queue_depth, runner.running_rows),
-                        media_type=CONTENT_TYPE_LATEST)
+        return Response(runner.metrics.render(runner.queue_depth, runner.running_rows), media_type=CONTENT_TYPE_LATEST)
 
     return app

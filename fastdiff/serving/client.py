@@ -1,9 +1,10 @@
 """A small Python client for ``fastdiff serve`` (standard library only)::
 
-    from fastdiff.serving.client import Client
-    client = Client("http://127.0.0.1:8000")
-    x = client.sample(n=4, seed=0, sampler="dpmpp_2m", steps=20, class_label=7)   # numpy [4, 1, 8, 8]
+from fastdiff.serving.client import Client
+client = Client("http://127.0.0.1:8000")
+x = client.sample(n=4, seed=0, sampler="dpmpp_2m", steps=20, class_label=7)   # numpy [4, 1, 8, 8]
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,7 +14,8 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +24,7 @@ class ServerError(RuntimeError):
     """The server answered with an error: ``status`` (422, 429, 500, 503, 504, ...), ``detail`` and, for 429/503,
     ``retry_after`` seconds."""
 
-    def __init__(self, status: int, detail: Any, retry_after: Optional[float] = None):
+    def __init__(self, status: int, detail: Any, retry_after: float | None = None):
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
@@ -41,8 +43,15 @@ class Client:
     server's ``Retry-After`` (at most ``max_wait`` seconds) or ``backoff`` seconds. A retry sends the same seed, so
     it returns the same samples. ``attempts`` is how many tries the last request took."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0, retries: int = 0,
-                 retry_statuses: Sequence[int] = RETRY_STATUSES, backoff: float = 0.2, max_wait: float = 10.0):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        timeout: float = 600.0,
+        retries: int = 0,
+        retry_statuses: Sequence[int] = RETRY_STATUSES,
+        backoff: float = 0.2,
+        max_wait: float = 10.0,
+    ):
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
         self.base_url = base_url.rstrip("/")
@@ -51,7 +60,7 @@ class Client:
         self.retry_statuses = tuple(retry_statuses)
         self.backoff = backoff
         self.max_wait = max_wait
-        self.last_headers: Dict[str, str] = {}
+        self.last_headers: dict[str, str] = {}
         self.attempts = 0
 
     def sample(self, n: int = 1, **fields: Any) -> np.ndarray:
@@ -60,26 +69,26 @@ class Client:
         body = self._post("/v1/samples", dict(fields, n=n, format="npy"))
         return np.load(io.BytesIO(body), allow_pickle=False)
 
-    def sample_png(self, n: int = 1, **fields: Any) -> List[bytes]:
+    def sample_png(self, n: int = 1, **fields: Any) -> list[bytes]:
         """Samples as PNG files' bytes (``format: "png"``)."""
         payload = json.loads(self._post("/v1/samples", dict(fields, n=n, format="png")))
         return [base64.b64decode(img) for img in payload["images"]]
 
-    def info(self) -> Dict[str, Any]:
+    def info(self) -> dict[str, Any]:
         """``GET /v1/info``: sample shape, class count, prediction, samplers and limits of the server."""
         return json.loads(self._get("/v1/info"))
 
-    def healthz(self) -> Dict[str, Any]:
+    def healthz(self) -> dict[str, Any]:
         """``GET /healthz``."""
         return json.loads(self._get("/healthz"))
 
-    def readyz(self) -> Dict[str, Any]:
+    def readyz(self) -> dict[str, Any]:
         """``GET /readyz`` (raises :class:`ServerError` 503 while the server shuts down)."""
         return json.loads(self._get("/readyz"))
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """``GET /metrics`` parsed into ``{"name{labels}": value}``."""
-        out: Dict[str, float] = {}
+        out: dict[str, float] = {}
         for line in self._get("/metrics").decode().splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
@@ -90,13 +99,16 @@ class Client:
     def _get(self, path: str) -> bytes:
         return self._send(urllib.request.Request(self.base_url + path))
 
-    def _post(self, path: str, payload: Dict[str, Any]) -> bytes:
+    def _post(self, path: str, payload: dict[str, Any]) -> bytes:
         data = json.dumps(payload).encode()
         for attempt in range(self.retries + 1):
             self.attempts = attempt + 1
             try:
-                return self._send(urllib.request.Request(self.base_url + path, data=data, method="POST",
-                                                         headers={"Content-Type": "application/json"}))
+                return self._send(
+                    urllib.request.Request(
+                        self.base_url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+                    )
+                )
             except ServerError as exc:
                 if attempt == self.retries or exc.status not in self.retry_statuses:
                     raise

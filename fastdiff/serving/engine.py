@@ -16,23 +16,24 @@ a thread (deadlines, cancellation, batching policies) and :mod:`fastdiff.serving
 
 CPU only for now: the per-row op runs on CUDA too, but the CUDA-graph-per-bucket tick is not written yet.
 """
+
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
-import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
 from fastdiff.kernels.philox import derive_seeds
 from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS
-from fastdiff.checks import NO_NONFINITE
-from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
-from fastdiff.request import SampleRequest
+from fastdiff.pipeline import Pipeline
 from fastdiff.program import Program
-
+from fastdiff.request import SampleRequest
+from fastdiff.runtime.checks import NO_NONFINITE
+from fastdiff.runtime.step import fused_step
 
 
 class RequestFailed(RuntimeError):
@@ -51,21 +52,21 @@ class TickReport:
     """What one :meth:`Engine.tick` did: the requests whose rows joined, the requests that finished (samples or
     error ready) and how many rows the network call ran."""
 
-    admitted: List[int] = field(default_factory=list)
-    finished: List[int] = field(default_factory=list)
+    admitted: list[int] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
     rows: int = 0
 
 
 @dataclass
 class _Row:
     request: int
-    index: int                      # sample index within the request
+    index: int  # sample index within the request
     program: Program
     seed: int
     stage: int = 0
     guidance: float = 1.0
-    cond: Dict[str, Any] = field(default_factory=dict)
-    uncond: Optional[Dict[str, Any]] = None
+    cond: dict[str, Any] = field(default_factory=dict)
+    uncond: dict[str, Any] | None = None
 
 
 @dataclass
@@ -73,7 +74,7 @@ class _Pending:
     request: SampleRequest
     rows_left: int
     out: torch.Tensor
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
 
 
 class Engine:
@@ -88,27 +89,29 @@ class Engine:
         max_requests: the most requests one admission takes in (default: as many as fit ``max_batch``).
     """
 
-    def __init__(self, pipe: Pipeline, max_batch: int = 64, admission: str = "continuous",
-                 max_requests: Optional[int] = None):
+    def __init__(
+        self, pipe: Pipeline, max_batch: int = 64, admission: str = "continuous", max_requests: int | None = None
+    ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission must be one of {ADMISSION_POLICIES}, got {admission!r}")
-        if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
-                                         or max_requests < 1):
+        if max_requests is not None and (
+            isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1
+        ):
             raise ValueError(f"max_requests must be an int >= 1 or None, got {max_requests!r}")
         self.pipe = pipe
         self.max_batch = max_batch
         self.admission = admission
         self.max_requests = max_requests
-        self._queue: Deque[int] = deque()
-        self._requests: Dict[int, _Pending] = {}
-        self._rows: List[_Row] = []
-        self._x: Optional[torch.Tensor] = None      # [rows, *shape]
-        self._pool: Optional[torch.Tensor] = None   # [MAX_HISTORY, rows, *shape]
+        self._queue: deque[int] = deque()
+        self._requests: dict[int, _Pending] = {}
+        self._rows: list[_Row] = []
+        self._x: torch.Tensor | None = None  # [rows, *shape]
+        self._pool: torch.Tensor | None = None  # [MAX_HISTORY, rows, *shape]
         self._ids = itertools.count()
-        self._programs: Dict[tuple, Program] = {}
-        self._stage_rows: Dict[int, List[tuple]] = {}   # id(program) -> per stage: (fields, model time, calls model)
+        self._programs: dict[tuple, Program] = {}
+        self._stage_rows: dict[int, list[tuple]] = {}  # id(program) -> per stage: (fields, model time, calls model)
         self.ticks = 0
 
     # ------------------------------------------------------------------ requests
@@ -200,8 +203,19 @@ class Engine:
         seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device)
         x_out = torch.empty_like(x)
         nonfinite = torch.full((len(rows),), NO_NONFINITE, dtype=torch.int32, device=device)
-        torch.ops.fastdiff.fused_step(x, m, m_u, 1.0, [], table, 0, seeds, STEP_NOISE_STREAM, True, None, x_out,
-                                      None, None, nonfinite, None, desc.to(device), self._pool, weights)
+        fused_step(
+            x=x,
+            m=m,
+            m_uncond=m_u,
+            coeffs=table,
+            stage=0,
+            seeds=seeds,
+            x_out=x_out,
+            nonfinite=nonfinite,
+            rows=desc.to(device),
+            pool=self._pool,
+            row_guidance=weights,
+        )
         self._x = x_out
         self.ticks += 1
         bad = (nonfinite != NO_NONFINITE).tolist()
@@ -210,8 +224,9 @@ class Engine:
             r.stage += 1
             pending = self._requests.get(r.request)
             if bad[b] and pending is not None and pending.error is None:
-                pending.error = RequestFailed(f"request {r.request}: sample {r.index} became NaN/Inf at stage "
-                                              f"{r.stage - 1}")
+                pending.error = RequestFailed(
+                    f"request {r.request}: sample {r.index} became NaN/Inf at stage {r.stage - 1}"
+                )
                 report.finished.append(r.request)
             if pending is None or pending.error is not None:
                 continue  # the request failed (or was dropped): its rows leave now
@@ -237,8 +252,9 @@ class Engine:
         else:
             m = x.clone()
             if calling:
-                m[torch.tensor(calling, device=x.device)] = self._call(x, times, calling,
-                                                                       [rows[b].cond for b in calling])
+                m[torch.tensor(calling, device=x.device)] = self._call(
+                    x, times, calling, [rows[b].cond for b in calling]
+                )
         guided = [b for b in calling if rows[b].uncond is not None]
         if not guided:
             return m.contiguous(), None, None
@@ -247,10 +263,10 @@ class Engine:
         weights = torch.tensor([r.guidance for r in rows], dtype=torch.float32, device=x.device)
         return m.contiguous(), m_u.contiguous(), weights
 
-    def _call(self, x: torch.Tensor, times: torch.Tensor, rows: List[int], kwargs: List[Dict[str, Any]]):
+    def _call(self, x: torch.Tensor, times: torch.Tensor, rows: list[int], kwargs: list[dict[str, Any]]):
         """The network on ``x[rows]``: one call per set of conditioning names and shared values (rows with and
         without a ``y``, say, cannot share a call), outputs in ``rows`` order."""
-        groups: Dict[tuple, List[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for k, kw in enumerate(kwargs):
             groups.setdefault(_call_key(kw), []).append(k)
         if len(groups) == 1:
@@ -265,22 +281,28 @@ class Engine:
             out[torch.tensor(members, device=x.device)] = part
         return out
 
-    def admit(self) -> List[int]:
+    def admit(self) -> list[int]:
         """Drops the rows of failed or cancelled requests and moves queued requests into the running batch (per
         the admission policy); returns their ids, and the ids of requests refused for good (n > max_batch),
         which are finished with an error. :meth:`tick` does this first; call it alone to learn which requests
         the coming tick runs before it runs."""
-        keep = [b for b, r in enumerate(self._rows)
-                if r.request in self._requests and self._requests[r.request].error is None]
+        keep = [
+            b
+            for b, r in enumerate(self._rows)
+            if r.request in self._requests and self._requests[r.request].error is None
+        ]
         self._select(keep)
-        admitted: List[int] = []
+        admitted: list[int] = []
         if self.admission == "drain" and self._rows:
             return admitted
-        new: List[_Row] = []
-        states: List[torch.Tensor] = []
+        new: list[_Row] = []
+        states: list[torch.Tensor] = []
         device = self.pipe.device
-        while self._queue and len(self._rows) + len(new) + self._requests[self._queue[0]].request.n <= self.max_batch \
-                and (self.max_requests is None or len(admitted) < self.max_requests):
+        while (
+            self._queue
+            and len(self._rows) + len(new) + self._requests[self._queue[0]].request.n <= self.max_batch
+            and (self.max_requests is None or len(admitted) < self.max_requests)
+        ):
             rid = self._queue.popleft()
             req = self._requests[rid].request
             shape = (req.n, *req.sample_shape)
@@ -293,9 +315,17 @@ class Engine:
             guided = req.guided
             admitted.append(rid)
             for i in range(req.n):
-                new.append(_Row(rid, i, prog, int(seeds[i]), guidance=float(req.guidance_scale),
-                                cond=_row_kwargs(req.model_kwargs, i, device),
-                                uncond=_row_kwargs(req.uncond_kwargs or {}, i, device) if guided else None))
+                new.append(
+                    _Row(
+                        rid,
+                        i,
+                        prog,
+                        int(seeds[i]),
+                        guidance=float(req.guidance_scale),
+                        cond=_row_kwargs(req.model_kwargs, i, device),
+                        uncond=_row_kwargs(req.uncond_kwargs or {}, i, device) if guided else None,
+                    )
+                )
         if not new:
             if self._queue and not self._rows and self._requests[self._queue[0]].request.n > self.max_batch:
                 rid = self._queue.popleft()
@@ -309,7 +339,7 @@ class Engine:
         self._pool = pool_new if self._pool is None else torch.cat([self._pool, pool_new], dim=1)
         return admitted
 
-    def _select(self, keep: List[int]) -> None:
+    def _select(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[b] for b in keep]
@@ -325,12 +355,13 @@ class Engine:
         if key not in self._programs:
             prog = req.program(self.pipe)
             self._programs[key] = prog
-            self._stage_rows[id(prog)] = [(_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k))
-                                          for k in range(prog.stages)]
+            self._stage_rows[id(prog)] = [
+                (_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k)) for k in range(prog.stages)
+            ]
         return self._programs[key]
 
 
-def _row_fields(prog: Program, stage: int) -> List[int]:
+def _row_fields(prog: Program, stage: int) -> list[int]:
     """A row's per-row-mode fields at ``stage`` (coefficient row before the table offset, noise stage, three read
     slots padded with -1, write slot); see ``fastdiff/kernels/reference.py``."""
     reads = prog.reads(stage)
@@ -339,15 +370,18 @@ def _row_fields(prog: Program, stage: int) -> List[int]:
     return fields
 
 
-def _row_kwargs(kwargs: Mapping[str, Any], i: int, device: torch.device) -> Dict[str, Any]:
+def _row_kwargs(kwargs: Mapping[str, Any], i: int, device: torch.device) -> dict[str, Any]:
     """Sample i's slice of per-sample tensors (kept 1-row, on the pipeline's device: requests parsed from HTTP
     arrive on the CPU), shared values as they are."""
-    return {k: (v[i:i + 1].to(device) if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()}
+    return {
+        k: (v[i : i + 1].to(device) if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()
+    }
 
 
-def _call_key(kwargs: Dict[str, Any]) -> tuple:
+def _call_key(kwargs: dict[str, Any]) -> tuple:
     """Rows with equal keys can share a network call: the same names, and the same shared (non-per-sample)
     values."""
+
     def shared(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             return "per-sample" if v.ndim > 0 else ("scalar", v.item())
@@ -356,10 +390,11 @@ def _call_key(kwargs: Dict[str, Any]) -> tuple:
             return ("value", v)
         except TypeError:
             return ("object", id(v))
+
     return tuple((name, shared(kwargs[name])) for name in sorted(kwargs))
 
 
-def _stack_kwargs(per_row: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def _stack_kwargs(per_row: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The rows' kwargs for one batched call (rows of one :func:`_call_key`): per-sample tensors concatenated,
     shared values taken once."""
     if not per_row or not per_row[0]:
@@ -368,6 +403,7 @@ def _stack_kwargs(per_row: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     out = {}
     for name in names:
         first = per_row[0][name]
-        out[name] = torch.cat([r[name] for r in per_row]) if isinstance(first, torch.Tensor) and first.ndim > 0 \
-            else first
+        out[name] = (
+            torch.cat([r[name] for r in per_row]) if isinstance(first, torch.Tensor) and first.ndim > 0 else first
+        )
     return out

@@ -2,18 +2,25 @@
 
 Each :class:`ServingMetrics` has its own registry, so several servers (or tests) in one process do not collide.
 """
+
 from __future__ import annotations
 
 import collections
 import threading
 import time
-from typing import Any, Deque, Optional, Tuple
+from typing import Any
 
 from fastdiff.extras import missing_extra
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the app)
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
     from prometheus_client.process_collector import ProcessCollector
 except ModuleNotFoundError as exc:
     raise missing_extra("serve", exc) from exc
@@ -33,26 +40,38 @@ class ServingMetrics:
         self.max_batch = Gauge("fastdiff_max_batch", "The most rows one tick runs", registry=reg)
         self.queue_depth = Gauge("fastdiff_queue_depth", "Requests waiting to start", registry=reg)
         self.running_rows = Gauge("fastdiff_running_rows", "Rows (samples) in the running batches", registry=reg)
-        self.batch_occupancy = Histogram("fastdiff_batch_occupancy", "Rows per tick / max_batch",
-                                         buckets=OCCUPANCY_BUCKETS, registry=reg)
-        self.ticks = Counter("fastdiff_ticks", "Engine ticks (one network call and one fused step each)",
-                             registry=reg)
-        self.busy_seconds = Counter("fastdiff_engine_busy_seconds", "Seconds the engine thread spent in ticks",
-                                    registry=reg)
-        self.latency = Histogram("fastdiff_request_latency_seconds", "Submission to samples (or error)",
-                                 ["outcome"], buckets=LATENCY_BUCKETS, registry=reg)
-        self.time_to_first_step = Histogram("fastdiff_time_to_first_step_seconds",
-                                            "Submission to the request's first tick", buckets=LATENCY_BUCKETS,
-                                            registry=reg)
+        self.batch_occupancy = Histogram(
+            "fastdiff_batch_occupancy", "Rows per tick / max_batch", buckets=OCCUPANCY_BUCKETS, registry=reg
+        )
+        self.ticks = Counter("fastdiff_ticks", "Engine ticks (one network call and one fused step each)", registry=reg)
+        self.busy_seconds = Counter(
+            "fastdiff_engine_busy_seconds", "Seconds the engine thread spent in ticks", registry=reg
+        )
+        self.latency = Histogram(
+            "fastdiff_request_latency_seconds",
+            "Submission to samples (or error)",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.time_to_first_step = Histogram(
+            "fastdiff_time_to_first_step_seconds",
+            "Submission to the request's first tick",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.requests = Counter("fastdiff_requests", "Requests finished, by outcome", ["outcome"], registry=reg)
-        self.rejected = Counter("fastdiff_requests_rejected", "Requests refused because the queue was full",
-                                registry=reg)
+        self.rejected = Counter(
+            "fastdiff_requests_rejected", "Requests refused because the queue was full", registry=reg
+        )
         self.samples = Counter("fastdiff_samples", "Samples returned", registry=reg)
-        self.samples_per_second = Gauge("fastdiff_samples_per_second",
-                                        f"Samples returned per second over the last {RATE_WINDOW_S:g} s",
-                                        registry=reg)
+        self.samples_per_second = Gauge(
+            "fastdiff_samples_per_second",
+            f"Samples returned per second over the last {RATE_WINDOW_S:g} s",
+            registry=reg,
+        )
         self.samples_per_second.set_function(self._rate)
-        self._recent: Deque[Tuple[float, int]] = collections.deque()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 
     def observe_tick(self, rows: int, max_batch: int, seconds: float) -> None:
@@ -61,7 +80,7 @@ class ServingMetrics:
         self.busy_seconds.inc(seconds)
         self.batch_occupancy.observe(rows / max_batch)
 
-    def observe_finish(self, ticket: Any, error: Optional[BaseException]) -> None:
+    def observe_finish(self, ticket: Any, error: BaseException | None) -> None:
         """A request finished (``error`` None: its samples were returned)."""
         outcome = "ok" if error is None else _outcome(error)
         self.requests.labels(outcome).inc()

@@ -5,6 +5,7 @@ Requests of one sample shape share an :class:`~fastdiff.serving.engine.Engine` (
 the thread ticks the engines that have work, round robin. Other threads only put submissions and cancellations
 into an inbox the thread empties between ticks, so the engines stay single-threaded.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -14,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,10 +54,10 @@ class Ticket:
     request: SampleRequest
     future: Future
     submitted: float
-    deadline: Optional[float] = None
-    engine_id: Optional[int] = None
-    admitted: Optional[float] = None
-    cancel_reason: Optional[BaseException] = field(default=None, repr=False)
+    deadline: float | None = None
+    engine_id: int | None = None
+    admitted: float | None = None
+    cancel_reason: BaseException | None = field(default=None, repr=False)
 
 
 class Runner:
@@ -73,8 +74,15 @@ class Runner:
         metrics: where to record metrics (default: none).
     """
 
-    def __init__(self, pipe: Pipeline, max_batch: int = 64, max_queue: int = 256, batching: str = "continuous",
-                 batch_wait_s: float = 0.02, metrics: Optional[ServingMetrics] = None):
+    def __init__(
+        self,
+        pipe: Pipeline,
+        max_batch: int = 64,
+        max_queue: int = 256,
+        batching: str = "continuous",
+        batch_wait_s: float = 0.02,
+        metrics: ServingMetrics | None = None,
+    ):
         if batching not in BATCHING_POLICIES:
             raise ValueError(f"batching must be one of {BATCHING_POLICIES}, got {batching!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
@@ -90,29 +98,29 @@ class Runner:
         self.metrics = metrics
         if metrics is not None:
             metrics.max_batch.set(max_batch)
-        self._inbox: "queue.SimpleQueue[Tuple[str, Ticket]]" = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._lock = threading.Lock()      # guards _waiting and _accepting
-        self._waiting = 0                  # submitted, not yet admitted (or finished)
+        self._lock = threading.Lock()  # guards _waiting and _accepting
+        self._waiting = 0  # submitted, not yet admitted (or finished)
         self._accepting = True
         self._stop = False
-        self._abort = False                # stop without draining: cancel what is left
+        self._abort = False  # stop without draining: cancel what is left
         self._ids = itertools.count()
-        self._engines: Dict[Tuple[int, ...], Engine] = {}
-        self._tickets: Dict[int, Ticket] = {}           # by ticket id, until finished
-        self._by_engine_id: Dict[Tuple[Tuple[int, ...], int], Ticket] = {}
-        self._thread: Optional[threading.Thread] = None
-        self._tick_seconds = 0.0                        # an estimate of one tick, for Retry-After
+        self._engines: dict[tuple[int, ...], Engine] = {}
+        self._tickets: dict[int, Ticket] = {}  # by ticket id, until finished
+        self._by_engine_id: dict[tuple[tuple[int, ...], int], Ticket] = {}
+        self._thread: threading.Thread | None = None
+        self._tick_seconds = 0.0  # an estimate of one tick, for Retry-After
 
     # ------------------------------------------------------------------ any thread
-    def start(self) -> "Runner":
+    def start(self) -> Runner:
         """Starts the background thread (once)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="fastdiff-runner", daemon=True)
             self._thread.start()
         return self
 
-    def submit(self, request: SampleRequest, timeout_s: Optional[float] = None) -> Ticket:
+    def submit(self, request: SampleRequest, timeout_s: float | None = None) -> Ticket:
         """Validates and queues ``request``; returns its ticket at once.
 
         Raises ValueError/TypeError for a request the pipeline refuses, :class:`QueueFull` when ``max_queue``
@@ -128,8 +136,10 @@ class Runner:
             if self._waiting >= self.max_queue:
                 if self.metrics:
                     self.metrics.rejected.inc()
-                raise QueueFull(f"{self._waiting} requests are waiting (max_queue = {self.max_queue})",
-                                retry_after=self._retry_after())
+                raise QueueFull(
+                    f"{self._waiting} requests are waiting (max_queue = {self.max_queue})",
+                    retry_after=self._retry_after(),
+                )
             self._waiting += 1
         ticket = Ticket(next(self._ids), request, Future(), now, None if timeout_s is None else now + timeout_s)
         ticket.future.set_running_or_notify_cancel()
@@ -137,7 +147,7 @@ class Runner:
         self._wake.set()
         return ticket
 
-    def cancel(self, ticket: Ticket, reason: Optional[BaseException] = None) -> None:
+    def cancel(self, ticket: Ticket, reason: BaseException | None = None) -> None:
         """Cancels a ticket (its rows leave at the next tick; its future gets ``reason``, default
         :class:`RequestCancelled`)."""
         ticket.cancel_reason = reason or RequestCancelled(f"request {ticket.id} was cancelled")
@@ -149,7 +159,7 @@ class Runner:
         with self._lock:
             self._accepting = False
 
-    def stop(self, drain: bool = True, timeout: Optional[float] = None) -> None:
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops taking requests; with ``drain`` finishes what was accepted, else cancels it; joins the thread."""
         self.close()
         self._abort = not drain
@@ -241,8 +251,9 @@ class Runner:
         engine = self._engines.get(shape)
         if engine is None:
             admission = "continuous" if self.batching == "continuous" else "drain"
-            engine = Engine(self.pipe, self.max_batch, admission=admission,
-                            max_requests=1 if self.batching == "single" else None)
+            engine = Engine(
+                self.pipe, self.max_batch, admission=admission, max_requests=1 if self.batching == "single" else None
+            )
             self._engines[shape] = engine
         try:
             ticket.engine_id = engine.submit(ticket.request)
@@ -270,10 +281,11 @@ class Runner:
         for ticket in list(self._tickets.values()):
             if ticket.deadline is not None and now >= ticket.deadline:
                 ticket.cancel_reason = DeadlineExceeded(
-                    f"request {ticket.id} did not finish within {ticket.deadline - ticket.submitted:.3g} s")
+                    f"request {ticket.id} did not finish within {ticket.deadline - ticket.submitted:.3g} s"
+                )
                 self._cancel_now(ticket)
 
-    def _next_deadline_wait(self) -> Optional[float]:
+    def _next_deadline_wait(self) -> float | None:
         deadlines = [t.deadline for t in self._tickets.values() if t.deadline is not None]
         if self._stop:
             return 0.05
@@ -284,15 +296,20 @@ class Runner:
         (or until a full batch waits) before it starts a batch."""
         if self.batching != "request" or engine.running_rows or self._stop:
             return False
-        queued = [t for t in self._tickets.values() if t.admitted is None and t.engine_id is not None
-                  and self._engines.get(tuple(int(s) for s in t.request.sample_shape)) is engine]
+        queued = [
+            t
+            for t in self._tickets.values()
+            if t.admitted is None
+            and t.engine_id is not None
+            and self._engines.get(tuple(int(s) for s in t.request.sample_shape)) is engine
+        ]
         if not queued:
             return False
         if sum(t.request.n for t in queued) >= self.max_batch:
             return False
         return time.monotonic() - min(t.submitted for t in queued) < self.batch_wait_s
 
-    def _tick(self, shape: Tuple[int, ...], engine: Engine) -> None:
+    def _tick(self, shape: tuple[int, ...], engine: Engine) -> None:
         self._record(shape, engine, TickReport(admitted=engine.admit()), 0.0)  # before the (long) network call
         t0 = time.perf_counter()
         try:
@@ -305,7 +322,7 @@ class Runner:
             self._tick_seconds = 0.9 * self._tick_seconds + 0.1 * elapsed if self._tick_seconds else elapsed
         self._record(shape, engine, report, elapsed)
 
-    def _record(self, shape: Tuple[int, ...], engine: Engine, report: TickReport, elapsed: float) -> None:
+    def _record(self, shape: tuple[int, ...], engine: Engine, report: TickReport, elapsed: float) -> None:
         now = time.monotonic()
         for rid in report.admitted:
             ticket = self._by_engine_id[(shape, rid)]
@@ -327,7 +344,7 @@ class Runner:
             else:
                 self._finish(ticket, samples=samples.float().cpu())
 
-    def _fail_engine(self, shape: Tuple[int, ...], engine: Engine, exc: Exception) -> None:
+    def _fail_engine(self, shape: tuple[int, ...], engine: Engine, exc: Exception) -> None:
         """The network raised in a tick: its running requests fail with that error; the queued ones move to a
         fresh engine."""
         del self._engines[shape]
@@ -338,12 +355,11 @@ class Runner:
             else:
                 self._enqueue(ticket)
 
-    def _forget(self, shape: Tuple[int, ...], ticket: Ticket) -> None:
+    def _forget(self, shape: tuple[int, ...], ticket: Ticket) -> None:
         self._tickets.pop(ticket.id, None)
         self._by_engine_id.pop((shape, ticket.engine_id), None)
 
-    def _finish(self, ticket: Ticket, samples: Optional[torch.Tensor] = None,
-                error: Optional[BaseException] = None) -> None:
+    def _finish(self, ticket: Ticket, samples: torch.Tensor | None = None, error: BaseException | None = None) -> None:
         if ticket.admitted is None:
             with self._lock:
                 self._waiting -= 1

@@ -4,6 +4,7 @@ SIGTERM (or Ctrl-C) stops taking requests at once (``/readyz`` answers 503, new 
 finish the responses in flight (the runner keeps ticking until every accepted request has its answer), then
 stops the runner and exits by that signal (uvicorn re-raises it, so a supervisor sees how the process ended).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,7 +12,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -30,22 +31,25 @@ from fastdiff.serving.metrics import ServingMetrics
 from fastdiff.serving.runner import BATCHING_POLICIES, Runner
 
 
-def load_pipeline(spec: Optional[str] = None, device: Optional[str] = None) -> Pipeline:
+def load_pipeline(spec: str | None = None, device: str | None = None) -> Pipeline:
     """The pipeline named by ``spec``: None or ``"digits"`` (the embedded digits network), a checkpoint path
     (``*.safetensors``, :func:`fastdiff.load`) or ``"package.module:factory"`` (a callable returning a
     :class:`Pipeline`)."""
     if spec is None or spec == "digits":
         from fastdiff.pretrained import digits
+
         return digits(device=device)
     if spec.endswith(".safetensors"):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"no checkpoint at {spec!r}")
         from fastdiff.checkpoint import load
+
         return load(spec, device=device)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--model must be 'digits', a .safetensors checkpoint or 'package.module:factory', "
-                         f"got {spec!r}")
+        raise ValueError(
+            f"--model must be 'digits', a .safetensors checkpoint or 'package.module:factory', got {spec!r}"
+        )
     factory = getattr(importlib.import_module(module_name), attr)
     pipe = factory()
     if not isinstance(pipe, Pipeline):
@@ -62,8 +66,8 @@ class ServeSettings:
     batching: str = "continuous"
     batch_wait_s: float = 0.02
     max_n: int = 64
-    request_timeout_s: Optional[float] = 300.0
-    threads: Optional[int] = None
+    request_timeout_s: float | None = 300.0
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_n") + (("threads",) if self.threads is not None else ()):
@@ -78,19 +82,31 @@ class ServeSettings:
             raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
 
 
-def make_app(pipe: Pipeline, settings: ServeSettings = ServeSettings(), replica: Optional[str] = None) -> FastAPI:
+def make_app(pipe: Pipeline, settings: ServeSettings = ServeSettings(), replica: str | None = None) -> FastAPI:
     """The HTTP app over a new runner for ``pipe`` (its metrics on), as ``fastdiff serve`` and each Ray replica
     run it."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    runner = Runner(pipe, max_batch=settings.max_batch, max_queue=settings.max_queue, batching=settings.batching,
-                    batch_wait_s=settings.batch_wait_s, metrics=ServingMetrics())
+    runner = Runner(
+        pipe,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        batching=settings.batching,
+        batch_wait_s=settings.batch_wait_s,
+        metrics=ServingMetrics(),
+    )
     limits = Limits(max_n=min(settings.max_n, settings.max_batch), default_timeout_s=settings.request_timeout_s)
     return create_app(runner, limits, replica=replica)
 
 
-def serve(pipe: Pipeline, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings = ServeSettings(),
-          log_level: str = "warning", **uvicorn_kwargs: Any) -> None:
+def serve(
+    pipe: Pipeline,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeSettings = ServeSettings(),
+    log_level: str = "warning",
+    **uvicorn_kwargs: Any,
+) -> None:
     """Serves ``pipe`` until SIGTERM/SIGINT (see the module docstring). ``port=0`` picks a free port; the
     address served is printed as ``fastdiff serving on http://host:port``."""
     app = make_app(pipe, settings)
@@ -100,8 +116,11 @@ def serve(pipe: Pipeline, host: str = "127.0.0.1", port: int = 8000, settings: S
     sock.listen(2048)  # connections made once the address is printed wait in the backlog until uvicorn runs
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None, **uvicorn_kwargs)
     server = DrainingServer(config, app.state.runner)
-    print(f"fastdiff serving on http://{host}:{sock.getsockname()[1]} (batching: {settings.batching}, max batch "
-          f"{settings.max_batch}, max queue {settings.max_queue})", flush=True)
+    print(
+        f"fastdiff serving on http://{host}:{sock.getsockname()[1]} (batching: {settings.batching}, max batch "
+        f"{settings.max_batch}, max queue {settings.max_queue})",
+        flush=True,
+    )
     server.run(sockets=[sock])
 
 
@@ -114,6 +133,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.runner.close()
-        print(f"fastdiff: signal {sig}: draining {self.runner.queue_depth} queued requests and "
-              f"{self.runner.running_rows} running rows", file=sys.stderr, flush=True)
+        print(
+            f"fastdiff: signal {sig}: draining {self.runner.queue_depth} queued requests and "
+            f"{self.runner.running_rows} running rows",
+            file=sys.stderr,
+            flush=True,
+        )
         super().handle_exit(sig, frame)

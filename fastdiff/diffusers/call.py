@@ -1,21 +1,23 @@
 """How a diffusers model is called and how a diffusers scheduler's loop maps onto a fastdiff sample call.
 
-What :class:`fastdiff.pipeline.DiffusersPipeline` (``Pipeline.from_diffusers``) uses, below the pipeline (this
+What :class:`fastdiff.diffusers.pipeline.DiffusersPipeline` (``Pipeline.from_diffusers``) uses, below the pipeline (this
 module imports no pipeline): :class:`DiffusersModel` calls the network with the scheduler's timestep convention,
 and :func:`scheduler_call` turns a ``sample`` call into the plain one on the scheduler's own grid, sampler and
 options. ``x_T`` means what diffusers' ``latents=`` means (before its ``init_noise_sigma`` scaling), and the
 result is what the diffusers loop returns, so ``pipe.sample(shape, steps, x_T=latents, ...)`` equals the diffusers
 pipeline's denoising loop on the same latents (and, for stochastic schedulers, the same ``generator``).
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
-from fastdiff.diffusers_setup import SchedulerSetup, initial_state_scale
+from fastdiff.diffusers.config import SchedulerSetup, initial_state_scale
 from fastdiff.schedule import Grid
 
 
@@ -50,8 +52,13 @@ class DiffusersModel(torch.nn.Module):
         return out
 
 
-def scheduler_grid(setup: SchedulerSetup, steps: Optional[int] = None, timesteps: Optional[Sequence[float]] = None,
-                   sigmas: Optional[Sequence[float]] = None, **set_timesteps_kwargs: Any) -> tuple[Grid, float]:
+def scheduler_grid(
+    setup: SchedulerSetup,
+    steps: int | None = None,
+    timesteps: Sequence[float] | None = None,
+    sigmas: Sequence[float] | None = None,
+    **set_timesteps_kwargs: Any,
+) -> tuple[Grid, float]:
     """The scheduler's own grid for ``steps`` (or explicit ``timesteps`` / ``sigmas``) and the factor that turns
     diffusers' ``latents`` into fastdiff's native x_T on it."""
     peer = setup.peer()
@@ -64,7 +71,7 @@ class SchedulerCall:
     """A diffusers-style sample call turned into the plain one: ``kwargs`` for ``Pipeline.sample`` (after the
     shape), and :meth:`finish` for what it returns."""
 
-    kwargs: Dict[str, Any]
+    kwargs: dict[str, Any]
     end_alpha: float = 1.0  # y-space schedulers return x / alpha at the grid's end
 
     def finish(self, result: Any) -> Any:
@@ -76,10 +83,21 @@ class SchedulerCall:
         return result / self.end_alpha
 
 
-def scheduler_call(setup: SchedulerSetup, shape: Sequence[int], sampler: Optional[str], steps: int,
-                   x_T: Optional[torch.Tensor], timesteps: Optional[Sequence[float]], sigmas: Optional[Sequence[float]],
-                   spacing: Optional[str], generator: Optional[torch.Generator], mu: Optional[float],
-                   kwargs: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> SchedulerCall:
+def scheduler_call(
+    setup: SchedulerSetup,
+    shape: Sequence[int],
+    sampler: str | None,
+    steps: int,
+    x_T: torch.Tensor | None,
+    timesteps: Sequence[float] | None,
+    sigmas: Sequence[float] | None,
+    spacing: str | None,
+    generator: torch.Generator | None,
+    mu: float | None,
+    kwargs: Mapping[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SchedulerCall:
     """The plain call for a sample call on a scheduler's pipeline (arguments as ``DiffusersPipeline.sample``): the
     scheduler's sampler and options unless given (``kwargs`` override the options), and unless ``spacing`` asks
     for fastdiff's own grid, the scheduler's grid with ``x_T`` scaled from diffusers' latents and, with a
@@ -88,11 +106,13 @@ def scheduler_call(setup: SchedulerSetup, shape: Sequence[int], sampler: Optiona
     options = dict(setup.options) if sampler == setup.sampler else {}
     options.update(kwargs)
     if spacing is not None:
-        return SchedulerCall(dict(options, sampler=sampler, steps=steps, x_T=x_T, timesteps=timesteps, sigmas=sigmas,
-                                  spacing=spacing))
+        return SchedulerCall(
+            dict(options, sampler=sampler, steps=steps, x_T=x_T, timesteps=timesteps, sigmas=sigmas, spacing=spacing)
+        )
     extra = {"mu": mu} if mu is not None else {}
-    grid, scale = scheduler_grid(setup, None if (timesteps is not None or sigmas is not None) else steps, timesteps,
-                                 sigmas, **extra)
+    grid, scale = scheduler_grid(
+        setup, None if (timesteps is not None or sigmas is not None) else steps, timesteps, sigmas, **extra
+    )
     if x_T is not None:
         x_T = x_T * scale
     draws = [setup.noise_draws(float(t), options.get("eta") or 0.0) for t in grid.model_time[:-1]]
@@ -100,14 +120,18 @@ def scheduler_call(setup: SchedulerSetup, shape: Sequence[int], sampler: Optiona
         options["noise"] = _generator_noise(shape, draws, generator, device, dtype)
     end_alpha = float(grid.alpha[-1])
     # y-space schedulers return x / alpha; only differs when the grid does not end on the clean end.
-    return SchedulerCall(dict(options, sampler=sampler, x_T=x_T, grid=grid),
-                         end_alpha if setup.spec.y_space else 1.0)
+    return SchedulerCall(dict(options, sampler=sampler, x_T=x_T, grid=grid), end_alpha if setup.spec.y_space else 1.0)
 
 
-def _generator_noise(shape: Sequence[int], draws: Sequence[bool], generator: torch.Generator, device: torch.device,
-                     dtype: torch.dtype) -> list[torch.Tensor]:
+def _generator_noise(
+    shape: Sequence[int], draws: Sequence[bool], generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
     """One noise tensor per step, drawn from ``generator`` where the scheduler's step draws (zeros elsewhere)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    return [randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype) if draw
-            else torch.zeros(tuple(shape), device=device, dtype=dtype) for draw in draws]
+    return [
+        randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+        if draw
+        else torch.zeros(tuple(shape), device=device, dtype=dtype)
+        for draw in draws
+    ]

@@ -2,7 +2,7 @@
 
 ``pipe.scheduler = FastdiffScheduler.from_config(pipe.scheduler.config)`` keeps the diffusers pipeline and
 its loop and replaces the scheduler: the algorithm is picked from the config's ``_class_name`` (the same
-algorithm, :mod:`fastdiff.diffusers_setup`; ``sampler=`` overrides it), ``set_timesteps`` builds that
+algorithm, :mod:`fastdiff.diffusers.config`; ``sampler=`` overrides it), ``set_timesteps`` builds that
 scheduler's own grid and the float64 coefficient program once, and ``step`` applies one row of it with
 ``torch.ops.fastdiff.fused_step`` (x0 estimate, clipping, history and noise in one pass). Noise comes from
 the ``generator`` the pipeline passes, drawn exactly when and as the original scheduler draws it, so a
@@ -11,10 +11,12 @@ pipeline run gives the original scheduler's latents.
 Schedulers whose sample is ``x / alpha`` (Euler, Heun, LMS: they scale the model input by
 ``1 / sqrt(sigma^2 + 1)``) get rows rescaled to read and write that space, so the op still does the whole step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +31,10 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra("diffusers", exc) from exc
 
-import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
-from fastdiff.diffusers_setup import CLASSES, SchedulerSetup, grid_of, scheduler_setup, set_timesteps
+from fastdiff.diffusers.config import CLASSES, SchedulerSetup, grid_of, scheduler_setup, set_timesteps
 from fastdiff.kernels.reference import CH0, CH1, CH2, CM, CX, CX0, CZ, DX, EX
 from fastdiff.program import Program, build_program
+from fastdiff.runtime.step import fused_step
 from fastdiff.samplers import get_sampler
 from fastdiff.schedule import Grid
 
@@ -44,7 +46,7 @@ class FastdiffSchedulerOutput(BaseOutput):
     """``prev_sample``: the sample after the step; ``pred_original_sample``: that step's x0 estimate."""
 
     prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
+    pred_original_sample: torch.Tensor | None = None
 
 
 class FastdiffScheduler(SchedulerMixin, ConfigMixin):
@@ -60,23 +62,23 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     config_name = "scheduler_config.json"
     _compatibles = sorted(CLASSES)
 
-    def __init__(self, sampler: Optional[str] = None, source_class: str = "DDIMScheduler", **config: Any):
+    def __init__(self, sampler: str | None = None, source_class: str = "DDIMScheduler", **config: Any):
         self.setup: SchedulerSetup = scheduler_setup({**config, "_class_name": source_class})
         if sampler is not None:
             info = get_sampler(sampler)
             if self.setup.prediction not in info.predictions:
                 raise ValueError(f"sampler {sampler!r} cannot use prediction {self.setup.prediction!r}")
         self.sampler = sampler or self.setup.sampler
-        self.options: Dict[str, Any] = dict(self.setup.options) if self.sampler == self.setup.sampler else {}
+        self.options: dict[str, Any] = dict(self.setup.options) if self.sampler == self.setup.sampler else {}
         self.register_to_config(sampler=sampler, source_class=source_class, **self.setup.config)
         self._peer = self.setup.peer()
-        self._grid: Optional[Grid] = None
-        self._programs: Dict[tuple, Tuple[Program, np.ndarray]] = {}
-        self._stage: Optional[int] = None
-        self._begin_index: Optional[int] = None
-        self._slots: List[torch.Tensor] = []
-        self.num_inference_steps: Optional[int] = None
-        self.timesteps: Optional[torch.Tensor] = None
+        self._grid: Grid | None = None
+        self._programs: dict[tuple, tuple[Program, np.ndarray]] = {}
+        self._stage: int | None = None
+        self._begin_index: int | None = None
+        self._slots: list[torch.Tensor] = []
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
@@ -89,8 +91,10 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             name = type(config).__name__
         source = cfg.pop("source_class", None) or (name if name != cls.__name__ else None)
         if source is None:
-            raise ValueError("the config names no scheduler class (no _class_name or source_class); pass the scheduler "
-                             "itself, a config with _class_name (as scheduler_config.json has), or source_class=")
+            raise ValueError(
+                "the config names no scheduler class (no _class_name or source_class); pass the scheduler "
+                "itself, a config with _class_name (as scheduler_config.json has), or source_class="
+            )
         scheduler = cls(source_class=source, **{k: v for k, v in cfg.items() if not k.startswith("_")})
         return (scheduler, {}) if return_unused_kwargs else scheduler
 
@@ -101,22 +105,22 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         return int(getattr(self._peer, "order", 1))
 
     @property
-    def init_noise_sigma(self) -> Union[float, torch.Tensor]:
+    def init_noise_sigma(self) -> float | torch.Tensor:
         """What the pipeline multiplies its initial latents by (the original scheduler's value)."""
         return getattr(self._peer, "init_noise_sigma", 1.0)
 
     @property
-    def sigmas(self) -> Optional[torch.Tensor]:
+    def sigmas(self) -> torch.Tensor | None:
         """The original scheduler's sigmas after ``set_timesteps`` (None for timestep-only schedulers)."""
         return getattr(self._peer, "sigmas", None)
 
     @property
-    def step_index(self) -> Optional[int]:
+    def step_index(self) -> int | None:
         """Index of the next step into ``timesteps`` (None before the first step)."""
         return self._stage
 
     @property
-    def begin_index(self) -> Optional[int]:
+    def begin_index(self) -> int | None:
         """The first step's index, when the pipeline set one (image-to-image)."""
         return self._begin_index
 
@@ -126,9 +130,15 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if hasattr(self._peer, "set_begin_index"):
             self._peer.set_begin_index(begin_index)
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
-                      timesteps: Optional[Sequence[float]] = None, sigmas: Optional[Sequence[float]] = None,
-                      mu: Optional[float] = None, **kwargs: Any) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         """The original scheduler's timesteps (for ``num_inference_steps``, or explicit ``timesteps`` /
         ``sigmas``); builds the coefficient program on that grid."""
         if mu is not None:
@@ -153,10 +163,18 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         _, scale_in = self._program(0.0, False, sample.device)
         return sample * float(scale_in[self._stage])
 
-    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator: Optional[torch.Generator] = None,
-             variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True,
-             **unused: Any) -> Union[FastdiffSchedulerOutput, Tuple[torch.Tensor]]:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **unused: Any,
+    ) -> FastdiffSchedulerOutput | tuple[torch.Tensor]:
         """One step: one ``fastdiff.fused_step`` op on the program row of this step.
 
         ``eta`` (ddim) and ``use_clipped_model_output`` are diffusers' DDIM arguments; ``generator`` /
@@ -174,8 +192,13 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         m = model_output.contiguous()
         noise = None
         if self.setup.noise_draws(float(timestep), float(eta)) or prog.uses_noise(k):
-            noise = variance_noise if variance_noise is not None else randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            noise = (
+                variance_noise
+                if variance_noise is not None
+                else randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            )
         if len(self._slots) < prog.slots:
             self._slots = [torch.zeros_like(x) for _ in range(prog.slots)]
         out, x0 = torch.empty_like(x), torch.empty_like(x)
@@ -185,10 +208,21 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if self.setup.x0_clip is not None:
             clip = self.setup.x0_clip.bounds(x.shape[0], x.device)(x, m, None, 1.0, prog.coef[k])
         write = prog.writes(k)
-        torch.ops.fastdiff.fused_step(
-            x, m, None, 1.0, [self._slots[i] for i in prog.reads(k)], prog.coef_device, k, seeds, 0,
-            prog.uses_noise(k), None if noise is None else noise.to(x).contiguous(), out,
-            self._slots[write] if write >= 0 else None, x0, nonfinite, clip=clip)
+        fused_step(
+            x=x,
+            m=m,
+            history=[self._slots[i] for i in prog.reads(k)],
+            coeffs=prog.coef_device,
+            stage=k,
+            seeds=seeds,
+            use_noise=prog.uses_noise(k),
+            noise=None if noise is None else noise.to(x).contiguous(),
+            x_out=out,
+            h_out=self._slots[write] if write >= 0 else None,
+            x0_out=x0,
+            nonfinite=nonfinite,
+            clip=clip,
+        )
         self._stage = k + 1
         if not return_dict:
             return (out, x0)
@@ -212,15 +246,16 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {float(t)} is not one of the scheduler's timesteps")
         self._stage = int(hits[1 if len(hits) > 1 else 0])
 
-    def _program(self, eta: float, recompute_eps: bool, device: torch.device) -> Tuple[Program, np.ndarray]:
+    def _program(self, eta: float, recompute_eps: bool, device: torch.device) -> tuple[Program, np.ndarray]:
         """The program for these step arguments on ``device`` (cached) and each stage's input scale."""
         key = (eta, recompute_eps, str(device))
         if key not in self._programs:
             options = dict(self.options)
             if "eta" in get_sampler(self.sampler).options and eta:
                 options["eta"] = eta
-            prog = build_program(self.setup.schedule, self._grid, self.sampler, self.setup.prediction, device,
-                                 **options)
+            prog = build_program(
+                self.setup.schedule, self._grid, self.sampler, self.setup.prediction, device, **options
+            )
             if self.setup.x0_clip is not None:
                 prog = self.setup.x0_clip.with_recompute_eps(recompute_eps).program(prog)
             scale_in = np.ones(prog.stages)
@@ -230,7 +265,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         return self._programs[key]
 
 
-def _y_space(prog: Program, setup: SchedulerSetup, device: torch.device) -> Tuple[Program, np.ndarray]:
+def _y_space(prog: Program, setup: SchedulerSetup, device: torch.device) -> tuple[Program, np.ndarray]:
     """Rows that read y = x / alpha at their stage and write y at the next stage's point (history stays native)."""
     sch = setup.schedule
     a_in = np.asarray(sch.alpha(prog.t), dtype=np.float64)

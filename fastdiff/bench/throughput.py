@@ -11,24 +11,26 @@ For one model, sample shape, batch, dtype, sampler and step count it measures, i
 
 Writes JSON and prints a table. Speed is measured here, never asserted by tests.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
-from fastdiff.bench_timing import best_of_each, cpu_name, default_results_path, write_results
+from fastdiff.bench.timing import best_of_each, cpu_name, default_results_path, write_results
 from fastdiff.extras import MissingExtra, require
 from fastdiff.kernels.philox import derive_seeds
-from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
+from fastdiff.pipeline import Pipeline
 from fastdiff.program import build_program
+from fastdiff.runtime.step import fused_step
 from fastdiff.schedule import Schedule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,7 +49,7 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: List[str] = []
+        self.ops: list[str] = []
         self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -77,9 +79,13 @@ class TimeMLP(torch.nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.embed = embed
-        self.net = torch.nn.Sequential(torch.nn.Linear(numel + embed, hidden), torch.nn.SiLU(),
-                                       torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
-                                       torch.nn.Linear(hidden, numel))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(numel + embed, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, numel),
+        )
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / math.sqrt(p.shape[-1])))
@@ -94,41 +100,51 @@ class TimeMLP(torch.nn.Module):
         return self.net(h).reshape(x.shape)
 
 
-def make_model(name: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype,
-               schedule: Schedule) -> Callable[..., torch.Tensor]:
-    """``"digits"``: the shipped digits U-Net (:func:`fastdiff.pretrained.digits`, sample shape (1, 8, 8), unconditional);
+def make_model(
+    name: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, schedule: Schedule
+) -> Callable[..., torch.Tensor]:
+    """``"digits"``: the shipped digits U-Net (:func:`fastdiff.pretrained.digits`, sample shape (1, 8, 8),
+    unconditional);
     ``"mlp"``: :class:`TimeMLP`; ``"gmm"``: the exact network of the demo's Gaussian mixture (2-D samples);
     ``"package.module:factory"``: your own network, ``factory(shape, device, dtype)`` returning an eps-predicting
     ``model(x, t)`` for the discrete VP schedule."""
     numel = int(math.prod(shape[1:]))
     if ":" in name:
         import importlib
+
         module, _, attr = name.partition(":")
         return getattr(importlib.import_module(module), attr)(tuple(shape), device, dtype)
     if name == "digits":
         from fastdiff.pretrained import digits
+
         if tuple(shape[1:]) != (1, 8, 8):
             raise ValueError(f"model 'digits' draws (1, 8, 8) images; got sample shape {tuple(shape[1:])}")
         return digits(device=device, dtype=dtype).model
     if name == "mlp":
         return TimeMLP(numel).to(device=device, dtype=dtype).eval()
     if name == "gmm":
-        from fastdiff.demo import default_mixture
+        from fastdiff.demos.mixture import default_mixture
+
         if numel != 2:
             raise ValueError(f"model 'gmm' draws 2-D samples; got sample shape {tuple(shape[1:])}")
         return default_mixture().as_model(schedule, "eps")
     raise ValueError(f"model must be 'digits', 'mlp', 'gmm' or 'package.module:factory', got {name!r}")
 
 
-def diffusers_scheduler(sampler: str, schedule_kwargs: Dict[str, Any]):
+def diffusers_scheduler(sampler: str, schedule_kwargs: dict[str, Any]):
     """diffusers' scheduler doing the same update as fastdiff's ``sampler`` on a linear-beta VP schedule."""
     diffusers = require("diffusers", "bench")
     if sampler not in DIFFUSERS_SAMPLERS:
         raise ValueError(f"no diffusers peer for sampler {sampler!r}; peers exist for {sorted(DIFFUSERS_SAMPLERS)}")
     cls = getattr(diffusers, DIFFUSERS_SAMPLERS[sampler])
-    kw = dict(num_train_timesteps=1000, beta_start=schedule_kwargs["beta_start"],
-              beta_end=schedule_kwargs["beta_end"], beta_schedule="linear", prediction_type="epsilon",
-              timestep_spacing="leading")
+    kw = dict(
+        num_train_timesteps=1000,
+        beta_start=schedule_kwargs["beta_start"],
+        beta_end=schedule_kwargs["beta_end"],
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
     if sampler == "ddim":
         kw.update(clip_sample=False, set_alpha_to_one=True, steps_offset=0)
     elif sampler == "ddpm":
@@ -143,8 +159,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_cost(sampler: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype,
-              schedule: Schedule, steps: int) -> Dict[str, Dict[str, float]]:
+def step_cost(
+    sampler: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, schedule: Schedule, steps: int
+) -> dict[str, dict[str, float]]:
     """Framework ops and bytes of one sampler step (the model excluded), fastdiff vs diffusers, same tensors."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tuple(shape), generator=gen).to(device=device, dtype=dtype)
@@ -159,9 +176,18 @@ def step_cost(sampler: str, shape: Sequence[int], device: torch.device, dtype: t
     write = prog.writes(k)
     ours = OpCounter()
     with ours:
-        torch.ops.fastdiff.fused_step(x, m, None, 1.0, [slots[i] for i in prog.reads(k)], prog.coef_device, k, seeds,
-                                      STEP_NOISE_STREAM, prog.uses_noise(k), None, out,
-                                      slots[write] if write >= 0 else None, None, nonfinite)
+        fused_step(
+            x=x,
+            m=m,
+            history=[slots[i] for i in prog.reads(k)],
+            coeffs=prog.coef_device,
+            stage=k,
+            seeds=seeds,
+            use_noise=prog.uses_noise(k),
+            x_out=out,
+            h_out=slots[write] if write >= 0 else None,
+            nonfinite=nonfinite,
+        )
     result = {"fastdiff": {"ops": ours.count, "bytes": ours.bytes, "bytes_per_element": ours.bytes / x.numel()}}
     if sampler in DIFFUSERS_SAMPLERS:
         sched = diffusers_scheduler(sampler, _vp_params(schedule))
@@ -176,19 +202,31 @@ def step_cost(sampler: str, shape: Sequence[int], device: torch.device, dtype: t
                 sched.step(m, ts[k], x, generator=step_gen)
             else:
                 sched.step(m, ts[k], x)
-        result["diffusers"] = {"ops": theirs.count, "bytes": theirs.bytes,
-                               "bytes_per_element": theirs.bytes / x.numel(), "op_names": theirs.ops}
+        result["diffusers"] = {
+            "ops": theirs.count,
+            "bytes": theirs.bytes,
+            "bytes_per_element": theirs.bytes / x.numel(),
+            "op_names": theirs.ops,
+        }
     result["fastdiff"]["op_names"] = ours.ops
     return result
 
 
-def _vp_params(schedule: Schedule) -> Dict[str, float]:
+def _vp_params(schedule: Schedule) -> dict[str, float]:
     # The benchmark uses Schedule.vp_discrete() with diffusers' default linear betas.
     return {"beta_start": 1e-4, "beta_end": 0.02}
 
 
-def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64, dtype: str = "float32",
-        sampler: str = "ddim", steps: int = 50, repeats: int = 3, device: Optional[str] = None) -> Dict[str, Any]:
+def run(
+    model: str = "digits",
+    shape: Sequence[int] = (1, 8, 8),
+    batch: int = 64,
+    dtype: str = "float32",
+    sampler: str = "ddim",
+    steps: int = 50,
+    repeats: int = 3,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Runs every measurement; returns the JSON-ready result."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype not in DTYPES:
@@ -198,13 +236,22 @@ def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64
     schedule = Schedule.vp_discrete(beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     net = make_model(model, full, dev, tdtype, schedule)
     pipe = Pipeline(net, schedule, prediction="eps", device=dev, dtype=tdtype)
-    res: Dict[str, Any] = dict(model=model, shape=list(shape), batch=int(batch), dtype=dtype, sampler=sampler,
-                               steps=int(steps), device=str(dev), repeats=int(repeats),
-                               host=cpu_name(), torch=torch.__version__,
-                               threads=torch.get_num_threads())
+    res: dict[str, Any] = dict(
+        model=model,
+        shape=list(shape),
+        batch=int(batch),
+        dtype=dtype,
+        sampler=sampler,
+        steps=int(steps),
+        device=str(dev),
+        repeats=int(repeats),
+        host=cpu_name(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
     x_T = pipe.initial_noise(full, seed=0)
     kw = dict(sampler=sampler, steps=steps, seed=0, spacing="leading", x_T=x_T, progress=False)
-    runs: Dict[str, Callable[[], Any]] = {"fastdiff_eager": lambda: pipe.sample(full, cuda_graph=False, **kw)}
+    runs: dict[str, Callable[[], Any]] = {"fastdiff_eager": lambda: pipe.sample(full, cuda_graph=False, **kw)}
     with torch.inference_mode():
         ours = pipe.sample(full, cuda_graph=False, **kw)
         if dev.type == "cuda":
@@ -223,8 +270,11 @@ def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64
                 gen = torch.Generator(device=dev).manual_seed(0)
                 for t in sched.timesteps:
                     m = net(x, t.expand(x.shape[0]).to(torch.float32))
-                    x = sched.step(m, t, x, generator=gen).prev_sample if sampler == "ddpm" else \
-                        sched.step(m, t, x).prev_sample
+                    x = (
+                        sched.step(m, t, x, generator=gen).prev_sample
+                        if sampler == "ddpm"
+                        else sched.step(m, t, x).prev_sample
+                    )
                 return x
 
             runs["diffusers"] = diffusers_loop
@@ -240,11 +290,13 @@ def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64
     res["samples_per_s"] = {k: full[0] / v for k, v in timings.items() if k != "model_only"}
     res["step_latency_ms"] = {k: 1e3 * v / steps for k, v in timings.items()}
     if "diffusers" in timings:
-        res["speedup_vs_diffusers"] = {k: timings["diffusers"] / v for k, v in timings.items()
-                                       if k.startswith("fastdiff")}
+        res["speedup_vs_diffusers"] = {
+            k: timings["diffusers"] / v for k, v in timings.items() if k.startswith("fastdiff")
+        }
         model_s = timings["model_only"]
-        res["sampler_overhead_ms_per_step"] = {k: 1e3 * (v - model_s) / steps for k, v in timings.items()
-                                               if k != "model_only"}
+        res["sampler_overhead_ms_per_step"] = {
+            k: 1e3 * (v - model_s) / steps for k, v in timings.items() if k != "model_only"
+        }
     if "fastdiff_graph" in timings:
         res["graph_speedup_vs_eager"] = timings["fastdiff_eager"] / timings["fastdiff_graph"]
     with torch.inference_mode():
@@ -255,15 +307,19 @@ def run(model: str = "digits", shape: Sequence[int] = (1, 8, 8), batch: int = 64
 DIFFUSERS_SAMPLERS_STOCHASTIC = {"ddpm": True}
 
 
-def format_table(res: Dict[str, Any]) -> str:
+def format_table(res: dict[str, Any]) -> str:
     """The result as a plain-text table."""
-    lines = [f"model={res['model']} batch={res['batch']} shape={tuple(res['shape'])} dtype={res['dtype']} "
-             f"sampler={res['sampler']} steps={res['steps']} device={res['device']} threads={res['threads']}",
-             f"{'run':<16}{'samples/s':>12}{'ms/step':>10}{'vs diffusers':>14}"]
+    lines = [
+        f"model={res['model']} batch={res['batch']} shape={tuple(res['shape'])} dtype={res['dtype']} "
+        f"sampler={res['sampler']} steps={res['steps']} device={res['device']} threads={res['threads']}",
+        f"{'run':<16}{'samples/s':>12}{'ms/step':>10}{'vs diffusers':>14}",
+    ]
     for name, sps in res["samples_per_s"].items():
         ratio = res.get("speedup_vs_diffusers", {}).get(name)
-        lines.append(f"{name:<16}{sps:>12.1f}{res['step_latency_ms'][name]:>10.3f}"
-                     f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>14}")
+        lines.append(
+            f"{name:<16}{sps:>12.1f}{res['step_latency_ms'][name]:>10.3f}"
+            f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>14}"
+        )
     if "model_only" in res["step_latency_ms"]:
         lines.append(f"{'(model alone)':<16}{'':>12}{res['step_latency_ms']['model_only']:>10.3f}")
     lines.append(f"{'one step':<16}{'ops':>12}{'bytes':>12}{'B/elem':>10}")
@@ -274,24 +330,29 @@ def format_table(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEFAULT_JSON) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None, default_json: str | None = DEFAULT_JSON) -> dict[str, Any]:
     """Command line: parse, run, print the table, write JSON (``--json``; ``--json ''`` writes none).
 
-    ``python -m fastdiff.bench step ...`` runs the per-step benchmark instead (:mod:`fastdiff.bench_step`),
-    ``python -m fastdiff.bench serve ...`` the serving load benchmark (:mod:`fastdiff.bench_serve`).
+    ``python -m fastdiff.bench step ...`` runs the per-step benchmark instead (:mod:`fastdiff.bench.step`),
+    ``python -m fastdiff.bench serve ...`` the serving load benchmark (:mod:`fastdiff.bench.serve`).
     """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["step"]:
-        from fastdiff.bench_step import main as step_main
+        from fastdiff.bench.step import main as step_main
+
         return step_main(argv[1:])
     if argv[:1] == ["serve"]:
-        from fastdiff.bench_serve import main as serve_main
+        from fastdiff.bench.serve import main as serve_main
+
         return serve_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="digits",
-                   help="'digits' (the shipped U-Net), 'mlp', 'gmm' or 'package.module:factory' (see make_model)")
+    p.add_argument(
+        "--model",
+        default="digits",
+        help="'digits' (the shipped U-Net), 'mlp', 'gmm' or 'package.module:factory' (see make_model)",
+    )
     p.add_argument("--shape", default="1,8,8", help="sample shape without the batch, comma-separated")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -299,8 +360,11 @@ def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEF
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
-    p.add_argument("--json", default=default_json,
-                   help=f"output path, merged with what is there (default {default_json}; '' for none)")
+    p.add_argument(
+        "--json",
+        default=default_json,
+        help=f"output path, merged with what is there (default {default_json}; '' for none)",
+    )
     a = p.parse_args(argv)
     shape = tuple(int(s) for s in a.shape.split(",") if s.strip())
     res = run(a.model, shape, a.batch, a.dtype, a.sampler, a.steps, a.repeats, a.device)
@@ -320,8 +384,13 @@ def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEF
     return res
 
 
-if __name__ == "__main__":
+def command_line() -> None:
+    """``python -m fastdiff.bench``: :func:`main`, with a missing extra said in one line rather than a traceback."""
     try:
         main()
-    except MissingExtra as exc:  # one line naming the extra, not a traceback
+    except MissingExtra as exc:
         raise SystemExit(f"python -m fastdiff.bench: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    command_line()

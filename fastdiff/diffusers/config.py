@@ -12,17 +12,19 @@ Every config field of a supported class that changes the math is honoured or ref
 naming the field and its value (:data:`REFUSED` lists the refused values); a field this module does not
 know is accepted only at the class's default value.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
+from fastdiff.runtime.x0_clip import X0Clip
 from fastdiff.schedule import Grid, Schedule
-from fastdiff.x0_clip import X0Clip
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
@@ -45,7 +47,7 @@ class ClassSpec:
     repeats: bool = False
 
 
-CLASSES: Dict[str, ClassSpec] = {
+CLASSES: dict[str, ClassSpec] = {
     "DDIMScheduler": ClassSpec("ddim", "timesteps", False, "eta"),
     "DDPMScheduler": ClassSpec("ddpm", "timesteps", False, "t_positive"),
     "PNDMScheduler": ClassSpec("pndm", "timesteps", False, "never", repeats=True),
@@ -61,26 +63,73 @@ CLASSES: Dict[str, ClassSpec] = {
 }
 
 # Fields whose every value is honoured: by the schedule, or by the grid read from the class's own set_timesteps.
-HONOURED = frozenset({
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-    "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-    "final_sigmas_type", "interpolation_type", "timestep_type", "sigma_min", "sigma_max", "lambda_min_clipped",
-    "use_lu_lambdas", "set_alpha_to_one", "clip_sample", "clip_sample_range", "thresholding",
-    "dynamic_thresholding_ratio", "sample_max_value", "lower_order_final", "solver_type", "solver_order",
-    "algorithm_type", "variance_type", "skip_prk_steps", "euler_at_final", "rescale_betas_zero_snr", "shift",
-    "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len",
-    "shift_terminal", "time_shift_type", "predict_x0", "disable_corrector", "solver_p", "invert_sigmas",
-    "stochastic_sampling", "use_flow_sigmas", "flow_shift",
-})
+HONOURED = frozenset(
+    {
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "timestep_spacing",
+        "steps_offset",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "final_sigmas_type",
+        "interpolation_type",
+        "timestep_type",
+        "sigma_min",
+        "sigma_max",
+        "lambda_min_clipped",
+        "use_lu_lambdas",
+        "set_alpha_to_one",
+        "clip_sample",
+        "clip_sample_range",
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+        "lower_order_final",
+        "solver_type",
+        "solver_order",
+        "algorithm_type",
+        "variance_type",
+        "skip_prk_steps",
+        "euler_at_final",
+        "rescale_betas_zero_snr",
+        "shift",
+        "use_dynamic_shifting",
+        "base_shift",
+        "max_shift",
+        "base_image_seq_len",
+        "max_image_seq_len",
+        "shift_terminal",
+        "time_shift_type",
+        "predict_x0",
+        "disable_corrector",
+        "solver_p",
+        "invert_sigmas",
+        "stochastic_sampling",
+        "use_flow_sigmas",
+        "flow_shift",
+    }
+)
 
 # (class or "*", field) -> (allowed values, why the others are refused).
-REFUSED: Dict[Tuple[str, str], Tuple[tuple, str]] = {
-    ("PNDMScheduler", "skip_prk_steps"): ((True,), "fastdiff's pndm is PLMS; the Runge-Kutta warm-up steps are not implemented"),
-    ("DDPMScheduler", "variance_type"): (("fixed_small", "fixed_small_log", "fixed_large"),
-                                         "learned variances need the network's variance channels; diffusers' "
-                                         "fixed_large_log step takes the square root of log(beta) < 0"),
-    ("DPMSolverMultistepScheduler", "algorithm_type"): (("dpmsolver++", "sde-dpmsolver++"),
-                                                        "fastdiff implements the data-prediction (++) solvers"),
+REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
+    ("PNDMScheduler", "skip_prk_steps"): (
+        (True,),
+        "fastdiff's pndm is PLMS; the Runge-Kutta warm-up steps are not implemented",
+    ),
+    ("DDPMScheduler", "variance_type"): (
+        ("fixed_small", "fixed_small_log", "fixed_large"),
+        "learned variances need the network's variance channels; diffusers' "
+        "fixed_large_log step takes the square root of log(beta) < 0",
+    ),
+    ("DPMSolverMultistepScheduler", "algorithm_type"): (
+        ("dpmsolver++", "sde-dpmsolver++"),
+        "fastdiff implements the data-prediction (++) solvers",
+    ),
     ("DPMSolverMultistepScheduler", "solver_order"): ((2, 3), "order 1 is DDIM: use DDIMScheduler"),
     ("DPMSolverMultistepScheduler", "variance_type"): ((None,), "learned variances are not supported"),
     ("UniPCMultistepScheduler", "solver_type"): (("bh2",), "fastdiff's unipc is the bh2 variant"),
@@ -93,9 +142,12 @@ REFUSED: Dict[Tuple[str, str], Tuple[tuple, str]] = {
     ("*", "stochastic_sampling"): ((False,), "stochastic flow sampling is not supported"),
 }
 
-SIGMA_CLASSES_REFUSE_ZERO_SNR = ("rescale_betas_zero_snr", (False,),
-                                 "diffusers' sigma-based schedulers replace the zero terminal SNR by 2**-24; "
-                                 "fastdiff runs zero-SNR schedules with DDIMScheduler/DDPMScheduler")
+SIGMA_CLASSES_REFUSE_ZERO_SNR = (
+    "rescale_betas_zero_snr",
+    (False,),
+    "diffusers' sigma-based schedulers replace the zero terminal SNR by 2**-24; "
+    "fastdiff runs zero-SNR schedules with DDIMScheduler/DDPMScheduler",
+)
 
 
 def _diffusers() -> Any:
@@ -119,20 +171,26 @@ class SchedulerSetup:
     """
 
     class_name: str
-    config: Dict[str, Any]
+    config: dict[str, Any]
     spec: ClassSpec
     schedule: Schedule
     prediction: str
     sampler: str
-    options: Dict[str, Any] = field(default_factory=dict)
-    x0_clip: Optional[X0Clip] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    x0_clip: X0Clip | None = None
 
     def peer(self) -> Any:
         """A fresh instance of the diffusers class with this config (the source of its grids)."""
         return getattr(_diffusers(), self.class_name).from_config(self.config)
 
-    def grid(self, steps: Optional[int] = None, timesteps: Optional[Sequence[float]] = None,
-             sigmas: Optional[Sequence[float]] = None, peer: Any = None, **set_timesteps_kwargs: Any) -> Grid:
+    def grid(
+        self,
+        steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+        peer: Any = None,
+        **set_timesteps_kwargs: Any,
+    ) -> Grid:
         """The class's own grid for ``steps`` (or for explicit ``timesteps`` / ``sigmas``, with diffusers'
         meanings), after ``set_timesteps`` on ``peer`` (default: a fresh instance)."""
         peer = self.peer() if peer is None else peer
@@ -163,13 +221,16 @@ def scheduler_setup(scheduler_or_config: Any) -> SchedulerSetup:
     """
     config = getattr(scheduler_or_config, "config", scheduler_or_config)
     if not isinstance(config, Mapping):
-        raise TypeError("scheduler must be a diffusers scheduler or its config mapping, got "
-                        f"{type(scheduler_or_config).__name__}")
+        raise TypeError(
+            f"scheduler must be a diffusers scheduler or its config mapping, got {type(scheduler_or_config).__name__}"
+        )
     class_name = config.get("_class_name")
     if not class_name:
         if isinstance(scheduler_or_config, Mapping):
-            raise ValueError("the scheduler config has no _class_name; pass the scheduler itself, or a config with "
-                             "_class_name (as scheduler_config.json has)")
+            raise ValueError(
+                "the scheduler config has no _class_name; pass the scheduler itself, or a config with "
+                "_class_name (as scheduler_config.json has)"
+            )
         class_name = type(scheduler_or_config).__name__
     if class_name == "FastdiffScheduler":
         class_name = config.get("source_class") or "DDIMScheduler"
@@ -186,10 +247,9 @@ def scheduler_setup(scheduler_or_config: Any) -> SchedulerSetup:
     return SchedulerSetup(class_name, full, spec, schedule, prediction, sampler, options, x0_clip)
 
 
-def _init_defaults(cls: type) -> Dict[str, Any]:
+def _init_defaults(cls: type) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items()
-            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {n: p.default for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -213,35 +273,45 @@ def _check_fields(class_name: str, spec: ClassSpec, config: Mapping[str, Any], d
         if rule is not None:
             allowed, why = rule
             if not any(_same(value, a) for a in allowed):
-                raise ValueError(f"{class_name} config field {name}={value!r} is not supported by fastdiff "
-                                 f"(supported: {', '.join(repr(a) for a in allowed)}): {why}")
+                raise ValueError(
+                    f"{class_name} config field {name}={value!r} is not supported by fastdiff "
+                    f"(supported: {', '.join(repr(a) for a in allowed)}): {why}"
+                )
         elif name not in HONOURED and not _same(value, defaults.get(name)):
-            raise ValueError(f"{class_name} config field {name}={value!r} is not supported by fastdiff "
-                             f"(it honours this field only at diffusers' default {defaults.get(name)!r})")
+            raise ValueError(
+                f"{class_name} config field {name}={value!r} is not supported by fastdiff "
+                f"(it honours this field only at diffusers' default {defaults.get(name)!r})"
+            )
     if spec.grid == "sigmas" and config.get("rescale_betas_zero_snr", False):
         name, _, why = SIGMA_CLASSES_REFUSE_ZERO_SNR
         raise ValueError(f"{class_name} config field {name}=True is not supported by fastdiff: {why}")
     if class_name == "DPMSolverMultistepScheduler":
         if config.get("algorithm_type") == "sde-dpmsolver++" and config.get("solver_order") == 3:
-            raise ValueError("DPMSolverMultistepScheduler config field solver_order=3 with algorithm_type="
-                             "'sde-dpmsolver++' is not supported by fastdiff: diffusers' third-order SDE step is not "
-                             "third order (fastdiff's dpmpp_3m_sde is k-diffusion's)")
+            raise ValueError(
+                "DPMSolverMultistepScheduler config field solver_order=3 with algorithm_type="
+                "'sde-dpmsolver++' is not supported by fastdiff: diffusers' third-order SDE step is not "
+                "third order (fastdiff's dpmpp_3m_sde is k-diffusion's)"
+            )
         if config.get("euler_at_final") and config.get("final_sigmas_type") != "zero":
-            raise ValueError("DPMSolverMultistepScheduler config field euler_at_final=True is supported only with "
-                             f"final_sigmas_type='zero', got final_sigmas_type={config.get('final_sigmas_type')!r}")
+            raise ValueError(
+                "DPMSolverMultistepScheduler config field euler_at_final=True is supported only with "
+                f"final_sigmas_type='zero', got final_sigmas_type={config.get('final_sigmas_type')!r}"
+            )
     if "prediction_type" in config and spec.grid != "flow" and config["prediction_type"] not in PREDICTIONS:
-        raise ValueError(f"{class_name} config field prediction_type={config['prediction_type']!r} is not supported "
-                         f"by fastdiff (supported: {', '.join(PREDICTIONS)})")
+        raise ValueError(
+            f"{class_name} config field prediction_type={config['prediction_type']!r} is not supported "
+            f"by fastdiff (supported: {', '.join(PREDICTIONS)})"
+        )
 
 
-def _prediction_and_schedule(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> Tuple[str, Schedule]:
+def _prediction_and_schedule(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, Schedule]:
     if spec.grid == "flow":
         # x_t = (1 - t) x0 + t eps, the network fed t * num_train_timesteps; the grid decides where t runs.
         return "flow", Schedule.flow(t_min=1e-9, t_max=1.0, time_scale=float(config["num_train_timesteps"]))
     return PREDICTIONS[config.get("prediction_type", "epsilon")], Schedule.from_diffusers(config)
 
 
-def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if class_name == "DDPMScheduler":
         return "ddpm", {"variance_type": "fixed_large" if config["variance_type"] == "fixed_large" else "fixed_small"}
     if class_name == "DPMSolverMultistepScheduler":
@@ -251,14 +321,17 @@ def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, 
             return "dpmpp_3m", dict(options, legacy_third_order=True)
         return ("dpmpp_2m_sde" if sde else "dpmpp_2m"), options
     if class_name in ("UniPCMultistepScheduler", "DEISMultistepScheduler"):
-        return spec.sampler, {"solver_order": int(config["solver_order"]),
-                              "lower_order_final": bool(config["lower_order_final"])}
+        return spec.sampler, {
+            "solver_order": int(config["solver_order"]),
+            "lower_order_final": bool(config["lower_order_final"]),
+        }
     return spec.sampler, {}
 
 
 # ---------------------------------------------------------------------------------------------- grids
-def set_timesteps(peer: Any, steps: Optional[int], timesteps: Optional[Sequence[float]],
-                  sigmas: Optional[Sequence[float]], **kwargs: Any) -> None:
+def set_timesteps(
+    peer: Any, steps: int | None, timesteps: Sequence[float] | None, sigmas: Sequence[float] | None, **kwargs: Any
+) -> None:
     """``peer.set_timesteps`` with diffusers' arguments (one of steps, timesteps, sigmas)."""
     params = inspect.signature(peer.set_timesteps).parameters
     for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
@@ -276,7 +349,9 @@ def grid_of(setup: SchedulerSetup, peer: Any) -> Grid:
     lands) with ``model_time`` the timesteps diffusers feeds the network there."""
     if setup.spec.grid == "timesteps":
         return _timestep_grid(setup, peer)
-    sig = np.asarray(peer.sigmas.double().cpu().numpy() if hasattr(peer.sigmas, "cpu") else peer.sigmas, dtype=np.float64)
+    sig = np.asarray(
+        peer.sigmas.double().cpu().numpy() if hasattr(peer.sigmas, "cpu") else peer.sigmas, dtype=np.float64
+    )
     ts = np.asarray(peer.timesteps.double().cpu().numpy(), dtype=np.float64)
     if setup.spec.repeats:  # Heun: [s0, s1, s1, ..., s_{n-1}, s_{n-1}, s_n], timesteps alike without the end
         sig = np.concatenate([sig[:-1:2], sig[-1:]])
@@ -288,8 +363,19 @@ def grid_of(setup: SchedulerSetup, peer: Any) -> Grid:
         top, bottom = float(sch.edm_sigma(sch.t_max)), float(sch.edm_sigma(sch.t_min))
         # The peer's sigmas are float32 values of the same table: ends within their rounding are the ends.
         near = lambda s, end: abs(s - end) <= 1e-6 * end  # noqa: E731
-        t = np.array([sch.clean_end if s == 0 else sch.t_max if near(s, top) else sch.t_min if near(s, bottom)
-                      else sch.t_from_edm_sigma(s) for s in sig], dtype=np.float64)
+        t = np.array(
+            [
+                sch.clean_end
+                if s == 0
+                else sch.t_max
+                if near(s, top)
+                else sch.t_min
+                if near(s, bottom)
+                else sch.t_from_edm_sigma(s)
+                for s in sig
+            ],
+            dtype=np.float64,
+        )
     if len(ts) != len(t) - 1:
         raise ValueError(f"{setup.class_name}: {len(ts)} timesteps for {len(t)} sigmas")
     model_time = np.concatenate([ts, sch.model_time(t[-1:])])
@@ -309,10 +395,12 @@ def _timestep_grid(setup: SchedulerSetup, peer: Any) -> Grid:
     prev = np.concatenate([ts[1:], [-1.0]]) if custom else ts - ratio
     if np.any(prev[:-1] != ts[1:]):
         bad = int(np.nonzero(prev[:-1] != ts[1:])[0][0])
-        raise ValueError(f"{setup.class_name} with timestep_spacing={cfg.get('timestep_spacing')!r} and {n} steps "
-                         f"steps from timestep {int(ts[bad])} to {int(prev[bad])} but evaluates the next step at "
-                         f"{int(ts[bad + 1])}; fastdiff runs grids whose steps land on the next timestep (use "
-                         "timestep_spacing='leading', or 'trailing' with a step count dividing num_train_timesteps)")
+        raise ValueError(
+            f"{setup.class_name} with timestep_spacing={cfg.get('timestep_spacing')!r} and {n} steps "
+            f"steps from timestep {int(ts[bad])} to {int(prev[bad])} but evaluates the next step at "
+            f"{int(ts[bad + 1])}; fastdiff runs grids whose steps land on the next timestep (use "
+            "timestep_spacing='leading', or 'trailing' with a step count dividing num_train_timesteps)"
+        )
     last = prev[-1]
     if last < 0:
         last = sch.clean_end if cfg.get("set_alpha_to_one", True) else 0.0
@@ -325,4 +413,3 @@ def initial_state_scale(setup: SchedulerSetup, peer: Any, grid: Grid) -> float:
     sample space (x / alpha for the y-space classes)."""
     scale = float(getattr(peer, "init_noise_sigma", 1.0))  # flow-matching schedulers have none (1)
     return scale * float(grid.alpha[0]) if setup.spec.y_space else scale
-

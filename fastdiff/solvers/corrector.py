@@ -19,17 +19,19 @@ step costs ``1 + n_corrector`` network evaluations. Corrector noise is Philox no
 sample's seed at (stage k, stream 2 + j) for corrector iteration j, so it never collides with the
 step noise (stream 0) or the initial noise (stream 1).
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from fastdiff.kernels.philox import philox_normal
-from fastdiff.checks import NonFiniteError
-from fastdiff.drift import x0_eps_coefficients
 from fastdiff.program import Program
+from fastdiff.runtime.checks import NonFiniteError
+from fastdiff.runtime.step import fused_step
+from fastdiff.solvers.drift import x0_eps_coefficients
 
 CORRECTOR_STREAM = 2
 
@@ -43,8 +45,15 @@ def score_from_output(prediction: str, m: torch.Tensor, x: torch.Tensor, alpha: 
 STEP_RULES = ("expected", "norms")
 
 
-def langevin_step(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, snr: float, alpha_i: float,
-                  sigma: float = 1.0, step_rule: str = "norms") -> torch.Tensor:
+def langevin_step(
+    x: torch.Tensor,
+    score: torch.Tensor,
+    z: torch.Tensor,
+    snr: float,
+    alpha_i: float,
+    sigma: float = 1.0,
+    step_rule: str = "norms",
+) -> torch.Tensor:
     """One Langevin corrector step with a signal-to-noise step size (``step_rule``: see the module docstring;
     ``sigma`` is the noise level of the state, used by ``"expected"``)."""
     if step_rule == "expected":
@@ -59,9 +68,19 @@ def langevin_step(x: torch.Tensor, score: torch.Tensor, z: torch.Tensor, snr: fl
     return x.float() + step * score + torch.sqrt(2.0 * step) * z
 
 
-def run_pc(pipe: Any, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwargs: dict, noise: Any,
-           return_x0: bool, progress: bool, snr: float = 0.16, n_corrector: int = 1,
-           step_rule: str = "expected") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def run_pc(
+    pipe: Any,
+    prog: Program,
+    x: torch.Tensor,
+    seeds: torch.Tensor,
+    kwargs: dict,
+    noise: Any,
+    return_x0: bool,
+    progress: bool,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    step_rule: str = "expected",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs the pc sampler: at each stage ``n_corrector`` Langevin steps, then the predictor row.
 
     ``noise`` (explicit, indexed by stage) replaces only the predictor's noise.
@@ -92,10 +111,18 @@ def run_pc(pipe: Any, prog: Program, x: torch.Tensor, seeds: torch.Tensor, kwarg
             z = philox_normal(seeds, numel, k, CORRECTOR_STREAM + j).reshape(x.shape)
             x = langevin_step(x, score, z, snr, alpha_i, s, step_rule).to(x.dtype).contiguous()
         m = pipe.model(x, mt, **kwargs).contiguous()
-        torch.ops.fastdiff.fused_step(
-            x, m, None, 1.0, [], prog.coef_device, k, seeds, 0, prog.uses_noise(k),
-            None if noise is None else noise[k].to(x), nxt, None,
-            x0_all[prog.step_of(k)] if x0_all is not None else None, nonfinite)
+        fused_step(
+            x=x,
+            m=m,
+            coeffs=prog.coef_device,
+            stage=k,
+            seeds=seeds,
+            use_noise=prog.uses_noise(k),
+            noise=None if noise is None else noise[k].to(x),
+            x_out=nxt,
+            x0_out=x0_all[prog.step_of(k)] if x0_all is not None else None,
+            nonfinite=nonfinite,
+        )
         x, nxt = nxt, x
     if int(nonfinite.min()) != torch.iinfo(torch.int32).max:
         samples = torch.nonzero(nonfinite != torch.iinfo(torch.int32).max).flatten().tolist()

@@ -1,5 +1,6 @@
 """Timing for the benchmarks (the measured functions take turns, so a machine whose speed drifts slows all alike)
 and the description of the machine they ran on."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,8 @@ import os
 import platform
 import tempfile
 import time
-from typing import Any, Callable, List, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def default_results_path(name: str) -> str:
@@ -26,8 +28,9 @@ def write_results(path: str, results: Any) -> str:
     return path
 
 
-def best_of_each(fns: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None] = lambda: None
-                 ) -> List[float]:
+def best_of_each(
+    fns: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None] = lambda: None
+) -> list[float]:
     """Best wall time (seconds) of each function over ``repeats`` rounds, the functions taking turns within a round
     (a machine whose speed drifts, a shared or throttled core, then slows every side of a ratio alike), after one
     warm-up call of each (on CUDA, also the graph capture). ``sync`` waits for the device before each clock

@@ -9,22 +9,30 @@ Graphs live in a bounded LRU (:class:`GraphCache`); each holds its own memory po
 
 Everything here except :func:`capture` and :meth:`CapturedLoop.replay` runs (and is tested) on the CPU.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 
-CudaGraphMode = Union[str, bool]
+CudaGraphMode = str | bool
 CUDA_GRAPH_MODES = ("auto", True, False)
 DEFAULT_MAX_GRAPHS = 8
 
 
-def resolve_cuda_graph(mode: CudaGraphMode, device: torch.device, *, adaptive: bool = False,
-                       explicit_noise: bool = False, callback: bool = False,
-                       unhashable_kwargs: Sequence[str] = ()) -> bool:
+def resolve_cuda_graph(
+    mode: CudaGraphMode,
+    device: torch.device,
+    *,
+    adaptive: bool = False,
+    explicit_noise: bool = False,
+    callback: bool = False,
+    unhashable_kwargs: Sequence[str] = (),
+) -> bool:
     """Whether to run the loop as a CUDA graph.
 
     ``mode`` is ``"auto"`` (graph where it applies, eager otherwise, silently), ``True`` (graph, or a
@@ -50,13 +58,15 @@ def resolve_cuda_graph(mode: CudaGraphMode, device: torch.device, *, adaptive: b
         reasons.append(f"model kwargs {list(unhashable_kwargs)} are neither tensors nor hashable values")
     if reasons:
         if mode is True:
-            raise ValueError("cuda_graph=True cannot apply: " + "; ".join(reasons) + " (use cuda_graph='auto' "
-                             "to fall back to the eager loop)")
+            raise ValueError(
+                "cuda_graph=True cannot apply: " + "; ".join(reasons) + " (use cuda_graph='auto' "
+                "to fall back to the eager loop)"
+            )
         return False
     return True
 
 
-def kwargs_spec(kwargs: Mapping[str, Any]) -> Tuple[Tuple[Tuple[str, Tuple], ...], Tuple[str, ...]]:
+def kwargs_spec(kwargs: Mapping[str, Any]) -> tuple[tuple[tuple[str, tuple], ...], tuple[str, ...]]:
     """A hashable description of model kwargs for the cache key, and the names that cannot be described.
 
     Tensors are described by (shape, dtype, device): their values are copied into static buffers on each
@@ -78,18 +88,39 @@ def kwargs_spec(kwargs: Mapping[str, Any]) -> Tuple[Tuple[Tuple[str, Tuple], ...
     return tuple(spec), tuple(bad)
 
 
-def graph_key(*, shape: Sequence[int], dtype: torch.dtype, device: torch.device, sampler: str, steps: int,
-              options: Mapping[str, Any], guidance: Optional[Hashable], model_kwargs: Tuple,
-              uncond_kwargs: Optional[Tuple], return_x0: bool, return_trajectory: bool) -> Tuple:
+def graph_key(
+    *,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    sampler: str,
+    steps: int,
+    options: Mapping[str, Any],
+    guidance: Hashable | None,
+    model_kwargs: tuple,
+    uncond_kwargs: tuple | None,
+    return_x0: bool,
+    return_trajectory: bool,
+) -> tuple:
     """The cache key of a captured loop: everything the captured kernels and buffers depend on.
 
     ``options`` holds every other argument that changes the coefficient program (eta, variance_type,
     spacing, steps_offset, rho, sampler options); ``model_kwargs``/``uncond_kwargs`` come from
     :func:`kwargs_spec`. Seeds, x_T and the values of tensor kwargs are not part of it.
     """
-    return (tuple(int(s) for s in shape), dtype, str(torch.device(device)), sampler, int(steps),
-            tuple(sorted((k, _freeze(v)) for k, v in options.items())), guidance, model_kwargs, uncond_kwargs,
-            bool(return_x0), bool(return_trajectory))
+    return (
+        tuple(int(s) for s in shape),
+        dtype,
+        str(torch.device(device)),
+        sampler,
+        int(steps),
+        tuple(sorted((k, _freeze(v)) for k, v in options.items())),
+        guidance,
+        model_kwargs,
+        uncond_kwargs,
+        bool(return_x0),
+        bool(return_trajectory),
+    )
 
 
 def _freeze(v: Any) -> Hashable:
@@ -109,7 +140,7 @@ class StaticBuffers:
     """
 
     def __init__(self, examples: Mapping[str, torch.Tensor]):
-        self.tensors: Dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
         for name, t in examples.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"static buffer {name!r} must be a tensor, got {type(t).__name__}")
@@ -121,7 +152,7 @@ class StaticBuffers:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         """The buffers' names."""
         return tuple(self.tensors)
 
@@ -140,8 +171,10 @@ class StaticBuffers:
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"static input {name!r} must be a tensor, got {type(v).__name__}")
             if v.shape != buf.shape or v.dtype != buf.dtype:
-                raise ValueError(f"static input {name!r} is {tuple(v.shape)} {v.dtype}; the captured graph was "
-                                 f"built for {tuple(buf.shape)} {buf.dtype}")
+                raise ValueError(
+                    f"static input {name!r} is {tuple(v.shape)} {v.dtype}; the captured graph was "
+                    f"built for {tuple(buf.shape)} {buf.dtype}"
+                )
         for name, v in values.items():
             # non_blocking: a host tensor is staged by the caching allocator; stream order keeps it correct.
             self.tensors[name].copy_(v, non_blocking=True)
@@ -153,11 +186,11 @@ class CapturedLoop:
 
     graph: Any
     inputs: StaticBuffers
-    outputs: Tuple[Optional[torch.Tensor], ...]
-    keep_alive: Tuple[Any, ...] = ()
+    outputs: tuple[torch.Tensor | None, ...]
+    keep_alive: tuple[Any, ...] = ()
     replays: int = 0
 
-    def replay(self, values: Mapping[str, torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    def replay(self, values: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
         """Copies ``values`` into the static inputs, replays, and returns the static outputs.
 
         The returned tensors are the graph's own buffers: the next replay overwrites them, so callers
@@ -177,7 +210,7 @@ class GraphCache:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    _entries: "OrderedDict[Tuple, Any]" = field(default_factory=OrderedDict)
+    _entries: OrderedDict[tuple, Any] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         if isinstance(self.maxsize, bool) or not isinstance(self.maxsize, int) or self.maxsize < 1:
@@ -186,14 +219,14 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: Tuple) -> bool:
+    def __contains__(self, key: tuple) -> bool:
         return key in self._entries
 
-    def keys(self) -> Tuple[Tuple, ...]:
+    def keys(self) -> tuple[tuple, ...]:
         """Keys from least to most recently used."""
         return tuple(self._entries)
 
-    def get(self, key: Tuple) -> Optional[Any]:
+    def get(self, key: tuple) -> Any | None:
         """The entry for ``key`` (marked most recently used), or None; counts a hit or a miss."""
         entry = self._entries.get(key)
         if entry is None:
@@ -203,7 +236,7 @@ class GraphCache:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: Tuple, entry: Any) -> None:
+    def put(self, key: tuple, entry: Any) -> None:
         """Stores ``entry``, evicting least recently used entries beyond ``maxsize``."""
         self._entries[key] = entry
         self._entries.move_to_end(key)
@@ -211,7 +244,7 @@ class GraphCache:
             self._entries.popitem(last=False)
             self.evictions += 1
 
-    def get_or_create(self, key: Tuple, create: Callable[[], Any]) -> Any:
+    def get_or_create(self, key: tuple, create: Callable[[], Any]) -> Any:
         """The entry for ``key``, built with ``create()`` and stored on a miss."""
         entry = self.get(key)
         if entry is None:
@@ -224,8 +257,12 @@ class GraphCache:
         self._entries.clear()
 
 
-def capture(loop: Callable[[StaticBuffers], Tuple[Optional[torch.Tensor], ...]], inputs: StaticBuffers,
-            warmup: int = 1, keep_alive: Tuple[Any, ...] = ()) -> CapturedLoop:
+def capture(
+    loop: Callable[[StaticBuffers], tuple[torch.Tensor | None, ...]],
+    inputs: StaticBuffers,
+    warmup: int = 1,
+    keep_alive: tuple[Any, ...] = (),
+) -> CapturedLoop:
     """Captures ``loop(inputs)`` into a CUDA graph after ``warmup`` eager runs on a side stream.
 
     The warm-up compiles the Triton kernels and lets cuDNN/cuBLAS pick their algorithms outside the

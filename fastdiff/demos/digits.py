@@ -3,32 +3,44 @@
 Samples the shipped digits network (:func:`fastdiff.pretrained.digits`) with the default sampler and with
 classifier-free guidance for each class, writes the grids as PNGs, and prints sample quality against
 network evaluations for fastdiff's samplers and diffusers' schedulers on the same network, from the same
-initial noise. Quality is judged independently of the network (:mod:`fastdiff.quality`): the Frechet
+initial noise. Quality is judged independently of the network (:mod:`fastdiff.eval.quality`): the Frechet
 distance in a digit classifier's feature space to the real digits, with real digits as the floor.
 """
+
 from __future__ import annotations
 
 import inspect
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from fastdiff.eval.quality import DigitsJudge
 from fastdiff.extras import require
 from fastdiff.pipeline import Pipeline
 from fastdiff.png import image_grid, write_png
 from fastdiff.pretrained import digits
-from fastdiff.quality import DigitsJudge
 
 # fastdiff sampler -> the diffusers scheduler class running the same algorithm (on the same trailing grid).
-DIFFUSERS_PEERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-                   "unipc": "UniPCMultistepScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler"}
+DIFFUSERS_PEERS = {
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+}
 TABLE_SAMPLERS = ("ddim", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 
-def diffusers_sample(scheduler: Any, model: Callable[..., torch.Tensor], x_T: torch.Tensor, steps: int,
-                     seed: int = 0, **model_kwargs: Any) -> torch.Tensor:
+def diffusers_sample(
+    scheduler: Any,
+    model: Callable[..., torch.Tensor],
+    x_T: torch.Tensor,
+    steps: int,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> torch.Tensor:
     """diffusers' own sampling loop (``set_timesteps``, ``scale_model_input``, ``step``) with ``model``.
 
     ``x_T`` is taken as diffusers' ``latents`` (scaled by ``init_noise_sigma``, as its pipelines do).
@@ -48,15 +60,22 @@ def _diffusers_scheduler(sampler: str) -> Any:
     diffusers = require("diffusers", "demo")
 
     cls = getattr(diffusers, DIFFUSERS_PEERS[sampler])
-    kw: dict = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                    timestep_spacing="trailing")
+    kw: dict = dict(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, timestep_spacing="trailing"
+    )
     if sampler == "ddim":
         kw.update(clip_sample=False)
     return cls(**kw)
 
 
-def quality_table(pipe: Pipeline, judge: DigitsJudge, n: int, nfes: Sequence[int],
-                  samplers: Sequence[str] = TABLE_SAMPLERS, with_diffusers: bool = True) -> list[dict]:
+def quality_table(
+    pipe: Pipeline,
+    judge: DigitsJudge,
+    n: int,
+    nfes: Sequence[int],
+    samplers: Sequence[str] = TABLE_SAMPLERS,
+    with_diffusers: bool = True,
+) -> list[dict]:
     """Unconditional samples of every sampler at every NFE, scored; fastdiff on the trailing grid, diffusers'
     peers with their own scheduler classes on the same grid and the same x_T."""
     shape = (n, *pipe.sample_shape)
@@ -77,26 +96,44 @@ def quality_table(pipe: Pipeline, judge: DigitsJudge, n: int, nfes: Sequence[int
                 continue
             for nfe in nfes:
                 x = diffusers_sample(_diffusers_scheduler(sampler), pipe.model, x_T, nfe)
-                rows.append(dict(library="diffusers", sampler=DIFFUSERS_PEERS[sampler].replace("Scheduler", ""),
-                                 nfe=nfe, **vars(judge.score(x))))
+                rows.append(
+                    dict(
+                        library="diffusers",
+                        sampler=DIFFUSERS_PEERS[sampler].replace("Scheduler", ""),
+                        nfe=nfe,
+                        **vars(judge.score(x)),
+                    )
+                )
     return rows
 
 
 def format_table(rows: list[dict], nfes: Sequence[int], floor: float, n: int) -> str:
     """The quality table as Markdown: Frechet distance (classifier confidence) per sampler and NFE."""
-    lines = ["| library | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
-             "|---|---|" + "---|" * len(nfes)]
+    lines = ["| library | sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
     keys = dict.fromkeys((r["library"], r["sampler"]) for r in rows)
     for lib, name in keys:
-        cells = {r["nfe"]: f"{r['fd']:.1f} ({r['confidence']:.2f})" for r in rows
-                 if r["library"] == lib and r["sampler"] == name}
+        cells = {
+            r["nfe"]: f"{r['fd']:.1f} ({r['confidence']:.2f})"
+            for r in rows
+            if r["library"] == lib and r["sampler"] == name
+        }
         lines.append(f"| {lib} | {name} | " + " | ".join(cells.get(k, "") for k in nfes) + " |")
-    lines.append(f"| real digits | (floor: {n} real digits, mean of 8 draws) | " + " | ".join(f"{floor:.1f}" for _ in nfes) + " |")
+    lines.append(
+        f"| real digits | (floor: {n} real digits, mean of 8 draws) | "
+        + " | ".join(f"{floor:.1f}" for _ in nfes)
+        + " |"
+    )
     return "\n".join(lines)
 
 
-def run_digits_demo(out_dir: str = "out", n: int = 128, nfes: Sequence[int] = (5, 10, 20),
-                    with_diffusers: bool = True, guidance_scale: float = 3.0, threads: Optional[int] = None) -> dict:
+def run_digits_demo(
+    out_dir: str = "out",
+    n: int = 128,
+    nfes: Sequence[int] = (5, 10, 20),
+    with_diffusers: bool = True,
+    guidance_scale: float = 3.0,
+    threads: int | None = None,
+) -> dict:
     """Runs the demo; returns what it printed as data (rows, floor, accuracies, paths, seconds)."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -109,24 +146,41 @@ def run_digits_demo(out_dir: str = "out", n: int = 128, nfes: Sequence[int] = (5
         path_default = os.path.join(out_dir, "digits.png")
         write_png(path_default, image_grid(grid, rows=8))
         labels = torch.arange(10).repeat_interleave(8)
-        guided = pipe.sample((80, *pipe.sample_shape), steps=25, seed=1, progress=False,
-                             model_kwargs={"y": labels}, uncond_kwargs={"y": torch.full_like(labels, pipe.num_classes)},
-                             guidance_scale=guidance_scale)
+        guided = pipe.sample(
+            (80, *pipe.sample_shape),
+            steps=25,
+            seed=1,
+            progress=False,
+            model_kwargs={"y": labels},
+            uncond_kwargs={"y": torch.full_like(labels, pipe.num_classes)},
+            guidance_scale=guidance_scale,
+        )
         path_guided = os.path.join(out_dir, "digits_guided.png")
-        write_png(path_guided, image_grid(guided.reshape(10, 8, 1, 8, 8).transpose(0, 1).reshape(80, 1, 8, 8),
-                                          rows=8))
+        write_png(path_guided, image_grid(guided.reshape(10, 8, 1, 8, 8).transpose(0, 1).reshape(80, 1, 8, 8), rows=8))
         default_score = judge.score(grid)
         guided_score = judge.score(guided, labels)
         rows = quality_table(pipe, judge, n, nfes, with_diffusers=with_diffusers)
     floor = judge.real_floor(n)
-    print(f"wrote {path_default} (64 samples, ddim, 50 steps: FD {default_score.fd:.1f}, "
-          f"confidence {default_score.confidence:.2f})")
-    print(f"wrote {path_guided} (one column per digit 0-9, guidance {guidance_scale}, ddim 25 steps: "
-          f"{100 * guided_score.accuracy:.0f}% classified as the requested digit)")
-    print(f"\nFrechet distance to the real digits in a digit classifier's features, lower is better "
-          f"(mean classifier confidence); {n} unconditional samples from the same x_T, trailing timesteps:\n")
+    print(
+        f"wrote {path_default} (64 samples, ddim, 50 steps: FD {default_score.fd:.1f}, "
+        f"confidence {default_score.confidence:.2f})"
+    )
+    print(
+        f"wrote {path_guided} (one column per digit 0-9, guidance {guidance_scale}, ddim 25 steps: "
+        f"{100 * guided_score.accuracy:.0f}% classified as the requested digit)"
+    )
+    print(
+        f"\nFrechet distance to the real digits in a digit classifier's features, lower is better "
+        f"(mean classifier confidence); {n} unconditional samples from the same x_T, trailing timesteps:\n"
+    )
     print(format_table(rows, nfes, floor, n))
     seconds = time.time() - start
     print(f"\n({seconds:.0f} s)")
-    return dict(rows=rows, floor=floor, default=vars(default_score), guided=vars(guided_score),
-                paths=[path_default, path_guided], seconds=seconds)
+    return dict(
+        rows=rows,
+        floor=floor,
+        default=vars(default_score),
+        guided=vars(guided_score),
+        paths=[path_default, path_guided],
+        seconds=seconds,
+    )

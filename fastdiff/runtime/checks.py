@@ -1,9 +1,11 @@
 """Checks of sampling inputs and outputs shared by the pipeline, the special samplers and the serving engine,
 and the error the loop raises when a state went NaN/Inf."""
+
 from __future__ import annotations
 
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,8 +21,10 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, step: int, samples: list[int]):
         self.step = step
         self.samples = samples
-        super().__init__(f"the sampler state became NaN/Inf at step {step} in samples {samples} "
-                         "(check the model's output there, the prediction type and the schedule's ends)")
+        super().__init__(
+            f"the sampler state became NaN/Inf at step {step} in samples {samples} "
+            "(check the model's output there, the prediction type and the schedule's ends)"
+        )
 
 
 def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -53,8 +57,10 @@ def check_model_kwargs(kwargs: dict, batch: int, what: str = "model_kwargs") -> 
         if not isinstance(name, str):
             raise TypeError(f"{what} keys must be argument names (str), got {name!r}")
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != batch:
-            raise ValueError(f"{what}[{name!r}] has batch size {value.shape[0]}, expected {batch} "
-                             "(per-sample tensors need one row per sample)")
+            raise ValueError(
+                f"{what}[{name!r}] has batch size {value.shape[0]}, expected {batch} "
+                "(per-sample tensors need one row per sample)"
+            )
 
 
 def check_callback(callback: Any, callback_steps: Any) -> None:

@@ -1,12 +1,15 @@
 """The probability-flow ODE drift of a network, and the conversions of a network output into x0 and eps.
 
-The bottom of the sampling layers: :mod:`fastdiff.likelihood` (likelihoods, encoding), :mod:`fastdiff.adaptive`
-(rk45 sampling) and :mod:`fastdiff.corrector` (Langevin correction) build on it; it imports none of them.
+The bottom of the sampling layers: :mod:`fastdiff.solvers.likelihood` (likelihoods, encoding),
+:mod:`fastdiff.solvers.eager`
+(rk45 sampling) and :mod:`fastdiff.solvers.corrector` (Langevin correction) build on it; it imports none of them.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ __all__ = ["SCORE_PREDICTIONS", "PFODEDrift", "pf_ode_drift", "x0_eps_coefficien
 SCORE_PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 
 
-def x0_eps_coefficients(prediction: str, a: float, s: float) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+def x0_eps_coefficients(prediction: str, a: float, s: float) -> tuple[tuple[float, float], tuple[float, float]]:
     """``x0_hat = c[0] x + c[1] m`` and ``eps_hat = e[0] x + e[1] m`` for a network output m (float64).
 
     The same conversions as the C++ coefficient programs (csrc/coefficients.cpp).
@@ -61,14 +64,20 @@ class PFODEDrift:
     Call it as ``F(x, t)`` with ``x`` ``[B, ...]`` and ``t`` a float; it returns a tensor like ``x``.
     """
 
-    def __init__(self, model: Callable[..., torch.Tensor], schedule: Schedule, prediction: str,
-                 model_kwargs: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        schedule: Schedule,
+        prediction: str,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **kwargs), got {type(model).__name__}")
         check_pf_ode_schedule(schedule)
         if prediction not in SCORE_PREDICTIONS:
-            raise ValueError(f"prediction must be one of {SCORE_PREDICTIONS} (a prediction with a score), "
-                             f"got {prediction!r}")
+            raise ValueError(
+                f"prediction must be one of {SCORE_PREDICTIONS} (a prediction with a score), got {prediction!r}"
+            )
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
@@ -79,9 +88,10 @@ class PFODEDrift:
                 raise ValueError(
                     f"the schedule {schedule!r} with prediction {prediction!r} has no finite PF-ODE drift at "
                     f"t = {t} (alpha = {float(schedule.alpha(t)):.4g}, sigma = {float(schedule.sigma(t)):.4g}); "
-                    "use a schedule whose t range stays inside (alpha > 0, sigma > 0) or another prediction")
+                    "use a schedule whose t range stays inside (alpha > 0, sigma > 0) or another prediction"
+                )
 
-    def coefficients(self, t: float) -> Tuple[float, float]:
+    def coefficients(self, t: float) -> tuple[float, float]:
         """``(A, B)`` in float64 with ``F(x, t) = A x + B model(x, t)``."""
         sch = self.schedule
         a, s = float(sch.alpha(t)), float(sch.sigma(t))
@@ -113,8 +123,12 @@ class PFODEDrift:
         return f"PFODEDrift({self.schedule!r}, prediction={self.prediction!r})"
 
 
-def pf_ode_drift(model: Callable[..., torch.Tensor], schedule: Schedule, prediction: str,
-                 model_kwargs: Optional[Mapping[str, Any]] = None) -> PFODEDrift:
+def pf_ode_drift(
+    model: Callable[..., torch.Tensor],
+    schedule: Schedule,
+    prediction: str,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> PFODEDrift:
     """The PF-ODE drift ``F(x, t) = f(t) x - g(t)^2/2 * score(x, t)`` of ``model`` as a callable ``F(x, t)``.
 
     The score comes from the network output ``m`` as: eps: ``-m/sigma``; x0: ``-(x - alpha m)/sigma^2``;
@@ -137,7 +151,9 @@ def check_pf_ode_schedule(schedule: Any) -> None:
             f"schedule {schedule!r} is discrete-time and has no probability-flow ODE in continuous time "
             "(its network only knows integer timesteps); likelihoods and rk45 encoding need a continuous "
             "schedule (vp_linear, vp_cosine, sub_vp, from_beta_function, ve, edm, flow). DDIM inversion "
-            "(encode(..., sampler='ddim')) works on discrete schedules.")
+            "(encode(..., sampler='ddim')) works on discrete schedules."
+        )
     if not float(schedule.sigma(schedule.t_min)) > 0:
-        raise ValueError(f"schedule {schedule!r} has sigma(t_min) = 0: the score is undefined where the "
-                         "PF-ODE would start")
+        raise ValueError(
+            f"schedule {schedule!r} has sigma(t_min) = 0: the score is undefined where the PF-ODE would start"
+        )

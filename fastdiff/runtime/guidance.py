@@ -9,10 +9,12 @@ makes two calls (half the peak activation memory). ``guidance_rescale`` is diffu
 ``rescale_noise_cfg`` (Lin et al. 2023, section 3.4); it needs per-sample standard deviations, which
 are not linear in m, so when it is non-zero the guided output is formed in torch before the step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -32,8 +34,9 @@ class Guidance:
         return (self.scale, self.rescale, self.batching)
 
 
-def make_guidance(guidance_scale: float, guidance_rescale: float, guidance_batching: str,
-                  uncond_kwargs: Optional[Mapping[str, Any]]) -> Optional[Guidance]:
+def make_guidance(
+    guidance_scale: float, guidance_rescale: float, guidance_batching: str, uncond_kwargs: Mapping[str, Any] | None
+) -> Guidance | None:
     """Checks the guidance arguments; returns None when guidance is off.
 
     Guidance is off when ``guidance_scale == 1`` (``m = m_c`` exactly) and no ``uncond_kwargs`` are
@@ -64,23 +67,34 @@ def check_double_batch(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> No
     other value (a scalar tensor, a number, a string) must be the same object or equal in both.
     """
     if set(cond) != set(uncond):
-        raise ValueError("guidance_batching='double' needs model_kwargs and uncond_kwargs with the same names "
-                         f"(got {sorted(cond)} and {sorted(uncond)}); pass guidance_batching='separate' to call "
-                         "the model twice")
+        raise ValueError(
+            "guidance_batching='double' needs model_kwargs and uncond_kwargs with the same names "
+            f"(got {sorted(cond)} and {sorted(uncond)}); pass guidance_batching='separate' to call "
+            "the model twice"
+        )
     for name, c in cond.items():
         u = uncond[name]
         if _is_batched(c) or _is_batched(u):
             if not (_is_batched(c) and _is_batched(u)) or c.shape[1:] != u.shape[1:] or c.dtype != u.dtype:
-                raise ValueError(f"model_kwargs[{name!r}] and uncond_kwargs[{name!r}] cannot be stacked into one "
-                                 f"batch ({_describe(c)} vs {_describe(u)}); use guidance_batching='separate'")
+                raise ValueError(
+                    f"model_kwargs[{name!r}] and uncond_kwargs[{name!r}] cannot be stacked into one "
+                    f"batch ({_describe(c)} vs {_describe(u)}); use guidance_batching='separate'"
+                )
         elif c is not u and not _equal(c, u):
-            raise ValueError(f"model_kwargs[{name!r}] and uncond_kwargs[{name!r}] differ and are not per-sample "
-                             "tensors, so one doubled-batch call cannot hold both; use guidance_batching='separate'")
+            raise ValueError(
+                f"model_kwargs[{name!r}] and uncond_kwargs[{name!r}] differ and are not per-sample "
+                "tensors, so one doubled-batch call cannot hold both; use guidance_batching='separate'"
+            )
 
 
-def guided_outputs(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
-                   cond: Mapping[str, Any], uncond: Mapping[str, Any],
-                   guidance: Guidance) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_outputs(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any],
+    guidance: Guidance,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's conditional and unconditional outputs ``(m_c, m_u)`` at state ``x``, time ``t``."""
     if guidance.batching == "separate":
         return model(x, t, **cond), model(x, t, **uncond)
@@ -93,8 +107,9 @@ def guided_outputs(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
     return m_c, m_u
 
 
-def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor,
-                      guidance_rescale: float = 0.0) -> torch.Tensor:
+def rescale_noise_cfg(
+    noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float = 0.0
+) -> torch.Tensor:
     """diffusers' ``rescale_noise_cfg``: blend the guided output with it rescaled to the conditional's std.
 
     ``std`` is per sample over all non-batch dimensions (unbiased, as torch.std). Computed in float32.
@@ -118,8 +133,13 @@ def _describe(v: Any) -> str:
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and bool(torch.equal(a, b.to(a.device))))
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b.to(a.device)))
+        )
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001  (an object without a usable __eq__ counts as different)

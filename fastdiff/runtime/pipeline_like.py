@@ -1,9 +1,11 @@
 """``PipelineLike``: what the modules below :mod:`fastdiff.pipeline` (the request checks, likelihoods and
 inversion) read from a pipeline, as a protocol, so they take a :class:`fastdiff.Pipeline` without importing it
 (the pipeline imports them: layers import downward only)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Tuple
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -19,10 +21,18 @@ class PipelineLike(Protocol):
     prediction: str
     device: torch.device
     dtype: torch.dtype
-    sample_shape: Optional[Tuple[int, ...]]
+    sample_shape: tuple[int, ...] | None
 
-    def program(self, sampler: str, steps: int, spacing: Optional[str] = None, steps_offset: int = 0,
-                rho: float = 7.0, grid: Any = None, **sampler_options: Any) -> Program:
+    def program(
+        self,
+        sampler: str,
+        steps: int,
+        spacing: str | None = None,
+        steps_offset: int = 0,
+        rho: float = 7.0,
+        grid: Any = None,
+        **sampler_options: Any,
+    ) -> Program:
         """The coefficient program of a request (:meth:`fastdiff.Pipeline.program`)."""
         ...
 

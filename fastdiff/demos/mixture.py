@@ -3,16 +3,17 @@
 Prints a table of sliced-Wasserstein distance to exact samples per sampler and step count, and writes
 a PNG of the samples over the true density.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from fastdiff.eval.exact import GaussianMixture
+from fastdiff.eval.metrics import sliced_wasserstein
 from fastdiff.extras import require
-from fastdiff.metrics import sliced_wasserstein
-from fastdiff.models import GaussianMixture
 from fastdiff.pipeline import Pipeline
 from fastdiff.samplers import list_samplers
 from fastdiff.schedule import Schedule
@@ -39,8 +40,9 @@ def _setup(name: str, gmm: GaussianMixture) -> tuple[Pipeline, str]:
     return pipe, f"{schedule.kind}/{prediction}"
 
 
-def run_demo(n: int = 2000, step_counts: Sequence[int] = (10, 25, 100), out_dir: str = "out",
-             plot: bool = True) -> list[dict]:
+def run_demo(
+    n: int = 2000, step_counts: Sequence[int] = (10, 25, 100), out_dir: str = "out", plot: bool = True
+) -> list[dict]:
     """Samples the default mixture with every sampler at each step count; returns the table's rows
     (sampler, setup, steps, network evaluations, sliced W2 to exact samples)."""
     gmm = default_mixture()
@@ -51,8 +53,9 @@ def run_demo(n: int = 2000, step_counts: Sequence[int] = (10, 25, 100), out_dir:
         for steps in step_counts:
             pipe.model.reset_nfe()
             x = pipe.sample((n, 2), sampler=info.name, steps=steps, seed=0, progress=False)
-            rows.append(dict(sampler=info.name, setup=setup, steps=steps, nfe=pipe.model.nfe,
-                             sw2=sliced_wasserstein(x, exact)))
+            rows.append(
+                dict(sampler=info.name, setup=setup, steps=steps, nfe=pipe.model.nfe, sw2=sliced_wasserstein(x, exact))
+            )
             shown[info.name] = x
     baseline = sliced_wasserstein(gmm.sample(n, seed=2), exact)
     header = f"{'sampler':<16}{'setup':<18}" + "".join(f"{f'{s} steps':>17}" for s in step_counts)
@@ -61,10 +64,12 @@ def run_demo(n: int = 2000, step_counts: Sequence[int] = (10, 25, 100), out_dir:
         mine = [r for r in rows if r["sampler"] == info.name]
         cells = "".join(f"{r['sw2']:>10.4f} ({r['nfe']:>3})" for r in mine)
         print(f"{info.name:<16}{mine[0]['setup']:<18}{cells}")
-    print(f"\nsliced W2 to {n} exact samples (network evaluations in brackets; rk45 is adaptive and "
-          f"ignores steps). Two exact sample sets of {n} differ by {baseline:.4f}: the noise floor.\n"
-          "pc's signal-to-noise Langevin step assumes noise norms that concentrate (high dimension); "
-          "in 2-D it is unstable, as the table shows.")
+    print(
+        f"\nsliced W2 to {n} exact samples (network evaluations in brackets; rk45 is adaptive and "
+        f"ignores steps). Two exact sample sets of {n} differ by {baseline:.4f}: the noise floor.\n"
+        "pc's signal-to-noise Langevin step assumes noise norms that concentrate (high dimension); "
+        "in 2-D it is unstable, as the table shows."
+    )
     if plot:
         picks = {k: shown[k] for k in ("ddim", "ddpm", "dpmpp_2m", "heun", "unipc", "flow_euler") if k in shown}
         path = _plot(gmm, picks, out_dir, max(step_counts))

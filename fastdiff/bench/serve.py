@@ -17,6 +17,7 @@ JSON to ``bench/results/serve.json``, a Markdown table on stdout, and with ``--p
 engine with ``--threads`` threads): per-replica throughput and, at low load against the plain server, the proxy's
 cost per request.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
-from fastdiff.bench_timing import cpu_name, default_results_path, write_results
+from fastdiff.bench.timing import cpu_name, default_results_path, write_results
 from fastdiff.extras import require
 from fastdiff.serving.client import Client, ServerError
 
@@ -43,16 +45,20 @@ WORKLOAD_STEPS = (4, 8, 10, 15, 20, 25, 30, 50)
 DEFAULT_JSON = default_results_path("serve.json")
 
 
-def workload(count: int, rate: float, seed: int = 0, max_n: int = 8, num_classes: int = 10) -> List[Dict[str, Any]]:
+def workload(count: int, rate: float, seed: int = 0, max_n: int = 8, num_classes: int = 10) -> list[dict[str, Any]]:
     """``count`` requests with Poisson arrivals at ``rate`` per second: each ``{"at": seconds, "body": {...}}``
     (with a class label when ``num_classes`` > 0)."""
     rng = random.Random(seed)
     at, out = 0.0, []
-    for i in range(count):
+    for _i in range(count):
         at += rng.expovariate(rate)
         n = rng.randint(1, max_n)
-        body = {"n": n, "seed": rng.randrange(2 ** 31), "sampler": rng.choice(WORKLOAD_SAMPLERS),
-                "steps": rng.choice(WORKLOAD_STEPS)}
+        body = {
+            "n": n,
+            "seed": rng.randrange(2**31),
+            "sampler": rng.choice(WORKLOAD_SAMPLERS),
+            "steps": rng.choice(WORKLOAD_STEPS),
+        }
         label = int(rng.random() * num_classes)  # drawn either way, so the rest of the workload is the same
         if num_classes:
             body["class_label"] = label
@@ -66,12 +72,16 @@ class ServerProcess:
     def __init__(self, args: Sequence[str], start_timeout: float = 120.0):
         self.args = list(args)
         self.start_timeout = start_timeout
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def __enter__(self) -> "ServerProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastdiff", "serve", "--port", str(_free_port()),
-                                      *self.args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    def __enter__(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastdiff", "serve", "--port", str(_free_port()), *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if "serving on" not in line:
             self.__exit__(None, None, None)
@@ -96,19 +106,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def drive(url: str, requests: List[Dict[str, Any]], time_limit: float, engine_metrics: bool = True
-          ) -> Dict[str, Any]:
+def drive(url: str, requests: list[dict[str, Any]], time_limit: float, engine_metrics: bool = True) -> dict[str, Any]:
     """Sends ``requests`` at their arrival times (bounded by ``time_limit``) and measures what comes back.
 
     ``engine_metrics``: read the engine's busy time, CPU and rows per tick from ``/metrics`` (not behind Ray's
     proxy, where each ``/metrics`` call lands on one replica of several: those columns are then None)."""
     client = Client(url, timeout=600)
     before = client.metrics()
-    results: List[Dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     lock = threading.Lock()
     start = time.perf_counter()
 
-    def send(req: Dict[str, Any]) -> None:
+    def send(req: dict[str, Any]) -> None:
         delay = req["at"] - (time.perf_counter() - start)
         if delay > 0:
             time.sleep(delay)
@@ -131,20 +140,28 @@ def drive(url: str, requests: List[Dict[str, Any]], time_limit: float, engine_me
     span = (max(r["done"] for r in ok) - min(r["sent"] for r in results)) if ok else float("nan")
     latency = np.array([r["done"] - r["sent"] for r in ok]) if ok else np.array([float("nan")])
 
-    def delta(name: str) -> Optional[float]:
+    def delta(name: str) -> float | None:
         return after.get(name, 0.0) - before.get(name, 0.0) if engine_metrics else None
 
-    def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    def ratio(num: float | None, den: float | None) -> float | None:
         return None if num is None or den is None else num / max(den, 1e-12)
 
-    return dict(sent=len(results), ok=len(ok), errors=len(results) - len(ok),
-                samples_per_s=sum(r["n"] for r in ok) / span, requests_per_s=len(ok) / span,
-                p50_s=float(np.percentile(latency, 50)), p99_s=float(np.percentile(latency, 99)),
-                engine_busy=ratio(delta("fastdiff_engine_busy_seconds_total"), wall),
-                server_cpu_cores=ratio(delta("fastdiff_process_cpu_seconds_total"), wall),
-                mean_rows_per_tick=ratio(delta("fastdiff_batch_occupancy_sum"),
-                                         ratio(delta("fastdiff_batch_occupancy_count"), after["fastdiff_max_batch"])),
-                wall_s=wall)
+    return dict(
+        sent=len(results),
+        ok=len(ok),
+        errors=len(results) - len(ok),
+        samples_per_s=sum(r["n"] for r in ok) / span,
+        requests_per_s=len(ok) / span,
+        p50_s=float(np.percentile(latency, 50)),
+        p99_s=float(np.percentile(latency, 99)),
+        engine_busy=ratio(delta("fastdiff_engine_busy_seconds_total"), wall),
+        server_cpu_cores=ratio(delta("fastdiff_process_cpu_seconds_total"), wall),
+        mean_rows_per_tick=ratio(
+            delta("fastdiff_batch_occupancy_sum"),
+            ratio(delta("fastdiff_batch_occupancy_count"), after["fastdiff_max_batch"]),
+        ),
+        wall_s=wall,
+    )
 
 
 def unloaded_latency_ms(url: str, count: int = 40) -> float:
@@ -159,47 +176,90 @@ def unloaded_latency_ms(url: str, count: int = 40) -> float:
     return 1e3 * float(np.median(times))
 
 
-def setups(policies: Sequence[str], ray_replicas: Sequence[int]) -> List[tuple]:
+def setups(policies: Sequence[str], ray_replicas: Sequence[int]) -> list[tuple]:
     """(label, extra server args) for each policy, then continuous batching on Ray Serve with each replica count."""
     out = [(policy, ["--batching", policy]) for policy in policies]
     out += [(f"ray x{n}", ["--batching", "continuous", "--ray", "--replicas", str(n)]) for n in ray_replicas]
     return out
 
 
-def run(rates: Sequence[float], requests: int, time_limit: float, threads: int, max_batch: int,
-        batch_wait_ms: float, model: str, policies: Sequence[str] = POLICIES, seed: int = 0,
-        ray_replicas: Sequence[int] = (), device: Optional[str] = None) -> Dict[str, Any]:
+def run(
+    rates: Sequence[float],
+    requests: int,
+    time_limit: float,
+    threads: int,
+    max_batch: int,
+    batch_wait_ms: float,
+    model: str,
+    policies: Sequence[str] = POLICIES,
+    seed: int = 0,
+    ray_replicas: Sequence[int] = (),
+    device: str | None = None,
+) -> dict[str, Any]:
     """Every setup (:func:`setups`) at every rate, the same workload for all; with the machine described."""
 
     import torch
 
     rows = []
     for policy, extra in setups(policies, ray_replicas):
-        args = ["--model", model, "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "100000",
-                "--max-n", "8", "--batch-wait-ms", str(batch_wait_ms), "--timeout", "3600", *extra,
-                *(["--device", device] if device else [])]
+        args = [
+            "--model",
+            model,
+            "--threads",
+            str(threads),
+            "--max-batch",
+            str(max_batch),
+            "--max-queue",
+            "100000",
+            "--max-n",
+            "8",
+            "--batch-wait-ms",
+            str(batch_wait_ms),
+            "--timeout",
+            "3600",
+            *extra,
+            *(["--device", device] if device else []),
+        ]
         with ServerProcess(args) as server:
             with ThreadPoolExecutor(4) as pool:  # warm-up (every replica): first-call costs stay out of the numbers
                 list(pool.map(lambda _: Client(server.url).sample(n=1, steps=2), range(8)))
             num_classes = Client(server.url).info()["num_classes"]
             unloaded = unloaded_latency_ms(server.url)
             for rate in rates:
-                res = drive(server.url, workload(requests, rate, seed, num_classes=num_classes), time_limit,
-                            engine_metrics="--ray" not in extra)
+                res = drive(
+                    server.url,
+                    workload(requests, rate, seed, num_classes=num_classes),
+                    time_limit,
+                    engine_metrics="--ray" not in extra,
+                )
                 rows.append(dict(policy=policy, rate=rate, unloaded_request_ms=unloaded, **res))
-                print(f"{policy:>10} @ {rate:g} req/s: {res['samples_per_s']:.1f} samples/s, "
-                      f"p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s", file=sys.stderr, flush=True)
-    return dict(model=model, device=device or "default", threads=threads, max_batch=max_batch,
-                batch_wait_ms=batch_wait_ms,
-                requests_per_rate=requests, time_limit_s=time_limit, host=cpu_name(),
-                cores=os.cpu_count(), torch=torch.__version__, rows=rows, summary=summary(rows))
+                print(
+                    f"{policy:>10} @ {rate:g} req/s: {res['samples_per_s']:.1f} samples/s, "
+                    f"p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return dict(
+        model=model,
+        device=device or "default",
+        threads=threads,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        requests_per_rate=requests,
+        time_limit_s=time_limit,
+        host=cpu_name(),
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        rows=rows,
+        summary=summary(rows),
+    )
 
 
-def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """At the highest rate: continuous / single throughput and the p99s of request-level and continuous."""
     top = max(r["rate"] for r in rows)
     at = {r["policy"]: r for r in rows if r["rate"] == top}
-    out: Dict[str, Any] = {"rate": top}
+    out: dict[str, Any] = {"rate": top}
     if "continuous" in at and "single" in at:
         out["continuous_vs_single_throughput"] = at["continuous"]["samples_per_s"] / at["single"]["samples_per_s"]
     if "continuous" in at and "request" in at:
@@ -208,27 +268,34 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def format_unloaded(res: Dict[str, Any]) -> str:
+def format_unloaded(res: dict[str, Any]) -> str:
     """One line: each setup's unloaded one-step request latency."""
     seen = {r["policy"]: r["unloaded_request_ms"] for r in res["rows"]}
     return "unloaded 1-sample 1-step request, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in seen.items())
 
 
-def format_table(res: Dict[str, Any]) -> str:
+def format_table(res: dict[str, Any]) -> str:
     """Markdown: one line per (rate, policy)."""
-    lines = ["| offered req/s | batching | samples/s | req/s | p50 s | p99 s | rows/tick | engine busy | "
-             "server CPU cores | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| offered req/s | batching | samples/s | req/s | p50 s | p99 s | rows/tick | engine busy | "
+        "server CPU cores | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     order = list(dict.fromkeys(r["policy"] for r in res["rows"]))
     for r in sorted(res["rows"], key=lambda r: (r["rate"], order.index(r["policy"]))):
-        rows_per_tick, busy, cpu = (("-", "-", "-") if r["engine_busy"] is None else
-                                    (f"{r['mean_rows_per_tick']:.1f}", f"{100 * r['engine_busy']:.0f}%",
-                                     f"{r['server_cpu_cores']:.2f}"))
-        lines.append(f"| {r['rate']:g} | {r['policy']} | {r['samples_per_s']:.1f} | {r['requests_per_s']:.2f} | "
-                     f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {rows_per_tick} | {busy} | {cpu} | {r['errors']} |")
+        rows_per_tick, busy, cpu = (
+            ("-", "-", "-")
+            if r["engine_busy"] is None
+            else (f"{r['mean_rows_per_tick']:.1f}", f"{100 * r['engine_busy']:.0f}%", f"{r['server_cpu_cores']:.2f}")
+        )
+        lines.append(
+            f"| {r['rate']:g} | {r['policy']} | {r['samples_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+            f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {rows_per_tick} | {busy} | {cpu} | {r['errors']} |"
+        )
     return "\n".join(lines)
 
 
-def plot(res: Dict[str, Any], path: str) -> None:
+def plot(res: dict[str, Any], path: str) -> None:
     """Latency (p50 and p99) against offered load, one line per policy."""
     matplotlib = require("matplotlib", "plot")
     matplotlib.use("Agg")
@@ -238,9 +305,14 @@ def plot(res: Dict[str, Any], path: str) -> None:
     for policy in dict.fromkeys(r["policy"] for r in res["rows"]):
         rows = sorted((r for r in res["rows"] if r["policy"] == policy), key=lambda r: r["rate"])
         if rows:
-            line, = ax.plot([r["rate"] for r in rows], [r["p99_s"] for r in rows], "o-", label=f"{policy} p99")
-            ax.plot([r["rate"] for r in rows], [r["p50_s"] for r in rows], "x--", color=line.get_color(),
-                    label=f"{policy} p50")
+            (line,) = ax.plot([r["rate"] for r in rows], [r["p99_s"] for r in rows], "o-", label=f"{policy} p99")
+            ax.plot(
+                [r["rate"] for r in rows],
+                [r["p50_s"] for r in rows],
+                "x--",
+                color=line.get_color(),
+                label=f"{policy} p50",
+            )
     ax.set_xlabel("offered load (requests/s)")
     ax.set_ylabel("latency (s)")
     ax.set_yscale("log")
@@ -251,7 +323,7 @@ def plot(res: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of ``python -m fastdiff.bench serve``."""
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="2,5,10,20", help="Poisson arrival rates, requests/s, comma-separated")
@@ -263,8 +335,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--model", default="digits", help="as fastdiff serve --model")
     p.add_argument("--device", default=None, help="as fastdiff serve --device (cpu, cuda)")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"from {', '.join(POLICIES)}")
-    p.add_argument("--ray-replicas", default="", help="also continuous batching on Ray Serve with these replica "
-                                                       "counts, comma-separated (fastdiff[ray])")
+    p.add_argument(
+        "--ray-replicas",
+        default="",
+        help="also continuous batching on Ray Serve with these replica counts, comma-separated (fastdiff[ray])",
+    )
     p.add_argument("--json", default=DEFAULT_JSON, help=f"output path (default {DEFAULT_JSON}; '' for none)")
     p.add_argument("--plot", default="", help="latency-vs-load PNG path ('' for none)")
     a = p.parse_args(argv)
@@ -272,13 +347,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     policies = [s.strip() for s in a.policies.split(",") if s.strip()]
     bad = [s for s in policies if s not in POLICIES]
     if bad or not rates or any(r <= 0 for r in rates) or a.requests < 1:
-        raise SystemExit(f"need rates > 0, requests >= 1 and policies from {POLICIES}; got {a.rates!r}, "
-                         f"{a.requests}, {bad}")
+        raise SystemExit(
+            f"need rates > 0, requests >= 1 and policies from {POLICIES}; got {a.rates!r}, {a.requests}, {bad}"
+        )
     replicas = [int(r) for r in a.ray_replicas.split(",") if r.strip()]
     if any(r < 1 for r in replicas):
         raise SystemExit(f"--ray-replicas must be counts >= 1, got {a.ray_replicas!r}")
-    res = run(rates, a.requests, a.time_limit, a.threads, a.max_batch, a.batch_wait_ms, a.model, policies,
-              ray_replicas=replicas, device=a.device)
+    res = run(
+        rates,
+        a.requests,
+        a.time_limit,
+        a.threads,
+        a.max_batch,
+        a.batch_wait_ms,
+        a.model,
+        policies,
+        ray_replicas=replicas,
+        device=a.device,
+    )
     print(format_table(res))
     print(format_unloaded(res))
     print(json.dumps(res["summary"]))

@@ -5,23 +5,25 @@ returns a precomputed tensor, so nothing but the sampler's own work is measured)
 ``Pipeline.sample`` (one ``fastdiff::fused_step`` per stage; on the CPU the C++ kernel) against diffusers'
 scheduler loop (``set_timesteps`` once, then ``step`` per timestep) for the scheduler running the same
 algorithm. Reports ms per step for both and the ratio diffusers / fastdiff (> 1: fastdiff is faster);
-best of ``--repeats`` rounds in which the two take turns. Writes JSON (``bench/results/step.json``) and prints a Markdown table.
+best of ``--repeats`` rounds in which the two take turns. Writes JSON (``bench/results/step.json``) and prints a
+Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from fastdiff.bench_timing import best_of_each, cpu_name, default_results_path, write_results
+from fastdiff.bench.timing import best_of_each, cpu_name, default_results_path, write_results
 from fastdiff.extras import require
 from fastdiff.pipeline import Pipeline
 from fastdiff.schedule import Schedule
 
 # fastdiff sampler and options -> diffusers scheduler class, its config and step() kwargs.
-PEERS: Dict[str, tuple] = {
+PEERS: dict[str, tuple] = {
     "ddim eta=0": ("ddim", {"eta": 0.0}, "DDIMScheduler", {"clip_sample": False}, {"eta": 0.0}),
     "ddim eta=1": ("ddim", {"eta": 1.0}, "DDIMScheduler", {"clip_sample": False}, {"eta": 1.0}),
     "ddpm": ("ddpm", {}, "DDPMScheduler", {"clip_sample": False}, {}),
@@ -36,7 +38,7 @@ DEFAULT_JSON = default_results_path("step.json")
 or ``--json bench/results/step_cuda.json`` (GPU)."""
 
 
-def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: str = "cpu") -> Dict[str, Any]:
+def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
     """ms per step of fastdiff and diffusers for the peer pair ``name`` (a key of :data:`PEERS`) on ``device``
     (on CUDA fastdiff replays its whole loop as a CUDA graph, its default there)."""
     diffusers = require("diffusers", "bench")
@@ -47,8 +49,14 @@ def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: s
     sched = Schedule.vp_discrete()
     pipe = Pipeline(model, sched, device=device)
     x_T = pipe.initial_noise(shape, seed=0)
-    peer = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                                        beta_end=0.02, timestep_spacing="trailing", **config)
+    peer = getattr(diffusers, cls_name)(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        timestep_spacing="trailing",
+        **config,
+    )
     takes_generator = "generator" in __import__("inspect").signature(peer.step).parameters
 
     def diffusers_loop() -> torch.Tensor:
@@ -59,37 +67,62 @@ def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: s
             x = peer.step(model(peer.scale_model_input(x, t), t), t, x, **extra, **step_kwargs).prev_sample
         return x
 
-    ours, theirs = best_of_each([lambda: pipe.sample(shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing",
-                                                      progress=False, **options), diffusers_loop], repeats,
-                                 sync=torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None)
-    return dict(sampler=name, shape=list(shape), numel=int(torch.Size(shape).numel()), steps=steps,
-                fastdiff_ms_per_step=1e3 * ours / steps, diffusers_ms_per_step=1e3 * theirs / steps,
-                speedup=theirs / ours)
+    ours, theirs = best_of_each(
+        [
+            lambda: pipe.sample(
+                shape, sampler=sampler, steps=steps, x_T=x_T, spacing="trailing", progress=False, **options
+            ),
+            diffusers_loop,
+        ],
+        repeats,
+        sync=torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None,
+    )
+    return dict(
+        sampler=name,
+        shape=list(shape),
+        numel=int(torch.Size(shape).numel()),
+        steps=steps,
+        fastdiff_ms_per_step=1e3 * ours / steps,
+        diffusers_ms_per_step=1e3 * theirs / steps,
+        speedup=theirs / ours,
+    )
 
 
-def run(samplers: Sequence[str], sizes: Sequence[Sequence[int]], steps: int, repeats: int,
-        device: str = "cpu") -> Dict[str, Any]:
+def run(
+    samplers: Sequence[str], sizes: Sequence[Sequence[int]], steps: int, repeats: int, device: str = "cpu"
+) -> dict[str, Any]:
     """Every (sampler, size) pair, with the machine described."""
-    rows: List[Dict[str, Any]] = [measure(s, size, steps, repeats, device) for size in sizes for s in samplers]
+    rows: list[dict[str, Any]] = [measure(s, size, steps, repeats, device) for size in sizes for s in samplers]
     from fastdiff._ext import C
 
-    res = dict(device=device, threads=torch.get_num_threads(), host=cpu_name(), cpu_isa=C.cpu_isa(),
-               torch=torch.__version__, rows=rows)
+    res = dict(
+        device=device,
+        threads=torch.get_num_threads(),
+        host=cpu_name(),
+        cpu_isa=C.cpu_isa(),
+        torch=torch.__version__,
+        rows=rows,
+    )
     if torch.device(device).type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return res
 
 
-def format_table(res: Dict[str, Any]) -> str:
+def format_table(res: dict[str, Any]) -> str:
     """Markdown: one line per (size, sampler)."""
-    lines = ["| state | sampler | fastdiff ms/step | diffusers ms/step | diffusers / fastdiff |", "|---|---|---|---|---|"]
+    lines = [
+        "| state | sampler | fastdiff ms/step | diffusers ms/step | diffusers / fastdiff |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['sampler']} | {r['fastdiff_ms_per_step']:.3f} | "
-                     f"{r['diffusers_ms_per_step']:.3f} | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| {'x'.join(map(str, r['shape']))} | {r['sampler']} | {r['fastdiff_ms_per_step']:.3f} | "
+            f"{r['diffusers_ms_per_step']:.3f} | {r['speedup']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line of ``python -m fastdiff.bench step``."""
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench step", description=__doc__.split("\n\n")[0])
     p.add_argument("--samplers", default=",".join(PEERS), help=f"comma-separated, from: {', '.join(PEERS)}")

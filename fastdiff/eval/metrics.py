@@ -1,5 +1,6 @@
 """Sample-quality metrics against an exact model: sliced Wasserstein distance, moment errors, and a
 statistical check with thresholds derived from sampling error (used by the sampler tests)."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdiff.models import GaussianMixture
+from fastdiff.eval.exact import GaussianMixture
 
 __all__ = ["sliced_wasserstein", "moment_errors", "gmm_statistical_check", "GMMCheck"]
 
@@ -146,8 +147,13 @@ class GMMCheck:
 
     def as_dict(self) -> dict[str, bool]:
         """The booleans only."""
-        return {"mean": self.mean, "covariance": self.covariance, "weights": self.weights,
-                "sliced_ks": self.sliced_ks, "sliced_w2": self.sliced_w2}
+        return {
+            "mean": self.mean,
+            "covariance": self.covariance,
+            "weights": self.weights,
+            "sliced_ks": self.sliced_ks,
+            "sliced_w2": self.sliced_w2,
+        }
 
     def __bool__(self) -> bool:
         return self.passed
@@ -155,25 +161,34 @@ class GMMCheck:
     def __repr__(self) -> str:
         flags = ", ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in self.as_dict().items())
         s = self.stats
-        return (f"GMMCheck({flags}; n={s.get('n'):.0f}, "
-                f"mean max|z|={s['mean_stat']:.3g} (<= {s['mean_threshold']:.3g}), "
-                f"cov max|z|={s['cov_stat']:.3g} (<= {s['cov_threshold']:.3g}), "
-                f"weights max|z|={s['weights_stat']:.3g} (<= {s['weights_threshold']:.3g}), "
-                f"sliced KS={s['ks_stat']:.3g} (<= {s['ks_threshold']:.3g}), "
-                f"SW2={s['sw2']:.3g} (<= {s['sw2_threshold']:.3g}))")
+        return (
+            f"GMMCheck({flags}; n={s.get('n'):.0f}, "
+            f"mean max|z|={s['mean_stat']:.3g} (<= {s['mean_threshold']:.3g}), "
+            f"cov max|z|={s['cov_stat']:.3g} (<= {s['cov_threshold']:.3g}), "
+            f"weights max|z|={s['weights_stat']:.3g} (<= {s['weights_threshold']:.3g}), "
+            f"sliced KS={s['ks_stat']:.3g} (<= {s['ks_threshold']:.3g}), "
+            f"SW2={s['sw2']:.3g} (<= {s['sw2_threshold']:.3g}))"
+        )
 
 
 def _projected_cdf(y: torch.Tensor, gmm: GaussianMixture, theta: torch.Tensor) -> torch.Tensor:
     """Exact CDF of theta . x for x ~ gmm, at y [P, n]: sum_k w_k Phi((y - theta.mu_k) / |theta s_k|)."""
-    mu = theta @ gmm.means.T                                     # [P, K]
-    sd = (theta.square() @ gmm.stds.square().T).sqrt()           # [P, K]
-    z = (y[:, :, None] - mu[:, None, :]) / sd[:, None, :]        # [P, n, K]
+    mu = theta @ gmm.means.T  # [P, K]
+    sd = (theta.square() @ gmm.stds.square().T).sqrt()  # [P, K]
+    z = (y[:, :, None] - mu[:, None, :]) / sd[:, None, :]  # [P, n, K]
     return (torch.special.ndtr(z) * gmm.weights).sum(-1)
 
 
-def gmm_statistical_check(samples: Any, gmm: GaussianMixture, *, false_alarm: float = 1e-4,
-                          bias_tol: float = 0.0, n_projections: int = 64, seed: int = 0,
-                          n_null: int = 8) -> GMMCheck:
+def gmm_statistical_check(
+    samples: Any,
+    gmm: GaussianMixture,
+    *,
+    false_alarm: float = 1e-4,
+    bias_tol: float = 0.0,
+    n_projections: int = 64,
+    seed: int = 0,
+    n_null: int = 8,
+) -> GMMCheck:
     """Are ``samples`` [n, D] (or [n, *shape]) statistically indistinguishable from ``gmm``?
 
     Five checks, each built so that exact i.i.d. samples fail it with probability at most about
@@ -241,11 +256,11 @@ def gmm_statistical_check(samples: Any, gmm: GaussianMixture, *, false_alarm: fl
 
     # covariance, exact standard errors from the mixture's fourth moments
     cov_hat = torch.cov(x.T).reshape(d, d)
-    c = gmm.means - mean                                   # [K, D]
+    c = gmm.means - mean  # [K, D]
     s2 = gmm.stds.square()
     w = gmm.weights
-    a = c.square() + s2                                    # E_k[(x_i - m_i)^2]
-    m4 = (a * w[:, None]).T @ a                            # i != j
+    a = c.square() + s2  # E_k[(x_i - m_i)^2]
+    m4 = (a * w[:, None]).T @ a  # i != j
     m4_diag = w @ (c.pow(4) + 6 * c.square() * s2 + 3 * s2.square())
     m4 = m4 - torch.diag(m4.diagonal()) + torch.diag(m4_diag)
     se = ((m4 - cov.square()).clamp_min(1e-300) / n).sqrt()
@@ -269,7 +284,7 @@ def gmm_statistical_check(samples: Any, gmm: GaussianMixture, *, false_alarm: fl
 
     # sliced Kolmogorov-Smirnov with the DKW bound
     theta = _directions(n_projections, d, seed)
-    y = torch.from_numpy(_sort_rows(theta @ x.T))          # [P, n]
+    y = torch.from_numpy(_sort_rows(theta @ x.T))  # [P, n]
     cdf = _projected_cdf(y, gmm, theta)
     i = torch.arange(1, n + 1, dtype=torch.float64)
     ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).amax(1)
@@ -282,13 +297,25 @@ def gmm_statistical_check(samples: Any, gmm: GaussianMixture, *, false_alarm: fl
     base = (1 << 20) + 64 * int(seed)  # away from the small seeds tests draw their samples with
     ref = gmm.sample(n, seed=base, dtype=torch.float64)
     sw2 = sliced_wasserstein(x, ref, n_projections=n_projections, seed=seed)
-    null = [sliced_wasserstein(gmm.sample(n, seed=base + 1 + 2 * r, dtype=torch.float64),
-                               gmm.sample(n, seed=base + 2 + 2 * r, dtype=torch.float64),
-                               n_projections=n_projections, seed=seed) for r in range(n_null)]
+    null = [
+        sliced_wasserstein(
+            gmm.sample(n, seed=base + 1 + 2 * r, dtype=torch.float64),
+            gmm.sample(n, seed=base + 2 + 2 * r, dtype=torch.float64),
+            n_projections=n_projections,
+            seed=seed,
+        )
+        for r in range(n_null)
+    ]
     null_mean = sum(null) / n_null
     sw2_thr = 5.0 * null_mean + bias_tol * math.sqrt(float(var.sum()) / d)
     stats.update(sw2=sw2, sw2_threshold=sw2_thr, sw2_null_mean=null_mean)
     ok_sw = sw2 <= sw2_thr
 
-    return GMMCheck(mean=bool(ok_mean), covariance=bool(ok_cov), weights=bool(ok_w),
-                    sliced_ks=bool(ok_ks), sliced_w2=bool(ok_sw), stats=stats)
+    return GMMCheck(
+        mean=bool(ok_mean),
+        covariance=bool(ok_cov),
+        weights=bool(ok_w),
+        sliced_ks=bool(ok_ks),
+        sliced_w2=bool(ok_sw),
+        stats=stats,
+    )

@@ -1,0 +1,266 @@
+"""The sampling loop every fixed-step entry point shares: one coefficient program, run eagerly or as a CUDA graph.
+
+A run calls the network once per stage that needs it (twice, or once on a doubled batch, with guidance) and
+applies one fused step op per stage (:func:`fastdiff.runtime.step.fused_step`). Everything a stage reads is
+placed before the loop (per-stage views, model times on the device), and NaN/Inf are recorded by the op and
+checked once at the end, so the same code is what a CUDA graph captures (:func:`run_graph`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from fastdiff.program import Program
+from fastdiff.runtime.checks import NO_NONFINITE, check_model_output, raise_if_nonfinite
+from fastdiff.runtime.graphs import GraphCache, StaticBuffers, capture
+from fastdiff.runtime.guidance import Guidance, guided_outputs, rescale_noise_cfg
+from fastdiff.runtime.step import fused_step
+from fastdiff.runtime.x0_clip import X0Clip
+
+EAGER_ONLY = object()
+"""Graph-cache marker: capturing this key failed once under ``cuda_graph="auto"``, so it runs eagerly."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What every network call of a run receives: ``kwargs``, and with ``guidance`` the unconditional ``uncond``."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    uncond: dict[str, Any] | None = None
+    guidance: Guidance | None = None
+
+
+@dataclass(frozen=True)
+class Recording:
+    """What a run records beside the samples: every step's x0 estimate, the trajectory, a host callback
+    ``callback(step, x, x0_hat)`` every ``callback_steps`` steps, a progress bar."""
+
+    return_x0: bool = False
+    return_trajectory: bool = False
+    callback: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None
+    callback_steps: int = 1
+    progress: bool = False
+
+
+class LoopResult(NamedTuple):
+    """The samples, the x0 estimates [steps, ...] and trajectory [steps + 1, ...] when recorded, and per sample the
+    first stage that went NaN/Inf (``NO_NONFINITE`` where none did)."""
+
+    samples: torch.Tensor
+    x0: torch.Tensor | None
+    trajectory: torch.Tensor | None
+    nonfinite: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A network, its x0 limit and what the run records: with a program, everything a run needs."""
+
+    model: Callable[..., torch.Tensor]
+    cond: Conditioning = Conditioning()
+    record: Recording = Recording()
+    x0_clip: X0Clip | None = None
+
+    def network(
+        self, x: torch.Tensor, t: torch.Tensor, stage: int, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """The network's output(s) at one stage: (m, m_uncond or None, the guidance weight the op applies)."""
+        if cond.guidance is None:
+            m = self.model(x, t, **cond.kwargs)
+            check_model_output(m, x, stage)
+            return m.contiguous(), None, 1.0
+        guidance = cond.guidance
+        m, m_u = guided_outputs(self.model, x, t, cond.kwargs, cond.uncond, guidance)
+        check_model_output(m, x, stage)
+        check_model_output(m_u, x, stage)
+        if guidance.rescale != 0.0:  # not linear in m (per-sample std), so formed here rather than in the op
+            return rescale_noise_cfg(m_u + guidance.scale * (m - m_u), m, guidance.rescale).contiguous(), None, 1.0
+        return m.contiguous(), m_u.contiguous(), guidance.scale
+
+    def stages(
+        self,
+        prog: Program,
+        x: torch.Tensor,
+        seeds: torch.Tensor,
+        model_times: torch.Tensor,
+        cond: Conditioning | None = None,
+        noise: Any = None,
+    ) -> LoopResult:
+        """Every stage of ``prog`` from state ``x`` (read, never written); nothing here reads device values on
+        the host. ``cond`` replaces the runner's own (a graph's static buffers); ``noise[k]`` replaces stage k's
+        Philox noise."""
+        cond = self.cond if cond is None else cond
+        record = self.record
+        buf = _Buffers.allocate(prog, x, record)
+        bounds = None if self.x0_clip is None else self.x0_clip.bounds(x.shape[0], x.device)
+        times = model_times.unbind(0)
+        cur = x
+        for k in _stages(prog, record.progress):
+            stage = buf.plan[k]
+            nxt = buf.next_state(cur, stage)
+            m, m_u, w = (cur, None, 1.0) if not stage.calls_model else self.network(cur, times[k], k, cond)
+            x0_out = buf.x0_rows[stage.step] if buf.x0_rows is not None else buf.x0_scratch
+            fused_step(
+                x=cur,
+                m=m,
+                m_uncond=m_u,
+                guidance_scale=w,
+                history=stage.reads,
+                coeffs=prog.coef_device,
+                stage=k,
+                seeds=seeds,
+                use_noise=stage.uses_noise,
+                noise=None if noise is None else noise[k].to(cur),
+                x_out=nxt,
+                h_out=stage.writes,
+                x0_out=x0_out,
+                nonfinite=buf.nonfinite,
+                clip=None if bounds is None else bounds(cur, m, m_u, w, prog.coef[k]),
+            )
+            cur = nxt
+            if record.callback is not None and stage.last_of_step and stage.step % record.callback_steps == 0:
+                record.callback(stage.step, cur, x0_out)
+        return LoopResult(cur, buf.x0_all, buf.trajectory, buf.nonfinite)
+
+    def run_eager(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, noise: Any = None) -> LoopResult:
+        """The eager loop; raises :class:`~fastdiff.runtime.checks.NonFiniteError` if a sample went NaN/Inf."""
+        times = prog.model_times(x.shape[0])
+        result = self.stages(prog, x, seeds, times, noise=noise)
+        raise_if_nonfinite(result.nonfinite, prog)
+        return result
+
+    def run_graph(
+        self, graphs: GraphCache, key: tuple, prog: Program, x: torch.Tensor, seeds: torch.Tensor, strict: bool
+    ) -> LoopResult | None:
+        """Replays (capturing on a cache miss) the whole loop as one CUDA graph; returns fresh tensors.
+
+        When the capture fails (a model that syncs with the host or allocates pinned memory cannot be captured)
+        it raises if ``strict`` (``cuda_graph=True``), else remembers the key as eager-only and returns None so
+        the caller runs the eager loop (``cuda_graph="auto"``).
+        """
+        entry = graphs.get(key)
+        if entry is EAGER_ONLY:
+            if strict:
+                raise ValueError(
+                    "cuda_graph=True: this model could not be captured in a CUDA graph earlier "
+                    "(see the first error); use cuda_graph='auto' or False"
+                )
+            return None
+        values = self._graph_inputs(x, seeds)
+        # Static buffers and graph memory are ordinary (non-inference) tensors without autograd history, so one
+        # cached graph serves calls made inside and outside torch.inference_mode().
+        with torch.inference_mode(False), torch.no_grad():
+            if entry is None:
+                try:
+                    entry = self._capture(prog, x, values)
+                except Exception:
+                    if strict:
+                        raise
+                    graphs.put(key, EAGER_ONLY)
+                    return None
+                graphs.put(key, entry)
+            out, x0_all, traj, nonfinite = entry.replay(values)
+        raise_if_nonfinite(nonfinite, entry.keep_alive[0])
+        return LoopResult(
+            out.clone(), None if x0_all is None else x0_all.clone(), None if traj is None else traj.clone(), nonfinite
+        )
+
+    def _graph_inputs(self, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a replay copies into the static buffers: the state, the seeds and tensor conditioning."""
+        values = {"x": x, "seeds": seeds}
+        values.update({f"c:{n}": v for n, v in self.cond.kwargs.items() if isinstance(v, torch.Tensor)})
+        values.update({f"u:{n}": v for n, v in (self.cond.uncond or {}).items() if isinstance(v, torch.Tensor)})
+        return values
+
+    def _capture(self, prog: Program, x: torch.Tensor, values: dict[str, torch.Tensor]) -> Any:
+        inputs = StaticBuffers(values)
+        times = prog.model_times(x.shape[0])  # made before the loop (and the capture)
+        cond = self.cond
+
+        def loop(buf: StaticBuffers) -> tuple[torch.Tensor | None, ...]:
+            static = Conditioning(
+                {n: buf[f"c:{n}"] if f"c:{n}" in buf else v for n, v in cond.kwargs.items()},
+                None
+                if cond.uncond is None
+                else {n: buf[f"u:{n}"] if f"u:{n}" in buf else v for n, v in cond.uncond.items()},
+                cond.guidance,
+            )
+            return tuple(self.stages(prog, buf["x"], buf["seeds"], times, static))
+
+        return capture(loop, inputs, keep_alive=(prog, times))
+
+
+class _Stage(NamedTuple):
+    """What one stage reads and writes, looked up once before the loop rather than per step."""
+
+    step: int
+    last_of_step: bool
+    calls_model: bool
+    reads: list[torch.Tensor]
+    writes: torch.Tensor | None
+    uses_noise: bool
+
+
+@dataclass
+class _Buffers:
+    """The loop's buffers: history slots, two scratch states, the recorded x0 and trajectory, the NaN/Inf flags."""
+
+    plan: list[_Stage]
+    scratch: list[torch.Tensor]
+    x0_all: torch.Tensor | None
+    x0_rows: tuple[torch.Tensor, ...] | None
+    x0_scratch: torch.Tensor | None
+    trajectory: torch.Tensor | None
+    trajectory_rows: tuple[torch.Tensor, ...] | None
+    nonfinite: torch.Tensor
+
+    @classmethod
+    def allocate(cls, prog: Program, x: torch.Tensor, record: Recording) -> _Buffers:
+        steps = prog.grid.steps
+        slots = [torch.empty_like(x) for _ in range(prog.slots)]
+        step_of = [prog.step_of(k) for k in range(prog.stages)]
+        plan = [
+            _Stage(
+                step_of[k],
+                k == prog.stages - 1 or step_of[k + 1] != step_of[k],
+                prog.calls_model(k),
+                [slots[i] for i in prog.reads(k)],
+                slots[prog.writes(k)] if prog.writes(k) >= 0 else None,
+                prog.uses_noise(k),
+            )
+            for k in range(prog.stages)
+        ]
+        x0_all = x.new_empty((steps, *x.shape)) if record.return_x0 else None
+        trajectory = x.new_empty((steps + 1, *x.shape)) if record.return_trajectory else None
+        if trajectory is not None:
+            trajectory[0].copy_(x)
+        return cls(
+            plan,
+            [torch.empty_like(x), torch.empty_like(x)],
+            x0_all,
+            None if x0_all is None else x0_all.unbind(0),
+            torch.empty_like(x) if (record.callback is not None and x0_all is None) else None,
+            trajectory,
+            None if trajectory is None else trajectory.unbind(0),
+            torch.full((x.shape[0],), NO_NONFINITE, dtype=torch.int32, device=x.device),
+        )
+
+    def next_state(self, cur: torch.Tensor, stage: _Stage) -> torch.Tensor:
+        """Where a stage writes: the trajectory's row at the end of a step, else the scratch state not read."""
+        if self.trajectory_rows is not None and stage.last_of_step:
+            return self.trajectory_rows[stage.step + 1]
+        return self.scratch[0] if cur is not self.scratch[0] else self.scratch[1]
+
+
+def _stages(prog: Program, progress: bool) -> Any:
+    # A disabled tqdm still costs ~50 us to set up: a plain range without a progress bar.
+    stages = range(prog.stages)
+    return tqdm(stages, desc=f"fastdiff {prog.sampler}", leave=False) if progress else stages
+
+
+__all__ = ["Conditioning", "EAGER_ONLY", "LoopResult", "Loop", "Recording"]
