@@ -8,6 +8,9 @@ it routes it and releases it when the request finishes (or is cancelled before i
 to the replica this router has the fewest requests in flight on (ties broken at random), and a burst spreads
 evenly. The counts are this router's own (one per proxy or handle); each replica's ``max_ongoing_requests``
 still bounds what it holds (a full replica rejects and the router tries the next one).
+
+This module imports Ray alone: Ray pickles a custom router's module by value into each proxy, which then needs
+neither fastdiff nor torch.
 """
 from __future__ import annotations
 
