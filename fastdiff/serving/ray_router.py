@@ -69,7 +69,7 @@ class LeastOutstandingRouter(LocalityMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         """Drops the replica from routing and forgets what was counted against it."""
         super().on_replica_actor_died(replica_id)
-        self._forget_replicas_except(set(self._replicas))
+        self._forget_replicas_except(set(self.curr_replicas))
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         """Takes the new replica set and forgets counts on replicas that left it."""
