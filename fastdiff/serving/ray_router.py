@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ray.serve.request_router import LocalityMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -31,11 +31,11 @@ class LeastOutstandingRouter(LocalityMixin, RequestRouter):
     sent. Replicas come in the order of their counts, so a replica whose ``max_ongoing_requests`` is reached is
     passed over for the next."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # internal request id -> (replica it is counted against, the routing future it was counted for)
         self._routed: Dict[str, Tuple[ReplicaID, asyncio.Future]] = {}
-        self._outstanding: Counter = Counter()
+        self._outstanding: Counter[ReplicaID] = Counter()
 
     def outstanding(self, replica_id: ReplicaID) -> int:
         """How many requests this router has routed to ``replica_id`` that have not finished."""
@@ -104,7 +104,7 @@ class LeastOutstandingRouter(LocalityMixin, RequestRouter):
         if self._outstanding[replica_id] <= 0:
             del self._outstanding[replica_id]
 
-    def _forget_replicas_except(self, live: set) -> None:
+    def _forget_replicas_except(self, live: Set[ReplicaID]) -> None:
         for request_id, (replica_id, _) in list(self._routed.items()):
             if replica_id not in live:
                 del self._routed[request_id]
