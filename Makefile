@@ -1,43 +1,70 @@
-# `make demo` and `make test` work on a fresh clone: they create .venv, install fastdiff with its
-# C++ extension and the test dependencies, then run.
+# `make demo` and `make test` work on a fresh clone: they create .venv, install fastdiff with its C++ extension
+# and what the job needs (the demo: the `demo` extra; the tests: the `dev` extra, every peer), then run.
+# Every install is pinned by requirements/lock.txt (`make lock` refreshes it on purpose; `make test-latest` tries
+# the newest releases in .venv-latest without touching the lock).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.fastdiff-installed
-EXT_STAMP := build/.ext-built
-# The torch wheel pip picks when none is installed yet (a CPU build where one is on disk). Later
-# installs pin torch to the installed version, so no dependency (torchvision, via k-diffusion) can
-# swap it for another build.
+LOCK := requirements/lock.txt
+# The torch the lock is resolved with: a CPU build where one is on disk (see the README's Installation section).
 TORCH_SPEC ?= torch==2.13.0
-TORCH_PIN = torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')
+KDIFF_SPEC ?= k-diffusion
+# The build tools come from the lock too, and the package builds against the environment's own torch.
+PIP_LOCKED := $(PY) -m pip install -q -c $(LOCK)
+PIP_INSTALL := $(PY) -m pip install -q
+# The editable installs compile nothing; the extensions are built in place once ($(EXT_STAMP)).
+EDITABLE := FASTDIFF_SKIP_EXTENSIONS=1
+BASE_STAMP := $(VENV)/.base-installed
+DEMO_STAMP := $(VENV)/.demo-installed
+TEST_STAMP := $(VENV)/.test-installed
+EXT_STAMP := build/.ext-built-$(notdir $(VENV))
+# .venv-latest (make test-latest) takes the newest release of everything but torch; the tests then skip the lock check.
+LATEST := $(filter .venv-latest,$(VENV))
+PIN := $(if $(LATEST),$(PIP_INSTALL) "$(TORCH_SPEC)",$(PIP_LOCKED))
 
-.PHONY: demo test install ext bench clean
+.PHONY: demo test test-latest install ext bench lock clean
 
-$(STAMP): pyproject.toml setup.py
+$(BASE_STAMP): $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
-	$(PY) -m pip install -q --no-deps "k-diffusion==0.1.1.post1"
-	touch $(STAMP)
+	$(PIN) torch setuptools wheel pybind11 ninja numpy
+	touch $@
 
-# The C++ extension, rebuilt in place whenever csrc/ changes (serialised, so parallel rebuilds do
-# not collide).
-$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/torch/*.cpp)
+$(DEMO_STAMP): $(BASE_STAMP) pyproject.toml setup.py
+	$(EDITABLE) $(PIN) --no-build-isolation -e ".[demo]"
+	touch $@
+
+# k-diffusion (a test peer) without its declared dependencies: see pyproject.toml's dev extra.
+$(TEST_STAMP): $(DEMO_STAMP)
+	$(EDITABLE) $(PIN) --no-build-isolation -e ".[dev]"
+	$(PIN) --no-deps "$(KDIFF_SPEC)"
+	touch $@
+
+# The C++ extensions, rebuilt in place whenever csrc/ changes (serialised, so parallel rebuilds do not collide).
+$(EXT_STAMP): $(DEMO_STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/torch/*.cpp)
 	flock /tmp/fastdiff-build.lock $(PY) setup.py -q build_ext --inplace
-	mkdir -p build && touch $(EXT_STAMP)
+	mkdir -p build && touch $@
 
-install: $(EXT_STAMP)
+install: $(TEST_STAMP) $(EXT_STAMP)
 
 ext: $(EXT_STAMP)
 
 demo: $(EXT_STAMP)
 	$(PY) -m fastdiff demo
 
-test: $(EXT_STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+# The installed package is tested: the pytest script (not `python -m pytest`) and importlib mode put no repository
+# folder on sys.path.
+test: $(TEST_STAMP) $(EXT_STAMP)
+	TRITON_INTERPRET=1 FASTDIFF_UNLOCKED=$(if $(LATEST),1,0) $(VENV)/bin/pytest -q tests
 
-bench: $(EXT_STAMP)
+# The whole suite against the newest release of every dependency, in its own environment.
+test-latest:
+	$(MAKE) VENV=.venv-latest test
+
+lock:
+	$(PYTHON) tools/lock.py "$(TORCH_SPEC)" "$(KDIFF_SPEC)"
+
+bench: $(TEST_STAMP) $(EXT_STAMP)
 	$(PY) bench/quality.py
 
 clean:
-	rm -rf build $(VENV) fastdiff/_C*.so fastdiff/_ops*.so
+	rm -rf build $(VENV) .venv-latest fastdiff/_C*.so fastdiff/_ops*.so

@@ -21,22 +21,19 @@ Writes JSON and a PNG plot (quality against NFE, one panel per mixture) next to 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fastdiff import Pipeline, Schedule  # noqa: E402
-from fastdiff.demo import default_mixture  # noqa: E402
-from fastdiff.metrics import sliced_wasserstein  # noqa: E402
-from fastdiff.models import GaussianMixture  # noqa: E402
-from fastdiff.samplers import SAMPLERS  # noqa: E402
+from fastdiff import Pipeline, Schedule
+from fastdiff.bench_timing import default_results_path, write_results
+from fastdiff.demo import default_mixture
+from fastdiff.metrics import sliced_wasserstein
+from fastdiff.models import GaussianMixture
+from fastdiff.samplers import SAMPLERS
 
 NFES = (5, 10, 20, 50)
 RK45_TOLS = (1e-1, 1e-2, 1e-3, 1e-4)
@@ -126,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (500) and only NFE 5 and 20")
     ap.add_argument("--n", type=int, default=None, help="samples per run (default 2000, quick 500)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.json"))
+    ap.add_argument("--out", default=default_results_path("quality.json"),
+                    help="output path (the committed table: bench/results/quality.json)")
     args = ap.parse_args(argv)
     n = args.n or (500 if args.quick else 2000)
     nfes = (5, 20) if args.quick else NFES
@@ -160,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
     result = dict(benchmark="quality", metric="sliced W2 to exact samples (256 projections)", n=n,
                   nfe_targets=list(nfes), device="cpu", seconds=round(time.time() - t_start, 1), rows=rows)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    args.out = write_results(args.out, result)
     print_table(result)
     plot(result, os.path.splitext(args.out)[0] + ".png")
     return result

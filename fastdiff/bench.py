@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
-from fastdiff.bench_timing import best_of_each, cpu_name
+from fastdiff.bench_timing import best_of_each, cpu_name, default_results_path, write_results
+from fastdiff.extras import MissingExtra, require
 from fastdiff.kernels.philox import derive_seeds
 from fastdiff.pipeline import STEP_NOISE_STREAM, Pipeline
 from fastdiff.program import build_program
@@ -32,7 +33,7 @@ from fastdiff.schedule import Schedule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DIFFUSERS_SAMPLERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
-DEFAULT_JSON = os.path.join("bench", "results", "throughput.json")
+DEFAULT_JSON = default_results_path("throughput.json")
 
 
 class OpCounter(TorchDispatchMode):
@@ -121,7 +122,7 @@ def make_model(name: str, shape: Sequence[int], device: torch.device, dtype: tor
 
 def diffusers_scheduler(sampler: str, schedule_kwargs: Dict[str, Any]):
     """diffusers' scheduler doing the same update as fastdiff's ``sampler`` on a linear-beta VP schedule."""
-    import diffusers
+    diffusers = require("diffusers", "bench")
     if sampler not in DIFFUSERS_SAMPLERS:
         raise ValueError(f"no diffusers peer for sampler {sampler!r}; peers exist for {sorted(DIFFUSERS_SAMPLERS)}")
     cls = getattr(diffusers, DIFFUSERS_SAMPLERS[sampler])
@@ -298,13 +299,13 @@ def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEF
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
-    p.add_argument("--json", default=default_json, help="output path ('' for none)")
+    p.add_argument("--json", default=default_json,
+                   help=f"output path, merged with what is there (default {default_json}; '' for none)")
     a = p.parse_args(argv)
     shape = tuple(int(s) for s in a.shape.split(",") if s.strip())
     res = run(a.model, shape, a.batch, a.dtype, a.sampler, a.steps, a.repeats, a.device)
     print(format_table(res))
     if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         results = []
         if os.path.exists(a.json):
             try:
@@ -315,10 +316,12 @@ def main(argv: Optional[Sequence[str]] = None, default_json: Optional[str] = DEF
                 results = []
         same = ("model", "shape", "batch", "dtype", "sampler", "steps", "device")
         results = [r for r in results if any(r.get(k) != res[k] for k in same)] + [res]
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_results(a.json, results)
     return res
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MissingExtra as exc:  # one line naming the extra, not a traceback
+        raise SystemExit(f"python -m fastdiff.bench: error: {exc}") from None

@@ -33,13 +33,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from fastdiff.bench_timing import cpu_name
+from fastdiff.bench_timing import cpu_name, default_results_path, write_results
+from fastdiff.extras import require
 from fastdiff.serving.client import Client, ServerError
 
 POLICIES = ("single", "request", "continuous")
 WORKLOAD_SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "unipc", "ddpm")
 WORKLOAD_STEPS = (4, 8, 10, 15, 20, 25, 30, 50)
-DEFAULT_JSON = os.path.join("bench", "results", "serve.json")
+DEFAULT_JSON = default_results_path("serve.json")
 
 
 def workload(count: int, rate: float, seed: int = 0, max_n: int = 8, num_classes: int = 10) -> List[Dict[str, Any]]:
@@ -229,8 +230,7 @@ def format_table(res: Dict[str, Any]) -> str:
 
 def plot(res: Dict[str, Any], path: str) -> None:
     """Latency (p50 and p99) against offered load, one line per policy."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -265,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--policies", default=",".join(POLICIES), help=f"from {', '.join(POLICIES)}")
     p.add_argument("--ray-replicas", default="", help="also continuous batching on Ray Serve with these replica "
                                                        "counts, comma-separated (fastdiff[ray])")
-    p.add_argument("--json", default=DEFAULT_JSON, help="output path ('' for none)")
+    p.add_argument("--json", default=DEFAULT_JSON, help=f"output path (default {DEFAULT_JSON}; '' for none)")
     p.add_argument("--plot", default="", help="latency-vs-load PNG path ('' for none)")
     a = p.parse_args(argv)
     rates = [float(r) for r in a.rates.split(",") if r.strip()]
@@ -283,9 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(format_unloaded(res))
     print(json.dumps(res["summary"]))
     if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_results(a.json, res)
     if a.plot:
         plot(res, a.plot)
     return res

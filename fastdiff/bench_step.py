@@ -10,13 +10,13 @@ best of ``--repeats`` rounds in which the two take turns. Writes JSON (``bench/r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from fastdiff.bench_timing import best_of_each, cpu_name
+from fastdiff.bench_timing import best_of_each, cpu_name, default_results_path, write_results
+from fastdiff.extras import require
 from fastdiff.pipeline import Pipeline
 from fastdiff.schedule import Schedule
 
@@ -31,15 +31,15 @@ PEERS: Dict[str, tuple] = {
     "unipc": ("unipc", {}, "UniPCMultistepScheduler", {}, {}),
 }
 DEFAULT_SIZES = ("2,2", "4,4,64,64", "16,4,128,128")
-DEFAULT_JSON = os.path.join("bench", "results", "step.json")
-"""Where the CPU run's table lives; pass ``--json bench/results/step_cuda.json`` for a GPU run."""
+DEFAULT_JSON = default_results_path("step.json")
+"""Where a run writes unless told; the committed tables are written with ``--json bench/results/step.json`` (CPU)
+or ``--json bench/results/step_cuda.json`` (GPU)."""
 
 
 def measure(name: str, shape: Sequence[int], steps: int, repeats: int, device: str = "cpu") -> Dict[str, Any]:
     """ms per step of fastdiff and diffusers for the peer pair ``name`` (a key of :data:`PEERS`) on ``device``
     (on CUDA fastdiff replays its whole loop as a CUDA graph, its default there)."""
-    import diffusers
-
+    diffusers = require("diffusers", "bench")
     sampler, options, cls_name, config, step_kwargs = PEERS[name]
     shape = tuple(int(s) for s in shape)
     const = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.1).to(device)
@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (both libraries on it)")
-    p.add_argument("--json", default=DEFAULT_JSON, help="output path ('' for none)")
+    p.add_argument("--json", default=DEFAULT_JSON, help=f"output path (default {DEFAULT_JSON}; '' for none)")
     a = p.parse_args(argv)
     samplers = [s.strip() for s in a.samplers.split(",") if s.strip()]
     unknown = [s for s in samplers if s not in PEERS]
@@ -117,7 +117,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         res = run(samplers, sizes, a.steps, a.repeats, str(device))
     print(format_table(res))
     if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_results(a.json, res)
     return res

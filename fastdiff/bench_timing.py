@@ -2,9 +2,28 @@
 and the description of the machine they ran on."""
 from __future__ import annotations
 
+import json
+import os
 import platform
+import tempfile
 import time
 from typing import Any, Callable, List, Sequence
+
+
+def default_results_path(name: str) -> str:
+    """Where a benchmark writes its JSON unless ``--json`` says otherwise: ``fastdiff-bench/<name>`` in the
+    temporary folder. The repository's ``bench/results/`` is written only when asked for by name."""
+    return os.path.join(tempfile.gettempdir(), "fastdiff-bench", name)
+
+
+def write_results(path: str, results: Any) -> str:
+    """Writes ``results`` as JSON to ``path`` (folders made as needed), says where, and returns the absolute path."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"results written to {path}")
+    return path
 
 
 def best_of_each(fns: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None] = lambda: None

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from fastdiff.extras import MissingExtra
 from fastdiff.schedule import Schedule
 
 
@@ -58,6 +59,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sched = sub.add_parser("schedules", help="print a few schedules on a grid")
     sched.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
+    try:
+        _run(args, parser, serve_parser)
+    except MissingExtra as exc:  # an optional feature without its extra: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, serve_parser: argparse.ArgumentParser) -> None:
+    """Runs the parsed command."""
     if args.command == "demo" and args.mixture:
         from fastdiff.demo import run_demo
 
@@ -78,6 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             pipe = None if args.ray else load_pipeline(args.model, args.device)
             if args.replicas < 1:
                 raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        except MissingExtra:
+            raise
         except (ValueError, TypeError, FileNotFoundError, ImportError, AttributeError) as exc:
             serve_parser.error(str(exc))
         if args.ray:

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from fastdiff.extras import require
 from fastdiff.metrics import sliced_wasserstein
 from fastdiff.models import GaussianMixture
 from fastdiff.pipeline import Pipeline
@@ -72,8 +73,7 @@ def run_demo(n: int = 2000, step_counts: Sequence[int] = (10, 25, 100), out_dir:
 
 
 def _plot(gmm: GaussianMixture, shown: dict, out_dir: str, steps: int) -> str:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

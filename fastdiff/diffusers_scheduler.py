@@ -18,10 +18,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
+
+from fastdiff.extras import missing_extra
+
+try:
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from diffusers.utils import BaseOutput
+    from diffusers.utils.torch_utils import randn_tensor
+except ModuleNotFoundError as exc:
+    raise missing_extra("diffusers", exc) from exc
 
 import fastdiff.kernels.op  # noqa: F401  (registers torch.ops.fastdiff.fused_step)
 from fastdiff.diffusers_setup import CLASSES, SchedulerSetup, grid_of, scheduler_setup, set_timesteps

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from fastdiff.extras import require
 from fastdiff.pipeline import Pipeline
 from fastdiff.png import image_grid, write_png
 from fastdiff.pretrained import digits
@@ -44,7 +45,7 @@ def diffusers_sample(scheduler: Any, model: Callable[..., torch.Tensor], x_T: to
 
 
 def _diffusers_scheduler(sampler: str) -> Any:
-    import diffusers
+    diffusers = require("diffusers", "demo")
 
     cls = getattr(diffusers, DIFFUSERS_PEERS[sampler])
     kw: dict = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,

@@ -14,7 +14,7 @@ from fastdiff.schedule import Grid, Schedule
 
 @dataclass
 class Program:
-    """Stage rows (``coef`` [stages, 12] float64, columns as kernels/reference.py), slot/step metadata and model times of one sampler run.
+    """Stage rows (``coef`` [stages, 12] float64, columns as fastdiff/kernels/reference.py), slot/step metadata and model times of one sampler run.
 
     ``coef_device`` is the same table on the device the kernel reads; ``model_time`` [stages] is what
     the network is fed at each stage; ``meta`` [stages, 6] holds the history slots each stage reads

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff.checkpoint import save
+from fastdiff.extras import require
 from fastdiff.nets import UNet
 from fastdiff.schedule import Schedule
 
@@ -34,11 +35,7 @@ DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "pretrained", "digits.safe
 
 def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as images [1797, 1, 8, 8] in [-1, 1] and labels [1797]."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is in the dev/digits extras
-        raise ImportError("the digits data comes with scikit-learn: pip install 'fastdiff[digits]'") from e
-    data = load_digits()
+    data = require("sklearn.datasets", "digits").load_digits()
     images = torch.as_tensor(data.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
     return images, torch.as_tensor(data.target, dtype=torch.long)
 

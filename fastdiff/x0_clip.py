@@ -2,7 +2,7 @@
 
 Both make a step nonlinear in the network output, but leave it linear in x and the limited estimate
 ``x0c``, which the fused kernel forms itself from per-sample bounds (``clip`` [B, 2]: ``x0c = clamp(x0,
--b, b) * scale``; kernels/reference.py). :meth:`X0Clip.program` rewrites a program's rows so the network
+-b, b) * scale``; fastdiff/kernels/reference.py). :meth:`X0Clip.program` rewrites a program's rows so the network
 output reaches the step through ``x0c`` the way diffusers does:
 
 - ``ddim``: ``x' = alpha' x0c + c_eps eps + sigma_eta z`` with eps from the raw output (diffusers' DDIM

@@ -3,6 +3,7 @@ outside the model, counted by a TorchDispatchMode during ``Pipeline.sample``."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -146,3 +147,21 @@ def test_bench_step_on_cuda(tmp_path):
     res = main(["step", "--device", "cuda", "--sizes", "4,4,16,16", "--samplers", "ddim eta=1,dpmpp_2m", "--steps",
                 "4", "--repeats", "2", "--json", str(tmp_path / "cuda.json")])
     assert res["device"] == "cuda" and res["gpu"] and all(r["speedup"] > 0 for r in res["rows"])
+
+
+def test_benchmarks_write_to_a_temporary_path_unless_told(tmp_path, monkeypatch, capsys):
+    """No benchmark writes into the repository by default: each default JSON path is in the temporary folder, and a
+    run without --json writes its default (here moved into tmp_path) and says where."""
+    import tempfile
+
+    import fastdiff.bench
+    import fastdiff.bench_serve
+    import fastdiff.bench_step
+
+    for module in (fastdiff.bench, fastdiff.bench_step, fastdiff.bench_serve):
+        assert module.DEFAULT_JSON.startswith(os.path.join(tempfile.gettempdir(), "fastdiff-bench") + os.sep)
+    written = tmp_path / "step.json"
+    monkeypatch.setattr(fastdiff.bench_step, "DEFAULT_JSON", str(written))
+    main(["step", "--sizes", "2,2", "--samplers", "ddim eta=0", "--steps", "2", "--repeats", "1"])
+    assert json.loads(written.read_text())["rows"][0]["shape"] == [2, 2]
+    assert f"results written to {written}" in capsys.readouterr().out

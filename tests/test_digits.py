@@ -156,3 +156,18 @@ def test_shipped_weights_guidance_draws_the_requested_digit(judge):
         x = pipe.sample((40, 1, 8, 8), steps=15, seed=3, progress=False, model_kwargs={"y": labels},
                         uncond_kwargs={"y": torch.full_like(labels, 10)}, guidance_scale=3.0)
     assert judge.score(x, labels).accuracy >= 0.9
+
+
+def test_digits_samples_leave_the_data_range_unless_x0_is_clipped():
+    """What the README says of the range: unclipped samples go past [-1, 1]; x0_clip at 1 keeps them inside, the
+    guided ones too."""
+    from fastdiff.x0_clip import X0Clip
+
+    y = torch.arange(10).repeat(2)
+    guided = dict(model_kwargs={"y": y}, uncond_kwargs={"y": torch.full_like(y, 10)}, guidance_scale=3.0)
+    plain = digits(device="cpu").sample((20, 1, 8, 8), steps=10, seed=0, progress=False, **guided)
+    assert plain.abs().max() > 1.05
+    clipped = digits(device="cpu", x0_clip=X0Clip(clip_range=1.0))
+    for kwargs in ({}, guided):
+        x = clipped.sample((20, 1, 8, 8), steps=10, seed=0, progress=False, **kwargs)
+        assert x.min() >= -1 and x.max() <= 1, (x.min(), x.max())

@@ -1,4 +1,4 @@
-"""The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via kernels/cpu.py) against the plain-torch
+"""The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via fastdiff/kernels/cpu.py) against the plain-torch
 reference: every row kind, dtype and odd size, guidance, history, clipping, per-row programs; its in-loop Philox
 noise against the C++ libm generator and the (interpreted) Triton kernel; thread-count independence."""
 from __future__ import annotations
@@ -364,8 +364,10 @@ def test_a_cpp_kernel_that_does_not_load_warns_and_leaves_the_python_one(monkeyp
     # A stale build (made against another torch, say) must not break `import fastdiff`: the loader warns and says no.
     import importlib.machinery
 
-    broken = tmp_path / "_ops.so"
-    broken.write_bytes(b"not a shared library")
+    from fastdiff.kernels.ops_version import TORCH_VERSION_MARKER
+
+    broken = tmp_path / "_ops.so"  # names this torch (so the version check passes) but is no shared library
+    broken.write_bytes(b"not a shared library " + TORCH_VERSION_MARKER + torch.__version__.encode() + b"\0")
     spec = importlib.machinery.ModuleSpec("fastdiff._ops", None, origin=str(broken))
     monkeypatch.setattr(fastdiff.kernels.op.importlib.util, "find_spec", lambda name: spec)
     with pytest.warns(UserWarning, match="did not load"):

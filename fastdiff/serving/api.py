@@ -13,7 +13,12 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from fastdiff.extras import missing_extra
+
+try:
+    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+except ModuleNotFoundError as exc:
+    raise missing_extra("serve", exc) from exc
 
 from fastdiff.adaptive import SPECIAL_SAMPLERS
 from fastdiff.pipeline import Pipeline

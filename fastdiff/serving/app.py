@@ -15,8 +15,13 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastdiff.extras import missing_extra
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+except ModuleNotFoundError as exc:
+    raise missing_extra("serve", exc) from exc
 
 from fastdiff.serving.api import BATCHABLE_SAMPLERS, FieldError, Limits, SamplesBody, npy_bytes, png_payload, to_sample_request
 from fastdiff.serving.engine import RequestCancelled, RequestFailed

@@ -332,7 +332,7 @@ class Engine:
 
 def _row_fields(prog: Program, stage: int) -> List[int]:
     """A row's per-row-mode fields at ``stage`` (coefficient row before the table offset, noise stage, three read
-    slots padded with -1, write slot); see ``kernels/reference.py``."""
+    slots padded with -1, write slot); see ``fastdiff/kernels/reference.py``."""
     reads = prog.reads(stage)
     fields = [stage, stage, *reads, *([-1] * (3 - len(reads))), prog.writes(stage)]
     assert len(fields) == ROW_FIELDS

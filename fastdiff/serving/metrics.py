@@ -9,9 +9,14 @@ import threading
 import time
 from typing import Any, Deque, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
-from prometheus_client.process_collector import ProcessCollector
+from fastdiff.extras import missing_extra
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+    from prometheus_client.process_collector import ProcessCollector
+except ModuleNotFoundError as exc:
+    raise missing_extra("serve", exc) from exc
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OCCUPANCY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -27,10 +27,15 @@ import signal
 import threading
 from typing import Any, Dict, Optional
 
-import ray
-from fastapi import FastAPI
-from ray import serve
-from ray.serve.config import RequestRouterConfig
+from fastdiff.extras import missing_extra
+
+try:
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+except ModuleNotFoundError as exc:
+    raise missing_extra("ray", exc) from exc
 
 from fastdiff.serving.ray_router import LeastOutstandingRouter
 from fastdiff.serving.server import ServeSettings, load_pipeline, make_app

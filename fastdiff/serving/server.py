@@ -14,8 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import uvicorn
-from fastapi import FastAPI
+
+from fastdiff.extras import missing_extra
+
+try:
+    import uvicorn
+    from fastapi import FastAPI
+except ModuleNotFoundError as exc:
+    raise missing_extra("serve", exc) from exc
 
 from fastdiff.pipeline import Pipeline
 from fastdiff.serving.api import Limits

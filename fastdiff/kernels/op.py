@@ -1,13 +1,13 @@
 """``torch.ops.fastdiff.fused_step``: the fused sampler step as one registered op.
 
 The op is defined with ``torch.library.Library`` (schema below) and has a kernel per device: on CPU the
-C++ fused step, on CUDA the Triton kernel (kernels/fused_step.py), plus a fake kernel for tracing.
+C++ fused step, on CUDA the Triton kernel (fastdiff/kernels/fused_step.py), plus a fake kernel for tracing.
 torch.compile, CUDA graphs and a TorchDispatchMode see exactly one op per step on any device.
 
 The CPU kernel is registered in C++ (fastdiff._ops, csrc/torch/fused_step_op.cpp) where that extension is
 built: it checks the arguments and runs the C++ step with no Python in between (~4 us of dispatch). What its
 fast path does not take (non-contiguous or mixed-dtype arguments, bad per-row arguments) it passes to
-``fastdiff::fused_step_any``, the same op with the Python CPU kernel (kernels/cpu.py: conversions, the
+``fastdiff::fused_step_any``, the same op with the Python CPU kernel (fastdiff/kernels/cpu.py: conversions, the
 reference fallback, the argument errors). Without fastdiff._ops (or with ``FASTDIFF_PYTHON_CPU_KERNEL=1``)
 that Python kernel is fused_step's CPU kernel itself.
 
@@ -29,6 +29,7 @@ import torch
 from fastdiff.kernels import philox as _philox  # noqa: F401  (registers fastdiff::philox_normal)
 from fastdiff.kernels.cpu import fused_step_cpu
 from fastdiff.kernels.fused_step import launch_fused_step
+from fastdiff.kernels.ops_version import built_torch_version
 from fastdiff.kernels.reference import fused_step_reference
 
 SCHEMA = (
@@ -75,6 +76,12 @@ def _load_cpp_cpu_kernel() -> bool:
     spec = importlib.util.find_spec("fastdiff._ops")
     if spec is None or spec.origin is None:
         return False
+    built_with = built_torch_version(spec.origin)
+    if built_with != torch.__version__:  # its C++ ABI is that torch's: loading it could crash, not just fail
+        warnings.warn(f"fastdiff._ops was built against torch {built_with or '(unknown)'}, this is torch "
+                      f"{torch.__version__}: not loaded; fastdiff::fused_step runs its Python CPU kernel. Rebuild it "
+                      "with `make install` (or `python setup.py build_ext --inplace`).", stacklevel=2)
+        return False
     try:
         torch.ops.load_library(spec.origin)
     except OSError as exc:  # built against another torch, say: correct results still, ~8 us more per step
@@ -86,7 +93,7 @@ def _load_cpp_cpu_kernel() -> bool:
 
 _lib.impl("fused_step_any", _fused_step_on_cpu, "CPU")
 CPU_KERNEL_IN_CPP = _load_cpp_cpu_kernel()
-"""Whether the op's CPU kernel is the C++ one (fastdiff._ops) rather than the Python one (kernels/cpu.py)."""
+"""Whether the op's CPU kernel is the C++ one (fastdiff._ops) rather than the Python one (fastdiff/kernels/cpu.py)."""
 if not CPU_KERNEL_IN_CPP:
     _lib.impl("fused_step", _fused_step_on_cpu, "CPU")
 _lib.impl("fused_step", _fused_step_cuda, "CUDA")

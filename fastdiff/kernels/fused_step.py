@@ -1,4 +1,4 @@
-"""The fused sampler step as one Triton kernel (see kernels/reference.py for the math it implements).
+"""The fused sampler step as one Triton kernel (see fastdiff/kernels/reference.py for the math it implements).
 
 Grid: (cdiv(numel per sample, BLOCK), batch). Each program loads its sample's seed (and, in per-row mode,
 its coefficient row, noise stage and history slots), reads x, m (and the guidance and history inputs),

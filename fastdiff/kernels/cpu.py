@@ -1,5 +1,5 @@
 """The Python CPU kernel of ``fastdiff::fused_step`` (``fastdiff::fused_step_any``, and fused_step's own where
-fastdiff._ops is not built; kernels/op.py): the C++ fused step (csrc/fused_step.cpp) on tensor data pointers.
+fastdiff._ops is not built; fastdiff/kernels/op.py): the C++ fused step (csrc/fused_step.cpp) on tensor data pointers.
 
 One pass over memory per step, OpenMP over (sample, block) items, float32 arithmetic from the float64 row,
 Philox noise made in the loop (vectorised log/cos/sin, within ~1e-6 of the libm generator). Inputs the C++
