@@ -6,8 +6,8 @@ Euler, EulerAncestral, Heun, DPMSolverMultistep, UniPC and DEIS schedulers draw 
 5, 10, 20 and 50 network evaluations (steps = NFE / nfe_per_step; the NFE actually spent is counted
 and reported). The distance is the sliced 2-Wasserstein distance (fastdiff.eval.metrics.sliced_wasserstein)
 to an independent set of exact samples. All runs start from the same initial noise, so two
-implementations of the same deterministic algorithm give the same number; the "exact" row is exact-vs-exact (the noise
-floor).
+implementations of the same deterministic algorithm give the same number; the "exact" row is exact-vs-exact
+(the noise floor).
 
 Schedules: the discrete VP schedule (1000 steps, linear betas) with an eps network and "trailing"
 timesteps (999, ..., the same grid in fastdiff and diffusers; diffusers' DDIM/DDPM with clip_sample off),

@@ -12,6 +12,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peers  # noqa: E402
 
+PEER_MODULES = {"diffusers", "k_diffusion"}
+PEER_FIXTURES = {"kdiff_sampling", "diffusers_schedulers"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """``cuda`` tests skip (saying so) without a CUDA device; tests that compare with a peer library (a module that
+    imports diffusers or k-diffusion, or a peer fixture) are marked ``peers``. ``-m "not peers"`` and the like
+    select by them; ``ray`` and ``http`` are set by their files."""
+    import torch
+
+    for item in items:
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        module = getattr(item, "module", None)
+        if PEER_MODULES & set(vars(module) if module else ()) or PEER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.peers)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():

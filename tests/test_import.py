@@ -20,8 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(REPO, "tests")
+from repo_paths import REPO, TESTS
 
 # A meta path finder that makes the named modules unimportable (as if never built / broken wheel).
 BLOCKER = textwrap.dedent("""

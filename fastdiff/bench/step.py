@@ -5,8 +5,8 @@ returns a precomputed tensor, so nothing but the sampler's own work is measured)
 ``Pipeline.sample`` (one ``fastdiff::fused_step`` per stage; on the CPU the C++ kernel) against diffusers'
 scheduler loop (``set_timesteps`` once, then ``step`` per timestep) for the scheduler running the same
 algorithm. Reports ms per step for both and the ratio diffusers / fastdiff (> 1: fastdiff is faster);
-best of ``--repeats`` rounds in which the two take turns. Writes JSON (``bench/results/step.json``) and prints a
-Markdown table.
+best of ``--repeats`` rounds in which the two take turns. Prints a Markdown table and writes JSON (to a temporary
+path, or where ``--json`` says).
 """
 
 from __future__ import annotations

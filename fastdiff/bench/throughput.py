@@ -103,8 +103,7 @@ class TimeMLP(torch.nn.Module):
 def make_model(
     name: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, schedule: Schedule
 ) -> Callable[..., torch.Tensor]:
-    """``"digits"``: the shipped digits U-Net (:func:`fastdiff.pretrained.digits`, sample shape (1, 8, 8),
-    unconditional);
+    """``"digits"``: the shipped digits U-Net (:func:`fastdiff.pretrained.digits`, sample shape (1, 8, 8));
     ``"mlp"``: :class:`TimeMLP`; ``"gmm"``: the exact network of the demo's Gaussian mixture (2-D samples);
     ``"package.module:factory"``: your own network, ``factory(shape, device, dtype)`` returning an eps-predicting
     ``model(x, t)`` for the discrete VP schedule."""

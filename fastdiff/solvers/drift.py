@@ -1,8 +1,8 @@
 """The probability-flow ODE drift of a network, and the conversions of a network output into x0 and eps.
 
-The bottom of the sampling layers: :mod:`fastdiff.solvers.likelihood` (likelihoods, encoding),
-:mod:`fastdiff.solvers.eager`
-(rk45 sampling) and :mod:`fastdiff.solvers.corrector` (Langevin correction) build on it; it imports none of them.
+The bottom of the solvers: :mod:`fastdiff.solvers.likelihood` (likelihoods), :mod:`fastdiff.solvers.inversion`
+(encoding), :mod:`fastdiff.solvers.eager` (rk45 sampling) and :mod:`fastdiff.solvers.corrector` (Langevin
+correction) build on it; it imports none of them.
 """
 
 from __future__ import annotations

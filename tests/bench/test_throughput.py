@@ -177,7 +177,7 @@ def test_bench_step_refuses_a_device_it_cannot_use():
             main(["step", "--device", "cuda", "--json", ""])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_bench_step_on_cuda(tmp_path):
     res = main(
         [

@@ -21,6 +21,7 @@ import pytest
 import torch
 import uvicorn
 from PIL import Image
+from repo_paths import TESTS as TESTS_DIR
 from serving_models import gated_mixture_pipeline, mixture_pipeline
 
 from fastdiff.pretrained import digits
@@ -30,7 +31,7 @@ from fastdiff.serving.client import Client, ServerError
 from fastdiff.serving.metrics import ServingMetrics
 from fastdiff.serving.runner import Runner
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.http
 
 
 @contextmanager

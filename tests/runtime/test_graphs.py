@@ -228,7 +228,7 @@ def _cuda_pipe(dtype=torch.float32):
     return digits(device="cuda", dtype=dtype)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("sampler,opts", [("ddim", {}), ("ddpm", {}), ("ddim", {"eta": 0.5})])
 def test_cuda_graph_replay_equals_eager(sampler, opts):
     pipe = _cuda_pipe()
@@ -242,7 +242,7 @@ def test_cuda_graph_replay_equals_eager(sampler, opts):
     assert not torch.allclose(other, g)  # new seeds really reach the graph
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
     pipe = _cuda_pipe()
     y = torch.arange(6, device="cuda")
@@ -268,7 +268,7 @@ def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
     assert pipe.graphs.hits >= 1
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_graph_replay_makes_no_host_sync():
     pipe = _cuda_pipe()
     pipe.sample(SHAPE, sampler="ddpm", steps=8, progress=False, cuda_graph=True)
@@ -283,7 +283,7 @@ def test_cuda_graph_replay_makes_no_host_sync():
     torch.cuda.synchronize()
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_graph_true_rejects_callback_and_noise_list():
     pipe = _cuda_pipe()
     with pytest.raises(ValueError, match="callback"):

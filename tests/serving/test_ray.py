@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import ray
 from ray import serve
+from repo_paths import TESTS as TESTS_DIR
 from serving_models import mixture_pipeline
 
 from fastdiff.serving.client import Client
 from fastdiff.serving.ray import build_app
 from fastdiff.serving.server import ServeSettings
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.ray
 
 
 def _free_port() -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+from repo_paths import TESTS as TESTS_DIR
+
 from fastdiff.bench.serve import format_table, workload
 from fastdiff.bench.throughput import main
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.http
 
 
 def test_workload_is_seeded_poisson_and_mixed():

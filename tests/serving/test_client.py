@@ -14,6 +14,8 @@ import pytest
 
 from fastdiff.serving.client import Client
 
+pytestmark = pytest.mark.http
+
 SAMPLES = np.arange(6, dtype=np.float32).reshape(3, 2)
 
 

@@ -2,9 +2,8 @@
 counter contract, batch invariance, statistics, the custom op and derive_seeds.
 
 What we observe (CPU, numpy 1.26, glibc): the Philox words and uniforms agree bit for bit; the normals
-differ by at most ~4.8e-7 (1-4 float32 ulps; about a quarter of the elements differ at all). The whole difference is
-float32
-log/cos/sin: Triton's
+differ by at most ~4.8e-7 (1-4 float32 ulps; about a quarter of the elements differ at all). The whole
+difference is float32 log/cos/sin: Triton's
 interpreter evaluates them with numpy's float32 SIMD routines, the C++ with glibc's logf/cosf (which
 are within one ulp of the float64 result rounded). Recomputing the Box-Muller step in numpy float32
 from the C++ words reproduces the interpreted kernel exactly. The tolerance is the contract's 1e-5.

@@ -1,7 +1,6 @@
 """The C++ CPU kernel of ``fastdiff::fused_step`` (csrc/fused_step.cpp via fastdiff/kernels/cpu.py) against the
-plain-torch
-reference: every row kind, dtype and odd size, guidance, history, clipping, per-row programs; its in-loop Philox
-noise against the C++ libm generator and the (interpreted) Triton kernel; thread-count independence."""
+plain-torch reference: every row kind, dtype and odd size, guidance, history, clipping, per-row programs; its
+in-loop Philox noise against the C++ libm generator and the (interpreted) Triton kernel; thread-count independence."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from repo_paths import TESTS  # noqa: E402
 
 import fastdiff.kernels.op  # noqa: E402
 from fastdiff import _C  # noqa: E402
@@ -392,13 +392,13 @@ def test_baseline_and_avx2_builds_give_the_same_bits(tmp_path):
         pytest.skip(f"this CPU runs the {_C.cpu_isa()} build only: there is no second build to compare")
     path = tmp_path / "baseline.pt"
     script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[2]); from fastdiff import _C; "
+        "import sys, torch; sys.path[:0] = sys.argv[2:]; from fastdiff import _C; "
         "assert _C.cpu_isa() == 'baseline'; from test_fused_step_cpu import isa_outputs; "
         "torch.save(isa_outputs(), sys.argv[1])"
     )
     env = dict(os.environ, FASTDIFF_CPU_BASELINE="1")
     subprocess.run(
-        [sys.executable, "-c", script, str(path), os.path.dirname(os.path.abspath(__file__))],
+        [sys.executable, "-c", script, str(path), os.path.dirname(os.path.abspath(__file__)), TESTS],
         env=env,
         check=True,
         timeout=300,

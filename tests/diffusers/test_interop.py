@@ -174,8 +174,8 @@ def test_ddim_pipeline_both_paths():
 
 
 def test_flow_matching_transformer_both_paths():
-    """A tiny SD3Transformer2DModel with FlowMatchEulerDiscreteScheduler(shift=3), SD3's loop (timestep = sigma *
-    1000)."""
+    """A tiny SD3Transformer2DModel with FlowMatchEulerDiscreteScheduler(shift=3), SD3's loop
+    (timestep = sigma * 1000)."""
     torch.manual_seed(0)
     net = diffusers.SD3Transformer2DModel(
         sample_size=8,

@@ -15,6 +15,8 @@ from ray.serve.request_router import PendingRequest  # noqa: E402
 
 from fastdiff.serving.ray_router import LeastOutstandingRouter  # noqa: E402
 
+pytestmark = pytest.mark.ray
+
 DEPLOYMENT = DeploymentID(name="fastdiff", app_name="fastdiff")
 
 
