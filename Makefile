@@ -22,7 +22,7 @@ EXT_STAMP := build/.ext-built-$(notdir $(VENV))
 LATEST := $(filter .venv-latest,$(VENV))
 PIN := $(if $(LATEST),$(PIP_INSTALL) "$(TORCH_SPEC)",$(PIP_LOCKED))
 
-.PHONY: demo test test-latest install ext bench lock clean
+.PHONY: demo test test-latest lint install ext bench lock clean
 
 $(BASE_STAMP): $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,8 +53,13 @@ demo: $(EXT_STAMP)
 
 # The installed package is tested: the pytest script (not `python -m pytest`) and importlib mode put no repository
 # folder on sys.path.
-test: $(TEST_STAMP) $(EXT_STAMP)
+test: $(TEST_STAMP) $(EXT_STAMP) lint
 	TRITON_INTERPRET=1 FASTDIFF_UNLOCKED=$(if $(LATEST),1,0) $(VENV)/bin/pytest -q tests
+
+# ruff: lint (pycodestyle, pyflakes, import order, pyupgrade, bugbear) and format, as pyproject.toml sets them.
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The whole suite against the newest release of every dependency, in its own environment.
 test-latest:
