@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from fastdiff.extras import MissingExtra
 from fastdiff.schedule import Schedule
+from fastdiff.serving.runner import BATCHING_POLICIES
+from fastdiff.serving.settings import ServeSettings
 
 
 def print_schedules(steps: int = 10) -> None:
@@ -28,10 +31,7 @@ def print_schedules(steps: int = 10) -> None:
             print(" ".join(f"{v:>12.6g}" if np.isfinite(v) else f"{v:>12}" for v in row))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m fastdiff`` and the ``fastdiff`` script."""
-    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="sample the embedded digits network; score samplers against diffusers'")
     demo.add_argument("--n", type=int, default=None, help="samples per table cell (default 128; mixture: 2000)")
     demo.add_argument("--out", default="out", help="folder for the PNGs")
@@ -42,31 +42,47 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the earlier demo instead: every sampler on the exact network of a 2-D Gaussian mixture",
     )
     demo.add_argument("--no-plot", action="store_true", help="(--mixture) skip the PNG")
-    serve_parser = sub.add_parser("serve", help="the HTTP server with step-level continuous batching (fastdiff[serve])")
-    serve_parser.add_argument(
+
+
+def _add_serve(sub: Any) -> argparse.ArgumentParser:
+    """``fastdiff serve``'s flags; the engine's defaults are :class:`ServeSettings`'s."""
+    d = ServeSettings()
+    serve = sub.add_parser("serve", help="the HTTP server with step-level continuous batching (fastdiff[serve])")
+    serve.add_argument(
         "--model",
         default="digits",
         help="'digits' (the embedded network), a .safetensors checkpoint or 'package.module:factory'",
     )
-    serve_parser.add_argument("--host", default="127.0.0.1")
-    serve_parser.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
-    serve_parser.add_argument("--max-batch", type=int, default=64, help="the most rows one tick runs")
-    serve_parser.add_argument("--max-queue", type=int, default=256, help="the most requests waiting; beyond: 429")
-    serve_parser.add_argument("--max-n", type=int, default=64, help="the most samples one request asks for")
-    serve_parser.add_argument(
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
+    serve.add_argument("--max-batch", type=int, default=d.max_batch, help="the most rows one tick runs")
+    serve.add_argument("--max-queue", type=int, default=d.max_queue, help="the most requests waiting; beyond: 429")
+    serve.add_argument("--max-n", type=int, default=d.max_n, help="the most samples one request asks for")
+    serve.add_argument(
         "--batching",
-        choices=("continuous", "request", "single"),
-        default="continuous",
+        choices=BATCHING_POLICIES,
+        default=d.batching,
         help="step-level (default), request-level, or one request at a time",
     )
-    serve_parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="(request batching) wait for a batch")
-    serve_parser.add_argument("--timeout", type=float, default=300.0, help="default per-request deadline, seconds")
-    serve_parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    serve_parser.add_argument("--device", default=None, help="cpu or cuda (default: the model's)")
-    serve_parser.add_argument("--log-level", default="warning")
-    serve_parser.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (fastdiff[ray])")
-    serve_parser.add_argument("--replicas", type=int, default=1, help="(--ray) replicas, each running its own engine")
-    serve_parser.add_argument("--address", default=None, help="(--ray) join this Ray cluster instead of starting one")
+    serve.add_argument(
+        "--batch-wait-ms", type=float, default=d.batch_wait_s * 1e3, help="(request batching) wait for a batch"
+    )
+    serve.add_argument("--timeout", type=float, default=d.request_timeout_s, help="default per-request deadline, s")
+    serve.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    serve.add_argument("--device", default=None, help="cpu or cuda (default: the model's)")
+    serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (fastdiff[ray])")
+    serve.add_argument("--replicas", type=int, default=1, help="(--ray) replicas, each running its own engine")
+    serve.add_argument("--address", default=None, help="(--ray) join this Ray cluster instead of starting one")
+    return serve
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m fastdiff`` and the ``fastdiff`` script."""
+    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    serve_parser = _add_serve(sub)
     sched = sub.add_parser("schedules", help="print a few schedules on a grid")
     sched.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
@@ -89,7 +105,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, serve_parser
         print("fastdiff demo: the embedded digits network (fastdiff.pretrained.digits), 8x8 images")
         run_digits_demo(out_dir=args.out, n=args.n or 128, with_diffusers=not args.no_diffusers, threads=2)
     elif args.command == "serve":
-        from fastdiff.serving.server import ServeSettings, load_pipeline, serve
+        from fastdiff.serving.server import load_pipeline, serve
 
         try:  # bad flags or a bad model spec are usage errors, not tracebacks
             settings = ServeSettings(

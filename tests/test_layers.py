@@ -23,9 +23,20 @@ LAYERS = [
     ["fastdiff.checkpoint", "fastdiff.diffusers", "fastdiff.pretrained"],
     ["fastdiff.eval", "fastdiff.serving"],
     # top: entry points and the one-release aliases of moved modules
-    ["fastdiff.bench", "fastdiff.demos", "fastdiff.cli", "fastdiff.__main__", "fastdiff", "fastdiff.models",
-     "fastdiff.interpolate", "fastdiff.likelihood", "fastdiff.ode", "fastdiff.quality", "fastdiff.train",
-     "fastdiff.x0_clip"],
+    [
+        "fastdiff.bench",
+        "fastdiff.demos",
+        "fastdiff.cli",
+        "fastdiff.__main__",
+        "fastdiff",
+        "fastdiff.models",
+        "fastdiff.interpolate",
+        "fastdiff.likelihood",
+        "fastdiff.ode",
+        "fastdiff.quality",
+        "fastdiff.train",
+        "fastdiff.x0_clip",
+    ],
 ]
 
 UPWARD_ALLOWED = {
@@ -63,7 +74,6 @@ EXTENSIONS = {"fastdiff._C", "fastdiff._ops"}  # compiled, importable, no source
 def _imports(module: str, path: str):
     """(imported module, name or None, module level?) for every fastdiff import in the file."""
     tree = ast.parse(open(path).read())
-    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
     top_level = set()
     for node in tree.body:
         for sub in ast.walk(node):
@@ -76,9 +86,8 @@ def _imports(module: str, path: str):
                 if alias.name.split(".")[0] == "fastdiff":
                     yield alias.name, None, id(node) in top_level
         elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{module} uses a relative import: fastdiff imports absolutely"
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             if base.split(".")[0] != "fastdiff":
                 continue
             for alias in node.names:

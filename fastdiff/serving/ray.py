@@ -39,7 +39,8 @@ except ModuleNotFoundError as exc:
     raise missing_extra("ray", exc) from exc
 
 from fastdiff.serving.ray_router import LeastOutstandingRouter
-from fastdiff.serving.server import ServeSettings, load_pipeline, make_app
+from fastdiff.serving.server import load_pipeline, make_app
+from fastdiff.serving.settings import ServeSettings
 
 DEPLOYMENT_NAME = "fastdiff"
 

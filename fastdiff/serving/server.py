@@ -11,7 +11,6 @@ import importlib
 import os
 import socket
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +27,8 @@ from fastdiff.pipeline import Pipeline
 from fastdiff.serving.api import Limits
 from fastdiff.serving.app import create_app
 from fastdiff.serving.metrics import ServingMetrics
-from fastdiff.serving.runner import BATCHING_POLICIES, Runner
+from fastdiff.serving.runner import Runner
+from fastdiff.serving.settings import ServeSettings
 
 
 def load_pipeline(spec: str | None = None, device: str | None = None) -> Pipeline:
@@ -55,31 +55,6 @@ def load_pipeline(spec: str | None = None, device: str | None = None) -> Pipelin
     if not isinstance(pipe, Pipeline):
         raise TypeError(f"{spec} returned {type(pipe).__name__}, expected a fastdiff.Pipeline")
     return pipe
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """How a server (or each Ray Serve replica) runs its engine: see ``fastdiff serve --help``."""
-
-    max_batch: int = 64
-    max_queue: int = 256
-    batching: str = "continuous"
-    batch_wait_s: float = 0.02
-    max_n: int = 64
-    request_timeout_s: float | None = 300.0
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_n") + (("threads",) if self.threads is not None else ()):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.batching not in BATCHING_POLICIES:
-            raise ValueError(f"batching must be one of {BATCHING_POLICIES}, got {self.batching!r}")
-        if not self.batch_wait_s >= 0:
-            raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s!r}")
-        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
 
 
 def make_app(pipe: Pipeline, settings: ServeSettings = ServeSettings(), replica: str | None = None) -> FastAPI:
