@@ -13,7 +13,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,6 +42,10 @@ DISCONNECT_POLL_S = 0.05
 NPY_MEDIA_TYPE = "application/x-npy"
 
 
+# How a request that did not finish is answered: the first matching exception type gives the status.
+FAILURE_STATUS = ((DeadlineExceeded, 504), (RequestCancelled, 499), (RequestFailed, 500), (ShuttingDown, 503))
+
+
 def create_app(runner: Runner, limits: Limits = Limits(), replica: str | None = None) -> FastAPI:
     """The app serving ``runner`` (started with the app, drained when it shuts down). With ``replica`` (a
     name), every response carries ``X-Fastdiff-Replica: <replica>`` and ``X-Fastdiff-Pid`` (Ray Serve
@@ -61,15 +65,23 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: str | None = 
     app.state.runner = runner
     app.state.limits = limits
     if replica is not None:
+        app.middleware("http")(_replica_headers(replica))
+    app.post("/v1/samples")(_samples_endpoint(runner, limits))
+    _add_status_routes(app, runner, limits)
+    return app
 
-        @app.middleware("http")
-        async def name_the_replica(request: Request, call_next: Any) -> Response:
-            response = await call_next(request)
-            response.headers["X-Fastdiff-Replica"] = replica
-            response.headers["X-Fastdiff-Pid"] = str(os.getpid())
-            return response
 
-    @app.post("/v1/samples")
+def _replica_headers(replica: str) -> Callable[..., Any]:
+    async def name_the_replica(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers["X-Fastdiff-Replica"] = replica
+        response.headers["X-Fastdiff-Pid"] = str(os.getpid())
+        return response
+
+    return name_the_replica
+
+
+def _samples_endpoint(runner: Runner, limits: Limits) -> Callable[..., Any]:
     async def samples(body: SamplesBody, request: Request) -> Response:
         """Samples ``body.n`` images; the body is a float32 ``.npy`` (``format: "npy"``) or JSON of PNGs."""
         try:
@@ -84,32 +96,44 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: str | None = 
             )
         except ShuttingDown as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
-        future = asyncio.wrap_future(ticket.future)
-        while not future.done():
-            await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
-            if not future.done() and await request.is_disconnected():
-                runner.cancel(ticket, RequestCancelled(f"request {ticket.id}: the client disconnected"))
-                await asyncio.wait([future])
+        future = await _until_done(runner, ticket, request)
         headers = {
             "X-Fastdiff-Request-Id": str(ticket.id),
             "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}",
         }
-        try:
-            result = future.result()
-        except DeadlineExceeded as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=504, headers=headers)
-        except RequestCancelled as exc:  # nobody is listening; answer for the log's sake
-            return JSONResponse({"detail": str(exc)}, status_code=499, headers=headers)
-        except RequestFailed as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=500, headers=headers)
-        except ShuttingDown as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
-        except Exception as exc:  # noqa: BLE001  (the network raised: this request fails, the server goes on)
-            return JSONResponse({"detail": f"sampling failed: {exc}"}, status_code=500, headers=headers)
-        if body.format == "png":
-            return JSONResponse(png_payload(result), headers=headers)
-        headers["X-Fastdiff-Shape"] = ",".join(str(s) for s in result.shape)
-        return Response(npy_bytes(result), media_type=NPY_MEDIA_TYPE, headers=headers)
+        return _answer(future, body.format, headers)
+
+    return samples
+
+
+async def _until_done(runner: Runner, ticket: Any, request: Request) -> asyncio.Future:
+    """Waits for the ticket's result, cancelling the request if the client goes away meanwhile."""
+    future = asyncio.wrap_future(ticket.future)
+    while not future.done():
+        await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
+        if not future.done() and await request.is_disconnected():
+            runner.cancel(ticket, RequestCancelled(f"request {ticket.id}: the client disconnected"))
+            await asyncio.wait([future])
+    return future
+
+
+def _answer(future: asyncio.Future, fmt: str, headers: dict) -> Response:
+    """The samples as ``.npy`` or PNG JSON, or the error a request that did not finish gets."""
+    try:
+        result = future.result()
+    except Exception as exc:  # noqa: BLE001  (the network raised: this request fails, the server goes on)
+        for kind, status in FAILURE_STATUS:
+            if isinstance(exc, kind):  # RequestCancelled: nobody is listening; answered for the log's sake
+                return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+        return JSONResponse({"detail": f"sampling failed: {exc}"}, status_code=500, headers=headers)
+    if fmt == "png":
+        return JSONResponse(png_payload(result), headers=headers)
+    headers["X-Fastdiff-Shape"] = ",".join(str(s) for s in result.shape)
+    return Response(npy_bytes(result), media_type=NPY_MEDIA_TYPE, headers=headers)
+
+
+def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits) -> None:
+    """``/v1/info``, ``/healthz``, ``/readyz`` and ``/metrics``."""
 
     @app.get("/v1/info")
     async def info() -> dict:
@@ -146,5 +170,3 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: str | None = 
         if runner.metrics is None:
             return Response("metrics are off\n", status_code=404, media_type="text/plain")
         return Response(runner.metrics.render(runner.queue_depth, runner.running_rows), media_type=CONTENT_TYPE_LATEST)
-
-    return app
