@@ -249,44 +249,59 @@ def run(
         threads=torch.get_num_threads(),
     )
     x_T = pipe.initial_noise(full, seed=0)
-    kw = dict(sampler=sampler, steps=steps, seed=0, spacing="leading", x_T=x_T, progress=False)
-    runs: dict[str, Callable[[], Any]] = {"fastdiff_eager": lambda: pipe.sample(full, cuda_graph=False, **kw)}
     with torch.inference_mode():
-        ours = pipe.sample(full, cuda_graph=False, **kw)
-        if dev.type == "cuda":
-            try:
-                graph_out = pipe.sample(full, cuda_graph=True, **kw)
-                runs["fastdiff_graph"] = lambda: pipe.sample(full, cuda_graph=True, **kw)
-                res["max_abs_diff_graph_vs_eager"] = float((graph_out.float() - ours.float()).abs().max())
-            except Exception as e:  # noqa: BLE001  (e.g. a model that syncs with the host cannot be captured)
-                res["graph_error"] = f"{type(e).__name__}: {e}"
-        if sampler in DIFFUSERS_SAMPLERS:
-            sched = diffusers_scheduler(sampler, _vp_params(schedule))
-
-            def diffusers_loop() -> torch.Tensor:
-                sched.set_timesteps(steps, device=dev)
-                x = x_T.clone()
-                gen = torch.Generator(device=dev).manual_seed(0)
-                for t in sched.timesteps:
-                    m = net(x, t.expand(x.shape[0]).to(torch.float32))
-                    x = (
-                        sched.step(m, t, x, generator=gen).prev_sample
-                        if sampler == "ddpm"
-                        else sched.step(m, t, x).prev_sample
-                    )
-                return x
-
-            runs["diffusers"] = diffusers_loop
-            theirs = diffusers_loop()
-            if not DIFFUSERS_SAMPLERS_STOCHASTIC.get(sampler, False):
-                res["max_abs_diff_vs_diffusers"] = float((ours.float() - theirs.float()).abs().max())
-            # The model alone, so the sampler's own share of a step can be read off.
-            t_model = torch.full((full[0],), 500.0, device=dev)
-            runs["model_only"] = lambda: [net(x_T, t_model) for _ in range(steps)]
+        runs = _contenders(pipe, net, sampler, steps, x_T, res)
         # All take turns (fastdiff, diffusers, the model alone), so the machine's drift does not favour one.
         timings = dict(zip(runs, best_of_each(list(runs.values()), repeats, sync=lambda: _sync(dev))))
+    _summarise(res, timings, full[0], steps)
+    with torch.inference_mode():
+        res["step_cost"] = step_cost(sampler, full, dev, tdtype, schedule, steps)
+    return res
+
+
+def _contenders(
+    pipe: Pipeline, net: Callable[..., torch.Tensor], sampler: str, steps: int, x_T: torch.Tensor, res: dict[str, Any]
+) -> dict[str, Callable[[], Any]]:
+    """What is timed: fastdiff eager (and its CUDA graph), diffusers' loop on the same x_T and the model alone; each
+    run once here, and how far the results differ written into ``res``."""
+    full, dev = tuple(x_T.shape), x_T.device
+    kw = dict(sampler=sampler, steps=steps, seed=0, spacing="leading", x_T=x_T, progress=False)
+    runs: dict[str, Callable[[], Any]] = {"fastdiff_eager": lambda: pipe.sample(full, cuda_graph=False, **kw)}
+    ours = pipe.sample(full, cuda_graph=False, **kw)
+    if dev.type == "cuda":
+        try:
+            graph_out = pipe.sample(full, cuda_graph=True, **kw)
+            runs["fastdiff_graph"] = lambda: pipe.sample(full, cuda_graph=True, **kw)
+            res["max_abs_diff_graph_vs_eager"] = float((graph_out.float() - ours.float()).abs().max())
+        except Exception as e:  # noqa: BLE001  (e.g. a model that syncs with the host cannot be captured)
+            res["graph_error"] = f"{type(e).__name__}: {e}"
+    if sampler not in DIFFUSERS_SAMPLERS:
+        return runs
+    sched = diffusers_scheduler(sampler, _vp_params(pipe.schedule))
+
+    def diffusers_loop() -> torch.Tensor:
+        sched.set_timesteps(steps, device=dev)
+        x = x_T.clone()
+        gen = torch.Generator(device=dev).manual_seed(0)
+        for t in sched.timesteps:
+            m = net(x, t.expand(x.shape[0]).to(torch.float32))
+            x = sched.step(m, t, x, generator=gen).prev_sample if sampler == "ddpm" else sched.step(m, t, x).prev_sample
+        return x
+
+    runs["diffusers"] = diffusers_loop
+    theirs = diffusers_loop()
+    if not DIFFUSERS_SAMPLERS_STOCHASTIC.get(sampler, False):
+        res["max_abs_diff_vs_diffusers"] = float((ours.float() - theirs.float()).abs().max())
+    # The model alone, so the sampler's own share of a step can be read off.
+    t_model = torch.full((full[0],), 500.0, device=dev)
+    runs["model_only"] = lambda: [net(x_T, t_model) for _ in range(steps)]
+    return runs
+
+
+def _summarise(res: dict[str, Any], timings: dict[str, float], batch: int, steps: int) -> None:
+    """Samples per second, ms per step, the ratios to diffusers and the sampler's own ms per step, into ``res``."""
     res["seconds"] = timings
-    res["samples_per_s"] = {k: full[0] / v for k, v in timings.items() if k != "model_only"}
+    res["samples_per_s"] = {k: batch / v for k, v in timings.items() if k != "model_only"}
     res["step_latency_ms"] = {k: 1e3 * v / steps for k, v in timings.items()}
     if "diffusers" in timings:
         res["speedup_vs_diffusers"] = {
@@ -298,9 +313,6 @@ def run(
         }
     if "fastdiff_graph" in timings:
         res["graph_speedup_vs_eager"] = timings["fastdiff_eager"] / timings["fastdiff_graph"]
-    with torch.inference_mode():
-        res["step_cost"] = step_cost(sampler, full, dev, tdtype, schedule, steps)
-    return res
 
 
 DIFFUSERS_SAMPLERS_STOCHASTIC = {"ddpm": True}
