@@ -83,25 +83,34 @@ class SchedulerCall:
         return result / self.end_alpha
 
 
+@dataclass(frozen=True)
+class DiffusersArgs:
+    """The arguments of ``DiffusersPipeline.sample`` that mean what they mean in diffusers (see there)."""
+
+    sampler: str | None = None
+    steps: int = 50
+    x_T: torch.Tensor | None = None
+    timesteps: Sequence[float] | None = None
+    sigmas: Sequence[float] | None = None
+    spacing: str | None = None
+    generator: torch.Generator | None = None
+    mu: float | None = None
+
+
 def scheduler_call(
     setup: SchedulerSetup,
     shape: Sequence[int],
-    sampler: str | None,
-    steps: int,
-    x_T: torch.Tensor | None,
-    timesteps: Sequence[float] | None,
-    sigmas: Sequence[float] | None,
-    spacing: str | None,
-    generator: torch.Generator | None,
-    mu: float | None,
+    args: DiffusersArgs,
     kwargs: Mapping[str, Any],
     device: torch.device,
     dtype: torch.dtype,
 ) -> SchedulerCall:
-    """The plain call for a sample call on a scheduler's pipeline (arguments as ``DiffusersPipeline.sample``): the
-    scheduler's sampler and options unless given (``kwargs`` override the options), and unless ``spacing`` asks
-    for fastdiff's own grid, the scheduler's grid with ``x_T`` scaled from diffusers' latents and, with a
+    """The plain call for a sample call on a scheduler's pipeline: the scheduler's sampler and options unless given
+    (``kwargs``, the rest of ``Pipeline.sample``'s arguments, override the options), and unless ``args.spacing``
+    asks for fastdiff's own grid, the scheduler's grid with ``x_T`` scaled from diffusers' latents and, with a
     ``generator``, the step noise drawn as the scheduler's ``step`` draws it."""
+    sampler, steps, x_T, timesteps, sigmas = args.sampler, args.steps, args.x_T, args.timesteps, args.sigmas
+    spacing, generator, mu = args.spacing, args.generator, args.mu
     sampler = setup.sampler if sampler is None else sampler
     options = dict(setup.options) if sampler == setup.sampler else {}
     options.update(kwargs)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.diffusers.call import DiffusersModel, scheduler_call, scheduler_grid
+from fastdiff.diffusers.call import DiffusersArgs, DiffusersModel, scheduler_call, scheduler_grid
 from fastdiff.diffusers.config import SchedulerSetup, scheduler_setup
 from fastdiff.pipeline import Pipeline
 from fastdiff.schedule import Grid
@@ -72,21 +72,8 @@ class DiffusersPipeline(Pipeline):
             kwargs: the rest of :meth:`Pipeline.sample` (guidance_scale, model_kwargs, uncond_kwargs, eta, seed,
                 noise, return_x0, ...).
         """
-        call = scheduler_call(
-            self.setup,
-            shape,
-            sampler,
-            steps,
-            x_T,
-            timesteps,
-            sigmas,
-            spacing,
-            generator,
-            mu,
-            kwargs,
-            self.device,
-            self.dtype,
-        )
+        args = DiffusersArgs(sampler, steps, x_T, timesteps, sigmas, spacing, generator, mu)
+        call = scheduler_call(self.setup, shape, args, kwargs, self.device, self.dtype)
         return call.finish(super().sample(shape, **call.kwargs))
 
     __call__ = sample
