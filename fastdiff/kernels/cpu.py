@@ -79,27 +79,8 @@ def fused_step_cpu(
         or nonfinite.dtype != torch.int32
         or not nonfinite.is_contiguous()
     ):
-        fused_step_reference(
-            x,
-            m,
-            m_uncond,
-            guidance_scale,
-            hist,
-            coeffs,
-            stage,
-            seeds,
-            stream,
-            use_noise,
-            noise,
-            x_out,
-            h_out,
-            x0_out,
-            nonfinite,
-            clip,
-            rows,
-            pool,
-            row_guidance,
-        )
+        fused_step_reference(x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise,
+                             x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance)  # fmt: skip
         return
     state = x.dtype
     x = _as(x)
@@ -128,32 +109,8 @@ def fused_step_cpu(
     rw = None if rows is None else _as(rows)
     gd = None if row_guidance is None else _as(row_guidance)
     batch = x.shape[0]
-    C.fused_step_cpu(
-        batch,
-        x.numel() // batch if batch else 0,
-        _STATE_TYPES[state],
-        model_f32,
-        x.data_ptr(),
-        m.data_ptr(),
-        _ptr(mu),
-        float(guidance_scale),
-        _ptr(gd),
-        h0,
-        h1,
-        h2,
-        n_hist,
-        coef.data_ptr(),
-        int(stage),
-        sd.data_ptr(),
-        int(stream),
-        bool(use_noise),
-        _ptr(nz),
-        x_out.data_ptr(),
-        _ptr(h_out),
-        _ptr(x0_out),
-        nonfinite.data_ptr(),
-        _ptr(cl),
-        _ptr(rw),
-        _ptr(pool),
-        torch.get_num_threads(),
-    )
+    C.fused_step_cpu(batch, x.numel() // batch if batch else 0, _STATE_TYPES[state], model_f32, x.data_ptr(),
+                     m.data_ptr(), _ptr(mu), float(guidance_scale), _ptr(gd), h0, h1, h2, n_hist, coef.data_ptr(),
+                     int(stage), sd.data_ptr(), int(stream), bool(use_noise), _ptr(nz), x_out.data_ptr(),
+                     _ptr(h_out), _ptr(x0_out), nonfinite.data_ptr(), _ptr(cl), _ptr(rw), _ptr(pool),
+                     torch.get_num_threads())  # fmt: skip

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from typing import Any
 
 import torch
 
@@ -45,49 +46,10 @@ _lib.define(SCHEMA)
 _lib.define(SCHEMA.replace("fused_step(", "fused_step_any(", 1))
 
 
-def _fused_step_cuda(
-    x: torch.Tensor,
-    m: torch.Tensor,
-    m_uncond: torch.Tensor | None,
-    guidance_scale: float,
-    hist: list[torch.Tensor],
-    coeffs: torch.Tensor,
-    stage: int,
-    seeds: torch.Tensor,
-    stream: int,
-    use_noise: bool,
-    noise: torch.Tensor | None,
-    x_out: torch.Tensor,
-    h_out: torch.Tensor | None,
-    x0_out: torch.Tensor | None,
-    nonfinite: torch.Tensor,
-    clip: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
-    pool: torch.Tensor | None = None,
-    row_guidance: torch.Tensor | None = None,
-) -> None:
+def _fused_step_cuda(x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    """The op's CUDA kernel: the Triton launch (the schema's arguments, in order) on ``x``'s device."""
     with torch.cuda.device(x.device):
-        launch_fused_step(
-            x,
-            m,
-            m_uncond,
-            guidance_scale,
-            hist,
-            coeffs,
-            stage,
-            seeds,
-            stream,
-            use_noise,
-            noise,
-            x_out,
-            h_out,
-            x0_out,
-            nonfinite,
-            clip,
-            rows,
-            pool,
-            row_guidance,
-        )
+        launch_fused_step(x, *args, **kwargs)
 
 
 def _fused_step_fake(*args, **kwargs) -> None:
