@@ -225,3 +225,30 @@ def test_an_op_library_built_for_another_torch_is_not_loaded(monkeypatch):
     monkeypatch.setattr(op, "built_torch_version", lambda path: "0.0.1")
     with pytest.warns(UserWarning, match=r"built against torch 0\.0\.1.*make install"):
         assert op._load_cpp_cpu_kernel() is False
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("fastdiff.models", "fastdiff.eval.exact"),
+        ("fastdiff.interpolate", "fastdiff.solvers.interpolate"),
+        ("fastdiff.likelihood", "fastdiff.solvers.likelihood"),
+        ("fastdiff.ode", "fastdiff.solvers.ode"),
+        ("fastdiff.quality", "fastdiff.eval.quality"),
+        ("fastdiff.train", "fastdiff.pretrained.train"),
+        ("fastdiff.x0_clip", "fastdiff.runtime.x0_clip"),
+    ],
+)
+def test_moved_modules_answer_at_their_old_path(old, new):
+    """The import paths the 0.2 README documented keep working for one release: the old name is the new module."""
+    r = _run(f"""
+        import importlib
+        old = importlib.import_module({old!r})
+        new = importlib.import_module({new!r})
+        assert old is new, (old, new)
+        exec("from {old} import *")
+        import {old}
+        assert {old} is new
+        print("OK")
+    """)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
