@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
-# The torch the lock is resolved with: a CPU build where one is on disk (see the README's Installation section).
+# The torch the lock is resolved with: a CPU build where one is on disk (see docs/installation.md).
 TORCH_SPEC ?= torch==2.13.0
 KDIFF_SPEC ?= k-diffusion
 # The build tools come from the lock too, and the package builds against the environment's own torch.

@@ -135,7 +135,7 @@ def test_predictions_give_the_same_samples(schedule: str, sampler: str) -> None:
 
 
 def test_ddim_eta_one_equals_ddpm_fixed_small() -> None:
-    # DESIGN.md: DDIM with eta = 1 is DDPM's ancestral step with the posterior variance, and both draw
+    # docs/architecture.md: DDIM with eta = 1 is DDPM's ancestral step with the posterior variance, and both draw
     # stage k's noise from the same (seed, k) counter.
     for schedule in ("vp_discrete", "vp_linear"):
         pipe = _pipe(SCHEDULES[schedule]())

@@ -1,6 +1,6 @@
 """fastdiff.Schedule against closed forms computed here with numpy, and against diffusers.
 
-Every expected value is computed in this file from the formulas (DESIGN.md, "The math") or taken from
+Every expected value is computed in this file from the formulas (docs/architecture.md, "The math") or taken from
 a peer library; nothing is read back from the code under test.
 """
 

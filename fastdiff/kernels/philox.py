@@ -1,4 +1,4 @@
-"""Counter-based Gaussian noise (DESIGN.md principle 4), identical on the CPU (C++) and in Triton.
+"""Counter-based Gaussian noise (docs/architecture.md, principle 4), identical on the CPU (C++) and in Triton.
 
 The contract
 ------------

@@ -23,7 +23,7 @@ def digits(
     """The shipped digits network as a :class:`Pipeline` (eps prediction, diffusers' default DDPM schedule).
 
     Samples are [n, 1, 8, 8] (``pipe.sample_shape`` is ``(1, 8, 8)``), about in the data's [-1, 1] but not clipped
-    (the README gives the measured range); ``x0_clip=X0Clip(clip_range=1.0)`` limits the x0 estimate every step,
+    (docs/pipeline.md gives the measured range); ``x0_clip=X0Clip(clip_range=1.0)`` limits the x0 estimate every step,
     as diffusers' ``clip_sample`` does, and keeps them in [-1, 1]. Condition on labels 0-9 with
     ``model_kwargs={"y": labels}``; label 10 (``pipe.num_classes``) is the null class, so classifier-free
     guidance is ``uncond_kwargs={"y": torch.full((n,), 10)}, guidance_scale=w``. With no ``y`` at all the

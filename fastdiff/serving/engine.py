@@ -1,4 +1,4 @@
-"""The step-level continuous-batching engine (DESIGN.md, "Serving: per-row programs").
+"""The step-level continuous-batching engine (docs/architecture.md, "Serving: per-row programs").
 
 A running batch holds rows from many requests; each row has its own coefficient program (sampler, steps,
 options), its own position in it, seed, guidance weight and conditioning. One :meth:`Engine.tick`: one

@@ -8,8 +8,8 @@ step size; ``step_rule`` picks how ``eps_i`` is set:
   by their expected values under the Gaussian perturbation kernel (``E||z||^2 = D``,
   ``E||grad log p(x_t | x_0)||^2 = D / sigma_i^2``). It depends on no sample, so results are
   batch-independent, and it never blows up where a sample's score happens to be small, which made the
-  norm rule diverge in low dimension (2-D mixture, 100 steps: sliced W2 1.12 with "norms", see the
-  README). In high dimension the norms concentrate at those expected values and the two rules agree.
+  norm rule diverge in low dimension (2-D mixture, 100 steps: sliced W2 1.12 with "norms", see
+  docs/samplers.md). In high dimension the norms concentrate at those expected values and the two rules agree.
 * ``"norms"``: score-SDE's ``eps_i = 2 alpha_i (snr ||z|| / ||score||)^2`` with each sample's own norms
   (score-SDE averages them over the batch, which would make a sample depend on its batch).
 

@@ -175,7 +175,7 @@ def test_shipped_weights_guidance_draws_the_requested_digit(judge):
 
 
 def test_digits_samples_leave_the_data_range_unless_x0_is_clipped():
-    """What the README says of the range: unclipped samples go past [-1, 1]; x0_clip at 1 keeps them inside, the
+    """What docs/pipeline.md says of the range: unclipped samples go past [-1, 1]; x0_clip at 1 keeps them inside, the
     guided ones too."""
     from fastdiff.runtime.x0_clip import X0Clip
 

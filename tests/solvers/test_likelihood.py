@@ -394,7 +394,7 @@ def test_interpolate_bad_input():
 
 
 def test_interpolation_recipe_between_two_data_points(gmm, vp):
-    """The README recipe: encode two points, slerp their codes, decode; the end frames are the points."""
+    """The docs/likelihood.md recipe: encode two points, slerp their codes, decode; the end frames are the points."""
     pipe = make_pipe(gmm, vp)
     pts = torch.tensor([[-2.0, 0.2], [2.1, 0.9]])
     codes = pipe.encode(pts, steps=100, fixed_point_iters=1)
