@@ -73,7 +73,7 @@ int Program::add_stage(const Schedule& sch, double t_now, int step, bool calls_m
 
 namespace {
 
-// x_next = alpha_s x0 + c_eps eps + sigma_eta z (DDIM with eta; DESIGN.md), for any alpha/sigma pair:
+// x_next = alpha_s x0 + c_eps eps + sigma_eta z (DDIM with eta; docs/architecture.md), for any alpha/sigma pair:
 // sigma_eta^2 = eta^2 sigma_s^2 (1 - SNR_t / SNR_s), c_eps = sqrt(sigma_s^2 - sigma_eta^2).
 void ddim_row(Program& prog, int k, double as, double ss, double eta, double lsnr_t, double lsnr_s,
               const Linear& x0, const Linear& eps) {

@@ -1,4 +1,4 @@
-// Sampler coefficient programs (DESIGN.md, principle 2).
+// Sampler coefficient programs (docs/architecture.md, principle 2).
 //
 // A program is a list of stages. Stage k feeds the network the current state at model_time[k] and
 // then applies one row of float64 coefficients:

@@ -1,7 +1,7 @@
 // Counter-based Gaussian noise: Philox4x32-10 exactly as triton.language.random computes it, so the
 // CPU and the Triton kernels produce the same normal for the same (seed, stage, stream, element).
 //
-// Counter contract (DESIGN.md principle 4): for a sample's int64 seed s (read as uint64), stage k,
+// Counter contract (docs/architecture.md principle 4): for a sample's int64 seed s (read as uint64), stage k,
 // stream r (0 = per-step noise, 1 = initial noise x_T, 2.. reserved) and element j of the sample,
 // each Philox call makes the four normals of elements 4c .. 4c + 3 (c = j >> 2), as tl.randn4x does:
 //   key     = (k0 = low 32 bits of s, k1 = high 32 bits of s)

@@ -1,5 +1,5 @@
 // k-diffusion / EDM samplers (Karras et al. 2022) and their rectified-flow counterparts, as coefficient
-// programs (DESIGN.md, principle 2):
+// programs (docs/architecture.md, principle 2):
 //   euler, euler_ancestral, heun   integrate y = x / alpha against s = sigma / alpha (Schedule::edm_sigma),
 //                                  dy/ds = (y - D) / s with D the x0-hat, and map back to the native state
 //                                  x = alpha y, so every row is a float64 combination of x and m;

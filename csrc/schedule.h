@@ -1,5 +1,5 @@
 // Noise schedules in float64: alpha(t), sigma(t) and the forward SDE of each family.
-// The state convention is x_t = alpha(t) x0 + sigma(t) eps for every schedule (DESIGN.md, principle 1).
+// The state convention is x_t = alpha(t) x0 + sigma(t) eps for every schedule (docs/architecture.md, principle 1).
 #pragma once
 #include <string>
 #include <vector>
