@@ -418,37 +418,14 @@ class Pipeline:
         )
 
     def log_likelihood(
-        self,
-        x0: torch.Tensor,
-        method: str = "exact",
-        n_probes: int = 1,
-        probe: str = "rademacher",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        seed: int = 0,
-        dtype: torch.dtype | None = None,
-        bits_per_dim: bool = False,
-        batch_size: int | None = None,
-        **kwargs: Any,
+        self, x0: torch.Tensor, method: str = "exact", **kwargs: Any
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Per-sample log p(x0) through the probability-flow ODE: :func:`fastdiff.solvers.likelihood.log_likelihood`.
 
-        Further keyword arguments (``autodiff``, ``model_kwargs``, ``max_steps``, ``return_info``) are passed on.
+        The keyword arguments (``n_probes``, ``probe``, ``seed``, ``dtype``, ``bits_per_dim``, ``batch_size``,
+        ``model_kwargs``, ``return_info``, ``solver``) are passed on.
         """
-        return log_likelihood(
-            self,
-            x0,
-            method=method,
-            n_probes=n_probes,
-            probe=probe,
-            rtol=rtol,
-            atol=atol,
-            seed=seed,
-            dtype=dtype,
-            bits_per_dim=bits_per_dim,
-            batch_size=batch_size,
-            **kwargs,
-        )
+        return log_likelihood(self, x0, method, **kwargs)
 
     def encode(self, x0: torch.Tensor, steps: int = 50, sampler: str = "ddim", **kwargs: Any) -> torch.Tensor:
         """The PF-ODE's latent code x_T of ``x0`` (DDIM inversion or rk45): :func:`fastdiff.solvers.likelihood.encode`.

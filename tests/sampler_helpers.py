@@ -7,7 +7,7 @@ import torch
 
 from fastdiff.program import Program, build_program
 from fastdiff.schedule import Grid, Schedule
-from fastdiff.solvers.ode import solve_ivp_rk45
+from fastdiff.solvers.ode import Tolerances, solve_ivp_rk45
 
 CPU = torch.device("cpu")
 
@@ -62,8 +62,7 @@ def edm_reference_solution(gmm) -> tuple[Schedule, torch.Tensor, torch.Tensor]:
         80.0,
         0.002,
         x,
-        rtol=1e-10,
-        atol=1e-10,
+        tolerances=Tolerances(rtol=1e-10, atol=1e-10),
         dtype=torch.float64,
     )
     return schedule, x, sol.y

@@ -229,6 +229,36 @@ def gmm_statistical_check(
     Cost: O(n D^2) for the covariance, O(n K D) for the responsibilities, O(P n K) for the KS.
     """
     x = _as_samples("samples", samples)
+    _check_statistical_options(x, gmm, false_alarm, bias_tol, n_null)
+    mean, cov = gmm.mean(), gmm.covariance()
+    stats: dict[str, float] = {"n": float(x.shape[0])}
+    ok_mean, part = _mean_check(x, mean, cov.diagonal(), false_alarm, bias_tol)
+    stats.update(part)
+    ok_cov, part = _covariance_check(x, gmm, cov, false_alarm, bias_tol)
+    stats.update(part)
+    ok_w, part = _weights_check(x, gmm, false_alarm, bias_tol)
+    stats.update(part)
+    ok_ks, part = _sliced_ks_check(x, gmm, false_alarm, bias_tol, n_projections, seed)
+    stats.update(part)
+    ok_sw, part = _sliced_w2_check(x, gmm, bias_tol, n_projections, seed, n_null)
+    stats.update(part)
+    return GMMCheck(
+        mean=bool(ok_mean),
+        covariance=bool(ok_cov),
+        weights=bool(ok_w),
+        sliced_ks=bool(ok_ks),
+        sliced_w2=bool(ok_sw),
+        stats=stats,
+    )
+
+
+_Check = tuple[bool, dict[str, float]]
+"""One check of :func:`gmm_statistical_check`: (passed, its statistics and threshold for ``GMMCheck.stats``)."""
+
+
+def _check_statistical_options(
+    x: torch.Tensor, gmm: GaussianMixture, false_alarm: float, bias_tol: float, n_null: int
+) -> None:
     if x.shape[1] != gmm.dim:
         raise ValueError(f"samples must have dimension D = {gmm.dim}, got {x.shape[1]}")
     if not (isinstance(false_alarm, (float, int)) and 0 < false_alarm < 1):
@@ -237,52 +267,70 @@ def gmm_statistical_check(
         raise ValueError(f"bias_tol must be a finite float >= 0, got {bias_tol!r}")
     if isinstance(n_null, bool) or not isinstance(n_null, (int, np.integer)) or n_null < 1:
         raise ValueError(f"n_null must be a positive int, got {n_null!r}")
-    n, d = x.shape
-    if n < 2:
-        raise ValueError(f"samples must hold at least 2 samples, got {n}")
-    k = gmm.n_components
-    inv = NormalDist().inv_cdf
-    mean, cov = gmm.mean(), gmm.covariance()
-    var = cov.diagonal()
-    stats: dict[str, float] = {"n": float(n)}
+    if x.shape[0] < 2:
+        raise ValueError(f"samples must hold at least 2 samples, got {x.shape[0]}")
 
-    # mean
+
+def _upper_z(q: float) -> float:
+    """``Phi^-1(1 - q)``: the standard normal's upper-q quantile."""
+    return NormalDist().inv_cdf(1 - q)
+
+
+def _mean_check(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, false_alarm: float, bias_tol: float) -> _Check:
+    """Per coordinate, the sample mean's error in exact standard errors (beyond the bias allowance)."""
+    n, d = x.shape
     m_hat = x.mean(0)
-    z_mean = inv(1 - false_alarm / (2 * d))
+    z_mean = _upper_z(false_alarm / (2 * d))
     excess = (m_hat - mean).abs() - bias_tol * var.sqrt()
     stat = float((excess.clamp_min(0) / (var / n).sqrt()).max())
-    stats.update(mean_stat=stat, mean_threshold=z_mean, mean_error=float((m_hat - mean).norm()))
-    ok_mean = stat <= z_mean
+    return stat <= z_mean, dict(mean_stat=stat, mean_threshold=z_mean, mean_error=float((m_hat - mean).norm()))
 
-    # covariance, exact standard errors from the mixture's fourth moments
-    cov_hat = torch.cov(x.T).reshape(d, d)
-    c = gmm.means - mean  # [K, D]
+
+def _covariance_standard_errors(gmm: GaussianMixture, cov: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact standard errors ``[D, D]`` of the sample covariance's entries, from the mixture's fourth moments."""
+    c = gmm.means - gmm.mean()  # [K, D]
     s2 = gmm.stds.square()
     w = gmm.weights
     a = c.square() + s2  # E_k[(x_i - m_i)^2]
     m4 = (a * w[:, None]).T @ a  # i != j
     m4_diag = w @ (c.pow(4) + 6 * c.square() * s2 + 3 * s2.square())
     m4 = m4 - torch.diag(m4.diagonal()) + torch.diag(m4_diag)
-    se = ((m4 - cov.square()).clamp_min(1e-300) / n).sqrt()
-    z_cov = inv(1 - false_alarm / (d * (d + 1)))
+    return ((m4 - cov.square()).clamp_min(1e-300) / n).sqrt()
+
+
+def _covariance_check(
+    x: torch.Tensor, gmm: GaussianMixture, cov: torch.Tensor, false_alarm: float, bias_tol: float
+) -> _Check:
+    """Per entry, the unbiased sample covariance's error in exact standard errors (beyond the bias allowance)."""
+    n, d = x.shape
+    var = cov.diagonal()
+    cov_hat = torch.cov(x.T).reshape(d, d)
+    se = _covariance_standard_errors(gmm, cov, n)
+    z_cov = _upper_z(false_alarm / (d * (d + 1)))
     excess = (cov_hat - cov).abs() - bias_tol * torch.outer(var.sqrt(), var.sqrt())
     stat = float((excess.clamp_min(0) / se).max())
-    stats.update(cov_stat=stat, cov_threshold=z_cov, cov_error=float((cov_hat - cov).norm() / cov.norm()))
-    ok_cov = stat <= z_cov
+    return stat <= z_cov, dict(cov_stat=stat, cov_threshold=z_cov, cov_error=float((cov_hat - cov).norm() / cov.norm()))
 
-    # component weights (soft assignment)
+
+def _weights_check(x: torch.Tensor, gmm: GaussianMixture, false_alarm: float, bias_tol: float) -> _Check:
+    """Per component, the mean responsibility's error over a conservative standard error ``sqrt(w (1 - w) / n)``."""
+    n, k, w = x.shape[0], gmm.n_components, gmm.weights
     w_hat = gmm.responsibilities(x).mean(0)
-    z_w = inv(1 - false_alarm / (2 * k))
+    z_w = _upper_z(false_alarm / (2 * k))
     se_w = (w * (1 - w) / n).sqrt()
     excess = ((w_hat - w).abs() - bias_tol).clamp_min(0)
-    if k == 1:
+    if k == 1:  # w = 1 exactly: no sampling error to divide by
         stat = 0.0 if float(excess[0]) <= 1e-12 else math.inf
     else:
         stat = float((excess / se_w).max())
-    stats.update(weights_stat=stat, weights_threshold=z_w, weight_error=float((w_hat - w).abs().max()))
-    ok_w = stat <= z_w
+    return stat <= z_w, dict(weights_stat=stat, weights_threshold=z_w, weight_error=float((w_hat - w).abs().max()))
 
-    # sliced Kolmogorov-Smirnov with the DKW bound
+
+def _sliced_ks_check(
+    x: torch.Tensor, gmm: GaussianMixture, false_alarm: float, bias_tol: float, n_projections: int, seed: int
+) -> _Check:
+    """The largest Kolmogorov–Smirnov distance over random directions, against the DKW bound (union over them)."""
+    n, d = x.shape
     theta = _directions(n_projections, d, seed)
     y = torch.from_numpy(_sort_rows(theta @ x.T))  # [P, n]
     cdf = _projected_cdf(y, gmm, theta)
@@ -290,10 +338,14 @@ def gmm_statistical_check(
     ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).amax(1)
     ks_stat = float(ks.max())
     ks_thr = math.sqrt(math.log(2 * n_projections / false_alarm) / (2 * n)) + bias_tol
-    stats.update(ks_stat=ks_stat, ks_threshold=ks_thr)
-    ok_ks = ks_stat <= ks_thr
+    return ks_stat <= ks_thr, dict(ks_stat=ks_stat, ks_threshold=ks_thr)
 
-    # sliced W2 against exact samples, threshold from an on-the-spot null
+
+def _sliced_w2_check(
+    x: torch.Tensor, gmm: GaussianMixture, bias_tol: float, n_projections: int, seed: int, n_null: int
+) -> _Check:
+    """Sliced W2 to exact samples, against 5 times the mean distance between pairs of exact sample sets."""
+    n, d = x.shape
     base = (1 << 20) + 64 * int(seed)  # away from the small seeds tests draw their samples with
     ref = gmm.sample(n, seed=base, dtype=torch.float64)
     sw2 = sliced_wasserstein(x, ref, n_projections=n_projections, seed=seed)
@@ -307,15 +359,5 @@ def gmm_statistical_check(
         for r in range(n_null)
     ]
     null_mean = sum(null) / n_null
-    sw2_thr = 5.0 * null_mean + bias_tol * math.sqrt(float(var.sum()) / d)
-    stats.update(sw2=sw2, sw2_threshold=sw2_thr, sw2_null_mean=null_mean)
-    ok_sw = sw2 <= sw2_thr
-
-    return GMMCheck(
-        mean=bool(ok_mean),
-        covariance=bool(ok_cov),
-        weights=bool(ok_w),
-        sliced_ks=bool(ok_ks),
-        sliced_w2=bool(ok_sw),
-        stats=stats,
-    )
+    sw2_thr = 5.0 * null_mean + bias_tol * math.sqrt(float(gmm.covariance().diagonal().sum()) / d)
+    return sw2 <= sw2_thr, dict(sw2=sw2, sw2_threshold=sw2_thr, sw2_null_mean=null_mean)

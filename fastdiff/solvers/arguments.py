@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fastdiff.solvers.drift import SCORE_PREDICTIONS, PFODEDrift
-from fastdiff.solvers.ode import solve_ivp_rk45
+from fastdiff.solvers.ode import Tolerances, solve_ivp_rk45
 
 INTEGRATION_DTYPES = (torch.float32, torch.float64)
 
@@ -90,24 +90,33 @@ def check_batch_kwargs(kwargs: Mapping[str, Any], batch: int) -> None:
             raise ValueError(f"model_kwargs[{name!r}] has batch size {value.shape[0]}, expected {batch}")
 
 
+def check_tolerances(tolerances: Any) -> None:
+    """A :class:`~fastdiff.solvers.ode.Tolerances` with ``rtol`` and ``atol`` finite and > 0 (the PF-ODE solvers'
+    rule, stricter than :func:`~fastdiff.solvers.ode.solve_ivp_rk45`'s) and ``max_steps`` an int >= 1."""
+    if not isinstance(tolerances, Tolerances):
+        raise TypeError(f"tolerances must be a fastdiff.solvers.ode.Tolerances, got {type(tolerances).__name__}")
+    check_tolerance("rtol", tolerances.rtol)
+    check_tolerance("atol", tolerances.atol)
+    check_positive_int("max_steps", tolerances.max_steps)
+
+
 def rk45_solve(
     pipe: Any,
     x: torch.Tensor,
     forward: bool,
-    rtol: float,
-    atol: float,
+    tolerances: Tolerances,
     dtype: torch.dtype | None,
     model_kwargs: Mapping[str, Any],
 ) -> torch.Tensor:
-    check_tolerance("rtol", rtol)
-    check_tolerance("atol", atol)
+    """The PF-ODE from ``x`` at one end of the schedule to the other (``t_min`` -> ``t_max`` when ``forward``)."""
+    check_tolerances(tolerances)
     dtype = integration_dtype(pipe, dtype)
     drift = first_call_names_x0(PFODEDrift(pipe.model, pipe.schedule, pipe.prediction, model_kwargs), tuple(x.shape))
     sch = pipe.schedule
     t0, t1 = (sch.t_min, sch.t_max) if forward else (sch.t_max, sch.t_min)
     y0 = x.detach().to(device=pipe.device, dtype=dtype)
     with torch.no_grad():
-        sol = solve_ivp_rk45(lambda t, y: drift(y, t), t0, t1, y0, rtol=rtol, atol=atol, norm="sample")
+        sol = solve_ivp_rk45(lambda t, y: drift(y, t), t0, t1, y0, tolerances=tolerances, norm="sample")
     return sol.y
 
 
@@ -118,6 +127,7 @@ __all__ = [
     "check_positive_int",
     "check_state",
     "check_tolerance",
+    "check_tolerances",
     "first_call_names_x0",
     "integration_dtype",
     "rk45_solve",

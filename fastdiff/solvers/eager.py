@@ -30,7 +30,7 @@ from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import EAGER_SAMPLERS
 from fastdiff.solvers.corrector import run_pc
 from fastdiff.solvers.drift import pf_ode_drift
-from fastdiff.solvers.ode import solve_ivp_rk45
+from fastdiff.solvers.ode import Tolerances, solve_ivp_rk45
 
 EagerResult = tuple[Any, int]
 """(the samples, or (samples, x0 estimates) with ``return_x0``; the network evaluations spent)."""
@@ -47,7 +47,12 @@ def sample_rk45(
     sch = pipe.schedule
     with torch.no_grad():
         sol = solve_ivp_rk45(
-            lambda t, y: drift(y, t), sch.t_max, sch.t_min, x.float(), rtol=float(rtol), atol=float(atol), norm="sample"
+            lambda t, y: drift(y, t),
+            sch.t_max,
+            sch.t_min,
+            x.float(),
+            tolerances=Tolerances(rtol=float(rtol), atol=float(atol)),
+            norm="sample",
         )
     return sol.y.to(pipe.dtype), int(sol.nfe)
 

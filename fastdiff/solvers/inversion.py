@@ -16,6 +16,7 @@ from fastdiff.samplers import SAMPLERS, get_sampler
 from fastdiff.schedule import Grid
 from fastdiff.solvers.arguments import check_batch_kwargs, check_pipe, check_state, rk45_solve
 from fastdiff.solvers.drift import x0_eps_coefficients
+from fastdiff.solvers.ode import Tolerances
 
 
 def encode_samplers() -> tuple[str, ...]:
@@ -39,15 +40,15 @@ def encode(
     x0: torch.Tensor,
     steps: int = 50,
     sampler: str = "ddim",
+    *,
     spacing: str | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
     dtype: torch.dtype | None = None,
     progress: bool = False,
     model_kwargs: Mapping[str, Any] | None = None,
     steps_offset: int = 0,
     rho: float = 7.0,
     fixed_point_iters: int | None = None,
+    tolerances: Tolerances = Tolerances(),
 ) -> torch.Tensor:
     """Runs the PF-ODE forward from the clean end of the grid to ``t_max``: the latent code ``x_T`` of ``x0``.
 
@@ -70,7 +71,7 @@ def encode(
       ddim**: 2 network calls per step (200 at 100 steps) for a round trip within 1e-2; pass
       ``fixed_point_iters=0`` for the plain one-call-per-step inversion through the fused kernel.
     * ``"rk45"``: adaptive Dormand–Prince on the PF-ODE from ``t_min`` to ``t_max`` (``steps`` is
-      ignored; ``rtol``/``atol``/``dtype`` apply; continuous schedules only). :func:`decode` with
+      ignored; ``tolerances``/``dtype`` apply; continuous schedules only). :func:`decode` with
       ``sampler="rk45"`` inverts it.
 
     Args:
@@ -79,55 +80,69 @@ def encode(
         steps: grid steps (ddim / dpmpp_2m).
         sampler: one of :func:`encode_samplers`.
         spacing, steps_offset, rho: the grid (:meth:`Schedule.grid`); use the decoder's.
-        rtol, atol, dtype: rk45's tolerances and dtype (default float32; ``torch.float64`` on request).
+        dtype: rk45's integration dtype (default float32; ``torch.float64`` on request).
         progress: progress bar (ddim / dpmpp_2m).
         model_kwargs: conditioning passed to every model call.
         fixed_point_iters: ddim only: fixed-point refinements per step (>= 0; default 1 for ddim, 0 otherwise;
             see above).
+        tolerances: rk45's :class:`~fastdiff.solvers.ode.Tolerances` (``rtol``, ``atol`` > 0; default 1e-5 each).
 
     Returns:
         ``x_T`` shaped like ``x0``: the pipeline's dtype (program samplers) or the integration dtype (rk45).
 
     Raises:
         ValueError: a sampler encode does not accept (listing those it does), bad ``x0``, a discrete
-            schedule with rk45, a prediction without a score.
+            schedule with rk45, a prediction without a score, bad tolerances.
     """
     check_pipe(pipe)
     check_state(x0)
+    _check_encode_sampler(sampler)
+    kwargs = dict(model_kwargs or {})
+    check_batch_kwargs(kwargs, x0.shape[0])
+    iters = _fixed_point_iters(fixed_point_iters, sampler)
+    if sampler == "rk45":
+        return rk45_solve(pipe, x0, forward=True, tolerances=tolerances, dtype=dtype, model_kwargs=kwargs)
+    grid = _inversion_grid(pipe, sampler, steps, spacing, steps_offset, rho)
+    if iters:
+        return _ddim_inversion_fixed_point(pipe, x0, grid, iters, kwargs)
+    try:
+        prog = build_program(pipe.schedule, grid, sampler, pipe.prediction, pipe.device)
+    except ValueError as exc:
+        raise ValueError(f"cannot encode with {sampler!r} on this grid: {exc}") from exc
+    return pipe.run_program(prog, x0, progress=progress, model_kwargs=kwargs)
+
+
+def _check_encode_sampler(sampler: str) -> None:
     accepted = encode_samplers()
     if sampler not in accepted:
         raise ValueError(f"sampler must be one of {accepted} for encode, got {sampler!r}")
-    kwargs = dict(model_kwargs or {})
-    check_batch_kwargs(kwargs, x0.shape[0])
-    if fixed_point_iters is None:
-        fixed_point_iters = 1 if sampler == "ddim" else 0
-    if (
-        isinstance(fixed_point_iters, bool)
-        or not isinstance(fixed_point_iters, (int, np.integer))
-        or fixed_point_iters < 0
-    ):
-        raise ValueError(f"fixed_point_iters must be an int >= 0, got {fixed_point_iters!r}")
-    if fixed_point_iters and sampler != "ddim":
+
+
+def _fixed_point_iters(value: int | None, sampler: str) -> int:
+    """``fixed_point_iters`` checked, its default (1 for ddim, 0 otherwise) filled in."""
+    if value is None:
+        value = 1 if sampler == "ddim" else 0
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"fixed_point_iters must be an int >= 0, got {value!r}")
+    if value and sampler != "ddim":
         raise ValueError(f"fixed_point_iters applies to sampler='ddim' only, got sampler={sampler!r}")
-    if sampler == "rk45":
-        return rk45_solve(pipe, x0, forward=True, rtol=rtol, atol=atol, dtype=dtype, model_kwargs=kwargs)
+    return int(value)
+
+
+def _inversion_grid(
+    pipe: PipelineLike, sampler: str, steps: int, spacing: str | None, steps_offset: int, rho: float
+) -> Grid:
+    """The decoder's grid for ``sampler``, reversed (clean end first); the sampler must be able to run it backwards."""
     info = get_sampler(sampler)
     if info.stochastic:
-        raise ValueError(f"sampler {sampler!r} is stochastic and cannot encode; use one of {accepted}")
+        raise ValueError(f"sampler {sampler!r} is stochastic and cannot encode; use one of {encode_samplers()}")
     if pipe.prediction not in info.predictions:
         raise ValueError(
             f"sampler {sampler!r} cannot use prediction {pipe.prediction!r}; it accepts {info.predictions}"
         )
     if spacing is None:  # the decoder's default grid for this sampler (Pipeline.sample)
         spacing = info.default_spacing(pipe.schedule)
-    grid = pipe.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
-    if fixed_point_iters:
-        return _ddim_inversion_fixed_point(pipe, x0, _reversed_grid(grid), int(fixed_point_iters), kwargs)
-    try:
-        prog = build_program(pipe.schedule, _reversed_grid(grid), sampler, pipe.prediction, pipe.device)
-    except ValueError as exc:
-        raise ValueError(f"cannot encode with {sampler!r} on this grid: {exc}") from exc
-    return pipe.run_program(prog, x0, progress=progress, model_kwargs=kwargs)
+    return _reversed_grid(pipe.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho))
 
 
 def _ddim_inversion_fixed_point(
@@ -175,24 +190,25 @@ def decode(
     x_T: torch.Tensor,
     steps: int = 50,
     sampler: str = "ddim",
+    *,
     spacing: str | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
     dtype: torch.dtype | None = None,
     progress: bool = False,
     model_kwargs: Mapping[str, Any] | None = None,
+    tolerances: Tolerances = Tolerances(),
 ) -> torch.Tensor:
     """The inverse of :func:`encode`: from ``x_T`` at ``t_max`` back to the data end.
 
-    ``"rk45"`` integrates the PF-ODE from ``t_max`` to ``t_min`` with :func:`fastdiff.solvers.ode.solve_ivp_rk45`;
-    any other sampler is ``pipe.sample(x_T.shape, sampler, steps, spacing=spacing, x_T=x_T)``.
+    ``"rk45"`` integrates the PF-ODE from ``t_max`` to ``t_min`` with :func:`fastdiff.solvers.ode.solve_ivp_rk45`
+    (``tolerances`` and ``dtype`` apply); any other sampler is
+    ``pipe.sample(x_T.shape, sampler, steps, spacing=spacing, x_T=x_T)``.
     """
     check_pipe(pipe)
     check_state(x_T, "x_T")
     if sampler == "rk45":
         kwargs = dict(model_kwargs or {})
         check_batch_kwargs(kwargs, x_T.shape[0])
-        return rk45_solve(pipe, x_T, forward=False, rtol=rtol, atol=atol, dtype=dtype, model_kwargs=kwargs)
+        return rk45_solve(pipe, x_T, forward=False, tolerances=tolerances, dtype=dtype, model_kwargs=kwargs)
     return pipe.sample(
         tuple(x_T.shape),
         sampler=sampler,

@@ -54,13 +54,13 @@ from fastdiff.solvers.arguments import (
     check_pipe,
     check_positive_int,
     check_state,
-    check_tolerance,
+    check_tolerances,
     first_call_names_x0,
     integration_dtype,
 )
 from fastdiff.solvers.drift import SCORE_PREDICTIONS, PFODEDrift, pf_ode_drift
 from fastdiff.solvers.inversion import decode, encode, encode_samplers
-from fastdiff.solvers.ode import solve_ivp_rk45
+from fastdiff.solvers.ode import Tolerances, solve_ivp_rk45
 
 __all__ = [
     "METHODS",
@@ -69,6 +69,7 @@ __all__ = [
     "SCORE_PREDICTIONS",
     "PFODEDrift",
     "LikelihoodInfo",
+    "LikelihoodSolver",
     "pf_ode_drift",
     "log_likelihood",
     "encode",
@@ -231,22 +232,36 @@ class LikelihoodInfo:
     rejected: int
 
 
+@dataclass(frozen=True)
+class LikelihoodSolver(Tolerances):
+    """How :func:`log_likelihood` solves the joint ODE: settings that change its cost and its solver error, not what
+    it computes.
+
+    Attributes:
+        rtol, atol: RK45's tolerances (finite, > 0), as :class:`~fastdiff.solvers.ode.Tolerances`.
+        max_steps: RK45's step limit per chunk of samples.
+        autodiff: how the Jacobian–vector products are taken: ``"reverse"`` (``torch.autograd.grad``: works for any
+            differentiable model) or ``"forward"`` (``torch.autograd.forward_ad`` dual tensors: no stored graph;
+            needs forward-mode AD support in every op of the model).
+    """
+
+    autodiff: str = "reverse"
+
+
 def log_likelihood(
     pipe: PipelineLike,
     x0: torch.Tensor,
     method: str = "exact",
+    *,
     n_probes: int = 1,
     probe: str = "rademacher",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     bits_per_dim: bool = False,
     batch_size: int | None = None,
-    autodiff: str = "reverse",
     model_kwargs: Mapping[str, Any] | None = None,
-    max_steps: int = 10_000,
     return_info: bool = False,
+    solver: LikelihoodSolver = LikelihoodSolver(),
 ) -> torch.Tensor | tuple[torch.Tensor, LikelihoodInfo]:
     """Per-sample ``log p_{t_min}(x0)`` (nats, or bits/dim) through the probability-flow ODE.
 
@@ -263,7 +278,6 @@ def log_likelihood(
         n_probes: Hutchinson probes per sample (>= 1); the estimate averages them.
         probe: ``"rademacher"`` (+-1, lowest variance) or ``"gaussian"``. Sample i's probes depend only on
             ``(seed, i)``, not on the batch or ``batch_size``.
-        rtol, atol: the solver's tolerances (> 0).
         seed: the probes' seed (Hutchinson).
         dtype: ``torch.float64`` integrates (and feeds the model) in float64; default float32.
         bits_per_dim: return ``-log p / (D ln 2)`` instead of nats: the continuous density's bits/dim in
@@ -273,92 +287,121 @@ def log_likelihood(
             for exact, ``n_probes`` for Hutchinson); bounds memory for large shapes. Samples are solved in
             chunks of ``max(1, batch_size // copies)``; when one sample's copies exceed it, its probes are
             evaluated in groups of ``batch_size``. Default: everything in one call.
-        autodiff: ``"reverse"`` (``torch.autograd.grad``: works for any differentiable model) or
-            ``"forward"`` (``torch.autograd.forward_ad`` dual tensors: no stored graph; needs forward-mode AD
-            support in every op of the model).
         model_kwargs: keyword arguments for every model call; tensors with a leading batch dimension are
             chunked and tiled with the samples.
-        max_steps: the solver's step limit per chunk.
         return_info: also return a :class:`LikelihoodInfo`.
+        solver: a :class:`LikelihoodSolver`: RK45's ``rtol``, ``atol`` (1e-5 each) and ``max_steps`` (10 000 per
+            chunk), and ``autodiff`` (``"reverse"``).
 
     Returns:
         ``[batch]`` log-likelihoods (nats, or bits/dim) in the integration dtype on the pipeline's device
         (and a :class:`LikelihoodInfo` when ``return_info``).
 
     Raises:
+        TypeError: ``x0`` not a tensor, ``solver`` not a :class:`LikelihoodSolver`.
         ValueError: naming the argument: bad ``x0`` (shape, dtype, non-finite, or a shape the model
             rejects), ``method``, ``probe``, ``n_probes < 1``, tolerances, ``dtype``, ``batch_size``,
             ``autodiff``; a discrete schedule (no PF-ODE); a prediction without a score.
     """
     check_pipe(pipe)
     check_state(x0)
+    _check_likelihood_options(method, probe, n_probes, batch_size, seed, solver)
+    dtype = integration_dtype(pipe, dtype)
+    kwargs = dict(model_kwargs or {})
+    check_batch_kwargs(kwargs, x0.shape[0])
+    drift = first_call_names_x0(PFODEDrift(pipe.model, pipe.schedule, pipe.prediction), tuple(x0.shape))
+    n, d = x0.shape[0], x0[0].numel()
+    copies = d if method == "exact" else int(n_probes)
+    chunk, group = _chunk_sizes(n, copies, batch_size)
+    chunks = _ChunkSolver(drift, pipe.schedule, method, int(n_probes), probe, int(seed), group, solver)
+    x_all = x0.detach().to(device=pipe.device, dtype=dtype)
+    parts = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        parts.append(chunks.solve(x_all[start:stop].contiguous(), start, _batch_rows(kwargs, start, stop)))
+    info = _concatenate(parts)
+    logp = info.prior_log_prob + info.delta_log_prob
+    if bits_per_dim:
+        logp = -logp / (d * math.log(2.0))
+    return (logp, info) if return_info else logp
+
+
+def _check_likelihood_options(
+    method: str, probe: str, n_probes: int, batch_size: int | None, seed: int, solver: LikelihoodSolver
+) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-    if autodiff not in AUTODIFF:
-        raise ValueError(f"autodiff must be one of {AUTODIFF}, got {autodiff!r}")
+    if not isinstance(solver, LikelihoodSolver):
+        raise TypeError(f"solver must be a fastdiff.solvers.likelihood.LikelihoodSolver, got {type(solver).__name__}")
+    if solver.autodiff not in AUTODIFF:
+        raise ValueError(f"autodiff must be one of {AUTODIFF}, got {solver.autodiff!r}")
     check_positive_int("n_probes", n_probes)
     check_positive_int("batch_size", batch_size, allow_none=True)
-    check_positive_int("max_steps", max_steps)
-    check_tolerance("rtol", rtol)
-    check_tolerance("atol", atol)
+    check_tolerances(solver)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    dtype = integration_dtype(pipe, dtype)
-    kwargs = dict(model_kwargs or {})
-    check_batch_kwargs(kwargs, x0.shape[0])
 
-    drift = first_call_names_x0(PFODEDrift(pipe.model, pipe.schedule, pipe.prediction), tuple(x0.shape))
-    sch = pipe.schedule
-    n, sample_shape = x0.shape[0], tuple(x0.shape[1:])
-    d = int(np.prod(sample_shape))
-    copies = d if method == "exact" else int(n_probes)
+
+def _chunk_sizes(n: int, copies: int, batch_size: int | None) -> tuple[int, int]:
+    """(samples per solve, probe copies per model call) so that one model call sees at most ``batch_size`` rows."""
     rows = n * copies if batch_size is None else int(batch_size)
-    chunk = max(1, rows // copies)
-    group = min(copies, rows)
+    return max(1, rows // copies), min(copies, rows)
 
-    x_all = x0.detach().to(device=pipe.device, dtype=dtype)
-    out_x, out_prior, out_delta = [], [], []
-    nfe = calls = steps = rejected = 0
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        x = x_all[start:stop].contiguous()
+
+def _batch_rows(kwargs: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """The model kwargs of samples ``start:stop``: tensors with a batch dimension sliced, the rest as they are."""
+    return {k: (v[start:stop] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()}
+
+
+@dataclass(frozen=True)
+class _ChunkSolver:
+    """Solves the joint ODE ``(x, int div F)`` for one chunk of samples at a time; holds what the chunks share."""
+
+    drift: PFODEDrift
+    schedule: Schedule
+    method: str
+    n_probes: int
+    probe: str
+    seed: int
+    group: int  # probe copies per model call
+    solver: LikelihoodSolver
+
+    def solve(self, x: torch.Tensor, start: int, model_kwargs: Mapping[str, Any]) -> LikelihoodInfo:
+        """The chunk ``x`` (samples ``start, start + 1, ...``) carried from ``t_min`` to ``t_max``."""
+        count, sample_shape = x.shape[0], tuple(x.shape[1:])
         probes = None
-        if method == "hutchinson":
+        if self.method == "hutchinson":
             probes = _hutchinson_probes(
-                start, stop - start, sample_shape, int(n_probes), probe, int(seed), dtype, x.device
+                start, count, sample_shape, self.n_probes, self.probe, self.seed, x.dtype, x.device
             )
-        chunk_kwargs = {
-            k: (v[start:stop] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in kwargs.items()
-        }
-        rhs = _DivergenceODE(drift, method, int(n_probes), probes, group, autodiff, chunk_kwargs)
-        acc0 = torch.zeros(stop - start, dtype=dtype, device=x.device)
-        sol = solve_ivp_rk45(
-            rhs, sch.t_min, sch.t_max, (x, acc0), rtol=rtol, atol=atol, max_steps=max_steps, norm="sample"
+        rhs = _DivergenceODE(
+            self.drift, self.method, self.n_probes, probes, self.group, self.solver.autodiff, model_kwargs
         )
+        acc0 = torch.zeros(count, dtype=x.dtype, device=x.device)
+        sch = self.schedule
+        sol = solve_ivp_rk45(rhs, sch.t_min, sch.t_max, (x, acc0), tolerances=self.solver, norm="sample")
         x_T, delta = sol.y
-        out_x.append(x_T)
-        out_prior.append(prior_log_prob(sch, x_T))
-        out_delta.append(delta)
-        nfe += sol.nfe
-        calls += rhs.model_calls
-        steps += sol.steps
-        rejected += sol.rejected
-    x_T = torch.cat(out_x)
-    prior = torch.cat(out_prior)
-    delta = torch.cat(out_delta)
-    logp = prior + delta
-    if bits_per_dim:
-        logp = -logp / (d * math.log(2.0))
-    if return_info:
-        return logp, LikelihoodInfo(
+        return LikelihoodInfo(
             x_T=x_T,
-            prior_log_prob=prior,
+            prior_log_prob=prior_log_prob(sch, x_T),
             delta_log_prob=delta,
-            nfe=nfe,
-            model_calls=calls,
-            steps=steps,
-            rejected=rejected,
+            nfe=sol.nfe,
+            model_calls=rhs.model_calls,
+            steps=sol.steps,
+            rejected=sol.rejected,
         )
-    return logp
+
+
+def _concatenate(parts: list[LikelihoodInfo]) -> LikelihoodInfo:
+    """The chunks' results as one: tensors concatenated along the batch, counts summed."""
+    return LikelihoodInfo(
+        x_T=torch.cat([p.x_T for p in parts]),
+        prior_log_prob=torch.cat([p.prior_log_prob for p in parts]),
+        delta_log_prob=torch.cat([p.delta_log_prob for p in parts]),
+        nfe=sum(p.nfe for p in parts),
+        model_calls=sum(p.model_calls for p in parts),
+        steps=sum(p.steps for p in parts),
+        rejected=sum(p.rejected for p in parts),
+    )

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ODESolution", "ODESolverError", "State", "solve_ivp_rk45", "NORMS"]
+__all__ = ["ODESolution", "ODESolverError", "State", "StepControl", "Tolerances", "solve_ivp_rk45", "NORMS"]
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 """An ODE state: one tensor or a tuple of tensors, each shaped ``[batch, ...]``."""
@@ -73,6 +73,34 @@ class ODESolverError(RuntimeError):
     """The integrator could not reach ``t1``: too many steps, a vanishing step or a non-finite state."""
 
 
+@dataclass(frozen=True)
+class Tolerances:
+    """How accurately an adaptive solve runs: the error a step may make, and how many steps it may take.
+
+    Attributes:
+        rtol, atol: relative and absolute tolerances (see the module docstring for the error norm).
+        max_steps: the most steps (accepted plus rejected) before :class:`ODESolverError`.
+
+    Checked where they are used: :func:`solve_ivp_rk45` takes ``atol = 0`` with ``rtol > 0``; the PF-ODE
+    solvers (:mod:`fastdiff.solvers.likelihood`, :mod:`fastdiff.solvers.inversion`) want both > 0.
+    """
+
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    max_steps: int = 10_000
+
+
+@dataclass(frozen=True)
+class StepControl:
+    """The step-size controller's constants (scipy's defaults): the next step is
+    ``h * clip(safety * err**(-1/5), min_factor, max_factor)``. Needs ``0 < safety <= 1`` and
+    ``0 < min_factor < 1 < max_factor``."""
+
+    safety: float = 0.9
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+
+
 @dataclass
 class ODESolution:
     """The result of :func:`solve_ivp_rk45`.
@@ -97,16 +125,13 @@ def solve_ivp_rk45(
     t0: float,
     t1: float,
     y0: State,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    max_steps: int = 10_000,
+    *,
+    tolerances: Tolerances = Tolerances(),
     first_step: float | None = None,
     max_step: float | None = None,
     norm: str = "sample",
     dtype: torch.dtype | None = None,
-    safety: float = 0.9,
-    min_factor: float = 0.2,
-    max_factor: float = 10.0,
+    control: StepControl = StepControl(),
 ) -> ODESolution:
     """Integrates ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` with adaptive Dormand–Prince RK45.
 
@@ -116,128 +141,155 @@ def solve_ivp_rk45(
             shapes and dtypes.
         t0, t1: start and end times; ``t1 < t0`` integrates backwards. ``t0 == t1`` returns ``y0``.
         y0: the initial state: a tensor or a tuple of tensors sharing the batch dimension 0.
-        rtol, atol: relative and absolute tolerances (> 0; ``atol >= 0`` with ``rtol > 0``).
-        max_steps: the most steps (accepted plus rejected) before :class:`ODESolverError`.
+        tolerances: ``rtol``, ``atol`` (finite, >= 0, not both 0) and ``max_steps`` (an int >= 1); default
+            ``Tolerances()``: 1e-5, 1e-5, 10 000.
         first_step: the initial |step|; default: Hairer's estimate (one extra evaluation of ``f``).
         max_step: the largest |step| allowed (default: unbounded, ``|t1 - t0|``).
         norm: ``"sample"`` (per-sample RMS, maximum over the batch) or ``"global"`` (RMS over the batch);
             see the module docstring.
         dtype: integrate in this floating dtype (e.g. ``torch.float64``); default: ``y0``'s dtype.
-        safety, min_factor, max_factor: step-size controller constants (scipy's defaults).
+        control: the step-size controller's constants (:class:`StepControl`, scipy's defaults).
 
     Returns:
         An :class:`ODESolution` with the final state ``y`` (in the integration dtype) and ``nfe``.
 
     Raises:
+        TypeError: ``tolerances`` or ``control`` of the wrong type.
         ValueError: bad arguments (naming the argument).
         ODESolverError: ``max_steps`` exceeded, the step size underflowed, or the state became NaN/Inf.
     """
     t0, t1 = _check_time("t0", t0), _check_time("t1", t1)
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    if rtol == 0 and atol == 0:
-        raise ValueError("rtol and atol must not both be 0")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if first_step is not None and not (math.isfinite(first_step) and first_step > 0):
-        raise ValueError(f"first_step must be a finite float > 0, got {first_step!r}")
-    if max_step is not None and not (max_step > 0):
-        raise ValueError(f"max_step must be > 0, got {max_step!r}")
-    if not (0 < safety <= 1 and 0 < min_factor < 1 < max_factor):
-        raise ValueError(
-            "need 0 < safety <= 1 and 0 < min_factor < 1 < max_factor, got "
-            f"safety={safety}, min_factor={min_factor}, max_factor={max_factor}"
-        )
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-
+    _check_tolerances(tolerances)
+    _check_step_options(first_step, max_step, norm, dtype, control)
     is_tuple = isinstance(y0, (tuple, list))
     ys = _as_tuple(y0, dtype)
     if t0 == t1:
         return ODESolution(y=_pack(ys, is_tuple), t=t1, nfe=0, steps=0, rejected=0)
+    run = _DormandPrince(_shape_checked(f, is_tuple), t1, tolerances, norm, control)
+    run.start(t0, ys, first_step, max_step)
+    while run.direction * (t1 - run.t) > 0:
+        run.check_can_step(t0)
+        run.attempt_step()
+    if not _all_finite(run.ys):
+        raise ODESolverError(f"solve_ivp_rk45 produced a non-finite state at t={run.t:.6g}")
+    return ODESolution(y=_pack(run.ys, is_tuple), t=t1, nfe=run.nfe, steps=run.steps, rejected=run.rejected)
 
-    def call(t: float, y: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        out = f(t, _pack(y, is_tuple))
-        out_t = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        if len(out_t) != len(y) or any(not isinstance(o, torch.Tensor) or o.shape != v.shape for o, v in zip(out_t, y)):
-            raise ValueError(
-                "f(t, y) must return the structure and shapes of y: got "
-                f"{[tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out_t]}"
-                f" for {[tuple(v.shape) for v in y]}"
-            )
-        return tuple(o.to(v.dtype) for o, v in zip(out_t, y))
 
-    direction = 1.0 if t1 > t0 else -1.0
-    span = abs(t1 - t0)
-    max_step = span if max_step is None else min(float(max_step), span)
-    nfe = 0
-    k1 = call(t0, ys)
-    nfe += 1
-    if not _all_finite(ys) or not _all_finite(k1):
-        raise ODESolverError(f"solve_ivp_rk45: y0 or f(t0, y0) is not finite (NaN/Inf) at t0={t0}")
-    if first_step is None:
-        h_abs = _initial_step(call, t0, ys, k1, direction, rtol, atol, norm)
-        nfe += 1
-    else:
-        h_abs = float(first_step)
-    if not (math.isfinite(h_abs) and h_abs > 0):
-        h_abs = 1e-6 * span
-    h_abs = min(h_abs, max_step)
+# --------------------------------------------------------------------------- the integration loop
+_Tensors = tuple[torch.Tensor, ...]
 
-    t, steps, rejected = t0, 0, 0
-    rejected_last = False
-    while direction * (t1 - t) > 0:
-        if steps + rejected >= max_steps:
+
+class _DormandPrince:
+    """The integration from one start to ``t1``: the current time, state, FSAL derivative, step size and counts."""
+
+    def __init__(
+        self,
+        call: Callable[[float, _Tensors], _Tensors],
+        t1: float,
+        tolerances: Tolerances,
+        norm: str,
+        control: StepControl,
+    ):
+        self.call, self.t1, self.tol, self.norm, self.control = call, t1, tolerances, norm, control
+        self.nfe = self.steps = self.rejected = 0
+        self.rejected_last = False
+
+    def start(self, t0: float, ys: _Tensors, first_step: float | None, max_step: float | None) -> None:
+        """Evaluates ``f(t0, y0)`` (checked finite) and picks the first step size (Hairer's unless given)."""
+        self.t, self.ys = t0, ys
+        self.direction = 1.0 if self.t1 > t0 else -1.0
+        span = abs(self.t1 - t0)
+        self.max_step = span if max_step is None else min(float(max_step), span)
+        self.k1 = self.call(t0, ys)
+        self.nfe += 1
+        if not _all_finite(ys) or not _all_finite(self.k1):
+            raise ODESolverError(f"solve_ivp_rk45: y0 or f(t0, y0) is not finite (NaN/Inf) at t0={t0}")
+        if first_step is None:
+            tol = self.tol
+            h_abs = _initial_step(self.call, t0, ys, self.k1, self.direction, tol.rtol, tol.atol, self.norm)
+            self.nfe += 1
+        else:
+            h_abs = float(first_step)
+        if not (math.isfinite(h_abs) and h_abs > 0):
+            h_abs = 1e-6 * span
+        self.h_abs = min(h_abs, self.max_step)
+
+    def check_can_step(self, t0: float) -> None:
+        """Raises :class:`ODESolverError` when the step budget is spent or the step has become too small."""
+        t, tol = self.t, self.tol
+        if self.steps + self.rejected >= tol.max_steps:
             raise ODESolverError(
-                f"solve_ivp_rk45 exceeded max_steps={max_steps} at t={t:.6g} "
-                f"(from {t0} to {t1}, rtol={rtol}, atol={atol}); loosen the tolerances "
+                f"solve_ivp_rk45 exceeded max_steps={tol.max_steps} at t={t:.6g} "
+                f"(from {t0} to {self.t1}, rtol={tol.rtol}, atol={tol.atol}); loosen the tolerances "
                 "or raise max_steps"
             )
-        min_step = 10.0 * abs(math.nextafter(t, direction * math.inf) - t)
-        if h_abs < min_step:
+        min_step = 10.0 * abs(math.nextafter(t, self.direction * math.inf) - t)
+        if self.h_abs < min_step:
             raise ODESolverError(
                 f"solve_ivp_rk45's step size underflowed at t={t:.6g} (the problem is too "
                 "stiff or the right-hand side is discontinuous there)"
             )
-        h_abs = min(h_abs, max_step)
-        h = direction * h_abs
-        t_new = t + h
-        if direction * (t_new - t1) > 0 or abs(t1 - t_new) < 1e-12 * max(1.0, abs(t1)):
-            t_new = t1  # land exactly on t1
-        h = t_new - t
-        h_abs = abs(h)
 
-        ks = [k1]
-        for i in range(1, 6):
-            yi = _axpy(ys, h, _A[i], ks)
-            ks.append(call(t + _C[i] * h, yi))
-        y_new = _axpy(ys, h, _B, ks)
-        k7 = call(t_new, y_new)
-        nfe += 6
-        ks.append(k7)
-        err_vec = tuple(sum(_E[i] * h * ks[i][j] for i in range(7) if _E[i] != 0.0) for j in range(len(ys)))
-        err = _error_norm(err_vec, ys, y_new, rtol, atol, norm)
+    def attempt_step(self) -> None:
+        """One trial step: accepted (time and state advance) or rejected; the step size adapts either way."""
+        t = self.t
+        t_new = self._step_end(min(self.h_abs, self.max_step))
+        h = t_new - t
+        self.h_abs = abs(h)
+        y_new, k7, err_vec = _dopri_trial(self.call, t, t_new, self.ys, self.k1)
+        self.nfe += 6
+        err = _error_norm(err_vec, self.ys, y_new, self.tol.rtol, self.tol.atol, self.norm)
         if not math.isfinite(err):
             err = math.inf  # a NaN/Inf trial state: reject and shrink (until the step underflows)
         if err <= 1.0:
-            t, ys, k1 = t_new, y_new, k7
-            steps += 1
-            factor = max_factor if err == 0 else min(max_factor, safety * err**_ORDER_EXPONENT)
-            if rejected_last:
-                factor = min(factor, 1.0)
-            h_abs *= max(factor, min_factor)
-            rejected_last = False
+            self.t, self.ys, self.k1 = t_new, y_new, k7
+            self.steps += 1
+            self.h_abs *= _growth_factor(err, self.control, self.rejected_last)
+            self.rejected_last = False
         else:
-            rejected += 1
-            factor = min_factor if not math.isfinite(err) else max(min_factor, safety * err**_ORDER_EXPONENT)
-            h_abs *= factor
-            rejected_last = True
-    if not _all_finite(ys):
-        raise ODESolverError(f"solve_ivp_rk45 produced a non-finite state at t={t:.6g}")
-    return ODESolution(y=_pack(ys, is_tuple), t=t1, nfe=nfe, steps=steps, rejected=rejected)
+            self.rejected += 1
+            self.h_abs *= _shrink_factor(err, self.control)
+            self.rejected_last = True
+
+    def _step_end(self, h_abs: float) -> float:
+        """``t + direction * h_abs``, landing exactly on ``t1`` when it would pass it or come within rounding."""
+        t1 = self.t1
+        t_new = self.t + self.direction * h_abs
+        if self.direction * (t_new - t1) > 0 or abs(t1 - t_new) < 1e-12 * max(1.0, abs(t1)):
+            t_new = t1
+        return t_new
+
+
+def _dopri_trial(
+    call: Callable[[float, _Tensors], _Tensors], t: float, t_new: float, ys: _Tensors, k1: _Tensors
+) -> tuple[_Tensors, _Tensors, _Tensors]:
+    """One Dormand–Prince step from ``(t, ys)`` to ``t_new`` given ``k1 = f(t, ys)`` (FSAL): the 5th-order state,
+    ``f`` there (the next step's ``k1``) and the error estimate ``y5 - y4``."""
+    h = t_new - t
+    ks = [k1]
+    for i in range(1, 6):
+        yi = _axpy(ys, h, _A[i], ks)
+        ks.append(call(t + _C[i] * h, yi))
+    y_new = _axpy(ys, h, _B, ks)
+    k7 = call(t_new, y_new)
+    ks.append(k7)
+    err_vec = tuple(sum(_E[i] * h * ks[i][j] for i in range(7) if _E[i] != 0.0) for j in range(len(ys)))
+    return y_new, k7, err_vec
+
+
+def _growth_factor(err: float, control: StepControl, after_rejection: bool) -> float:
+    """The step-size factor after an accepted step (no growth right after a rejection)."""
+    factor = control.max_factor if err == 0 else min(control.max_factor, control.safety * err**_ORDER_EXPONENT)
+    if after_rejection:
+        factor = min(factor, 1.0)
+    return max(factor, control.min_factor)
+
+
+def _shrink_factor(err: float, control: StepControl) -> float:
+    """The step-size factor after a rejected step (the smallest one for a non-finite error)."""
+    if not math.isfinite(err):
+        return control.min_factor
+    return max(control.min_factor, control.safety * err**_ORDER_EXPONENT)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -249,6 +301,58 @@ def _check_time(name: str, value: float) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return v
+
+
+def _check_tolerances(tolerances: Tolerances) -> None:
+    """rtol and atol finite and >= 0, not both 0; max_steps an int >= 1."""
+    if not isinstance(tolerances, Tolerances):
+        raise TypeError(f"tolerances must be a fastdiff.solvers.ode.Tolerances, got {type(tolerances).__name__}")
+    rtol, atol, max_steps = tolerances.rtol, tolerances.atol, tolerances.max_steps
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    if rtol == 0 and atol == 0:
+        raise ValueError("rtol and atol must not both be 0")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+
+
+def _check_step_options(
+    first_step: float | None, max_step: float | None, norm: str, dtype: torch.dtype | None, control: StepControl
+) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if first_step is not None and not (math.isfinite(first_step) and first_step > 0):
+        raise ValueError(f"first_step must be a finite float > 0, got {first_step!r}")
+    if max_step is not None and not (max_step > 0):
+        raise ValueError(f"max_step must be > 0, got {max_step!r}")
+    if not isinstance(control, StepControl):
+        raise TypeError(f"control must be a fastdiff.solvers.ode.StepControl, got {type(control).__name__}")
+    safety, min_factor, max_factor = control.safety, control.min_factor, control.max_factor
+    if not (0 < safety <= 1 and 0 < min_factor < 1 < max_factor):
+        raise ValueError(
+            "need 0 < safety <= 1 and 0 < min_factor < 1 < max_factor, got "
+            f"safety={safety}, min_factor={min_factor}, max_factor={max_factor}"
+        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
+def _shape_checked(f: Callable[[float, State], State], is_tuple: bool) -> Callable[[float, _Tensors], _Tensors]:
+    """``f`` on tuples of tensors: the state packed as the caller gave it, the result checked against it."""
+
+    def call(t: float, y: _Tensors) -> _Tensors:
+        out = f(t, _pack(y, is_tuple))
+        out_t = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        if len(out_t) != len(y) or any(not isinstance(o, torch.Tensor) or o.shape != v.shape for o, v in zip(out_t, y)):
+            raise ValueError(
+                "f(t, y) must return the structure and shapes of y: got "
+                f"{[tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out_t]}"
+                f" for {[tuple(v.shape) for v in y]}"
+            )
+        return tuple(o.to(v.dtype) for o, v in zip(out_t, y))
+
+    return call
 
 
 def _as_tuple(y0: State, dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,16 @@ from fastdiff.eval.exact import GaussianMixture
 from fastdiff.pipeline import Pipeline
 from fastdiff.samplers import SAMPLERS
 from fastdiff.solvers.interpolate import interpolate, slerp
-from fastdiff.solvers.likelihood import LikelihoodInfo, decode, encode, encode_samplers, pf_ode_drift, prior_log_prob
+from fastdiff.solvers.likelihood import (
+    LikelihoodInfo,
+    LikelihoodSolver,
+    decode,
+    encode,
+    encode_samplers,
+    pf_ode_drift,
+    prior_log_prob,
+)
+from fastdiff.solvers.ode import Tolerances
 
 # |z| <= 4 for the Hutchinson z-tests: under an unbiased estimator P(|z| > 4) = 6e-5, and the probes are
 # seeded, so the test is deterministic; SLACK absorbs the solver error between the exact and the Hutchinson
@@ -119,7 +128,7 @@ def test_exact_likelihood_is_independent_of_chunking_and_autodiff(gmm, vp):
     x0 = gmm.sample(6, seed=6, dtype=torch.float64)
     pipe = make_pipe(gmm, vp)
     ref = pipe.log_likelihood(x0, dtype=torch.float64)
-    fwd = pipe.log_likelihood(x0, dtype=torch.float64, autodiff="forward")
+    fwd = pipe.log_likelihood(x0, dtype=torch.float64, solver=LikelihoodSolver(autodiff="forward"))
     torch.testing.assert_close(fwd, ref, rtol=0, atol=1e-10)
     # batch_size=1 row per call: one sample per solve, its two trace rows in two calls
     chunked = pipe.log_likelihood(x0, dtype=torch.float64, batch_size=1)
@@ -307,16 +316,30 @@ def test_bad_x0_shapes_name_x0(gmm, vp):
         (dict(n_probes=0), "n_probes"),
         (dict(n_probes=1.5), "n_probes"),
         (dict(batch_size=0), "batch_size"),
-        (dict(rtol=0.0), "rtol"),
-        (dict(atol=-1.0), "atol"),
+        (dict(solver=LikelihoodSolver(rtol=0.0)), "rtol"),
+        (dict(solver=LikelihoodSolver(atol=-1.0)), "atol"),
         (dict(dtype=torch.float16), "dtype"),
-        (dict(autodiff="numeric"), "autodiff"),
+        (dict(solver=LikelihoodSolver(autodiff="numeric")), "autodiff"),
+        (dict(solver=LikelihoodSolver(max_steps=0)), "max_steps"),
         (dict(seed=1.5), "seed"),
     ],
 )
 def test_bad_likelihood_arguments_name_themselves(gmm, vp, kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_pipe(gmm, vp).log_likelihood(torch.zeros(2, 2), **kwargs)
+
+
+def test_settings_objects_of_the_wrong_type_are_type_errors(gmm, vp):
+    pipe = make_pipe(gmm, vp)
+    x = torch.zeros(2, 2)
+    with pytest.raises(TypeError, match="solver"):
+        pipe.log_likelihood(x, solver=Tolerances())
+    with pytest.raises(TypeError, match="tolerances"):
+        pipe.encode(x, sampler="rk45", tolerances=1e-5)
+    with pytest.raises(TypeError, match="tolerances"):
+        decode(pipe, x, sampler="rk45", tolerances={"rtol": 1e-5})
+    with pytest.raises(ValueError, match="atol"):
+        pipe.encode(x, sampler="rk45", tolerances=Tolerances(atol=0.0))
 
 
 def test_schedule_or_prediction_without_a_score(gmm, vp):
