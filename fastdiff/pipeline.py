@@ -156,7 +156,8 @@ class Pipeline:
             raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        return x_T.to(device=self.device, dtype=self.dtype).contiguous().clone()
+        # Sampling is not differentiated through: a state that requires grad would only break the in-place steps.
+        return x_T.detach().to(device=self.device, dtype=self.dtype).contiguous().clone()
 
     @property
     def last_nfe(self) -> int | None:

@@ -7,6 +7,7 @@ Its checks live here, so every entry point refuses the same requests with the sa
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 
 from fastdiff.program import Program
-from fastdiff.runtime.checks import check_model_kwargs, check_shape
+from fastdiff.runtime.checks import check_class_labels, check_model_kwargs, check_shape
+from fastdiff.runtime.guidance import make_guidance
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import EAGER_SAMPLERS, get_sampler
 from fastdiff.schedule import Grid
@@ -58,11 +60,17 @@ class SampleRequest:
         return self.guidance_scale != 1.0 or self.uncond_kwargs is not None
 
     def validate(self, pipe: PipelineLike, serving: bool = False) -> None:
-        """Raises ValueError/TypeError naming the field for anything ``pipe`` cannot sample. With ``serving``, also
-        what step-level batching cannot run: samplers that are not one fixed coefficient program, guidance
-        rescaling, a sample shape other than the network's own (and steps are checked here rather than by the
-        schedule's grid)."""
+        """Raises ValueError/TypeError naming the field for anything ``pipe`` cannot sample: the shape and steps, the
+        sampler and the types of its options, the conditioning's batch rows, the guidance settings, and what the
+        pipeline declares about its network (its sample shape, its class labels). With ``serving``, also what
+        step-level batching cannot run (samplers that are not one fixed coefficient program, guidance rescaling)
+        and the program's own checks (the ranges of the sampler's options), so every entry point refuses the same
+        requests before any work starts."""
         check_shape(self.shape)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise TypeError(f"steps must be an int, got {type(self.steps).__name__} {self.steps!r}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an int in [1, {MAX_STEPS}], got {self.steps!r}")
         info = get_sampler(self.sampler)
         if pipe.prediction not in info.predictions:
             raise ValueError(
@@ -75,19 +83,31 @@ class SampleRequest:
         check_model_kwargs(dict(self.model_kwargs), self.n)
         if self.uncond_kwargs is not None:
             check_model_kwargs(dict(self.uncond_kwargs), self.n, "uncond_kwargs")
+        make_guidance(self.guidance_scale, self.guidance_rescale, "double", self.uncond_kwargs)  # its checks
+        self._check_network_inputs(pipe)
         if serving:
-            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-                raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-            if self.sampler in EAGER_SAMPLERS:
-                raise ValueError(
-                    f"sampler {self.sampler!r} is not a fixed coefficient program and cannot be batched per step"
-                )
-            if self.guidance_rescale != 0.0:
-                raise ValueError("guidance_rescale is not available with step-level batching")
-            if pipe.sample_shape is not None and tuple(self.sample_shape) != tuple(pipe.sample_shape):
-                raise ValueError(
-                    f"sample_shape must be {tuple(pipe.sample_shape)} for this network, got {tuple(self.sample_shape)}"
-                )
+            self._check_batchable(pipe)
+
+    def _check_network_inputs(self, pipe: PipelineLike) -> None:
+        """What a pipeline declares about its network: the sample shape, and the class labels ``y`` it takes."""
+        if pipe.sample_shape is not None and tuple(self.sample_shape) != tuple(pipe.sample_shape):
+            raise ValueError(
+                f"sample_shape must be {tuple(pipe.sample_shape)} for this network, got {tuple(self.sample_shape)}"
+            )
+        num_classes = pipe.num_classes
+        for what, kwargs in (("model_kwargs", self.model_kwargs), ("uncond_kwargs", self.uncond_kwargs or {})):
+            if num_classes and "y" in kwargs:
+                check_class_labels(kwargs["y"], num_classes, f"{what}['y']")
+
+    def _check_batchable(self, pipe: PipelineLike) -> None:
+        """What step-level batching cannot run, and the program's own checks (ranges of its options)."""
+        if self.sampler in EAGER_SAMPLERS:
+            raise ValueError(
+                f"sampler {self.sampler!r} is not a fixed coefficient program and cannot be batched per step"
+            )
+        if self.guidance_rescale != 0.0:
+            raise ValueError("guidance_rescale is not available with step-level batching")
+        self.program(pipe)  # built (and cached) now, so an option out of its range is refused at validation
 
     def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
         """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`)."""
@@ -106,6 +126,9 @@ class SampleRequest:
             tuple(sorted(dict(self.options).items())),
         )
 
+
+MAX_STEPS = 100_000
+"""The most steps a request may take (a bound on the memory of its program; schedules may allow fewer)."""
 
 REQUEST_FIELDS = ("spacing", "steps_offset", "rho", "guidance_rescale")
 """The keyword arguments of :meth:`fastdiff.Pipeline.sample` that are :class:`SampleRequest` fields."""

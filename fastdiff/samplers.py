@@ -6,9 +6,13 @@ one fused step kernel; this module holds what a user needs to choose one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 ALL_PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 
@@ -39,11 +43,62 @@ class SamplerInfo:
         return self.discrete_spacing if getattr(schedule, "is_discrete", False) else None
 
     def check_options(self, options: Mapping[str, Any]) -> None:
-        """Raises ValueError naming any option this sampler does not take."""
+        """Raises ValueError naming any option this sampler does not take, and TypeError/ValueError for an option
+        value of the wrong kind (:func:`check_option_values`)."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             takes = ", ".join(self.options) if self.options else "no options"
             raise ValueError(f"sampler {self.name!r} does not take {', '.join(unknown)}; it takes {takes}")
+        check_option_values(options)
+
+
+OPTION_KINDS: dict[str, Any] = {
+    **dict.fromkeys(("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "snr", "rtol", "atol"), "real"),
+    **dict.fromkeys(("order", "solver_order", "n_corrector"), "int"),
+    **dict.fromkeys(("lower_order_final", "legacy_third_order"), "bool"),
+    "variance_type": ("fixed_small", "fixed_large"),
+    "solver_type": ("midpoint", "heun"),
+    "step_rule": ("expected", "norms"),
+    "times": "reals",
+}
+"""What each sampler option's value must be: a real number, an int, a bool, one of some strings, or a sequence of
+real numbers. Ranges are the sampler's own (checked where the program is built, with ValueError)."""
+
+
+def check_option_values(options: Mapping[str, Any]) -> None:
+    """TypeError for a sampler option of the wrong type (a string where a number goes is never silently ignored),
+    ValueError for a non-finite number or a string not among the accepted ones; each names the option."""
+    for name, value in options.items():
+        kind = OPTION_KINDS.get(name)
+        if kind is None:
+            continue
+        if isinstance(kind, tuple):
+            if not isinstance(value, str) or value not in kind:
+                raise ValueError(f"{name} must be one of {kind}, got {value!r}")
+        elif kind == "reals":
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+                raise TypeError(f"{name} must be a non-empty sequence of real numbers, got {_describe(value)}")
+            for item in value:
+                _check_number(name, item, "real")
+        else:
+            _check_number(name, value, kind)
+
+
+def _check_number(name: str, value: Any, kind: str) -> None:
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {_describe(value)}")
+        return
+    wanted = numbers.Integral if kind == "int" else numbers.Real
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, wanted):
+        raise TypeError(f"{name} must be {'an int' if kind == 'int' else 'a real number'}, got {_describe(value)}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:40] + '...'}"
 
 
 EAGER_SAMPLERS = ("rk45", "pc", "consistency")

@@ -317,6 +317,17 @@ def test_nan_names_step_and_sample() -> None:
         (dict(x_T=[[0.0, 0.0]] * 3), TypeError, "x_T"),
         (dict(spacing="weird"), ValueError, "spacing"),
         (dict(noise=[torch.zeros(3, 2)] * 2, sampler="ddpm"), ValueError, "noise"),
+        # what a fuzzing run found raising unclear errors, or silently ignored
+        (dict(steps=10**20), ValueError, "steps"),
+        (dict(eta="1.5"), TypeError, "eta must be a real number, got str"),
+        (dict(eta=[0.5]), TypeError, "eta must be a real number, got list"),
+        (dict(eta=float("nan")), ValueError, "eta must be finite"),
+        (dict(sampler="unipc", solver_order="1"), TypeError, "solver_order must be an int"),
+        (dict(sampler="deis", lower_order_final="no"), TypeError, "lower_order_final must be True or False"),
+        (dict(sampler="ddpm", variance_type=1), ValueError, "variance_type must be one of"),
+        (dict(sampler="ddpm", noise=[None] * 5), TypeError, r"noise\[0\] must be a tensor"),
+        (dict(noise="zeros", sampler="ddpm"), TypeError, "noise must be a sequence of tensors"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be finite"),
     ],
 )
 def test_bad_sample_arguments(kwargs: dict, exc: type, match: str) -> None:
@@ -459,3 +470,38 @@ def test_program_model_times_per_batch_size() -> None:
     assert t3.shape == (5, 3) and t3.dtype == torch.float32 and prog.model_times(3) is t3
     assert torch.equal(t3[:, 0], torch.as_tensor(prog.model_time, dtype=torch.float32))
     assert prog.model_times(1).shape == (5, 1)
+
+
+def test_a_pipeline_checks_what_it_declares_about_its_network() -> None:
+    """A pipeline that knows its sample shape and class count refuses other shapes and labels before the network
+    sees them (the label ``num_classes`` is the null class, allowed)."""
+    seen = []
+    pipe = Pipeline(lambda x, t, y=None: seen.append(y) or 0 * x, Schedule.vp_discrete(), sample_shape=(2,),
+                    num_classes=3)  # fmt: skip
+    with pytest.raises(ValueError, match=r"sample_shape must be \(2,\)"):
+        pipe.sample((2, 3), steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] must hold labels in \[0, 3\]"):
+        pipe.sample((2, 2), steps=2, progress=False, model_kwargs={"y": torch.tensor([1, 4])})
+    with pytest.raises(TypeError, match="integer class labels"):
+        pipe.sample((2, 2), steps=2, progress=False, model_kwargs={"y": torch.tensor([1.5, 2.0])})
+    with pytest.raises(ValueError, match=r"uncond_kwargs\['y'\]"):
+        pipe.sample((2, 2), steps=2, progress=False, model_kwargs={"y": torch.tensor([0, 1])},
+                    uncond_kwargs={"y": torch.tensor([-1, 3])}, guidance_scale=2.0)  # fmt: skip
+    assert not seen
+    pipe.sample((2, 2), steps=2, progress=False, model_kwargs={"y": torch.tensor([0, 3])})
+    assert len(seen) == 2
+
+
+def test_an_initial_state_that_requires_grad_is_sampled_from_not_differentiated() -> None:
+    x_T = torch.randn(3, 2, requires_grad=True)
+    pipe = _pipe(Schedule.vp_discrete())
+    x, traj = pipe.sample((3, 2), steps=4, x_T=x_T, return_trajectory=True, progress=False)
+    assert torch.equal(traj[0], x_T.detach()) and not x.requires_grad
+
+
+def test_rk45_from_a_non_finite_state_raises_what_the_other_samplers_raise() -> None:
+    x_T = torch.zeros(3, 2)
+    x_T[1, 0] = float("nan")
+    with pytest.raises(NonFiniteError) as info:
+        _pipe(Schedule.vp_linear()).sample((3, 2), sampler="rk45", x_T=x_T, progress=False)
+    assert info.value.samples == [1]

@@ -43,11 +43,33 @@ def check_noise(noise: Any, prog: Program, shape: tuple[int, ...]) -> None:
     """An explicit noise list holds a tensor shaped like the state for every stage that draws noise."""
     if noise is None:
         return
+    if isinstance(noise, (str, bytes)) or not hasattr(noise, "__len__") or not hasattr(noise, "__getitem__"):
+        raise TypeError(f"noise must be a sequence of tensors (one per stage) or a tensor, got {type(noise).__name__}")
     if len(noise) < prog.stages:
         raise ValueError(f"noise must hold one tensor per stage ({prog.stages}), got {len(noise)}")
     for k in range(prog.stages):
+        if prog.uses_noise(k) and not isinstance(noise[k], torch.Tensor):
+            raise TypeError(f"noise[{k}] must be a tensor shaped like the state, got {type(noise[k]).__name__}")
         if prog.uses_noise(k) and tuple(noise[k].shape) != shape:
             raise ValueError(f"noise[{k}] must have shape {shape}, got {tuple(noise[k].shape)}")
+
+
+def check_class_labels(y: Any, num_classes: int, what: str = "y") -> None:
+    """Class labels for a network with ``num_classes`` classes: integers in [0, num_classes] (``num_classes`` is the
+    null class classifier-free guidance evaluates)."""
+    labels = y if isinstance(y, torch.Tensor) else None
+    if labels is None:
+        try:
+            labels = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{what} must be integer class labels, got {type(y).__name__}") from None
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must be integer class labels, got dtype {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > num_classes):
+        raise ValueError(
+            f"{what} must hold labels in [0, {num_classes}] ({num_classes} is the null class), "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
 
 
 def check_model_kwargs(kwargs: dict, batch: int, what: str = "model_kwargs") -> None:

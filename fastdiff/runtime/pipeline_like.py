@@ -22,6 +22,7 @@ class PipelineLike(Protocol):
     device: torch.device
     dtype: torch.dtype
     sample_shape: tuple[int, ...] | None
+    num_classes: int
 
     def program(
         self,

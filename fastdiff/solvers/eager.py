@@ -24,7 +24,7 @@ import torch
 from fastdiff.kernels.philox import derive_seeds
 from fastdiff.program import Program, build_program
 from fastdiff.request import SampleRequest
-from fastdiff.runtime.checks import check_noise
+from fastdiff.runtime.checks import NonFiniteError, check_noise
 from fastdiff.runtime.loop import Conditioning, Loop, Recording
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import EAGER_SAMPLERS
@@ -43,6 +43,9 @@ def sample_rk45(
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"{name} must be a float > 0, got {v!r}")
+    bad = (~torch.isfinite(x.float()).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:  # as the fixed-step samplers say it: no solver step can start from NaN/Inf
+        raise NonFiniteError(0, bad)
     drift = pf_ode_drift(pipe.model, pipe.schedule, pipe.prediction, model_kwargs)
     sch = pipe.schedule
     with torch.no_grad():
