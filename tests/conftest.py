@@ -13,6 +13,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
 
 PEER_MODULES = {"diffusers", "k_diffusion"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        help="the fuzz suite's long run (10,000 cases per property instead of a few hundred)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis profiles for tests/fuzz: seeded (derandomized) and bounded in ``make test``; long with
+    ``--fuzz-long``."""
+    from hypothesis import HealthCheck, settings
+
+    common = dict(derandomize=True, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    settings.register_profile("fastdiff", max_examples=300, **common)
+    settings.register_profile("fastdiff-long", max_examples=10_000, **common)
+    settings.load_profile("fastdiff-long" if config.getoption("--fuzz-long") else "fastdiff")
+
+
 PEER_FIXTURES = {"kdiff_sampling", "diffusers_schedulers"}
 
 
