@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fastdiff.program import Program
-from fastdiff.runtime.checks import check_model_kwargs, check_shape
+from fastdiff.runtime.checks import check_model_accepts, check_model_kwargs, check_shape
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import EAGER_SAMPLERS, get_sampler
 from fastdiff.schedule import Grid
@@ -60,8 +60,9 @@ class SampleRequest:
     def validate(self, pipe: PipelineLike, serving: bool = False) -> None:
         """Raises ValueError/TypeError naming the field for anything ``pipe`` cannot sample. With ``serving``, also
         what step-level batching cannot run: samplers that are not one fixed coefficient program, guidance
-        rescaling, a sample shape other than the network's own (and steps are checked here rather than by the
-        schedule's grid)."""
+        rescaling, a sample shape other than the network's own, conditioning names the network's signature cannot
+        take (refused here rather than failing in a batch); steps are checked here rather than by the schedule's
+        grid."""
         check_shape(self.shape)
         info = get_sampler(self.sampler)
         if pipe.prediction not in info.predictions:
@@ -88,6 +89,9 @@ class SampleRequest:
                 raise ValueError(
                     f"sample_shape must be {tuple(pipe.sample_shape)} for this network, got {tuple(self.sample_shape)}"
                 )
+            check_model_accepts(pipe.model, dict(self.model_kwargs))
+            if self.uncond_kwargs is not None:
+                check_model_accepts(pipe.model, dict(self.uncond_kwargs), "uncond_kwargs")
 
     def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
         """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`)."""
