@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fastdiff.program import Program
-from fastdiff.runtime.checks import check_class_labels, check_model_kwargs, check_shape
+from fastdiff.runtime.checks import check_class_labels, check_model_accepts, check_model_kwargs, check_shape
 from fastdiff.runtime.guidance import make_guidance
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import EAGER_SAMPLERS, get_sampler
@@ -63,9 +63,10 @@ class SampleRequest:
         """Raises ValueError/TypeError naming the field for anything ``pipe`` cannot sample: the shape and steps, the
         sampler and the types of its options, the conditioning's batch rows, the guidance settings, and what the
         pipeline declares about its network (its sample shape, its class labels). With ``serving``, also what
-        step-level batching cannot run (samplers that are not one fixed coefficient program, guidance rescaling)
-        and the program's own checks (the ranges of the sampler's options), so every entry point refuses the same
-        requests before any work starts."""
+        step-level batching cannot run (samplers that are not one fixed coefficient program, guidance rescaling),
+        the program's own checks (the ranges of the sampler's options) and conditioning names the network's signature
+        cannot take (refused here rather than failing in a batch), so every entry point refuses the same requests
+        before any work starts."""
         check_shape(self.shape)
         if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
             raise TypeError(f"steps must be an int, got {type(self.steps).__name__} {self.steps!r}")
@@ -108,6 +109,9 @@ class SampleRequest:
         if self.guidance_rescale != 0.0:
             raise ValueError("guidance_rescale is not available with step-level batching")
         self.program(pipe)  # built (and cached) now, so an option out of its range is refused at validation
+        check_model_accepts(pipe.model, dict(self.model_kwargs))
+        if self.uncond_kwargs is not None:
+            check_model_accepts(pipe.model, dict(self.uncond_kwargs), "uncond_kwargs")
 
     def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
         """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`)."""

@@ -12,7 +12,8 @@ from fastdiff.demos.mixture import default_mixture
 
 
 class ConditionedMixture:
-    """The exact mixture network plus 0.05 * y (elementwise, so batch-invariant); y = 99 poisons a row.
+    """The exact mixture network plus 0.05 * y (elementwise, so batch-invariant); y = 99 poisons a row. ``c``
+    [B, k] (any width k) adds 0.01 * the sum of each row's k values (per row, so batch-invariant too).
 
     ``delay_s`` sleeps in every call (a slow network); ``gate``, when set, is a :class:`threading.Event` every
     call waits on (a network the test holds still); ``calls`` counts the calls; y = 77 makes the call raise."""
@@ -23,13 +24,15 @@ class ConditionedMixture:
         self.gate = None
         self.calls = 0
 
-    def __call__(self, x, t, y=None):
+    def __call__(self, x, t, y=None, c=None):
         self.calls += 1
         if self.gate is not None:
             assert self.gate.wait(30), "the test never released the network"
         if self.delay_s:
             time.sleep(self.delay_s)
         out = self.base(x, t)
+        if c is not None:
+            out = out + 0.01 * c.to(out.dtype).sum(dim=1).reshape(-1, *([1] * (out.dim() - 1)))
         if y is None:
             return out
         if bool((y == 77).any()):

@@ -3,6 +3,7 @@ and the error the loop raises when a state went NaN/Inf."""
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -83,6 +84,25 @@ def check_model_kwargs(kwargs: dict, batch: int, what: str = "model_kwargs") -> 
                 f"{what}[{name!r}] has batch size {value.shape[0]}, expected {batch} "
                 "(per-sample tensors need one row per sample)"
             )
+
+
+def check_model_accepts(model: Any, kwargs: dict, what: str = "model_kwargs") -> None:
+    """Every name in ``kwargs`` is a keyword argument ``model(x, t, **kwargs)`` can take, as far as its signature
+    tells (a network taking ``**kwargs``, or whose signature cannot be read, takes any name). A ValueError names
+    the first name it cannot take, so a request fails at submission rather than in a batch."""
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    for name in kwargs:
+        try:
+            signature.bind_partial(None, None, **{name: None})
+        except TypeError:
+            takes = list(signature.parameters)[2:]
+            raise ValueError(
+                f"{what}[{name!r}]: the network takes no argument {name!r} (it takes {takes or 'none'})"
+            ) from None
 
 
 def check_callback(callback: Any, callback_steps: Any) -> None:

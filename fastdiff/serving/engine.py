@@ -6,6 +6,11 @@ network call on every row (a doubled call on the guided rows), then one ``fastdi
 mode over all rows, which reads each row's coefficient row, noise stage, history slots and guidance weight
 from per-row tensors. Queued requests join at the next tick; rows leave as soon as their program ends.
 
+A failure fails only its request: rows whose conditioning cannot be concatenated (names, per-row shapes, dtypes)
+get a network call each, and a call that raises is retried on its requests apart, halving the set each time,
+until the requests whose own call raises are found; they fail with :class:`RequestFailed` (their rows still take
+the tick's one fused step, then leave), and every other row gets its output as if nothing had failed.
+
 The contract: a request's samples equal ``Pipeline.sample`` with the same settings and seeds, whatever else
 shares the batch and whenever it joined: bitwise for a batch-invariant network (the noise is keyed by
 (sample seed, stage, element), the coefficients by (program, stage), and an unguided row's guidance input
@@ -32,12 +37,13 @@ from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS
 from fastdiff.pipeline import Pipeline
 from fastdiff.program import Program
 from fastdiff.request import SampleRequest
-from fastdiff.runtime.checks import NO_NONFINITE
+from fastdiff.runtime.checks import NO_NONFINITE, check_model_output
 from fastdiff.runtime.step import fused_step
 
 
 class RequestFailed(RuntimeError):
-    """A request's rows became NaN/Inf (only that request fails; the rest of the batch goes on)."""
+    """A request's rows became NaN/Inf, or the network raised on them (only that request fails; the rest of the
+    batch goes on). A network error is chained as ``__cause__`` and named in the message."""
 
 
 class RequestCancelled(RuntimeError):
@@ -199,7 +205,13 @@ class Engine:
             time_rows.append(model_time)
         desc = torch.tensor(desc_rows, dtype=torch.int32)
         times = torch.tensor(time_rows, dtype=torch.float32, device=device)
-        m, m_u, weights = self._network(x, times)
+        failures: dict[int, Exception] = {}
+        m, m_u, weights = self._network(x, times, failures)
+        for rid, exc in failures.items():  # their rows still take this step (one fused op), then leave
+            error = RequestFailed(f"request {rid}: the network raised on its rows: {exc!r}")
+            error.__cause__ = exc
+            self._requests[rid].error = error
+            report.finished.append(rid)
         seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device)
         x_out = torch.empty_like(x)
         nonfinite = torch.full((len(rows),), NO_NONFINITE, dtype=torch.int32, device=device)
@@ -241,45 +253,98 @@ class Engine:
         return report
 
     # ------------------------------------------------------------------ helpers
-    def _network(self, x: torch.Tensor, times: torch.Tensor):
+    def _network(self, x: torch.Tensor, times: torch.Tensor, failures: dict[int, Exception]):
         """Every row's output, and (for guided rows) the unconditional output and the guidance weights. Rows whose
         stage makes no network call get ``m = x`` (their coefficient row reads m with ``c_m = 0``, as in
-        ``Pipeline.sample``)."""
+        ``Pipeline.sample``). Requests the network raised on are put in ``failures`` (request id: error); their
+        rows get ``m = x`` too and must leave after the step."""
         rows = self._rows
         calling = [b for b, r in enumerate(rows) if self._stage_rows[id(r.program)][r.stage][2]]
         if len(calling) == len(rows):
-            m = self._call(x, times, calling, [r.cond for r in rows])
+            m = self._call(x, times, calling, [r.cond for r in rows], failures)
         else:
             m = x.clone()
             if calling:
                 m[torch.tensor(calling, device=x.device)] = self._call(
-                    x, times, calling, [rows[b].cond for b in calling]
+                    x, times, calling, [rows[b].cond for b in calling], failures
                 )
-        guided = [b for b in calling if rows[b].uncond is not None]
+        guided = [b for b in calling if rows[b].uncond is not None and rows[b].request not in failures]
         if not guided:
             return m.contiguous(), None, None
         m_u = m.clone()  # unguided rows: m_u = m, so m_u + w (m - m_u) is m exactly
-        m_u[torch.tensor(guided, device=x.device)] = self._call(x, times, guided, [rows[b].uncond for b in guided])
+        m_u[torch.tensor(guided, device=x.device)] = self._call(
+            x, times, guided, [rows[b].uncond for b in guided], failures
+        )
         weights = torch.tensor([r.guidance for r in rows], dtype=torch.float32, device=x.device)
         return m.contiguous(), m_u.contiguous(), weights
 
-    def _call(self, x: torch.Tensor, times: torch.Tensor, rows: list[int], kwargs: list[dict[str, Any]]):
-        """The network on ``x[rows]``: one call per set of conditioning names and shared values (rows with and
-        without a ``y``, say, cannot share a call), outputs in ``rows`` order."""
+    def _call(
+        self,
+        x: torch.Tensor,
+        times: torch.Tensor,
+        rows: list[int],
+        kwargs: list[dict[str, Any]],
+        failures: dict[int, Exception],
+    ) -> torch.Tensor:
+        """The network on ``x[rows]``, outputs in ``rows`` order: one call per :func:`_call_key` (rows whose
+        conditioning differs in names, per-row shapes, dtypes or shared values cannot share a call). A call that
+        raises is retried on its requests apart (:meth:`_isolate`); requests whose own call raises go into
+        ``failures`` and their rows get ``x`` (they leave after this tick)."""
         groups: dict[tuple, list[int]] = {}
         for k, kw in enumerate(kwargs):
             groups.setdefault(_call_key(kw), []).append(k)
         if len(groups) == 1:
-            sel = rows if len(rows) < x.shape[0] else slice(None)
-            return self.pipe.model(x[sel], times[sel], **_stack_kwargs(kwargs))
-        out = None
-        for members in groups.values():
-            idx = torch.tensor([rows[k] for k in members], device=x.device)
-            part = self.pipe.model(x[idx], times[idx], **_stack_kwargs([kwargs[k] for k in members]))
-            if out is None:
-                out = part.new_empty((len(rows), *part.shape[1:]))
-            out[torch.tensor(members, device=x.device)] = part
+            parts = self._isolate(x, times, rows, kwargs, list(range(len(rows))), failures)
+            if len(parts) == 1 and len(parts[0][0]) == len(rows):
+                return parts[0][1]  # the common case: one call on every row, nothing failed
+        else:
+            parts = []
+            for members in groups.values():
+                parts += self._isolate(
+                    x, times, [rows[k] for k in members], [kwargs[k] for k in members], members, failures
+                )
+        out = x[torch.tensor(rows, device=x.device)].clone()
+        if parts:
+            out = out.to(parts[0][1].dtype)
+        for positions, part in parts:
+            out[torch.tensor(positions, device=x.device)] = part
         return out
+
+    def _isolate(
+        self,
+        x: torch.Tensor,
+        times: torch.Tensor,
+        rows: list[int],
+        kwargs: list[dict[str, Any]],
+        positions: list[int],
+        failures: dict[int, Exception],
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """One network call on ``x[rows]`` (rows of one :func:`_call_key`); ``[(positions, output)]``. When it
+        raises (or returns something other than a floating tensor shaped like its input), the call's requests
+        are split in two halves, each called again, recursively: a request whose own call still raises goes
+        into ``failures`` and its rows into no output. The network is only called again, never the step, so no
+        row advances twice; for a batch-invariant network the other rows' outputs are those of the first call."""
+        try:
+            sel = rows if len(rows) < x.shape[0] else slice(None)  # all rows: rows is 0 .. len - 1 in order
+            inputs = x[sel]
+            part = self.pipe.model(inputs, times[sel], **_stack_kwargs(kwargs))
+            check_model_output(part, inputs, self._rows[rows[0]].stage)
+            return [(positions, part)]
+        except Exception as exc:  # noqa: BLE001  (isolate the request that made the network raise)
+            requests = list(dict.fromkeys(self._rows[b].request for b in rows))
+            if len(requests) == 1:
+                failures.setdefault(requests[0], exc)
+                return []
+            first = set(requests[: len(requests) // 2])
+            halves = [
+                [k for k, b in enumerate(rows) if (self._rows[b].request in first) is side] for side in (True, False)
+            ]
+            parts = []
+            for half in halves:
+                parts += self._isolate(
+                    x, times, [rows[k] for k in half], [kwargs[k] for k in half], [positions[k] for k in half], failures
+                )
+            return parts
 
     def admit(self) -> list[int]:
         """Drops the rows of failed or cancelled requests and moves queued requests into the running batch (per
@@ -379,15 +444,17 @@ def _row_kwargs(kwargs: Mapping[str, Any], i: int, device: torch.device) -> dict
 
 
 def _call_key(kwargs: dict[str, Any]) -> tuple:
-    """Rows with equal keys can share a network call: the same names, and the same shared (non-per-sample)
-    values."""
+    """Rows with equal keys can share a network call: the same names, per-sample tensors of the same per-row
+    shape, dtype and device (so they concatenate), and the same shared (non-per-sample) values."""
 
     def shared(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return "per-sample" if v.ndim > 0 else ("scalar", v.item())
+            if v.ndim > 0:
+                return ("per-sample", tuple(v.shape[1:]), v.dtype, v.device)
+            return ("scalar", v.dtype, v.item())
         try:
             hash(v)
-            return ("value", v)
+            return ("value", type(v), v)
         except TypeError:
             return ("object", id(v))
 

@@ -314,7 +314,7 @@ class Runner:
         t0 = time.perf_counter()
         try:
             report = engine.tick()
-        except Exception as exc:  # noqa: BLE001  (the network raised: fail this batch, keep serving)
+        except Exception as exc:  # noqa: BLE001  (not a network error, which the engine pins on its request)
             self._fail_engine(shape, engine, exc)
             return
         elapsed = time.perf_counter() - t0
@@ -339,19 +339,19 @@ class Runner:
             self._forget(shape, ticket)
             try:
                 samples = engine.result(rid)
-            except Exception as exc:  # noqa: BLE001  (NaN rows, refused at admission)
+            except Exception as exc:  # noqa: BLE001  (NaN rows, the network raised on its rows, refused at admission)
                 self._finish(ticket, error=exc)
             else:
                 self._finish(ticket, samples=samples.float().cpu())
 
     def _fail_engine(self, shape: tuple[int, ...], engine: Engine, exc: Exception) -> None:
-        """The network raised in a tick: its running requests fail with that error; the queued ones move to a
-        fresh engine."""
+        """A tick raised outside the network calls (the engine fails a request the network raised on by itself,
+        so this is a bug): its running requests fail with that error; the queued ones move to a fresh engine."""
         del self._engines[shape]
         for ticket in [t for (s, _), t in list(self._by_engine_id.items()) if s == shape]:
             self._forget(shape, ticket)
             if ticket.admitted is not None:
-                self._finish(ticket, error=RuntimeError(f"the network raised while sampling: {exc!r}"))
+                self._finish(ticket, error=RuntimeError(f"the engine's tick raised: {exc!r}"))
             else:
                 self._enqueue(ticket)
 

@@ -235,3 +235,119 @@ def test_pipeline_sample_takes_the_same_request(pipe):
     SampleRequest(n=1, sample_shape=(2,), sampler="rk45").validate(pipe)
     with pytest.raises(TypeError, match="model_kwargs must be a mapping"):
         pipe.sample((1, 2), model_kwargs=[1], progress=False)
+
+
+def _guided(n: int, seed: int, y: list[int], uncond_y: int = 0, **kw) -> SampleRequest:
+    return SampleRequest(
+        n=n,
+        sample_shape=(2,),
+        seed=seed,
+        guidance_scale=2.0,
+        model_kwargs={"y": torch.tensor(y)},
+        uncond_kwargs={"y": torch.full((n,), uncond_y)},
+        **kw,
+    )
+
+
+def test_a_network_error_fails_only_the_requests_it_comes_from(pipe):
+    engine = Engine(pipe, max_batch=32)
+    samplers = ["ddim", "dpmpp_2m", "ddpm", "unipc", "heun", "ddim"]
+    good = [
+        SampleRequest(
+            n=1 + i % 3,
+            sample_shape=(2,),
+            sampler=sampler,
+            steps=4 + i,
+            seed=200 + i,
+            model_kwargs={"y": torch.full((1 + i % 3,), i % 3)},
+        )
+        for i, sampler in enumerate(samplers)
+    ]
+    good.append(_guided(2, 250, [0, 2], sampler="dpmpp_2m", steps=7))
+    bad = [
+        SampleRequest(n=2, sample_shape=(2,), steps=6, seed=300, model_kwargs={"y": torch.tensor([1, 77])}),
+        _guided(1, 301, [2], uncond_y=77, steps=5),  # only its unconditional input makes the network raise
+        SampleRequest(n=1, sample_shape=(2,), steps=9, seed=302, model_kwargs={"y": torch.tensor([77])}),
+    ]
+    ids = {}
+    for i, req in enumerate(good + bad):  # everything shares the batch; requests join at different ticks
+        ids[engine.submit(req)] = req
+        if i % 3 == 2:
+            engine.tick()
+    engine.admit()  # the last bad request joins; the next tick's call raises on it
+    rows_before, calls_before = engine.running_rows, pipe.model.calls
+    report = engine.tick()
+    assert report.admitted == [] and report.rows == rows_before
+    left = sum(ids[rid].n for rid in report.finished)
+    assert engine.running_rows == rows_before - left  # the failed request's rows left, no other row did
+    assert pipe.model.calls - calls_before <= 8  # one call, then bisected: not one call per request
+    engine.run()
+    assert engine.idle and engine.running_rows == 0
+    for rid, req in ids.items():
+        if any(r is req for r in bad):
+            with pytest.raises(RequestFailed, match="network raised.*label 77") as info:
+                engine.result(rid)
+            assert isinstance(info.value.__cause__, RuntimeError)
+        else:
+            assert torch.equal(engine.result(rid), _offline(pipe, req)), (req.sampler, req.steps)
+
+
+def test_conditioning_that_cannot_be_stacked_is_called_apart(pipe):
+    engine = Engine(pipe, max_batch=16)
+    reqs = [
+        SampleRequest(n=1, sample_shape=(2,), steps=6, seed=1, model_kwargs={"c": torch.tensor([[1.0, 2.0]])}),
+        SampleRequest(n=1, sample_shape=(2,), steps=6, seed=2, model_kwargs={"c": torch.tensor([[1.0, 2.0, 3.0]])}),
+        SampleRequest(
+            n=2, sample_shape=(2,), steps=6, seed=3, model_kwargs={"c": torch.tensor([[1, 2, 3], [4, 5, 6]])}
+        ),  # same width, other dtype
+        SampleRequest(n=2, sample_shape=(2,), steps=6, seed=4, model_kwargs={"c": torch.tensor([[0.5, 1.0]] * 2)}),
+        SampleRequest(n=1, sample_shape=(2,), steps=6, seed=5),
+    ]
+    ids = [engine.submit(r) for r in reqs]
+    calls = pipe.model.calls
+    engine.tick()
+    assert pipe.model.calls - calls == 4  # widths 2 and 3 in float, width 3 in int64, no c: one call each
+    engine.run()
+    for rid, req in zip(ids, reqs):
+        assert torch.equal(engine.result(rid), _offline(pipe, req))
+
+
+def test_bad_rows_of_every_kind_beside_innocent_ones(pipe):
+    engine = Engine(pipe, max_batch=24)
+    rng = random.Random(2)
+    kinds = {
+        "ok": lambda n: {"y": torch.tensor([rng.randint(0, 2) for _ in range(n)])},
+        "raises": lambda n: {"y": torch.tensor([77] * n)},
+        "nan": lambda n: {"y": torch.tensor([99] + [0] * (n - 1))},
+        "wide": lambda n: {"c": torch.rand(n, rng.randint(1, 4))},
+    }
+    reqs = {}
+    for i in range(16):
+        kind = ["ok", "ok", "raises", "nan", "wide", "ok"][i % 6]
+        n = rng.randint(1, 3)
+        req = SampleRequest(
+            n=n,
+            sample_shape=(2,),
+            sampler=rng.choice(["ddim", "dpmpp_2m", "euler_ancestral"]),
+            steps=rng.randint(3, 8),
+            seed=400 + i,
+            model_kwargs=kinds[kind](n),
+        )
+        reqs[engine.submit(req)] = (kind, req)
+        for _ in range(rng.randint(0, 2)):
+            engine.tick()
+    engine.run()
+    for rid, (kind, req) in reqs.items():
+        if kind in ("ok", "wide"):
+            assert torch.equal(engine.result(rid), _offline(pipe, req)), (kind, req.sampler)
+        else:
+            with pytest.raises(RequestFailed, match="label 77" if kind == "raises" else "NaN"):
+                engine.result(rid)
+
+
+def test_conditioning_names_the_network_cannot_take_are_refused_at_submission(pipe):
+    engine = Engine(pipe)
+    with pytest.raises(ValueError, match=r"model_kwargs\['z'\].*takes no argument"):
+        engine.submit(SampleRequest(n=1, sample_shape=(2,), model_kwargs={"z": torch.zeros(1)}))
+    with pytest.raises(ValueError, match=r"uncond_kwargs\['q'\]"):
+        engine.submit(SampleRequest(n=1, sample_shape=(2,), guidance_scale=2.0, uncond_kwargs={"q": 1}))

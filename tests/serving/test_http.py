@@ -119,6 +119,7 @@ def test_bad_requests_are_422_naming_the_field(mixture_server):
         (dict(shape=[3]), "shape"),
         (dict(format="png"), "format"),
         (dict(conditioning={"y": [1, 2]}), "conditioning"),
+        (dict(n=2, conditioning={"z": [1, 2]}), "body"),  # a name the network does not take
         (dict(timeout_s=-1), "timeout_s"),
     ]
     for fields, field in cases:

@@ -193,3 +193,41 @@ def test_a_failing_serving_thread_fails_every_request_instead_of_hanging(monkeyp
     _wait_for(lambda: not runner.accepting)
     with pytest.raises(ShuttingDown):
         runner.submit(_request(2))
+
+
+def test_bad_requests_from_concurrent_clients_fail_alone():
+    pipe = mixture_pipeline()
+    runner = Runner(pipe, max_batch=12).start()
+    kinds = {
+        "ok": lambda i, n: {"y": torch.arange(n) % 3},
+        "raises": lambda i, n: {"y": torch.tensor([77] * n)},
+        "nan": lambda i, n: {"y": torch.tensor([99] * n)},
+        "wide": lambda i, n: {"c": torch.full((n, 1 + i % 3), 0.5)},  # widths 1-3: stacked together they fail
+    }
+    order = ["ok", "raises", "wide", "ok", "nan", "wide", "ok", "raises"]
+    reqs = [(order[i % len(order)], _request(i, n=1 + i % 2)) for i in range(24)]
+    reqs = [(kind, _request(i, n=req.n, model_kwargs=kinds[kind](i, req.n))) for i, (kind, req) in enumerate(reqs)]
+    tickets = [None] * len(reqs)
+    refused = []
+
+    def client(k: int) -> None:
+        for i in range(k, len(reqs), 4):
+            tickets[i] = runner.submit(reqs[i][1])
+        with pytest.raises(ValueError, match=r"model_kwargs\['z'\]"):  # refused at submission
+            runner.submit(_request(k, model_kwargs={"z": torch.zeros(2)}))
+        refused.append(k)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(refused) == [0, 1, 2, 3]
+    for (kind, req), ticket in zip(reqs, tickets):
+        if kind in ("ok", "wide"):
+            assert torch.equal(ticket.future.result(30), _offline(pipe, req)), (kind, req.sampler)
+        else:
+            with pytest.raises(RequestFailed, match="label 77" if kind == "raises" else "NaN"):
+                ticket.future.result(30)
+    runner.stop()
+    assert runner.running_rows == 0 and runner.queue_depth == 0
