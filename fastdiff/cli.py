@@ -4,6 +4,7 @@ the 2-D Gaussian mixture), ``python -m fastdiff serve`` (the HTTP server) and ``
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,11 +71,42 @@ def _add_serve(sub: Any) -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=d.request_timeout_s, help="default per-request deadline, s")
     serve.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: the model's)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=d.max_body_bytes, help="the largest request body read; beyond: 413"
+    )
+    serve.add_argument(
+        "--header-timeout", type=float, default=d.header_timeout_s, help="s to send a request's headers; then closed"
+    )
+    serve.add_argument(
+        "--body-timeout", type=float, default=d.body_timeout_s, help="s to send a request's body; beyond: 408"
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("FASTDIFF_API_KEY") or d.api_key,
+        help="require 'Authorization: Bearer <key>' on all but /healthz and /readyz (default: $FASTDIFF_API_KEY)",
+    )
     serve.add_argument("--log-level", default="warning")
     serve.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (fastdiff[ray])")
     serve.add_argument("--replicas", type=int, default=1, help="(--ray) replicas, each running its own engine")
     serve.add_argument("--address", default=None, help="(--ray) join this Ray cluster instead of starting one")
     return serve
+
+
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """``fastdiff serve``'s flags as settings (ValueError for a bad one)."""
+    return ServeSettings(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        batching=args.batching,
+        batch_wait_s=args.batch_wait_ms / 1e3,
+        max_n=args.max_n,
+        request_timeout_s=args.timeout,
+        threads=args.threads,
+        max_body_bytes=args.max_body_bytes,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        api_key=args.api_key,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -108,15 +140,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, serve_parser
         from fastdiff.serving.server import load_pipeline, serve
 
         try:  # bad flags or a bad model spec are usage errors, not tracebacks
-            settings = ServeSettings(
-                max_batch=args.max_batch,
-                max_queue=args.max_queue,
-                batching=args.batching,
-                batch_wait_s=args.batch_wait_ms / 1e3,
-                max_n=args.max_n,
-                request_timeout_s=args.timeout,
-                threads=args.threads,
-            )
+            settings = _serve_settings(args)
             pipe = None if args.ray else load_pipeline(args.model, args.device)
             if args.replicas < 1:
                 raise ValueError(f"--replicas must be >= 1, got {args.replicas}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -57,4 +58,27 @@ def gated_mixture_pipeline() -> Pipeline:
     pipe = mixture_pipeline()
     pipe.model.gate = threading.Event()
     pipe.model.gate.set()
+    return pipe
+
+
+class FileGate:
+    """A gate a server subprocess's network waits on while the file ``path`` exists (the test removes it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def wait(self, timeout: float) -> bool:
+        """True once the file is gone; False after ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        while os.path.exists(self.path):
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.005)
+        return True
+
+
+def file_gated_mixture() -> Pipeline:
+    """The mixture whose network calls wait while the file named by ``$FASTDIFF_TEST_GATE`` exists."""
+    pipe = mixture_pipeline()
+    pipe.model.gate = FileGate(os.environ["FASTDIFF_TEST_GATE"])
     return pipe

@@ -1,14 +1,20 @@
 """The HTTP API's request body (``POST /v1/samples``) and its translation into a :class:`SampleRequest`.
 
-Parsing and type checks are pydantic's; the checks that depend on the served network and the server's limits
+:func:`parse_body` reads the JSON (refusing NaN, Infinity and numbers no float or int64 holds, naming where they
+are) and checks types with pydantic; the checks that depend on the served network and the server's limits
 (sampler known and batchable, steps in range, n not too large, labels in range, seed list length) are
-:func:`to_sample_request`'s, which raises :class:`FieldError` naming the field, as FastAPI's own 422s do.
+:func:`to_sample_request`'s. Both raise :class:`InvalidBody` (:class:`FieldError` for one field), whose
+``detail()`` is FastAPI's 422 list, and whose messages echo at most :data:`ECHO_CHARS` characters of a value.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import math
+import reprlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,7 +24,7 @@ import torch
 from fastdiff.extras import missing_extra
 
 try:
-    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 except ModuleNotFoundError as exc:
     raise missing_extra("serve", exc) from exc
 
@@ -30,12 +36,14 @@ from fastdiff.samplers import EAGER_SAMPLERS, SAMPLERS
 
 BATCHABLE_SAMPLERS = tuple(sorted(name for name in SAMPLERS if name not in EAGER_SAMPLERS))
 Number = StrictInt | StrictFloat
+ECHO_CHARS = 100  # the most characters of a request's value an error message repeats
+MAX_INT_DIGITS = 40  # longer integer literals are refused (no field takes more than 2**63)
 
 
 class SamplesBody(BaseModel):
     """``POST /v1/samples``: what to sample. Unknown fields are refused (422)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n: StrictInt = Field(1, description="how many samples")
     seed: StrictInt | list[StrictInt] = Field(
@@ -66,40 +74,141 @@ class Limits:
     max_timeout_s: float = 3600.0
 
 
-class FieldError(ValueError):
-    """A request field the served network or the server's limits refuse."""
+class InvalidBody(ValueError):
+    """A request body the server refuses (HTTP 422): ``errors`` as FastAPI's ``detail`` list."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+    def __init__(self, errors: list[dict[str, Any]]):
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
 
     def detail(self) -> list[dict[str, Any]]:
         """FastAPI's 422 ``detail`` list."""
-        return [{"loc": ["body", self.field], "msg": self.message, "type": "value_error"}]
+        return self.errors
+
+
+class FieldError(InvalidBody):
+    """A request field the served network or the server's limits refuse."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__([{"loc": ["body", field], "msg": _cut(message, 3 * ECHO_CHARS), "type": "value_error"}])
+        self.field = field
+        self.message = message
+
+
+class Refused:
+    """A JSON number the server does not take (NaN, Infinity, a float beyond float64, an integer of more than
+    :data:`MAX_INT_DIGITS` digits), kept in place of its value so that the error can say where it was."""
+
+    def __init__(self, literal: str):
+        self.literal = literal
+
+    def __repr__(self) -> str:
+        return _cut(self.literal, ECHO_CHARS)
+
+
+_ECHO_REPR = reprlib.Repr()
+_ECHO_REPR.maxstring = _ECHO_REPR.maxother = _ECHO_REPR.maxlong = ECHO_CHARS
+
+
+def short(value: Any, limit: int = ECHO_CHARS) -> Any:
+    """``value`` as an error message may repeat it: None, a bool or a finite number of few digits as it is, a
+    string cut to ``limit`` characters, anything else as its repr cut so (never built in full)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, int) and abs(value) < 10**ECHO_CHARS:
+        return value
+    if isinstance(value, str):
+        return _cut(value, limit)
+    return _cut(_ECHO_REPR.repr(value), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def parse_body(raw: bytes) -> SamplesBody:
+    """The request body of ``POST /v1/samples``; raises :class:`InvalidBody` for invalid JSON, a refused number
+    (naming where it is) or a field of the wrong type."""
+    try:
+        data = json.loads(raw, parse_constant=Refused, parse_float=_float_literal, parse_int=_int_literal)
+    except json.JSONDecodeError as exc:
+        raise _unreadable(["body", exc.pos], f"JSON decode error: {exc.msg}") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise _unreadable(["body"], f"unreadable JSON: {short(str(exc))}") from None
+    where = _refused_path(data)
+    if where is not None:
+        path, literal = where
+        msg = f"must be a finite number that a float64 or int64 holds, got {literal!r}"
+        raise InvalidBody([{"loc": ["body", *path], "msg": msg, "type": "finite_number", "input": repr(literal)}])
+    try:
+        return SamplesBody.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidBody(validation_detail(exc.errors(include_url=False))) from None
+
+
+def _unreadable(loc: list[Any], msg: str) -> InvalidBody:
+    return InvalidBody([{"loc": loc, "msg": msg, "type": "json_invalid"}])
+
+
+def validation_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """pydantic's (or FastAPI's) errors as a 422 ``detail`` list: ``loc``, ``msg``, ``type`` and a short
+    ``input`` (never the whole value, which may be megabytes or a number JSON cannot write)."""
+    out = []
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        entry = {"loc": loc if loc[:1] == ["body"] else ["body", *loc], "msg": err["msg"], "type": err["type"]}
+        if "input" in err:
+            entry["input"] = short(err["input"])
+        out.append(entry)
+    return out
+
+
+def _float_literal(text: str) -> float | Refused:
+    value = float(text)
+    return value if math.isfinite(value) else Refused(text)
+
+
+def _int_literal(text: str) -> int | Refused:
+    return int(text) if len(text.lstrip("-")) <= MAX_INT_DIGITS else Refused(text)
+
+
+def _refused_path(data: Any) -> tuple[list[Any], Refused] | None:
+    """Where the first :class:`Refused` number in ``data`` is, and that number (None: there is none)."""
+    stack: list[tuple[list[Any], Any]] = [([], data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, Refused):
+            return path, value
+        if isinstance(value, dict):
+            stack.extend((path + [key], item) for key, item in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend((path + [i], item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def to_sample_request(body: SamplesBody, pipe: Pipeline, limits: Limits) -> tuple[SampleRequest, float | None]:
     """The engine request for ``body`` and its timeout; raises :class:`FieldError` for what cannot be served."""
     if not 1 <= body.n <= limits.max_n:
-        raise FieldError("n", f"must be between 1 and {limits.max_n}, got {body.n}")
+        raise FieldError("n", f"must be between 1 and {limits.max_n}, got {short(body.n)}")
     if body.sampler not in BATCHABLE_SAMPLERS:
         raise FieldError(
             "sampler",
-            f"unknown or not batchable per step: {body.sampler!r}; choose one of {', '.join(BATCHABLE_SAMPLERS)}",
+            f"unknown or not batchable per step: {short(body.sampler)}; choose one of {', '.join(BATCHABLE_SAMPLERS)}",
         )
     info = SAMPLERS[body.sampler]
     if pipe.prediction not in info.predictions:
-        raise FieldError("sampler", f"{body.sampler!r} cannot use this network's prediction {pipe.prediction!r}")
+        raise FieldError("sampler", f"{short(body.sampler)} cannot use this network's prediction {pipe.prediction!r}")
     max_steps = min(limits.max_steps, pipe.schedule.num_train_timesteps or limits.max_steps)
     if not 1 <= body.steps <= max_steps:
-        raise FieldError("steps", f"must be between 1 and {max_steps}, got {body.steps}")
+        raise FieldError("steps", f"must be between 1 and {max_steps}, got {short(body.steps)}")
     options: dict[str, Any] = {}
     if body.eta is not None:
         if "eta" not in info.options:
-            raise FieldError("eta", f"sampler {body.sampler!r} takes no eta")
+            raise FieldError("eta", f"sampler {short(body.sampler)} takes no eta")
         if not 0 <= body.eta <= 10:
-            raise FieldError("eta", f"must be between 0 and 10, got {body.eta}")
+            raise FieldError("eta", f"must be between 0 and 10, got {short(body.eta)}")
         options["eta"] = float(body.eta)
     if isinstance(body.seed, list) and len(body.seed) != body.n:
         raise FieldError("seed", f"a list of seeds needs one per sample ({body.n}), got {len(body.seed)}")
@@ -114,7 +223,7 @@ def to_sample_request(body: SamplesBody, pipe: Pipeline, limits: Limits) -> tupl
         uncond_kwargs = {"y": torch.full((body.n,), pipe.num_classes, dtype=torch.long)}
     timeout = limits.default_timeout_s if body.timeout_s is None else float(body.timeout_s)
     if timeout is not None and not 0 < timeout <= limits.max_timeout_s:
-        raise FieldError("timeout_s", f"must be in (0, {limits.max_timeout_s:g}], got {timeout}")
+        raise FieldError("timeout_s", f"must be in (0, {limits.max_timeout_s:g}], got {short(timeout)}")
     request = SampleRequest(
         n=body.n,
         sample_shape=shape,
@@ -141,9 +250,9 @@ def _sample_shape(body: SamplesBody, pipe: Pipeline) -> tuple[int, ...]:
             raise FieldError("shape", "this network has no fixed sample shape: give one")
         return tuple(pipe.sample_shape)
     if not body.shape or any(s < 1 for s in body.shape) or int(np.prod(body.shape)) > 2**24:
-        raise FieldError("shape", f"must be positive sizes of at most 2**24 elements, got {body.shape}")
+        raise FieldError("shape", f"must be positive sizes of at most 2**24 elements, got {short(body.shape)}")
     if pipe.sample_shape is not None and tuple(body.shape) != tuple(pipe.sample_shape):
-        raise FieldError("shape", f"this network samples {list(pipe.sample_shape)}, got {body.shape}")
+        raise FieldError("shape", f"this network samples {list(pipe.sample_shape)}, got {short(body.shape)}")
     return tuple(body.shape)
 
 
@@ -160,13 +269,15 @@ def _conditioning(body: SamplesBody, pipe: Pipeline) -> dict[str, Any]:
         kwargs["y"] = torch.tensor(labels, dtype=torch.long)
     for name, value in (body.conditioning or {}).items():
         if name in kwargs:
-            raise FieldError("conditioning", f"{name!r} is given twice")
+            raise FieldError("conditioning", f"{short(name)} is given twice")
         try:
             tensor = torch.tensor(value, dtype=torch.float32)
-        except (TypeError, ValueError) as exc:
-            raise FieldError("conditioning", f"{name!r} is not a number or a nested list of numbers") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise FieldError("conditioning", f"{short(name)} is not a number or a nested list of numbers") from exc
+        if not bool(torch.isfinite(tensor).all()):
+            raise FieldError("conditioning", f"{short(name)} has values beyond float32")
         if tensor.ndim > 0 and tensor.shape[0] != body.n:
-            raise FieldError("conditioning", f"{name!r} has {tensor.shape[0]} rows, expected n = {body.n}")
+            raise FieldError("conditioning", f"{short(name)} has {tensor.shape[0]} rows, expected n = {body.n}")
         kwargs[name] = tensor if tensor.ndim > 0 else float(tensor)
     return kwargs
 

@@ -4,7 +4,9 @@
 Every accepted request gets its samples or an error, never silence: 422 for a field the server refuses, 429 with
 ``Retry-After`` when the queue is full, 503 while shutting down, 504 past its deadline, 500 when its samples
 became NaN/Inf or the network raised (only that request fails). A client that disconnects has its rows dropped
-at the next tick.
+at the next tick. Before the app, the guards (:mod:`fastdiff.serving.guards`) answer 401 without the API key,
+413 for a body over the limit and 408 for one that does not arrive in time; every answer to ``POST /v1/samples``
+is counted in ``fastdiff_requests_total{outcome}``.
 """
 
 from __future__ import annotations
@@ -21,35 +23,63 @@ from fastdiff.extras import missing_extra
 
 try:
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
 except ModuleNotFoundError as exc:
     raise missing_extra("serve", exc) from exc
 
 from fastdiff.serving.api import (
     BATCHABLE_SAMPLERS,
-    FieldError,
+    ECHO_CHARS,
+    InvalidBody,
     Limits,
     SamplesBody,
     npy_bytes,
+    parse_body,
     png_payload,
+    short,
     to_sample_request,
+    validation_detail,
 )
 from fastdiff.serving.engine import RequestCancelled, RequestFailed
-from fastdiff.serving.metrics import CONTENT_TYPE_LATEST
+from fastdiff.serving.guards import AnswerHook, ApiKeyGuard, BodyGuard, HttpGuards, Scope
+from fastdiff.serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from fastdiff.serving.runner import DeadlineExceeded, QueueFull, Runner, ShuttingDown
 
 DISCONNECT_POLL_S = 0.05
 NPY_MEDIA_TYPE = "application/x-npy"
+SAMPLES_PATH = "/v1/samples"
+SUBMITTED = "fastdiff_submitted"  # set in the request's state once the runner has it (the runner counts it)
+# How the answers the runner never saw are counted in fastdiff_requests_total{outcome}.
+STATUS_OUTCOMES = {
+    400: "bad_request",
+    401: "unauthorized",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    422: "invalid_request",
+    429: "queue_full",
+    500: "server_error",
+    503: "shutting_down",
+}
+BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SamplesBody.model_json_schema(ref_template="#/components/{model}")}},
+    }
+}
 
 
 # How a request that did not finish is answered: the first matching exception type gives the status.
 FAILURE_STATUS = ((DeadlineExceeded, 504), (RequestCancelled, 499), (RequestFailed, 500), (ShuttingDown, 503))
 
 
-def create_app(runner: Runner, limits: Limits = Limits(), replica: str | None = None) -> FastAPI:
-    """The app serving ``runner`` (started with the app, drained when it shuts down). With ``replica`` (a
-    name), every response carries ``X-Fastdiff-Replica: <replica>`` and ``X-Fastdiff-Pid`` (Ray Serve
-    replicas)."""
+def create_app(
+    runner: Runner, limits: Limits = Limits(), replica: str | None = None, guards: HttpGuards = HttpGuards()
+) -> FastAPI:
+    """The app serving ``runner`` (started with the app, drained when it shuts down), behind ``guards`` (body
+    size and read deadline, API key). With ``replica`` (a name), every response carries
+    ``X-Fastdiff-Replica: <replica>`` and ``X-Fastdiff-Pid`` (Ray Serve replicas)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -66,9 +96,33 @@ def create_app(runner: Runner, limits: Limits = Limits(), replica: str | None = 
     app.state.limits = limits
     if replica is not None:
         app.middleware("http")(_replica_headers(replica))
-    app.post("/v1/samples")(_samples_endpoint(runner, limits))
+    app.post(SAMPLES_PATH, openapi_extra=BODY_SCHEMA)(_samples_endpoint(runner, limits))
+    app.exception_handler(RequestValidationError)(_invalid_request)
     _add_status_routes(app, runner, limits)
+    _add_guards(app, runner.metrics, guards)
     return app
+
+
+def _add_guards(app: FastAPI, metrics: ServingMetrics | None, guards: HttpGuards) -> None:
+    """Outermost first: the answer counter, the API key, the body guard."""
+    app.add_middleware(BodyGuard, max_body_bytes=guards.max_body_bytes, body_timeout_s=guards.body_timeout_s)
+    if guards.api_key:
+        app.add_middleware(ApiKeyGuard, api_key=guards.api_key)
+    if metrics is not None:
+        app.add_middleware(AnswerHook, on_answer=_answer_counter(metrics), paths=(SAMPLES_PATH,))
+
+
+def _answer_counter(metrics: ServingMetrics) -> Callable[[Scope, int, float], None]:
+    def count(scope: Scope, status: int, seconds: float) -> None:
+        if not scope.get("state", {}).get(SUBMITTED):  # the runner counted the ones it took
+            metrics.observe_answer(STATUS_OUTCOMES.get(status, f"http_{status}"), seconds)
+
+    return count
+
+
+async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, with each error's ``input`` cut short (it may be megabytes, or a NaN JSON cannot write)."""
+    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
 
 def _replica_headers(replica: str) -> Callable[..., Any]:
@@ -82,20 +136,20 @@ def _replica_headers(replica: str) -> Callable[..., Any]:
 
 
 def _samples_endpoint(runner: Runner, limits: Limits) -> Callable[..., Any]:
-    async def samples(body: SamplesBody, request: Request) -> Response:
-        """Samples ``body.n`` images; the body is a float32 ``.npy`` (``format: "npy"``) or JSON of PNGs."""
+    async def samples(request: Request) -> Response:
+        """Samples ``n`` images (the body: :class:`SamplesBody`); answers a float32 ``.npy`` (``format:
+        "npy"``) or JSON of PNGs."""
         try:
+            body = parse_body(await request.body())
             sample_request, timeout = to_sample_request(body, runner.pipe, limits)
-        except FieldError as exc:
+        except InvalidBody as exc:
             return JSONResponse({"detail": exc.detail()}, status_code=422)
         try:
             ticket = runner.submit(sample_request, timeout)
-        except QueueFull as exc:
-            return JSONResponse(
-                {"detail": str(exc)}, status_code=429, headers={"Retry-After": str(math.ceil(exc.retry_after))}
-            )
-        except ShuttingDown as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        except (QueueFull, ShuttingDown) as exc:
+            status = 429 if isinstance(exc, QueueFull) else 503
+            return JSONResponse({"detail": str(exc)}, status_code=status, headers=retry_after_header(exc.retry_after))
+        setattr(request.state, SUBMITTED, True)
         future = await _until_done(runner, ticket, request)
         headers = {
             "X-Fastdiff-Request-Id": str(ticket.id),
@@ -124,12 +178,19 @@ def _answer(future: asyncio.Future, fmt: str, headers: dict) -> Response:
     except Exception as exc:  # noqa: BLE001  (the network raised: this request fails, the server goes on)
         for kind, status in FAILURE_STATUS:
             if isinstance(exc, kind):  # RequestCancelled: nobody is listening; answered for the log's sake
-                return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
-        return JSONResponse({"detail": f"sampling failed: {exc}"}, status_code=500, headers=headers)
+                return JSONResponse({"detail": short(str(exc), 3 * ECHO_CHARS)}, status_code=status, headers=headers)
+        return JSONResponse(
+            {"detail": short(f"sampling failed: {exc}", 3 * ECHO_CHARS)}, status_code=500, headers=headers
+        )
     if fmt == "png":
         return JSONResponse(png_payload(result), headers=headers)
     headers["X-Fastdiff-Shape"] = ",".join(str(s) for s in result.shape)
     return Response(npy_bytes(result), media_type=NPY_MEDIA_TYPE, headers=headers)
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, rounded up."""
+    return {"Retry-After": str(math.ceil(seconds))}
 
 
 def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits) -> None:
@@ -162,7 +223,8 @@ def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits) -> None:
             return JSONResponse(
                 {"status": "ready", "queue_depth": runner.queue_depth, "running_rows": runner.running_rows}
             )
-        return JSONResponse({"status": "shutting down"}, status_code=503)
+        headers = retry_after_header(runner.retry_after())
+        return JSONResponse({"status": "shutting down"}, status_code=503, headers=headers)
 
     @app.get("/metrics")
     async def metrics() -> Response:

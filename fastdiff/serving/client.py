@@ -41,7 +41,8 @@ class Client:
     cut off before its end) or one of ``retry_statuses``
     (default: 429 queue full, 502/503 unavailable; add 500 behind a proxy whose replicas can die), waiting the
     server's ``Retry-After`` (at most ``max_wait`` seconds) or ``backoff`` seconds. A retry sends the same seed, so
-    it returns the same samples. ``attempts`` is how many tries the last request took."""
+    it returns the same samples. ``attempts`` is how many tries the last request took. ``api_key`` is sent as
+    ``Authorization: Bearer <api_key>`` (a server started with ``--api-key``)."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class Client:
         retry_statuses: Sequence[int] = RETRY_STATUSES,
         backoff: float = 0.2,
         max_wait: float = 10.0,
+        api_key: str | None = None,
     ):
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
@@ -60,6 +62,7 @@ class Client:
         self.retry_statuses = tuple(retry_statuses)
         self.backoff = backoff
         self.max_wait = max_wait
+        self.headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
         self.last_headers: dict[str, str] = {}
         self.attempts = 0
 
@@ -97,7 +100,7 @@ class Client:
 
     # ------------------------------------------------------------------ HTTP
     def _get(self, path: str) -> bytes:
-        return self._send(urllib.request.Request(self.base_url + path))
+        return self._send(urllib.request.Request(self.base_url + path, headers=self.headers))
 
     def _post(self, path: str, payload: dict[str, Any]) -> bytes:
         data = json.dumps(payload).encode()
@@ -106,7 +109,10 @@ class Client:
             try:
                 return self._send(
                     urllib.request.Request(
-                        self.base_url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+                        self.base_url + path,
+                        data=data,
+                        method="POST",
+                        headers={**self.headers, "Content-Type": "application/json"},
                     )
                 )
             except ServerError as exc:

@@ -82,13 +82,17 @@ class ServingMetrics:
 
     def observe_finish(self, ticket: Any, error: BaseException | None) -> None:
         """A request finished (``error`` None: its samples were returned)."""
-        outcome = "ok" if error is None else _outcome(error)
-        self.requests.labels(outcome).inc()
-        self.latency.labels(outcome).observe(time.monotonic() - ticket.submitted)
+        self.observe_answer("ok" if error is None else _outcome(error), time.monotonic() - ticket.submitted)
         if error is None:
             self.samples.inc(ticket.request.n)
             with self._lock:
                 self._recent.append((time.monotonic(), ticket.request.n))
+
+    def observe_answer(self, outcome: str, seconds: float) -> None:
+        """A sampling request answered with ``outcome`` after ``seconds`` (the runner's outcomes, and the HTTP
+        layer's for requests the runner never saw: ``invalid_request``, ``body_too_large``, ...)."""
+        self.requests.labels(outcome).inc()
+        self.latency.labels(outcome).observe(seconds)
 
     def render(self, queue_depth: int, running_rows: int) -> bytes:
         """The text exposition, with the gauges read now."""

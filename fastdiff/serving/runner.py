@@ -8,8 +8,10 @@ into an inbox the thread empties between ticks, so the engines stay single-threa
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -28,6 +30,8 @@ if TYPE_CHECKING:  # the metrics need the serve extra (prometheus_client); the r
 
 BATCHING_POLICIES = ("continuous", "request", "single")
 LOG = logging.getLogger("fastdiff.serving")
+THROUGHPUT_WINDOW_S = 30.0
+MIN_RETRY_AFTER_S = 1.0
 
 
 class QueueFull(RuntimeError):
@@ -43,7 +47,36 @@ class DeadlineExceeded(TimeoutError):
 
 
 class ShuttingDown(RuntimeError):
-    """The runner is stopping and takes no new requests."""
+    """The runner is stopping and takes no new requests; ``retry_after`` estimates the seconds until it has
+    finished the ones it holds."""
+
+    def __init__(self, message: str, retry_after: float = MIN_RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Throughput:
+    """Requests finished per second, measured over the current busy period (since the runner last went from
+    idle to busy) and at most the last ``window_s`` seconds. Times are passed in, so tests can drive it."""
+
+    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S):
+        self.window_s = window_s
+        self._finished: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    def record(self, now: float) -> None:
+        """A request finished at ``now``."""
+        with self._lock:
+            self._finished.append(now)
+
+    def rate(self, now: float, busy_since: float) -> float:
+        """Requests per second finished in ``[max(busy_since, now - window_s), now]`` (0: none finished)."""
+        start = max(busy_since, now - self.window_s)
+        with self._lock:
+            while self._finished and self._finished[0] < now - self.window_s:
+                self._finished.popleft()
+            count = sum(1 for t in self._finished if t >= start)
+        return count / (now - start) if count and now > start else 0.0
 
 
 @dataclass
@@ -111,6 +144,10 @@ class Runner:
         self._by_engine_id: dict[tuple[tuple[int, ...], int], Ticket] = {}
         self._thread: threading.Thread | None = None
         self._tick_seconds = 0.0  # an estimate of one tick, for Retry-After
+        self.throughput = Throughput()
+        self._in_flight = 0  # submitted, not yet finished
+        self._in_flight_steps = 0  # their steps, summed
+        self._busy_since = time.monotonic()
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> Runner:
@@ -132,15 +169,19 @@ class Runner:
         now = time.monotonic()
         with self._lock:
             if not self._accepting:
-                raise ShuttingDown("the server is shutting down")
+                raise ShuttingDown("the server is shutting down", retry_after=self._wait_estimate(self._in_flight))
             if self._waiting >= self.max_queue:
                 if self.metrics:
                     self.metrics.rejected.inc()
                 raise QueueFull(
                     f"{self._waiting} requests are waiting (max_queue = {self.max_queue})",
-                    retry_after=self._retry_after(),
+                    retry_after=self._wait_estimate(self._waiting),
                 )
             self._waiting += 1
+            if not self._in_flight:
+                self._busy_since = now
+            self._in_flight += 1
+            self._in_flight_steps += request.steps
         ticket = Ticket(next(self._ids), request, Future(), now, None if timeout_s is None else now + timeout_s)
         ticket.future.set_running_or_notify_cancel()
         self._inbox.put(("submit", ticket))
@@ -183,9 +224,28 @@ class Runner:
         """Rows in the running batches."""
         return sum(e.running_rows for e in list(self._engines.values()))
 
-    def _retry_after(self) -> float:
-        # roughly the time until a batch's worth of queued requests has started: one program's ticks
-        return max(1.0, round(self._tick_seconds * 50, 1))
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted that have not finished (queued or running)."""
+        return self._in_flight
+
+    def retry_after(self) -> float:
+        """Seconds a client refused now should wait: until the queue has cleared (queue full), or until every
+        accepted request has finished (shutting down); see :meth:`_wait_estimate`."""
+        with self._lock:
+            return self._wait_estimate(self._waiting if self._accepting else self._in_flight)
+
+    def _wait_estimate(self, ahead: int) -> float:
+        """Seconds until ``ahead`` more requests have finished, at least :data:`MIN_RETRY_AFTER_S`: at the
+        throughput measured since the runner became busy; before any of those requests finished, as batches
+        of the requests running now, each taking the mean steps of the requests held times the mean tick."""
+        now = time.monotonic()
+        rate = self.throughput.rate(now, self._busy_since)
+        if rate > 0:
+            return max(MIN_RETRY_AFTER_S, ahead / rate)
+        running = max(1, self._in_flight - self._waiting)
+        mean_steps = self._in_flight_steps / max(1, self._in_flight)
+        return max(MIN_RETRY_AFTER_S, math.ceil(ahead / running) * mean_steps * self._tick_seconds)
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
@@ -360,10 +420,14 @@ class Runner:
         self._by_engine_id.pop((shape, ticket.engine_id), None)
 
     def _finish(self, ticket: Ticket, samples: torch.Tensor | None = None, error: BaseException | None = None) -> None:
-        if ticket.admitted is None:
-            with self._lock:
+        with self._lock:
+            if ticket.admitted is None:
                 self._waiting -= 1
+            self._in_flight -= 1
+            self._in_flight_steps -= ticket.request.steps
+        if ticket.admitted is None:
             ticket.admitted = float("nan")  # never started
+        self.throughput.record(time.monotonic())
         if self.metrics:
             self.metrics.observe_finish(ticket, error)
         if error is not None:

@@ -1,11 +1,15 @@
-"""The HTTP server end to end on loopback: samples equal offline sampling (npy and png), 422s naming the field,
-429 with Retry-After, deadlines (504), NaN isolation (500), metrics, a disconnecting client's rows freed, and
-SIGTERM draining a real ``fastdiff serve`` process."""
+"""The HTTP server end to end on loopback: samples equal offline sampling (npy and png), 422s naming the field
+(NaN, Infinity and huge numbers too, never echoing more than a short prefix), 429 with a Retry-After that follows
+the queue, deadlines (504), NaN isolation (500), metrics counting every answer, a disconnecting client's rows
+freed, the connection guards (header and body deadlines, body limit, API key) and SIGTERM draining a real
+``fastdiff serve`` process while it answers 503."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -19,7 +23,6 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from repo_paths import TESTS as TESTS_DIR
 from serving_models import gated_mixture_pipeline, mixture_pipeline
@@ -28,19 +31,22 @@ from fastdiff.pretrained import digits
 from fastdiff.serving.api import Limits
 from fastdiff.serving.app import create_app
 from fastdiff.serving.client import Client, ServerError
+from fastdiff.serving.guards import HttpGuards
 from fastdiff.serving.metrics import ServingMetrics
-from fastdiff.serving.runner import Runner
+from fastdiff.serving.runner import Runner, Throughput
+from fastdiff.serving.server import draining_server
 
 pytestmark = pytest.mark.http
 
 
 @contextmanager
-def serving(pipe, limits: Limits = Limits(), **runner_kwargs):
-    """An in-process server on a free loopback port (uvicorn in a thread), stopped on exit."""
+def serving(pipe, limits: Limits = Limits(), guards: HttpGuards = HttpGuards(), header_timeout_s=10.0, **runner_kwargs):
+    """An in-process server on a free loopback port (``fastdiff serve``'s uvicorn server in a thread), stopped on
+    exit."""
     runner = Runner(pipe, metrics=ServingMetrics(), **runner_kwargs)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(runner, limits), log_level="error"))
+    server = draining_server(create_app(runner, limits, guards=guards), header_timeout_s, log_level="error")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -213,23 +219,17 @@ def test_png_format_on_the_digits_network():
         assert np.abs(img.astype(float) - expected).max() <= 1
 
 
-def test_sigterm_drains_a_real_server_process():
-    env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_sigterm_drains_a_real_server_process_answering_503_meanwhile(tmp_path):
+    gate = tmp_path / "gate"
+    gate.touch()  # the server's network waits while this file exists
+    env = dict(
+        os.environ,
+        PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        FASTDIFF_TEST_GATE=str(gate),
+    )
+    flags = ["--model", "serving_models:file_gated_mixture", "--port", "0", "--max-batch", "8", "--threads", "1"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fastdiff",
-            "serve",
-            "--model",
-            "serving_models:slow_mixture",
-            "--port",
-            "0",
-            "--max-batch",
-            "8",
-            "--threads",
-            "1",
-        ],
+        [sys.executable, "-m", "fastdiff", "serve", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -240,19 +240,199 @@ def test_sigterm_drains_a_real_server_process():
         assert "fastdiff serving on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
         client = Client(line.split()[3], timeout=60)
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(client.sample, n=2, seed=5, steps=40)  # ~0.8 s of 20 ms network calls
-            _wait_for(lambda: client.readyz()["running_rows"] == 2)
+            running = pool.submit(client.sample, n=2, seed=5, steps=40)
+            _wait_for(lambda: client.readyz()["running_rows"] == 2)  # held at its first network call
             proc.send_signal(signal.SIGTERM)
+            _wait_for(lambda: _status(client.base_url, "GET", "/readyz")[0] == 503)  # still listening
+            status, headers, _ = _status(client.base_url, "GET", "/readyz")
+            assert int(headers["Retry-After"]) >= 1
+            status, headers, body = _status(client.base_url, "POST", "/v1/samples", b'{"n": 1, "steps": 2}')
+            assert status == 503 and int(headers["Retry-After"]) >= 1, body
+            assert proc.poll() is None
+            gate.unlink()
             got = running.result(60)
         assert np.array_equal(got, _offline(mixture_pipeline(), 2, 5, steps=40))
         assert proc.wait(60) == -signal.SIGTERM  # uvicorn re-raises the signal once drained
         assert "draining" in proc.stderr.read()
-        with pytest.raises(OSError):  # the listener is closed
+        with pytest.raises(OSError):  # the listener is closed once drained
             Client(client.base_url, timeout=5).healthz()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _status(base_url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) of one request on a fresh connection."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def _raw_exchange(port: int, payload: bytes) -> bytes:
+    """Sends ``payload`` and nothing more on a new connection; everything the server sends until it closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(payload)
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+        return got
+
+
+def test_nan_infinity_and_huge_numbers_are_422_naming_the_field_and_counted(mixture_server):
+    _, client, _ = mixture_server
+    before = client.metrics().get('fastdiff_requests_total{outcome="invalid_request"}', 0.0)
+    cases = [
+        (b'{"n": NaN}', ["body", "n"]),
+        (b'{"n": Infinity}', ["body", "n"]),
+        (b'{"steps": -Infinity}', ["body", "steps"]),
+        (b'{"n": 1e400}', ["body", "n"]),
+        (b'{"guidance_scale": NaN, "class_label": 1}', ["body", "guidance_scale"]),
+        (b'{"eta": 1e999}', ["body", "eta"]),
+        (b'{"timeout_s": NaN}', ["body", "timeout_s"]),
+        (b'{"conditioning": {"y": [0.0, NaN]}, "n": 2}', ["body", "conditioning", "y", 1]),
+        (b'{"seed": 1' + b"0" * 5000 + b"}", ["body", "seed"]),
+        (b'{"bogus": NaN}', ["body", "bogus"]),
+    ]
+    for raw, loc in cases:
+        status, _, body = _status(client.base_url, "POST", "/v1/samples", raw)
+        assert status == 422, (raw[:40], body)
+        detail = json.loads(body)["detail"]
+        assert detail[0]["loc"] == loc and len(body) < 1000, (raw[:40], detail)
+    with pytest.raises(ServerError) as info:
+        client.sample(n=float("nan"))  # the client writes NaN as JSON's NaN
+    assert info.value.status == 422 and info.value.detail[0]["loc"] == ["body", "n"]
+    after = client.metrics()['fastdiff_requests_total{outcome="invalid_request"}']
+    assert after == before + len(cases) + 1
+
+
+def test_422_echoes_only_a_short_prefix_of_the_value(mixture_server):
+    _, client, _ = mixture_server
+    for fields, field in [
+        ({"sampler": "x" * 5_000_000}, "sampler"),
+        ({"bogus": "y" * 5_000_000}, "bogus"),
+        ({"n": "z" * 5_000_000}, "n"),
+        ({"shape": [1] * 100_000}, "shape"),
+        ({"conditioning": {"w" * 1_000_000: [1.0, 2.0, 3.0]}}, "conditioning"),
+    ]:
+        status, _, body = _status(client.base_url, "POST", "/v1/samples", json.dumps(fields).encode())
+        assert status == 422 and len(body) < 1000, (field, len(body))
+        assert field in json.loads(body)["detail"][0]["loc"]
+    # a conditioning name the network does not take: it raises (500), and the error is cut short too
+    status, _, body = _status(client.base_url, "POST", "/v1/samples", json.dumps({"conditioning": {"v" * 10**6: 1}}))
+    assert status == 500 and len(body) < 1000, len(body)
+
+
+@pytest.fixture(scope="module")
+def guarded_server():
+    """Tight guards: bodies of at most 2000 bytes arriving within 0.3 s, headers within 0.3 s."""
+    guards = HttpGuards(max_body_bytes=2000, body_timeout_s=0.3)
+    with serving(mixture_pipeline(), guards=guards, header_timeout_s=0.3, max_batch=8) as (client, runner):
+        yield client, int(client.base_url.rsplit(":", 1)[1])
+
+
+def test_a_body_over_the_limit_is_413_and_the_connection_goes_on(guarded_server):
+    client, port = guarded_server
+    before = client.metrics().get('fastdiff_requests_total{outcome="body_too_large"}', 0.0)
+    big = b'{"n": 1' + b" " * 50_000 + b"}"
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:  # a keep-alive client
+        conn.sendall(b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+        answer = http.client.HTTPResponse(conn)
+        answer.begin()
+        assert answer.status == 413 and b"at most 2000 bytes" in answer.read()
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the unread body was discarded
+        answer = http.client.HTTPResponse(conn)
+        answer.begin()
+        assert answer.status == 200 and answer.read() == b'{"status":"ok"}'
+    chunked = b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    chunk = b" " * 1500
+    got = _raw_exchange(port, chunked + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2 + b"0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 413 "), got[:100]  # no Content-Length: counted as it came
+    assert client.metrics()['fastdiff_requests_total{outcome="body_too_large"}'] == before + 2
+    assert np.array_equal(client.sample(n=1, seed=2, steps=3), _offline(mixture_pipeline(), 1, 2, steps=3))
+
+
+def test_slow_or_short_bodies_are_408_and_half_sent_headers_are_closed(guarded_server):
+    client, port = guarded_server
+    # a Content-Length larger than the body, and a body that stops half way: 408 once the body deadline passes
+    for payload in [
+        b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}",
+        b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n" + b'{"n": 1',
+    ]:
+        got = _raw_exchange(port, payload)
+        assert got.startswith(b"HTTP/1.1 408 "), got[:100]
+    # headers that stop half way: 408 and closed once the header deadline passes; a silent connection: closed
+    assert _raw_exchange(port, b"POST /v1/samples HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408 ")
+    assert _raw_exchange(port, b"") == b""
+    # after a response, the next request's headers have the same deadline
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = http.client.HTTPResponse(conn)
+        answer.begin()
+        assert answer.status == 200 and answer.read() == b'{"status":"ok"}'
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 408 ") and conn.recv(65536) == b""
+    assert client.metrics()['fastdiff_requests_total{outcome="request_timeout"}'] >= 2
+
+
+def test_the_api_key_is_required_everywhere_but_health():
+    pipe = mixture_pipeline()
+    with serving(pipe, guards=HttpGuards(api_key="s3cret-key"), max_batch=4) as (client, runner):
+        for method, path in [("POST", "/v1/samples"), ("GET", "/v1/info"), ("GET", "/metrics"), ("GET", "/docs")]:
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}]:
+                status, got, _ = _status(client.base_url, method, path, b"{}" if method == "POST" else None, headers)
+                assert status == 401 and got["WWW-Authenticate"] == "Bearer", (path, headers)
+        assert client.healthz() == {"status": "ok"} and client.readyz()["status"] == "ready"
+        keyed = Client(client.base_url, api_key="s3cret-key")
+        assert np.array_equal(keyed.sample(n=1, seed=4, steps=3), _offline(pipe, 1, 4, steps=3))
+        assert keyed.info()["max_n"] == 64
+        assert keyed.metrics()['fastdiff_requests_total{outcome="unauthorized"}'] == 3
+
+
+class _FixedRate(Throughput):
+    """A throughput the test sets."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.fixed = rate
+
+    def rate(self, now: float, busy_since: float) -> float:
+        return self.fixed
+
+
+def test_retry_after_follows_the_queue_and_the_throughput():
+    pipe = gated_mixture_pipeline()
+    with serving(pipe, max_batch=2, max_queue=3) as (client, runner):
+        pipe.model.gate.clear()
+        with ThreadPoolExecutor(4) as pool:
+            held = [pool.submit(Client(client.base_url).sample, n=2, seed=0, steps=2)]
+            _wait_for(lambda: runner.running_rows == 2)  # running (held at the gate): the others wait behind it
+            held += [pool.submit(Client(client.base_url).sample, n=2, seed=i, steps=2) for i in range(1, 4)]
+            _wait_for(lambda: runner.queue_depth == 3)
+            for rate, want in [(0.5, 6), (0.25, 12), (2.0, 2), (100.0, 1)]:  # 3 waiting / rate, at least 1 s
+                runner.throughput = _FixedRate(rate)
+                status, headers, _ = _status(client.base_url, "POST", "/v1/samples", b'{"n": 1, "steps": 2}')
+                assert status == 429 and headers["Retry-After"] == str(want), (rate, headers)
+            runner.throughput = Throughput()
+            pipe.model.gate.set()
+            for i, future in enumerate(held):
+                assert np.array_equal(future.result(60), _offline(pipe, 2, i, steps=2))
+
+
+def test_throughput_counts_the_busy_period_within_the_window():
+    tp = Throughput(window_s=10.0)
+    assert tp.rate(100.0, busy_since=0.0) == 0.0
+    for t in (91.0, 95.0, 96.0, 99.0):
+        tp.record(t)
+    assert tp.rate(100.0, busy_since=0.0) == 4 / 10  # the window: [90, 100]
+    assert tp.rate(100.0, busy_since=95.0) == 3 / 5  # busy since 95: three finished in 5 s
+    assert tp.rate(104.0, busy_since=0.0) == 3 / 10  # 91 left the window
+    assert math.isclose(tp.rate(120.0, busy_since=0.0), 0.0)
 
 
 def _wait_for(condition, timeout: float = 30.0) -> None:
