@@ -188,24 +188,38 @@ def _refused_path(data: Any) -> tuple[list[Any], Refused] | None:
     return None
 
 
+def servable_samplers(pipe: Pipeline) -> tuple[str, ...]:
+    """The samplers this pipeline can serve per step: fixed coefficient programs that take its prediction and build
+    on its schedule (the rectified-flow samplers need ``Schedule.flow``, say). What ``/v1/info`` lists."""
+    names = []
+    for name in BATCHABLE_SAMPLERS:
+        if pipe.prediction not in SAMPLERS[name].predictions:
+            continue
+        try:
+            pipe.program(name, 2)  # cached by the pipeline; the schedule's own checks
+        except ValueError:
+            continue
+        names.append(name)
+    return tuple(names)
+
+
 def to_sample_request(body: SamplesBody, pipe: Pipeline, limits: Limits) -> tuple[SampleRequest, float | None]:
     """The engine request for ``body`` and its timeout; raises :class:`FieldError` for what cannot be served."""
     if not 1 <= body.n <= limits.max_n:
         raise FieldError("n", f"must be between 1 and {limits.max_n}, got {short(body.n)}")
-    if body.sampler not in BATCHABLE_SAMPLERS:
+    servable = servable_samplers(pipe)
+    if body.sampler not in servable:
         raise FieldError(
             "sampler",
-            f"unknown or not batchable per step: {short(body.sampler)}; choose one of {', '.join(BATCHABLE_SAMPLERS)}",
+            f"unknown, not batchable per step or not for this network: {short(body.sampler)}; choose one of "
+            f"{', '.join(servable)}",
         )
-    info = SAMPLERS[body.sampler]
-    if pipe.prediction not in info.predictions:
-        raise FieldError("sampler", f"{short(body.sampler)} cannot use this network's prediction {pipe.prediction!r}")
     max_steps = min(limits.max_steps, pipe.schedule.num_train_timesteps or limits.max_steps)
     if not 1 <= body.steps <= max_steps:
         raise FieldError("steps", f"must be between 1 and {max_steps}, got {short(body.steps)}")
     options: dict[str, Any] = {}
     if body.eta is not None:
-        if "eta" not in info.options:
+        if "eta" not in SAMPLERS[body.sampler].options:
             raise FieldError("eta", f"sampler {short(body.sampler)} takes no eta")
         if not 0 <= body.eta <= 10:
             raise FieldError("eta", f"must be between 0 and 10, got {short(body.eta)}")

@@ -29,7 +29,6 @@ except ModuleNotFoundError as exc:
     raise missing_extra("serve", exc) from exc
 
 from fastdiff.serving.api import (
-    BATCHABLE_SAMPLERS,
     ECHO_CHARS,
     InvalidBody,
     Limits,
@@ -37,6 +36,7 @@ from fastdiff.serving.api import (
     npy_bytes,
     parse_body,
     png_payload,
+    servable_samplers,
     short,
     to_sample_request,
     validation_detail,
@@ -204,7 +204,7 @@ def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits) -> None:
             "sample_shape": None if pipe.sample_shape is None else list(pipe.sample_shape),
             "num_classes": pipe.num_classes,
             "prediction": pipe.prediction,
-            "samplers": list(BATCHABLE_SAMPLERS),
+            "samplers": list(servable_samplers(pipe)),
             "max_n": limits.max_n,
             "max_steps": limits.max_steps,
             "batching": runner.batching,

@@ -15,51 +15,23 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from live_server import serving
 from PIL import Image
 from repo_paths import TESTS as TESTS_DIR
 from serving_models import gated_mixture_pipeline, mixture_pipeline
 
 from fastdiff.pretrained import digits
-from fastdiff.serving.api import Limits
-from fastdiff.serving.app import create_app
 from fastdiff.serving.client import Client, ServerError
 from fastdiff.serving.guards import HttpGuards
-from fastdiff.serving.metrics import ServingMetrics
-from fastdiff.serving.runner import Runner, Throughput
-from fastdiff.serving.server import draining_server
+from fastdiff.serving.runner import Throughput
 
 pytestmark = pytest.mark.http
-
-
-@contextmanager
-def serving(pipe, limits: Limits = Limits(), guards: HttpGuards = HttpGuards(), header_timeout_s=10.0, **runner_kwargs):
-    """An in-process server on a free loopback port (``fastdiff serve``'s uvicorn server in a thread), stopped on
-    exit."""
-    runner = Runner(pipe, metrics=ServingMetrics(), **runner_kwargs)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = draining_server(create_app(runner, limits, guards=guards), header_timeout_s, log_level="error")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield Client(f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60), runner
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive()
 
 
 def _offline(pipe, n, seed, sampler="ddim", steps=50, eta=None, y=None, guidance_scale=1.0):
