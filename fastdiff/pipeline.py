@@ -19,6 +19,7 @@ from fastdiff.program import Program, build_program
 from fastdiff.request import SampleOptions, SampleRequest, SeedLike
 from fastdiff.runtime.checks import (
     NonFiniteError,  # noqa: F401  (re-exported: fastdiff.pipeline.NonFiniteError)
+    as_kwargs,
     check_callback,
     check_model_kwargs,
     check_noise,
@@ -271,7 +272,7 @@ class Pipeline:
                 steps=steps,
                 seed=seed,
                 guidance_scale=guidance_scale,
-                model_kwargs=model_kwargs or {},
+                model_kwargs={} if model_kwargs is None else model_kwargs,
                 uncond_kwargs=uncond_kwargs,
                 options=sampler_options,
                 **fields,
@@ -410,7 +411,7 @@ class Pipeline:
         state = x.detach().to(device=self.device, dtype=self.dtype).contiguous().clone()
         check_shape(state.shape)
         seeds = derive_seeds(seed, state.shape[0]).to(self.device)
-        kwargs = dict(model_kwargs or {})
+        kwargs = as_kwargs(model_kwargs)
         check_model_kwargs(kwargs, state.shape[0])
         return (
             Loop(self.model, Conditioning(kwargs), Recording(progress=progress), self.x0_clip)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,6 +53,15 @@ def check_noise(noise: Any, prog: Program, shape: tuple[int, ...]) -> None:
             raise TypeError(f"noise[{k}] must be a tensor shaped like the state, got {type(noise[k]).__name__}")
         if prog.uses_noise(k) and tuple(noise[k].shape) != shape:
             raise ValueError(f"noise[{k}] must have shape {shape}, got {tuple(noise[k].shape)}")
+
+
+def as_kwargs(value: Any, what: str = "model_kwargs") -> dict:
+    """Keyword arguments for the network as a new dict: None is none; anything but a mapping is a TypeError."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping of argument names to values, got {type(value).__name__}")
+    return dict(value)
 
 
 def check_class_labels(y: Any, num_classes: int, what: str = "y") -> None:

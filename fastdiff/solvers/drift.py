@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastdiff.runtime.checks import as_kwargs
 from fastdiff.schedule import Schedule
 
 __all__ = ["SCORE_PREDICTIONS", "PFODEDrift", "pf_ode_drift", "x0_eps_coefficients", "check_pf_ode_schedule"]
@@ -81,7 +82,7 @@ class PFODEDrift:
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = as_kwargs(model_kwargs)
         for t in (schedule.t_min, schedule.t_max):
             a_coef, b_coef = self.coefficients(t)
             if not (math.isfinite(a_coef) and math.isfinite(b_coef)):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fastdiff.program import build_program
+from fastdiff.runtime.checks import as_kwargs
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import SAMPLERS, get_sampler
 from fastdiff.schedule import Grid
@@ -97,7 +98,7 @@ def encode(
     check_pipe(pipe)
     check_state(x0)
     _check_encode_sampler(sampler)
-    kwargs = dict(model_kwargs or {})
+    kwargs = as_kwargs(model_kwargs)
     check_batch_kwargs(kwargs, x0.shape[0])
     iters = _fixed_point_iters(fixed_point_iters, sampler)
     if sampler == "rk45":
@@ -206,7 +207,7 @@ def decode(
     check_pipe(pipe)
     check_state(x_T, "x_T")
     if sampler == "rk45":
-        kwargs = dict(model_kwargs or {})
+        kwargs = as_kwargs(model_kwargs)
         check_batch_kwargs(kwargs, x_T.shape[0])
         return rk45_solve(pipe, x_T, forward=False, tolerances=tolerances, dtype=dtype, model_kwargs=kwargs)
     return pipe.sample(

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from fastdiff.runtime.checks import as_kwargs
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.schedule import Schedule
 from fastdiff.solvers.arguments import (
@@ -307,7 +308,7 @@ def log_likelihood(
     check_state(x0)
     _check_likelihood_options(method, probe, n_probes, batch_size, seed, solver)
     dtype = integration_dtype(pipe, dtype)
-    kwargs = dict(model_kwargs or {})
+    kwargs = as_kwargs(model_kwargs)
     check_batch_kwargs(kwargs, x0.shape[0])
     drift = first_call_names_x0(PFODEDrift(pipe.model, pipe.schedule, pipe.prediction), tuple(x0.shape))
     n, d = x0.shape[0], x0[0].numel()

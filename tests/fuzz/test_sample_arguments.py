@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from fastdiff import NonFiniteError, Pipeline, Schedule
@@ -96,12 +96,15 @@ def test_sample_returns_samples_or_a_clear_error(schedule: str, prediction: str,
     try:
         out = pipe.sample(shape, **kwargs)
     except NonFiniteError:
+        event("NonFiniteError")
         return  # a network/sampler combination that diverges says so, naming the step and the samples
     except (ValueError, TypeError) as exc:
+        event(type(exc).__name__)
         message = str(exc)
         assert message and not RAW.search(message), f"unclear {type(exc).__name__}: {message}"
         named = {name for name in ARGUMENT_NAMES if re.search(rf"\b{re.escape(name)}\b", message)}
         assert named or "sampler" in message or "prediction" in message, f"names no argument: {message}"
         return
+    event("samples")
     samples = out[0] if isinstance(out, tuple) else out
     assert tuple(samples.shape) == tuple(shape), (samples.shape, shape)
