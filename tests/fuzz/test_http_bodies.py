@@ -10,13 +10,14 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from live_server import serving
 from serving_models import mixture_pipeline
@@ -190,3 +191,44 @@ def test_concurrent_good_and_bad_requests_fail_only_the_bad(server) -> None:
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(lambda case: _check(pipe, port, case), mix))
     assert outcomes.count("200") >= len(good)
+
+
+@pytest.fixture(scope="module")
+def raw_server():
+    """A server whose header deadline is short, so a request the fuzz leaves unfinished costs little."""
+    with serving(mixture_pipeline(), limits=LIMITS, header_timeout_s=0.5, max_batch=4) as (client, runner):
+        yield int(client.base_url.rsplit(":", 1)[1])
+        assert runner.accepting
+
+
+def _exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(payload)
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+        return got
+
+
+token = st.one_of(st.sampled_from(["GET", "POST", "PUT", "DELETE", "/v1/samples", "/healthz", "/metrics", "/v1/info",
+                                   "HTTP/1.1", "HTTP/1.0", "HTTP/9", "Content-Length: 5", "Content-Length: -1",
+                                   "Transfer-Encoding: chunked", "Content-Type: application/json", "Host: x",
+                                   "Expect: 100-continue"]),
+                  st.text(alphabet=st.characters(codec="latin-1"), max_size=12))  # fmt: skip
+
+
+@settings(max_examples=max(30, settings.default.max_examples // 5))
+@given(line=st.lists(token, min_size=1, max_size=4), headers=st.lists(token, max_size=4),
+       body=st.one_of(st.binary(max_size=32), st.just(b'{"n": 1, "steps": 2}')))  # fmt: skip
+def test_raw_requests_never_get_a_5xx_and_leave_the_server_healthy(raw_server, line, headers, body) -> None:
+    """Request lines, headers and bodies of random tokens (always ending the headers, and asking to close):
+    answered 2xx-4xx or closed, never 5xx; the server answers /healthz afterwards."""
+    head = " ".join(line) + "\r\n" + "".join(h.replace("\r", " ").replace("\n", " ") + "\r\n" for h in headers)
+    payload = head.encode("latin-1") + b"Connection: close\r\n\r\n" + body
+    answer = _exchange(raw_server, payload)
+    if answer:
+        status = answer.split(b"\r\n", 1)[0].split(b" ")
+        assert len(status) >= 2 and status[1][:1] in (b"1", b"2", b"3", b"4"), answer[:200]
+    event("closed" if not answer else answer.split(b" ", 2)[1].decode())
+    healthy = _exchange(raw_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert healthy.startswith(b"HTTP/1.1 200"), healthy[:200]
