@@ -114,7 +114,9 @@ def cases(draw: st.DrawFn) -> Case:
                                                                         max_size=rows + 1)})))  # fmt: skip
     if conditioning and "conditioning" not in case.invalid:
         case.poison = any(v in (77.0, 99.0) for v in conditioning["y"])
-    _pick(draw, case, "shape", st.just([2]), st.one_of(st.just([3]), st.just([0]), st.just([2, 2]), wrong_type))
+    # (null is the network's own shape: valid)
+    shape_bad = st.one_of(st.just([3]), st.just([0]), st.just([2, 2]), wrong_type.filter(lambda v: v is not None))
+    _pick(draw, case, "shape", st.one_of(st.just([2]), st.none()), shape_bad)
     _pick(draw, case, "format", st.just("npy"), st.sampled_from(["gif", "", "PNG"]))
     _pick(draw, case, "class_label", None, st.integers(0, 3))  # the network is not class-conditional
     _pick(draw, case, "timeout_s", st.floats(30, 120), st.one_of(st.floats(-5, 0), st.floats(10**5, 10**7)))
