@@ -30,7 +30,7 @@ def missing_extra(extra: str, exc: ModuleNotFoundError) -> MissingExtra:
     if extra not in EXTRAS:
         raise ValueError(f"extra must be one of {sorted(EXTRAS)}, got {extra!r}")
     return MissingExtra(
-        f"{EXTRAS[extra]} needs the Python package {exc.name!r}, which is not installed: "
+        f"the Python package {exc.name!r} is not installed, and {EXTRAS[extra]} needs it: "
         f"pip install 'fastdiff[{extra}]'",
         name=exc.name,
     )
