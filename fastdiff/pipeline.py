@@ -16,7 +16,7 @@ import torch
 
 from fastdiff.kernels.philox import derive_seeds, philox_normal
 from fastdiff.program import Program, build_program
-from fastdiff.request import SampleOptions, SampleRequest, SeedLike
+from fastdiff.request import SampleOptions, SampleRequest, SeedLike, check_switch
 from fastdiff.runtime.checks import (
     NonFiniteError,  # noqa: F401  (re-exported: fastdiff.pipeline.NonFiniteError)
     as_kwargs,
@@ -217,6 +217,7 @@ class Pipeline:
         Raises:
             NonFiniteError: when the state became NaN/Inf (names the first step and the samples).
         """
+        check_switch("progress", progress)
         run, request = self._request(shape, sampler, steps, seed, model_kwargs, guidance_scale, uncond_kwargs, options)
         x = self.initial_state(request.shape, request.seed, x_T)
         if request.sampler in EAGER_SAMPLERS:

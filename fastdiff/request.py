@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastdiff.program import Program
@@ -134,6 +135,13 @@ class SampleRequest:
 MAX_STEPS = 100_000
 """The most steps a request may take (a bound on the memory of its program; schedules may allow fewer)."""
 
+
+def check_switch(name: str, value: Any) -> None:
+    """A yes/no argument is a bool (a tensor or a string there is a TypeError, never read as true or false)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+
+
 REQUEST_FIELDS = ("spacing", "steps_offset", "rho", "guidance_rescale")
 """The keyword arguments of :meth:`fastdiff.Pipeline.sample` that are :class:`SampleRequest` fields."""
 
@@ -175,6 +183,13 @@ class SampleOptions:
     callback_steps: int = 1
     cuda_graph: str | bool = "auto"
     guidance_batching: str = "double"
+
+    def __post_init__(self) -> None:
+        for name in ("return_x0", "return_trajectory"):
+            check_switch(name, getattr(self, name))
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(f"callback must be callable as callback(step, x, x0_hat) or None, got "
+                            f"{type(self.callback).__name__}")  # fmt: skip
 
     @classmethod
     def split(cls, options: Mapping[str, Any]) -> tuple[SampleOptions, dict[str, Any], dict[str, Any]]:

@@ -49,7 +49,7 @@ def check_noise(noise: Any, prog: Program, shape: tuple[int, ...]) -> None:
     if len(noise) < prog.stages:
         raise ValueError(f"noise must hold one tensor per stage ({prog.stages}), got {len(noise)}")
     for k in range(prog.stages):
-        if prog.uses_noise(k) and not isinstance(noise[k], torch.Tensor):
+        if not isinstance(noise[k], torch.Tensor):  # every stage reads its entry (zeros where it draws none)
             raise TypeError(f"noise[{k}] must be a tensor shaped like the state, got {type(noise[k]).__name__}")
         if prog.uses_noise(k) and tuple(noise[k].shape) != shape:
             raise ValueError(f"noise[{k}] must have shape {shape}, got {tuple(noise[k].shape)}")
