@@ -7,6 +7,7 @@ replayed CUDA graph, or an eager solver (:mod:`fastdiff.solvers.eager`) for samp
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from fastdiff.runtime.graphs import DEFAULT_MAX_GRAPHS, GraphCache, graph_key, k
 from fastdiff.runtime.guidance import check_double_batch, make_guidance
 from fastdiff.runtime.loop import Conditioning, Loop, LoopResult, Recording
 from fastdiff.runtime.step import INITIAL_NOISE_STREAM, STEP_NOISE_STREAM  # noqa: F401  (re-exported)
+from fastdiff.runtime.tree import to_device
 from fastdiff.runtime.x0_clip import X0Clip
 from fastdiff.samplers import ALL_PREDICTIONS, EAGER_SAMPLERS, get_sampler
 from fastdiff.schedule import Grid, Schedule
@@ -279,7 +281,17 @@ class Pipeline:
                 **fields,
             )
         request.validate(self)
-        return run, request
+        return run, self._on_device(request)
+
+    def _on_device(self, request: SampleRequest) -> SampleRequest:
+        """``request`` (not modified) with its conditioning tensors on the pipeline's device: the network and a
+        CUDA graph's static buffers read them there (labels made on the CPU, a pipeline on CUDA)."""
+        uncond = request.uncond_kwargs
+        return dataclasses.replace(
+            request,
+            model_kwargs=to_device(dict(request.model_kwargs), self.device),
+            uncond_kwargs=None if uncond is None else to_device(dict(uncond), self.device),
+        )
 
     def _sample_eager(
         self, request: SampleRequest, run: SampleOptions, x: torch.Tensor, x_T_given: bool, progress: bool
@@ -333,6 +345,9 @@ class Pipeline:
         )
         guidance = loop.cond.guidance
         key = graph_key(
+            model=self.model,
+            schedule=self.schedule,
+            prediction=self.prediction,
             shape=request.shape,
             dtype=self.dtype,
             device=self.device,
@@ -414,6 +429,7 @@ class Pipeline:
         seeds = derive_seeds(seed, state.shape[0]).to(self.device)
         kwargs = as_kwargs(model_kwargs)
         check_model_kwargs(kwargs, state.shape[0])
+        kwargs = to_device(kwargs, self.device)
         return (
             Loop(self.model, Conditioning(kwargs), Recording(progress=progress), self.x0_clip)
             .run_eager(program, state, seeds, noise)

@@ -14,6 +14,10 @@ import peers  # noqa: E402
 
 PEER_MODULES = {"diffusers", "k_diffusion"}
 
+# Read before any test module sets it: under TRITON_INTERPRET=1 (`make test`) Triton interprets the kernels on the
+# host, copying CUDA arguments there, so the CUDA tests would not test the CUDA paths; `make gpu-test` runs them.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -38,14 +42,17 @@ PEER_FIXTURES = {"kdiff_sampling", "diffusers_schedulers"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """``cuda`` tests skip (saying so) without a CUDA device; tests that compare with a peer library (a module that
-    imports diffusers or k-diffusion, or a peer fixture) are marked ``peers``. ``-m "not peers"`` and the like
+    """``cuda`` tests skip (saying so) without a CUDA device or under TRITON_INTERPRET=1 (``make gpu-test`` runs
+    them); tests that compare with a peer library (a module that imports diffusers or k-diffusion, or a peer fixture)
+    are marked ``peers``. ``-m "not peers"`` and the like
     select by them; ``ray`` and ``http`` are set by their files."""
     import torch
 
     for item in items:
         if item.get_closest_marker("cuda") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        elif item.get_closest_marker("cuda") and TRITON_INTERPRETED:
+            item.add_marker(pytest.mark.skip(reason="TRITON_INTERPRET=1 interprets the kernels: run `make gpu-test`"))
         module = getattr(item, "module", None)
         if PEER_MODULES & set(vars(module) if module else ()) or PEER_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.peers)

@@ -12,12 +12,16 @@ Everything here except :func:`capture` and :meth:`CapturedLoop.replay` runs (and
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from fastdiff.runtime.tree import describe
 
 CudaGraphMode = str | bool
 CUDA_GRAPH_MODES = ("auto", True, False)
@@ -66,30 +70,48 @@ def resolve_cuda_graph(
     return True
 
 
-def kwargs_spec(kwargs: Mapping[str, Any]) -> tuple[tuple[tuple[str, tuple], ...], tuple[str, ...]]:
+def kwargs_spec(kwargs: Mapping[str, Any]) -> tuple[tuple[tuple[str, Hashable], ...], tuple[str, ...]]:
     """A hashable description of model kwargs for the cache key, and the names that cannot be described.
 
-    Tensors are described by (shape, dtype, device): their values are copied into static buffers on each
-    replay. Other values are baked into the captured graph, so they enter the key by value and must be
-    hashable.
+    Tensors, also inside lists, tuples and dicts, are described by (shape, dtype, device)
+    (:func:`fastdiff.runtime.tree.describe`): their values are copied into static buffers on each replay. Other
+    values are baked into the captured graph, so they enter the key by value and must be hashable.
     """
     spec, bad = [], []
     for name in sorted(kwargs):
-        v = kwargs[name]
-        if isinstance(v, torch.Tensor):
-            spec.append((name, ("tensor", tuple(v.shape), v.dtype, str(v.device))))
-            continue
         try:
-            hash(v)
+            spec.append((name, describe(kwargs[name])))
         except TypeError:
             bad.append(name)
-            continue
-        spec.append((name, ("value", type(v).__name__, v)))
     return tuple(spec), tuple(bad)
+
+
+class _Identity:
+    """An object in a cache key by identity (equal only to itself, hashable whatever its own ``__eq__``), held
+    strongly: a cached graph replays the model's weights by address, so the model must outlive the graph."""
+
+    __slots__ = ("obj", "_id")
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+        # A bound method is a new object at every attribute access: the instance and function identify it.
+        self._id = (id(obj.__self__), id(obj.__func__)) if hasattr(obj, "__func__") else (id(obj),)
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and self._id == other._id
+
+    def __repr__(self) -> str:
+        return f"<{type(self.obj).__name__} at {self._id}>"
 
 
 def graph_key(
     *,
+    model: Any,
+    schedule: Any,
+    prediction: str,
     shape: Sequence[int],
     dtype: torch.dtype,
     device: torch.device,
@@ -104,11 +126,16 @@ def graph_key(
 ) -> tuple:
     """The cache key of a captured loop: everything the captured kernels and buffers depend on.
 
+    ``model`` and ``schedule`` enter by identity (a new network or schedule is a new graph: a replay would run the
+    old weights and coefficients), ``prediction`` by value.
     ``options`` holds every other argument that changes the coefficient program (eta, variance_type,
     spacing, steps_offset, rho, sampler options); ``model_kwargs``/``uncond_kwargs`` come from
     :func:`kwargs_spec`. Seeds, x_T and the values of tensor kwargs are not part of it.
     """
     return (
+        _Identity(model),
+        _Identity(schedule),
+        prediction,
         tuple(int(s) for s in shape),
         dtype,
         str(torch.device(device)),
@@ -204,13 +231,21 @@ class CapturedLoop:
 
 @dataclass
 class GraphCache:
-    """A bounded LRU of captured loops keyed by :func:`graph_key`; counts hits, misses and evictions."""
+    """A bounded LRU of captured loops keyed by :func:`graph_key`; counts hits, misses and evictions.
+
+    ``lock`` (reentrant) serialises what uses an entry: a pipeline is shared between threads, and one graph's
+    static buffers must not be refilled while another thread's replay of it still reads or returns them. The
+    methods here take it themselves; a caller holds it across get, capture, replay and copying the outputs out.
+    """
 
     maxsize: int = DEFAULT_MAX_GRAPHS
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     _entries: OrderedDict[tuple, Any] = field(default_factory=OrderedDict)
+    lock: Any = field(  # a threading.RLock
+        default_factory=threading.RLock, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.maxsize, bool) or not isinstance(self.maxsize, int) or self.maxsize < 1:
@@ -228,33 +263,44 @@ class GraphCache:
 
     def get(self, key: tuple) -> Any | None:
         """The entry for ``key`` (marked most recently used), or None; counts a hit or a miss."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return entry
+        with self.lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return entry
 
     def put(self, key: tuple, entry: Any) -> None:
         """Stores ``entry``, evicting least recently used entries beyond ``maxsize``."""
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
-            self.evictions += 1
+        with self.lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+                self.evictions += 1
 
     def get_or_create(self, key: tuple, create: Callable[[], Any]) -> Any:
         """The entry for ``key``, built with ``create()`` and stored on a miss."""
-        entry = self.get(key)
-        if entry is None:
-            entry = create()
-            self.put(key, entry)
-        return entry
+        with self.lock:
+            entry = self.get(key)
+            if entry is None:
+                entry = create()
+                self.put(key, entry)
+            return entry
 
     def clear(self) -> None:
         """Drops every entry (their graphs and memory pools are freed when no longer referenced)."""
-        self._entries.clear()
+        with self.lock:
+            self._entries.clear()
+
+
+def device_guard(device: torch.device | str) -> AbstractContextManager[Any]:
+    """Makes ``device`` the current CUDA device for the block (streams, graphs and pools are per device: capture
+    and replay must run on the pipeline's device, not on whichever is current); a no-op off CUDA."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def capture(
@@ -268,7 +314,8 @@ def capture(
     The warm-up compiles the Triton kernels and lets cuDNN/cuBLAS pick their algorithms outside the
     capture (side stream: as torch.cuda.graphs recommends, so the capture stream sees no pending work).
     ``loop`` must only read ``inputs`` and device tensors that outlive the graph (pass them in
-    ``keep_alive``), and must not synchronise with the host.
+    ``keep_alive``), and must not synchronise with the host. Runs on the current CUDA device
+    (:func:`device_guard`). A failed capture raises with the calling thread back on its own stream.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA graph capture needs CUDA")
@@ -279,6 +326,35 @@ def capture(
             loop(inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = loop(inputs)
+    outputs = _capture_on(side, graph, lambda: loop(inputs))
     return CapturedLoop(graph=graph, inputs=inputs, outputs=tuple(outputs), keep_alive=keep_alive)
+
+
+def _capture_on(stream: Any, graph: Any, body: Callable[[], Any]) -> Any:
+    """``body()`` captured into ``graph`` on ``stream``: torch.cuda.graph's steps, but the stream is restored
+    however the capture ends (torch.cuda.graph's ``__exit__`` calls ``capture_end()`` before it leaves the stream
+    context, so a failing capture left the thread on the capture stream).
+
+    ``capture_error_mode="thread_local"``: other threads may allocate and launch work meanwhile (a pipeline is
+    shared between threads); only this thread's unsafe calls invalidate the capture.
+    """
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    with torch.cuda.stream(stream):  # its __exit__ restores the caller's stream, on success or failure
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            out = body()
+        except BaseException:
+            _end_failed_capture(graph)
+            raise
+        graph.capture_end()
+    return out
+
+
+def _end_failed_capture(graph: Any) -> None:
+    """Ends a capture the body raised in (the stream leaves capture mode); its own error, an invalidated capture,
+    says less than the body's, which the caller re-raises."""
+    try:
+        graph.capture_end()
+    except Exception:  # noqa: BLE001 - the body's exception is the one that matters
+        pass

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from fastdiff.program import Program
 from fastdiff.runtime.checks import NO_NONFINITE, check_model_output, raise_if_nonfinite
-from fastdiff.runtime.graphs import GraphCache, StaticBuffers, capture
+from fastdiff.runtime.graphs import GraphCache, StaticBuffers, capture, device_guard
 from fastdiff.runtime.guidance import Guidance, guided_outputs, rescale_noise_cfg
 from fastdiff.runtime.step import fused_step
-from fastdiff.runtime.x0_clip import X0Clip
+from fastdiff.runtime.tree import map_tensors, tensor_leaves
+from fastdiff.runtime.x0_clip import Bounds, X0Clip
 
 EAGER_ONLY = object()
 """Graph-cache marker: capturing this key failed once under ``cuda_graph="auto"``, so it runs eagerly."""
@@ -88,16 +89,17 @@ class Loop:
         x: torch.Tensor,
         seeds: torch.Tensor,
         model_times: torch.Tensor,
+        bounds: Bounds | None,
         cond: Conditioning | None = None,
         noise: Any = None,
     ) -> LoopResult:
         """Every stage of ``prog`` from state ``x`` (read, never written); nothing here reads device values on
-        the host. ``cond`` replaces the runner's own (a graph's static buffers); ``noise[k]`` replaces stage k's
-        Philox noise."""
+        the host or makes tensors from host data (a CUDA graph captures it). ``bounds`` is :meth:`clip_bounds`,
+        made before the loop; ``cond`` replaces the runner's own (a graph's static buffers); ``noise[k]`` replaces
+        stage k's Philox noise."""
         cond = self.cond if cond is None else cond
         record = self.record
         buf = _Buffers.allocate(prog, x, record)
-        bounds = None if self.x0_clip is None else self.x0_clip.bounds(x.shape[0], x.device)
         times = model_times.unbind(0)
         cur = x
         for k in _stages(prog, record.progress):
@@ -127,10 +129,15 @@ class Loop:
                 record.callback(stage.step, cur, x0_out)
         return LoopResult(cur, buf.x0_all, buf.trajectory, buf.nonfinite)
 
+    def clip_bounds(self, x: torch.Tensor) -> Bounds | None:
+        """The x0 limit's per-stage bounds for state ``x`` (None without a limit); made once before the loop, as its
+        constants are device tensors that must not be created inside a captured loop."""
+        return None if self.x0_clip is None else self.x0_clip.bounds(x.shape[0], x.device)
+
     def run_eager(self, prog: Program, x: torch.Tensor, seeds: torch.Tensor, noise: Any = None) -> LoopResult:
         """The eager loop; raises :class:`~fastdiff.runtime.checks.NonFiniteError` if a sample went NaN/Inf."""
         times = prog.model_times(x.shape[0])
-        result = self.stages(prog, x, seeds, times, noise=noise)
+        result = self.stages(prog, x, seeds, times, self.clip_bounds(x), noise=noise)
         raise_if_nonfinite(result.nonfinite, prog)
         return result
 
@@ -143,14 +150,34 @@ class Loop:
         it raises if ``strict`` (``cuda_graph=True``), else remembers the key as eager-only and returns None so
         the caller runs the eager loop (``cuda_graph="auto"``).
         """
-        entry = graphs.get(key)
-        if entry is EAGER_ONLY:
-            if strict:
-                raise ValueError(
-                    "cuda_graph=True: this model could not be captured in a CUDA graph earlier "
-                    "(see the first error); use cuda_graph='auto' or False"
-                )
-            return None
+        # One pipeline lock around get, capture, replay and copying out: a graph's static buffers are shared, so
+        # its replays must not overlap. The device guard: capture and replay on the pipeline's device.
+        with graphs.lock, device_guard(x.device):
+            entry = graphs.get(key)
+            if entry is EAGER_ONLY:
+                if strict:
+                    raise ValueError(
+                        "cuda_graph=True: this model could not be captured in a CUDA graph earlier "
+                        "(see the first error); use cuda_graph='auto' or False"
+                    )
+                return None
+            result = self._replay(graphs, key, entry, prog, x, seeds, strict)
+        if result is not None:
+            raise_if_nonfinite(result.nonfinite, prog)
+        return result
+
+    def _replay(
+        self,
+        graphs: GraphCache,
+        key: tuple,
+        entry: Any,
+        prog: Program,
+        x: torch.Tensor,
+        seeds: torch.Tensor,
+        strict: bool,
+    ) -> LoopResult | None:
+        """Captures ``key`` if ``entry`` is None (None: the capture failed and ``strict`` is off), replays it and
+        returns copies of its outputs (the caller holds ``graphs.lock``)."""
         values = self._graph_inputs(x, seeds)
         # Static buffers and graph memory are ordinary (non-inference) tensors without autograd history, so one
         # cached graph serves calls made inside and outside torch.inference_mode().
@@ -164,35 +191,36 @@ class Loop:
                     graphs.put(key, EAGER_ONLY)
                     return None
                 graphs.put(key, entry)
-            out, x0_all, traj, nonfinite = entry.replay(values)
-        raise_if_nonfinite(nonfinite, entry.keep_alive[0])
-        return LoopResult(
-            out.clone(), None if x0_all is None else x0_all.clone(), None if traj is None else traj.clone(), nonfinite
-        )
+            out = entry.replay(values)
+        return LoopResult(*(None if t is None else t.clone() for t in out))
 
     def _graph_inputs(self, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What a replay copies into the static buffers: the state, the seeds and tensor conditioning."""
+        """What a replay copies into the static buffers: the state, the seeds and every conditioning tensor (also
+        inside lists, tuples and dicts), named by its path (``c:y``, ``u:ctx[0]``)."""
         values = {"x": x, "seeds": seeds}
-        values.update({f"c:{n}": v for n, v in self.cond.kwargs.items() if isinstance(v, torch.Tensor)})
-        values.update({f"u:{n}": v for n, v in (self.cond.uncond or {}).items() if isinstance(v, torch.Tensor)})
+        for prefix, kwargs in (("c", self.cond.kwargs), ("u", self.cond.uncond or {})):
+            for n, v in kwargs.items():
+                values.update(tensor_leaves(v, f"{prefix}:{n}"))
         return values
 
     def _capture(self, prog: Program, x: torch.Tensor, values: dict[str, torch.Tensor]) -> Any:
         inputs = StaticBuffers(values)
         times = prog.model_times(x.shape[0])  # made before the loop (and the capture)
+        bounds = self.clip_bounds(x)  # likewise: its constants are device tensors made from host values
         cond = self.cond
+
+        def from_buffers(kwargs: dict[str, Any], prefix: str, buf: StaticBuffers) -> dict[str, Any]:
+            return {n: map_tensors(v, lambda path, _: buf[path], f"{prefix}:{n}") for n, v in kwargs.items()}
 
         def loop(buf: StaticBuffers) -> tuple[torch.Tensor | None, ...]:
             static = Conditioning(
-                {n: buf[f"c:{n}"] if f"c:{n}" in buf else v for n, v in cond.kwargs.items()},
-                None
-                if cond.uncond is None
-                else {n: buf[f"u:{n}"] if f"u:{n}" in buf else v for n, v in cond.uncond.items()},
+                from_buffers(cond.kwargs, "c", buf),
+                None if cond.uncond is None else from_buffers(cond.uncond, "u", buf),
                 cond.guidance,
             )
-            return tuple(self.stages(prog, buf["x"], buf["seeds"], times, static))
+            return tuple(self.stages(prog, buf["x"], buf["seeds"], times, bounds, static))
 
-        return capture(loop, inputs, keep_alive=(prog, times))
+        return capture(loop, inputs, keep_alive=(prog, times, bounds))
 
 
 class _Stage(NamedTuple):

@@ -83,10 +83,17 @@ class X0Clip:
         )
 
     def bounds(self, batch: int, device: torch.device) -> Bounds:
-        """A function ``(x, m, m_uncond, w, row) -> clip [batch, 2]`` for the fused step's ``clip`` argument."""
+        """A function ``(x, m, m_uncond, w, row) -> clip [batch, 2]`` for the fused step's ``clip`` argument.
+
+        Call it once per run, before the loop: a static limit's bounds are one device tensor made here (with fills,
+        no copy from host data) and returned at every stage; a dynamic limit's are computed on the device from the
+        stage's tensors. Nothing the returned function does copies host data to the device, so a CUDA graph can
+        capture it.
+        """
         if self.clip_range is not None:
-            static = torch.tensor([[self.clip_range, 1.0]], dtype=torch.float32, device=device).expand(batch, 2)
-            static = static.contiguous()
+            static = torch.empty((batch, 2), dtype=torch.float32, device=device)
+            static[:, 0].fill_(self.clip_range)
+            static[:, 1].fill_(1.0)
             return lambda x, m, m_uncond, w, row: static
         ratio, top = self.threshold_ratio, self.sample_max_value
 

@@ -3,6 +3,12 @@ replay, cache hits and the absence of host syncs on CUDA (skipped without CUDA).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+
 import pytest
 import torch
 
@@ -10,13 +16,29 @@ import fastdiff.pipeline as pipeline_mod
 import fastdiff.runtime.loop as loop_mod
 from fastdiff import Pipeline, Schedule
 from fastdiff.bench.throughput import TimeMLP
-from fastdiff.runtime.graphs import CapturedLoop, GraphCache, StaticBuffers, graph_key, kwargs_spec, resolve_cuda_graph
+from fastdiff.runtime.graphs import (
+    CapturedLoop,
+    GraphCache,
+    StaticBuffers,
+    capture,
+    graph_key,
+    kwargs_spec,
+    resolve_cuda_graph,
+)
+from fastdiff.runtime.tree import to_device
+from fastdiff.runtime.x0_clip import X0Clip
 
 CUDA = torch.cuda.is_available()
 
 
+MODEL, SCHEDULE = TimeMLP(2, hidden=4), Schedule.vp_discrete()
+
+
 def _key(**over):
     base = dict(
+        model=MODEL,
+        schedule=SCHEDULE,
+        prediction="eps",
         shape=(4, 2),
         dtype=torch.float32,
         device=torch.device("cuda"),
@@ -51,6 +73,9 @@ def test_graph_key_changes_with_everything_the_graph_depends_on():
         _key(return_x0=True),
         _key(return_trajectory=True),
         _key(device=torch.device("cuda", 1)),
+        _key(model=TimeMLP(2, hidden=4)),  # a new network: a replay would run the old weights
+        _key(schedule=Schedule.vp_discrete()),  # a new schedule: the old coefficients
+        _key(prediction="v"),
     ]
     keys = {base, *variants}
     assert len(keys) == len(variants) + 1
@@ -64,7 +89,35 @@ def test_kwargs_spec_describes_tensors_by_shape_and_values_by_value():
     assert kwargs_spec({"y": torch.zeros(5, dtype=torch.long)})[0] != y4
     assert kwargs_spec({"y": torch.zeros(4, dtype=torch.int32)})[0] != y4
     assert kwargs_spec({"scale": 2.0})[0] != kwargs_spec({"scale": 3.0})[0]
-    assert kwargs_spec({"opts": [1, 2]})[1] == ("opts",)  # unhashable: cannot key a graph
+    assert kwargs_spec({"opts": {1, 2}})[1] == ("opts",)  # unhashable: cannot key a graph
+
+
+def test_kwargs_spec_describes_containers_of_tensors_by_structure():
+    def spec(**kw):
+        return kwargs_spec(kw)
+
+    ctx = spec(ctx=[torch.zeros(4, 3), {"mask": torch.ones(4, dtype=torch.bool)}], pair=(torch.zeros(4), 2))
+    # new tensors of the same shapes: the same key (before: hashed by identity, a new graph every call)
+    assert ctx == spec(ctx=[torch.ones(4, 3), {"mask": torch.zeros(4, dtype=torch.bool)}], pair=(torch.ones(4), 2))
+    assert ctx[1] == () and hash(ctx) == hash(
+        spec(ctx=[torch.ones(4, 3), {"mask": torch.ones(4, dtype=torch.bool)}], pair=(torch.ones(4), 2))
+    )
+    assert ctx != spec(ctx=[torch.zeros(4, 5), {"mask": torch.ones(4, dtype=torch.bool)}], pair=(torch.zeros(4), 2))
+    assert ctx != spec(ctx=(torch.zeros(4, 3), {"mask": torch.ones(4, dtype=torch.bool)}), pair=(torch.zeros(4), 2))
+    assert ctx != spec(ctx=[torch.zeros(4, 3), {"other": torch.ones(4, dtype=torch.bool)}], pair=(torch.zeros(4), 2))
+    assert ctx != spec(ctx=[torch.zeros(4, 3), {"mask": torch.ones(4, dtype=torch.bool)}], pair=(torch.zeros(4), 3))
+    assert spec(opts=[1, 2])[1] == ()  # a list of plain values is described too
+    assert spec(opts=[1, {2}])[1] == ("opts",)
+
+
+def test_graph_key_holds_the_model_by_identity():
+    class ValueEqual(torch.nn.Module):  # equal to every other instance, and unhashable
+        __eq__ = lambda self, other: True  # noqa: E731
+        __hash__ = None
+
+    a, b = ValueEqual(), ValueEqual()
+    assert _key(model=a) == _key(model=a) and _key(model=a) != _key(model=b)
+    assert _key(model=MODEL.forward) == _key(model=MODEL.forward)  # a bound method: its instance and function
 
 
 # ---------------------------------------------------------------- LRU
@@ -372,3 +425,292 @@ def test_non_program_samplers_refuse_cuda_graph_true(mlp_pipe):
         pytest.skip("rk45 is not registered")
     with pytest.raises(ValueError, match="not one fixed coefficient program"):
         mlp_pipe.sample((2, 8), sampler="rk45", progress=False, cuda_graph=True)
+
+
+# ---------------------------------------------------------------- conditioning on the pipeline's device
+def test_to_device_moves_every_tensor_in_kwargs():
+    y, ctx = torch.zeros(4, dtype=torch.long), torch.ones(4, 3)
+    moved = to_device({"y": y, "ctx": [ctx, {"m": ctx}], "pair": (ctx, 2), "scale": 2.0}, torch.device("meta"))
+    assert moved["y"].device.type == "meta" and moved["y"].dtype == torch.long
+    assert moved["ctx"][0].is_meta and moved["ctx"][1]["m"].is_meta and moved["pair"][0].is_meta
+    assert moved["pair"][1] == 2 and moved["scale"] == 2.0 and isinstance(moved["pair"], tuple)
+    same = to_device({"y": y}, torch.device("cpu"))
+    assert same["y"] is y  # already there: no copy
+
+
+def test_sample_hands_the_network_its_kwargs_on_the_pipeline_device(monkeypatch, mlp_pipe):
+    """The move happens before the loop, for the eager and the graph path: the spy sees every kwargs dict go
+    through ``to_device(..., pipe.device)`` and the network only the moved tensors."""
+    moved_to, seen = [], []
+    real = pipeline_mod.to_device
+
+    def spy(value, device):
+        moved_to.append(torch.device(device))
+        return real(value, device)
+
+    monkeypatch.setattr(pipeline_mod, "to_device", spy)
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    model = mlp_pipe.model
+
+    def cond_model(x, t, y=None):
+        seen.append(y.device)
+        return model(x, t) + 0.1 * y[:, None].to(x.dtype)
+
+    pipe = Pipeline(cond_model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    y = torch.tensor([0, 1])
+    for graph in (False, True):
+        pipe.sample((2, 8), steps=2, progress=False, model_kwargs={"y": y}, uncond_kwargs={"y": y},
+                    guidance_scale=2.0, cuda_graph=graph)  # fmt: skip
+    assert moved_to == [pipe.device] * 4 and set(seen) == {pipe.device}
+
+
+# ---------------------------------------------------------------- x0 limits: constants made before the loop
+def test_x0_clip_bounds_are_one_preallocated_tensor():
+    bounds = X0Clip(clip_range=1.5).bounds(3, torch.device("cpu"))
+    a, b = bounds(None, None, None, 1.0, None), bounds(None, None, None, 2.0, None)
+    assert a is b and torch.equal(a, torch.tensor([[1.5, 1.0]] * 3))
+
+
+def _capture_without_host_data(loop, inputs, warmup=1, keep_alive=()):
+    """:func:`_fake_capture` where the captured run may not make tensors from host data (illegal in a CUDA capture:
+    a copy from pageable memory) nor build x0 bounds (they must be made before the loop)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a tensor made from host data inside the captured loop")
+
+    loop(inputs)  # the warm-up, outside the capture
+    with (
+        mock.patch.object(torch, "tensor", refuse),
+        mock.patch.object(torch, "as_tensor", refuse),
+        mock.patch.object(X0Clip, "bounds", refuse),
+    ):
+        return _fake_capture(loop, inputs, warmup, keep_alive)
+
+
+@pytest.mark.parametrize("clip", [X0Clip(clip_range=1.0), X0Clip(threshold_ratio=0.9, sample_max_value=2.0)])
+def test_x0_clip_bounds_are_made_before_the_captured_loop(monkeypatch, mlp_pipe, clip):
+    monkeypatch.setattr(loop_mod, "capture", _capture_without_host_data)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    calls = []
+    real = X0Clip.bounds
+    monkeypatch.setattr(X0Clip, "bounds", lambda self, *a: calls.append(a) or real(self, *a))
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu", x0_clip=clip)
+    for seed in (0, 1):
+        g = pipe.sample((2, 8), steps=4, seed=seed, progress=False, cuda_graph=True)
+        torch.testing.assert_close(g, pipe.sample((2, 8), steps=4, seed=seed, progress=False, cuda_graph=False))
+    assert len(calls) == 3  # once for the capture, once per eager run: never per stage
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 1
+
+
+# ---------------------------------------------------------------- a failed capture restores the stream
+class _FakeCuda:
+    """torch.cuda's streams and graphs as far as :func:`capture` uses them: a current stream that
+    ``torch.cuda.stream`` switches and restores, and graphs that record their capture calls."""
+
+    def __init__(self, fail_end: bool = False):
+        self.default = self.Stream()
+        self.current = self.default
+        self.fail_end = fail_end
+        self.graphs = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def install(self, monkeypatch):
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.calls = []
+                fake.graphs.append(self)
+
+            def capture_begin(self, capture_error_mode="global"):
+                self.calls.append(("begin", capture_error_mode, fake.current))
+
+            def capture_end(self):
+                self.calls.append(("end", fake.current))
+                if fake.fail_end:
+                    raise RuntimeError("operation failed due to a previous error during capture")
+
+        @contextlib.contextmanager
+        def stream(s):
+            prev, fake.current = fake.current, s
+            try:
+                yield
+            finally:
+                fake.current = prev
+
+        for name, value in dict(
+            is_available=lambda: True,
+            Stream=self.Stream,
+            current_stream=lambda: fake.current,
+            stream=stream,
+            CUDAGraph=Graph,
+            synchronize=lambda: None,
+            empty_cache=lambda: None,
+        ).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.parametrize("failure", ["none", "loop", "capture_end"])
+def test_capture_restores_the_callers_stream(monkeypatch, failure):
+    fake = _FakeCuda(fail_end=failure == "capture_end")
+    fake.install(monkeypatch)
+    runs = []
+
+    def loop(buf):
+        runs.append(fake.current)
+        if failure == "loop" and len(runs) == 2:  # the warm-up passes, the captured run syncs with the host
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return (buf["x"] * 2,)
+
+    inputs = StaticBuffers({"x": torch.ones(2)})
+    if failure == "none":
+        captured = capture(loop, inputs)
+        assert torch.equal(captured.outputs[0], torch.full((2,), 2.0))
+    else:
+        with pytest.raises(RuntimeError, match="capturing" if failure == "loop" else "previous error"):
+            capture(loop, inputs)
+    assert fake.current is fake.default  # the caller is back on its stream: "auto" then runs eagerly there
+    (graph,) = fake.graphs
+    side = runs[1]
+    assert side is not fake.default
+    assert graph.calls == [("begin", "thread_local", side), ("end", side)]  # ended on the stream it began on
+
+
+# ---------------------------------------------------------------- stale graphs: model, schedule, containers
+def test_new_model_or_schedule_is_a_new_graph(monkeypatch, mlp_pipe):
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    kw = dict(steps=3, seed=1, progress=False)
+    first = pipe.sample((2, 8), cuda_graph=True, **kw)
+    pipe.model = TimeMLP(8, hidden=12)  # other weights
+    for misses in (2, 3):
+        g = pipe.sample((2, 8), cuda_graph=True, **kw)
+        torch.testing.assert_close(g, pipe.sample((2, 8), cuda_graph=False, **kw), rtol=0, atol=0)
+        assert not torch.equal(g, first) and pipe.graphs.misses == misses
+        pipe.schedule = Schedule.vp_discrete(beta_end=0.012)
+    assert pipe.graphs.hits == 0
+
+
+def test_containers_of_tensors_go_through_static_buffers(monkeypatch, mlp_pipe):
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    model = mlp_pipe.model
+
+    def ctx_model(x, t, ctx=None):
+        return model(x, t) + ctx[0] * ctx[1]["w"][:, None]
+
+    pipe = Pipeline(ctx_model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    for i in range(3):
+        ctx = [torch.full((2, 8), 0.1 * i), {"w": torch.tensor([1.0, -1.0]) * i}]
+        kw = dict(steps=3, seed=i, progress=False, model_kwargs={"ctx": ctx})
+        g = pipe.sample((2, 8), cuda_graph=True, **kw)
+        torch.testing.assert_close(g, pipe.sample((2, 8), cuda_graph=False, **kw), rtol=0, atol=0)
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 2  # new tensors, same structure: one graph
+
+
+# ---------------------------------------------------------------- threads share a pipeline
+def test_threads_share_a_pipeline_graph_without_overlapping_replays(monkeypatch, mlp_pipe):
+    active, overlaps = [0], []
+
+    def capture_tracking_overlap(loop, inputs, warmup=1, keep_alive=()):
+        captured = _fake_capture(loop, inputs, warmup, keep_alive)
+        replay = captured.graph.replay
+
+        def guarded():
+            active[0] += 1
+            overlaps.append(active[0] > 1)
+            time.sleep(0.005)  # a window for another thread's copy-in or replay
+            replay()
+            active[0] -= 1
+
+        captured.graph.replay = guarded
+        return captured
+
+    monkeypatch.setattr(loop_mod, "capture", capture_tracking_overlap)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    seeds = list(range(8))
+    expected = {s: pipe.sample((2, 8), steps=3, seed=s, progress=False, cuda_graph=False) for s in seeds}
+    start = threading.Barrier(4)
+
+    def worker(ss):
+        start.wait()
+        return [(s, pipe.sample((2, 8), steps=3, seed=s, progress=False, cuda_graph=True)) for s in ss]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for f in [pool.submit(worker, seeds[i::4]) for i in range(4)] for r in f.result()]
+    for s, out in results:
+        torch.testing.assert_close(out, expected[s], rtol=0, atol=0)
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 7  # captured once despite four first calls at once
+    assert len(overlaps) == 8 and not any(overlaps)
+
+
+# ---------------------------------------------------------------- CUDA only: the findings on a real device
+@pytest.mark.cuda
+def test_cuda_graph_takes_host_labels_and_containers():
+    pipe = _cuda_pipe()
+    y = torch.arange(4)  # on the CPU, as the README's guided example builds them
+    kw = dict(steps=6, progress=False, guidance_scale=3.0, model_kwargs={"y": y},
+              uncond_kwargs={"y": torch.full_like(y, pipe.num_classes)})  # fmt: skip
+    g = pipe.sample((4, 1, 8, 8), cuda_graph=True, **kw)
+    torch.testing.assert_close(g, pipe.sample((4, 1, 8, 8), cuda_graph=False, **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("clip", [X0Clip(clip_range=1.0), X0Clip(threshold_ratio=0.95, sample_max_value=1.5)])
+def test_cuda_graph_with_x0_clip_equals_eager(clip):
+    from fastdiff.pretrained import digits
+
+    base = digits(device="cuda")
+    pipe = Pipeline(base.model, base.schedule, prediction=base.prediction, device="cuda", x0_clip=clip)
+    for seed in (0, 1):
+        g = pipe.sample(SHAPE, steps=8, seed=seed, progress=False, cuda_graph=True)
+        e = pipe.sample(SHAPE, steps=8, seed=seed, progress=False, cuda_graph=False)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert pipe.graphs.hits == 1
+
+
+@pytest.mark.cuda
+def test_cuda_failed_capture_falls_back_on_the_callers_stream():
+    pipe = _cuda_pipe()
+    model = pipe.model
+
+    def syncing(x, t, **kw):
+        float(x.sum())  # a host sync: cannot be captured
+        return model(x, t, **kw)
+
+    pipe.model = syncing
+    before = torch.cuda.current_stream()
+    out = pipe.sample((2, 1, 8, 8), steps=3, progress=False, cuda_graph="auto")
+    assert torch.cuda.current_stream() == before and torch.isfinite(out).all()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_on_a_device_that_is_not_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    from fastdiff.pretrained import digits
+
+    torch.cuda.set_device(0)
+    pipe = digits(device="cuda:1")
+    g = pipe.sample(SHAPE, steps=6, progress=False, cuda_graph=True)
+    e = pipe.sample(SHAPE, steps=6, progress=False, cuda_graph=False)
+    assert g.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_shared_between_threads():
+    pipe = _cuda_pipe()
+    expected = {s: pipe.sample(SHAPE, steps=6, seed=s, progress=False, cuda_graph=False) for s in range(8)}
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda s: pipe.sample(SHAPE, steps=6, seed=s, progress=False, cuda_graph=True), range(8)))
+    for s, out in enumerate(outs):
+        torch.testing.assert_close(out, expected[s], rtol=1e-5, atol=1e-5)
+    assert pipe.graphs.misses == 1
