@@ -241,7 +241,12 @@ def launch_fused_step(
     """Launches the Triton kernel (same arguments as ``fused_step_reference``).
 
     ``launcher`` wraps the kernel for ``torch.library`` (``wrap_triton``); left None the kernel is launched
-    directly, which is how tests run it under TRITON_INTERPRET=1 on CPU tensors.
+    directly, which is how tests run it under TRITON_INTERPRET=1 on CPU tensors. Read-only inputs are made
+    contiguous (and converted to the dtype the kernel reads) first; see ``check_launch_args``.
+
+    Raises:
+        TypeError, ValueError: an argument the kernel cannot take (``check_launch_args``, ``check_per_row_args``),
+            naming it; ValueError also for a launch over CUDA's grid limit (``sample_grid``).
     """
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
     args = check_launch_args(x, m, m_uncond, hist, coeffs, seeds, noise, x_out, h_out, x0_out, nonfinite,
