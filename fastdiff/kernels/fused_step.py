@@ -207,8 +207,7 @@ def _kernel_args(x: torch.Tensor, a: LaunchArgs, x_out, h_out, x0_out, nonfinite
     """The kernel's pointer arguments in order; an absent tensor's pointer is a stand-in of the dtype it would have
     (never read or written: its constexpr flag is off), so the kernel's specialisation depends on the flags only."""
     h = a.hist + [x] * (MAX_HISTORY - len(a.hist))
-    f32 = next((t for t in (a.clip, a.row_guidance) if t is not None), None)
-    f32 = x.new_empty(1, dtype=torch.float32) if f32 is None else f32
+    f32 = nonfinite.view(torch.float32)  # the float32 stand-in: no allocation (int32 and float32 are 4 bytes)
     return (x, a.m, a.m_uncond if a.m_uncond is not None else a.m, h[0], h[1], h[2], a.coeffs, a.seeds,
             a.noise if a.noise is not None else a.m, x_out, h_out if h_out is not None else x_out,
             x0_out if x0_out is not None else x_out, nonfinite, a.clip if a.clip is not None else f32,

@@ -12,13 +12,13 @@ Register cliff: the kernel runs 4 warps (128 threads) per block, 8 elements per 
 so at <= 128 registers per thread 4 blocks (16 warps) fit per SM, at 129..168 only 3. The kernel is a memory stream:
 at 16 warps x 32 threads x 8 elements x 4 bytes, x and m alone keep 32 KiB in flight per SM, above the ~20 KiB
 Little's law asks of an H100 (3.35 TB/s x ~0.8 us latency / 132 SMs), so 4 blocks per SM still saturate memory;
-3 would not for the two-stream steps. Measured (Triton 3.9, all 264 sets, fp32 on sm_90): 32..123 registers;
-the Philox variants take the most.
+3 would not for the two-stream steps. Measured (Triton 3.9, all 264 sets in fp32 and in fp16 on sm_80 and sm_90):
+32..128 registers, the Philox variants the most; the most, 128 (on the cliff), is fp32 per-row Philox on sm_80.
 
 Spills: Triton runs ptxas with --regAllocOptLevel=2 (a ptxas 13 workaround), and with it ptxas keeps one or two
-words of a few Philox variants on the stack even at 80..96 registers (10 of 264 fp32 sets on sm_90 spill 8 or
-16 bytes, fp16 8 bytes; cuobjdump's STACK, ptxas -v's "spill stores"). A 16-byte per-thread stack is 2 KiB per
-block, L1-resident: allowed, and reported; more fails.
+words of a few Philox variants on the stack even at 80..96 registers (sm_90: 10 of the 264 fp32 sets and 23 fp16
+sets spill 8 or 16 bytes; sm_80: 4 each, 8 bytes; cuobjdump's STACK, ptxas -v's "spill stores"). A 16-byte
+per-thread stack is 2 KiB per block, L1-resident: allowed, and reported; more fails.
 
 ``CompiledKernel.n_regs`` / ``n_spills`` are filled in only when a driver loads the binary, so the usage is read
 from the cubin with the bundled cuobjdump. Compiling takes ~0.7 s per specialisation and core, so by default the
