@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff._ext import C
+from fastdiff.kernels.launch_args import model_dtype
 from fastdiff.kernels.reference import check_per_row_args, fused_step_reference
 
 _STATE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -28,11 +29,6 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tenso
     if t is None or ((dtype is None or t.dtype == dtype) and t.is_contiguous()):
         return t
     return (t if dtype is None else t.to(dtype)).contiguous()
-
-
-def _model_operand(t: torch.Tensor | None, state: torch.dtype) -> torch.Tensor | None:
-    """m, m_uncond or noise as the kernel reads them: contiguous, float32 or the state's dtype."""
-    return _as(t, None if t is None or t.dtype in (torch.float32, state) else torch.float32)
 
 
 def _c_compatible(x: torch.Tensor, outs: Sequence[torch.Tensor | None], states: Sequence[torch.Tensor]) -> bool:
@@ -85,19 +81,10 @@ def fused_step_cpu(
     state = x.dtype
     x = _as(x)
     nz = noise if use_noise else None
-    if state == torch.float32:  # the common case: every model operand is read in float32
-        model_f32 = True
-        m, mu, nz = _as(m, state), _as(m_uncond, state), _as(nz, state)
-    else:
-        m, mu, nz = _model_operand(m, state), _model_operand(m_uncond, state), _model_operand(nz, state)
-        # The kernel reads m, m_uncond and noise in one dtype: float32 unless all of them are in the state's.
-        model_f32 = (
-            m.dtype == torch.float32
-            or (mu is not None and mu.dtype == torch.float32)
-            or (nz is not None and nz.dtype == torch.float32)
-        )
-        if model_f32:
-            m, mu, nz = _as(m, torch.float32), _as(mu, torch.float32), _as(nz, torch.float32)
+    # The kernel reads m, m_uncond and noise in one dtype: the state's where all of them are in it, else float32.
+    md = model_dtype(state, m, m_uncond, nz)
+    m, mu, nz = _as(m, md), _as(m_uncond, md), _as(nz, md)
+    model_f32 = md == torch.float32
     # Every converted tensor is held in a local until the call returns (the kernel gets raw pointers).
     hs = [_as(h) for h in hist] if hist else ()
     n_hist = len(hs)

@@ -1,7 +1,8 @@
 """The fused sampler step as one Triton kernel (see fastdiff/kernels/reference.py for the math it implements).
 
-Grid: (cdiv(numel per sample, BLOCK), batch). Each program loads its sample's seed (and, in per-row mode,
-its coefficient row, noise stage and history slots), reads x, m (and the guidance and history inputs),
+Grid: one program per (sample, block of BLOCK elements), the batch folded into axis x
+(fastdiff/kernels/grid.py: CUDA caps axis y at 65,535 samples). Each program loads its sample's seed (and, in
+per-row mode, its coefficient row, noise stage and history slots), reads x, m (and the guidance and history inputs),
 makes the noise in registers with Philox at counter (element, stage, stream), and writes x_next (and
 h_new, x0_hat). Arithmetic is float32 whatever the storage dtype; coefficients are read from a float64
 table on the device.
@@ -9,14 +10,17 @@ table on the device.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels.grid import sample_block, sample_grid
+from fastdiff.kernels.launch_args import LaunchArgs, check_launch_args, numel_per_sample
 from fastdiff.kernels.philox import normal_at
-from fastdiff.kernels.reference import MAX_HISTORY, NUM_COEF, ROW_FIELDS, check_per_row_args
+from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS, check_per_row_args
 
 BLOCK_SIZE = 1024
 
@@ -85,9 +89,7 @@ def _fused_step_kernel(
     ROW_GUIDANCE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    b, j = sample_block(numel, BLOCK)
     mask = j < numel
     off = b * numel + j
     if PER_ROW:
@@ -140,6 +142,79 @@ def _fused_step_kernel(
         tl.atomic_min(nonfinite_ptr + b, stage)
 
 
+OPTIONAL_TENSORS = ("m_uncond", "noise", "h_out", "x0_out", "clip", "rows", "pool", "row_guidance")
+"""The launcher's optional tensor arguments: each is present or None, and the kernel specialises on which."""
+
+
+def kernel_constexprs(
+    n_hist: int,
+    use_noise: bool,
+    m_uncond: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    h_out: torch.Tensor | None,
+    x0_out: torch.Tensor | None,
+    clip: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    pool: torch.Tensor | None,
+    row_guidance: torch.Tensor | None,
+) -> dict[str, int | bool]:
+    """The constexpr arguments ``launch_fused_step`` passes for these arguments (all but the optional tensors'
+    contents: only whether each is given counts). Explicit noise counts only where noise is used."""
+    return dict(
+        NUM_HIST=n_hist,
+        HAS_UNCOND=m_uncond is not None,
+        USE_NOISE=bool(use_noise),
+        EXPLICIT_NOISE=bool(use_noise) and noise is not None,
+        WRITE_H=h_out is not None,
+        WRITE_X0=x0_out is not None,
+        HAS_CLIP=clip is not None,
+        PER_ROW=rows is not None,
+        HAS_POOL=pool is not None,
+        ROW_GUIDANCE=row_guidance is not None,
+        BLOCK=BLOCK_SIZE,
+    )
+
+
+def _stand_in(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A small CPU tensor that passes the per-row checks in the place of optional argument ``name``."""
+    if name == "rows":
+        return torch.zeros(x.shape[0], ROW_FIELDS, dtype=torch.int32)
+    if name == "pool":
+        return x.new_zeros(1, *x.shape)
+    return torch.zeros(x.shape[0]) if name == "row_guidance" else x
+
+
+def launchable_constexprs() -> list[dict[str, int | bool]]:
+    """Every constexpr set ``launch_fused_step`` can pass: ``kernel_constexprs`` of each combination of history
+    length, use_noise and present/absent optional tensors that the launcher's argument checks accept."""
+    x, found = torch.zeros(1, 4), {}
+    for n_hist, use_noise, given in itertools.product(
+        range(MAX_HISTORY + 1), (False, True), itertools.product((False, True), repeat=len(OPTIONAL_TENSORS))
+    ):
+        opt = {name: _stand_in(name, x) if on else None for name, on in zip(OPTIONAL_TENSORS, given)}
+        try:
+            check_per_row_args(
+                x, [x] * n_hist, opt["h_out"], opt["rows"], opt["pool"], opt["row_guidance"], opt["m_uncond"]
+            )
+        except ValueError:
+            continue
+        flags = kernel_constexprs(n_hist, use_noise, **opt)
+        found[tuple(flags.items())] = flags
+    return list(found.values())
+
+
+def _kernel_args(x: torch.Tensor, a: LaunchArgs, x_out, h_out, x0_out, nonfinite, pool) -> tuple:
+    """The kernel's pointer arguments in order; an absent tensor's pointer is a stand-in of the dtype it would have
+    (never read or written: its constexpr flag is off), so the kernel's specialisation depends on the flags only."""
+    h = a.hist + [x] * (MAX_HISTORY - len(a.hist))
+    f32 = nonfinite.view(torch.float32)  # the float32 stand-in: no allocation (int32 and float32 are 4 bytes)
+    return (x, a.m, a.m_uncond if a.m_uncond is not None else a.m, h[0], h[1], h[2], a.coeffs, a.seeds,
+            a.noise if a.noise is not None else a.m, x_out, h_out if h_out is not None else x_out,
+            x0_out if x0_out is not None else x_out, nonfinite, a.clip if a.clip is not None else f32,
+            a.rows if a.rows is not None else nonfinite, pool if pool is not None else x,
+            a.row_guidance if a.row_guidance is not None else f32)  # fmt: skip
+
+
 def launch_fused_step(
     x: torch.Tensor,
     m: torch.Tensor,
@@ -165,47 +240,27 @@ def launch_fused_step(
     """Launches the Triton kernel (same arguments as ``fused_step_reference``).
 
     ``launcher`` wraps the kernel for ``torch.library`` (``wrap_triton``); left None the kernel is launched
-    directly, which is how tests run it under TRITON_INTERPRET=1 on CPU tensors.
+    directly, which is how tests run it under TRITON_INTERPRET=1 on CPU tensors. Read-only inputs are made
+    contiguous (and converted to the dtype the kernel reads) first; see ``check_launch_args``.
+
+    Raises:
+        TypeError, ValueError: an argument the kernel cannot take (``check_launch_args``, ``check_per_row_args``),
+            naming it; ValueError also for a launch over CUDA's grid limit (``sample_grid``).
     """
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
-    assert coeffs.shape[-1] == NUM_COEF and len(hist) <= MAX_HISTORY and ROW_FIELDS == 6
-    batch = x.shape[0]
-    numel = x[0].numel()
-    h = list(hist) + [x] * (MAX_HISTORY - len(hist))
+    args = check_launch_args(x, m, m_uncond, hist, coeffs, seeds, noise, x_out, h_out, x0_out, nonfinite,
+                             clip, rows, pool, row_guidance)  # fmt: skip
+    batch, numel = x.shape[0], numel_per_sample(x)
+    grid = sample_grid(batch, numel, BLOCK_SIZE)
+    if grid[0] == 0:
+        return
     kernel = _fused_step_kernel if launcher is None else launcher(_fused_step_kernel)
-    grid = (triton.cdiv(numel, BLOCK_SIZE), batch)
     kernel[grid](
-        x,
-        m,
-        m_uncond if m_uncond is not None else m,
-        h[0],
-        h[1],
-        h[2],
-        coeffs,
-        seeds,
-        noise if noise is not None else x,
-        x_out,
-        h_out if h_out is not None else x_out,
-        x0_out if x0_out is not None else x_out,
-        nonfinite,
-        clip if clip is not None else coeffs,
-        rows if rows is not None else nonfinite,
-        pool if pool is not None else x,
-        row_guidance if row_guidance is not None else coeffs,
+        *_kernel_args(x, args, x_out, h_out, x0_out, nonfinite, pool),
         batch,
         numel,
         stage,
         stream,
         float(guidance_scale),
-        NUM_HIST=len(hist),
-        HAS_UNCOND=m_uncond is not None,
-        USE_NOISE=bool(use_noise),
-        EXPLICIT_NOISE=noise is not None,
-        WRITE_H=h_out is not None,
-        WRITE_X0=x0_out is not None,
-        HAS_CLIP=clip is not None,
-        PER_ROW=rows is not None,
-        HAS_POOL=pool is not None,
-        ROW_GUIDANCE=row_guidance is not None,
-        BLOCK=BLOCK_SIZE,
+        **kernel_constexprs(len(hist), use_noise, m_uncond, noise, h_out, x0_out, clip, rows, pool, row_guidance),
     )

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels.grid import sample_block, sample_grid
+
 __all__ = [
     "STREAM_STEP",
     "STREAM_INIT",
@@ -97,24 +99,23 @@ def normal_at(seed, j, stage, stream):
 
 
 @triton.jit
-def _store_normals_of_sample(seed, stage, out_ptr, numel, stream, BLOCK: tl.constexpr):
-    """Writes this program's block of sample ``program_id(1)``'s normals into its row of ``out``."""
-    b = tl.program_id(1)
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + b.to(tl.int64) * numel + j, normal_at(seed, j, stage, stream), mask=j < numel)
+def _store_normals_of_sample(seed, stage, b, j, out_ptr, numel, stream):
+    """Writes the normals at elements ``j`` of sample ``b`` into its row of ``out``."""
+    tl.store(out_ptr + b * numel + j, normal_at(seed, j, stage, stream), mask=j < numel)
 
 
 @triton.jit
 def philox_normal_kernel(seeds_ptr, out_ptr, numel, stage, stream, BLOCK: tl.constexpr):
-    """Fills ``out[b, j] = normal_at(seeds[b], j, stage, stream)``; grid ``(cdiv(numel, BLOCK), B)``."""
-    _store_normals_of_sample(tl.load(seeds_ptr + tl.program_id(1)), stage, out_ptr, numel, stream, BLOCK)
+    """Fills ``out[b, j] = normal_at(seeds[b], j, stage, stream)``; grid ``sample_grid(B, numel, BLOCK)``."""
+    b, j = sample_block(numel, BLOCK)
+    _store_normals_of_sample(tl.load(seeds_ptr + b), stage, b, j, out_ptr, numel, stream)
 
 
 @triton.jit
 def philox_normal_rows_kernel(seeds_ptr, stages_ptr, out_ptr, numel, stream, BLOCK: tl.constexpr):
     """Fills ``out[b, j] = normal_at(seeds[b], j, stages[b], stream)``: each sample at its own stage."""
-    b = tl.program_id(1)
-    _store_normals_of_sample(tl.load(seeds_ptr + b), tl.load(stages_ptr + b), out_ptr, numel, stream, BLOCK)
+    b, j = sample_block(numel, BLOCK)
+    _store_normals_of_sample(tl.load(seeds_ptr + b), tl.load(stages_ptr + b), b, j, out_ptr, numel, stream)
 
 
 def _check_args(seeds: torch.Tensor, numel: int, stage: int, stream: int) -> None:
@@ -149,7 +150,7 @@ def launch_philox_normal_triton(seeds: torch.Tensor, numel: int, stage: int, str
     out = torch.empty((batch, numel), dtype=torch.float32, device=seeds.device)
     if batch == 0 or numel == 0:
         return out
-    grid = (triton.cdiv(numel, _BLOCK), batch)
+    grid = sample_grid(batch, numel, _BLOCK)
     philox_normal_kernel[grid](seeds, out, numel, stage, stream, BLOCK=_BLOCK)
     return out
 
@@ -209,7 +210,7 @@ def _philox_normal_rows_cuda(seeds: torch.Tensor, numel: int, stages: torch.Tens
     out = torch.empty((seeds.shape[0], numel), dtype=torch.float32, device=seeds.device)
     if seeds.shape[0] and numel:
         with torch.cuda.device(seeds.device):
-            philox_normal_rows_kernel[(triton.cdiv(numel, _BLOCK), seeds.shape[0])](
+            philox_normal_rows_kernel[sample_grid(seeds.shape[0], numel, _BLOCK)](
                 seeds.contiguous(), stages.to(torch.int32).contiguous(), out, numel, stream, BLOCK=_BLOCK
             )
     return out

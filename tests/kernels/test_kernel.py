@@ -235,6 +235,22 @@ def test_random_rows_all_inputs(batch: int, sample_shape: tuple, dtype: torch.dt
         assert (k["nonfinite"] == INT32_MAX).all() and (r["nonfinite"] == INT32_MAX).all()
 
 
+def test_non_contiguous_inputs_are_read_as_their_values() -> None:
+    """An expanded noise tensor, a channels-last m and a transposed history: the same step as their contiguous
+    copies (the kernel reads raw pointers; launch_fused_step makes read-only inputs contiguous first)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 4, 5, generator=gen)
+    m = torch.randn(2, 5, 4, 3, generator=gen).permute(0, 3, 2, 1)
+    h = torch.randn(2, 3, 5, 4, generator=gen).transpose(2, 3)
+    noise = torch.randn(1, 3, 4, 5, generator=gen).expand(2, 3, 4, 5)
+    coeffs = torch.randn(2, NUM_COEF, generator=gen, dtype=torch.float64)
+    base = dict(x=x, coeffs=coeffs, stage=1, seeds=torch.tensor([1, 2]), want_h=True)
+    got = _both(**base, m=m, hist=[h], noise=noise)["kernel"]
+    want = _both(**base, m=m.contiguous(), hist=[h.contiguous()], noise=noise.contiguous())["kernel"]
+    for name in ("x_out", "h_out"):
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_use_noise_false_ignores_c_z() -> None:
     coeffs = torch.zeros(1, NUM_COEF, dtype=torch.float64)
     coeffs[0, 0], coeffs[0, 5] = 1.0, 100.0

@@ -24,6 +24,7 @@ from scipy import stats  # noqa: E402
 
 from fastdiff import _C  # noqa: E402
 from fastdiff.kernels import philox as P  # noqa: E402
+from fastdiff.kernels.grid import sample_grid  # noqa: E402
 
 TOL = 1e-5
 SEEDS = [0, 1, -1, -(2**63), 2**63 - 1, 2**32 + 17, 0x0123456789ABCDEF, -987654321012]
@@ -420,7 +421,7 @@ def test_philox_normal_rows_equals_per_sample_calls_and_triton() -> None:
         assert torch.equal(rows[b : b + 1], P.philox_normal(seeds[b : b + 1], 1030, int(stages[b]), 0))
     assert not torch.equal(rows[0], rows[3])  # same seed, other stage: other noise
     out = torch.empty(4, 1030)
-    P.philox_normal_rows_kernel[(triton.cdiv(1030, 1024), 4)](seeds, stages, out, 1030, 0, BLOCK=1024)
+    P.philox_normal_rows_kernel[sample_grid(4, 1030, 1024)](seeds, stages, out, 1030, 0, BLOCK=1024)
     assert float((out - rows).abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="stages must be"):
         P.philox_normal_rows(seeds, 10, stages[:2], 0)
