@@ -22,7 +22,7 @@ EXT_STAMP := build/.ext-built-$(notdir $(VENV))
 LATEST := $(filter .venv-latest,$(VENV))
 PIN := $(if $(LATEST),$(PIP_INSTALL) "$(TORCH_SPEC)",$(PIP_LOCKED))
 
-.PHONY: demo test gpu-test test-latest lint install ext bench lock clean
+.PHONY: demo test gpu-test gpu-check test-latest lint install ext bench lock clean
 
 $(BASE_STAMP): $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ test: $(TEST_STAMP) $(EXT_STAMP) lint
 # TRITON_INTERPRET=0 rather than unset: test modules that default it to 1 for their CPU kernels leave it alone.
 gpu-test: $(TEST_STAMP) $(EXT_STAMP)
 	TRITON_INTERPRET=0 FASTDIFF_UNLOCKED=$(if $(LATEST),1,0) $(VENV)/bin/pytest -q -m cuda tests
+
+# Everything a lent GPU should measure, in at most 8 minutes (docs/benchmarks.md#the-gpu-check): the CUDA tests, the
+# step, bandwidth, end-to-end (digits, SD-shaped UNet) and serving benchmarks, into bench/results/gpu-<device>.json.
+gpu-check: $(TEST_STAMP) $(EXT_STAMP)
+	$(PY) -m fastdiff.bench gpu-check --json 'bench/results/gpu-{device}.json'
 
 # ruff: lint (pycodestyle, pyflakes, import order, pyupgrade, bugbear) and format, as pyproject.toml sets them.
 lint: $(TEST_STAMP)

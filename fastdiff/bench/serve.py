@@ -323,8 +323,8 @@ def plot(res: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command line of ``python -m fastdiff.bench serve``."""
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fastdiff.bench serve``."""
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="2,5,10,20", help="Poisson arrival rates, requests/s, comma-separated")
     p.add_argument("--requests", type=int, default=60, help="requests per rate")
@@ -342,7 +342,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--json", default=DEFAULT_JSON, help=f"output path (default {DEFAULT_JSON}; '' for none)")
     p.add_argument("--plot", default="", help="latency-vs-load PNG path ('' for none)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line of ``python -m fastdiff.bench serve``."""
+    a = parser().parse_args(argv)
     rates = [float(r) for r in a.rates.split(",") if r.strip()]
     policies = [s.strip() for s in a.policies.split(",") if s.strip()]
     bad = [s for s in policies if s not in POLICIES]

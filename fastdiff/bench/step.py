@@ -122,8 +122,8 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command line of ``python -m fastdiff.bench step``."""
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fastdiff.bench step``."""
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench step", description=__doc__.split("\n\n")[0])
     p.add_argument("--samplers", default=",".join(PEERS), help=f"comma-separated, from: {', '.join(PEERS)}")
     p.add_argument("--sizes", default=";".join(DEFAULT_SIZES), help="state shapes, ';'-separated, e.g. '2,2;4,4,64,64'")
@@ -132,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (both libraries on it)")
     p.add_argument("--json", default=DEFAULT_JSON, help=f"output path (default {DEFAULT_JSON}; '' for none)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line of ``python -m fastdiff.bench step``."""
+    a = parser().parse_args(argv)
     samplers = [s.strip() for s in a.samplers.split(",") if s.strip()]
     unknown = [s for s in samplers if s not in PEERS]
     if unknown:

@@ -158,10 +158,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_cost(
+def fused_step_call(
     sampler: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, schedule: Schedule, steps: int
-) -> dict[str, dict[str, float]]:
-    """Framework ops and bytes of one sampler step (the model excluded), fastdiff vs diffusers, same tensors."""
+) -> tuple[torch.Tensor, torch.Tensor, int, Callable[[], None]]:
+    """The state ``x``, model output ``m``, the stage ``k`` (the middle of a ``steps``-step run of ``sampler``) and
+    a call of ``torch.ops.fastdiff.fused_step`` for that stage on them (seeded tensors; outputs to buffers made here).
+    """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tuple(shape), generator=gen).to(device=device, dtype=dtype)
     m = torch.randn(tuple(shape), generator=gen).to(device=device, dtype=dtype)
@@ -173,8 +175,8 @@ def step_cost(
     out = torch.empty_like(x)
     nonfinite = torch.full((shape[0],), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device)
     write = prog.writes(k)
-    ours = OpCounter()
-    with ours:
+
+    def call() -> None:
         fused_step(
             x=x,
             m=m,
@@ -187,6 +189,18 @@ def step_cost(
             h_out=slots[write] if write >= 0 else None,
             nonfinite=nonfinite,
         )
+
+    return x, m, k, call
+
+
+def step_cost(
+    sampler: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype, schedule: Schedule, steps: int
+) -> dict[str, dict[str, float]]:
+    """Framework ops and bytes of one sampler step (the model excluded), fastdiff vs diffusers, same tensors."""
+    x, m, k, call = fused_step_call(sampler, shape, device, dtype, schedule, steps)
+    ours = OpCounter()
+    with ours:
+        call()
     result = {"fastdiff": {"ops": ours.count, "bytes": ours.bytes, "bytes_per_element": ours.bytes / x.numel()}}
     if sampler in DIFFUSERS_SAMPLERS:
         sched = diffusers_scheduler(sampler, _vp_params(schedule))
@@ -341,23 +355,17 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None, default_json: str | None = DEFAULT_JSON) -> dict[str, Any]:
-    """Command line: parse, run, print the table, write JSON (``--json``; ``--json ''`` writes none).
+SUBCOMMANDS = {
+    "step": "fastdiff.bench.step",
+    "serve": "fastdiff.bench.serve",
+    "bandwidth": "fastdiff.bench.bandwidth",
+    "gpu-check": "fastdiff.bench.gpu_check",
+}
+"""``python -m fastdiff.bench NAME ...``: the module whose ``main`` runs instead of the throughput harness."""
 
-    ``python -m fastdiff.bench step ...`` runs the per-step benchmark instead (:mod:`fastdiff.bench.step`),
-    ``python -m fastdiff.bench serve ...`` the serving load benchmark (:mod:`fastdiff.bench.serve`).
-    """
-    import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["step"]:
-        from fastdiff.bench.step import main as step_main
-
-        return step_main(argv[1:])
-    if argv[:1] == ["serve"]:
-        from fastdiff.bench.serve import main as serve_main
-
-        return serve_main(argv[1:])
+def parser(default_json: str | None = DEFAULT_JSON) -> argparse.ArgumentParser:
+    """The throughput harness's command line."""
     p = argparse.ArgumentParser(prog="python -m fastdiff.bench", description=__doc__.split("\n")[0])
     p.add_argument(
         "--model",
@@ -365,10 +373,10 @@ def main(argv: Sequence[str] | None = None, default_json: str | None = DEFAULT_J
         help="'digits' (the shipped U-Net), 'mlp', 'gmm' or 'package.module:factory' (see make_model)",
     )
     p.add_argument("--shape", default="1,8,8", help="sample shape without the batch, comma-separated")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=_int_list, default=[64], help="batch size, or several comma-separated")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=_int_list, default=[50], help="step count, or several comma-separated")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument(
@@ -376,22 +384,56 @@ def main(argv: Sequence[str] | None = None, default_json: str | None = DEFAULT_J
         default=default_json,
         help=f"output path, merged with what is there (default {default_json}; '' for none)",
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def _int_list(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]`` (at least one positive integer)."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
+    return values
+
+
+def merge_results(path: str, res: dict[str, Any]) -> None:
+    """Writes ``res`` into the JSON list at ``path``, replacing an earlier result of the same configuration."""
+    results = []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            results = old if isinstance(old, list) else [old]
+        except (OSError, ValueError):
+            results = []
+    same = ("model", "shape", "batch", "dtype", "sampler", "steps", "device")
+    results = [r for r in results if any(r.get(k) != res[k] for k in same)] + [res]
+    write_results(path, results)
+
+
+def main(argv: Sequence[str] | None = None, default_json: str | None = DEFAULT_JSON) -> dict[str, Any]:
+    """Command line: parse, run, print the table, write JSON (``--json``; ``--json ''`` writes none).
+
+    With several ``--batch`` or ``--steps`` values every pair is run in turn, in one process (the model built once
+    where its factory caches it), each result written as soon as it is measured; the last one is returned.
+    ``python -m fastdiff.bench NAME ...`` runs :data:`SUBCOMMANDS`'s module instead: ``step`` the per-step benchmark,
+    ``serve`` the serving load benchmark, ``bandwidth`` the fused step against a copy, ``gpu-check`` all of them on
+    a lent GPU.
+    """
+    import importlib
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    a = parser(default_json).parse_args(argv)
     shape = tuple(int(s) for s in a.shape.split(",") if s.strip())
-    res = run(a.model, shape, a.batch, a.dtype, a.sampler, a.steps, a.repeats, a.device)
-    print(format_table(res))
-    if a.json:
-        results = []
-        if os.path.exists(a.json):
-            try:
-                with open(a.json) as f:
-                    old = json.load(f)
-                results = old if isinstance(old, list) else [old]
-            except (OSError, ValueError):
-                results = []
-        same = ("model", "shape", "batch", "dtype", "sampler", "steps", "device")
-        results = [r for r in results if any(r.get(k) != res[k] for k in same)] + [res]
-        write_results(a.json, results)
+    res: dict[str, Any] = {}
+    for batch in a.batch:
+        for steps in a.steps:
+            res = run(a.model, shape, batch, a.dtype, a.sampler, steps, a.repeats, a.device)
+            print(format_table(res), flush=True)
+            if a.json:
+                merge_results(a.json, res)
     return res
 
 
