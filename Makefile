@@ -64,8 +64,9 @@ gpu-test: $(TEST_STAMP) $(EXT_STAMP)
 
 # Everything a lent GPU should measure, in at most 8 minutes (docs/benchmarks.md#the-gpu-check): the CUDA tests, the
 # step, bandwidth, end-to-end (digits, SD-shaped UNet) and serving benchmarks, into bench/results/gpu-<device>.json.
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` checks the plan on a machine without CUDA and writes the JSON skeleton.
 gpu-check: $(TEST_STAMP) $(EXT_STAMP)
-	$(PY) -m fastdiff.bench gpu-check --json 'bench/results/gpu-{device}.json'
+	$(PY) -m fastdiff.bench gpu-check --json 'bench/results/gpu-{device}.json' $(GPU_CHECK_ARGS)
 
 # ruff: lint (pycodestyle, pyflakes, import order, pyupgrade, bugbear) and format, as pyproject.toml sets them.
 lint: $(TEST_STAMP)
