@@ -5,6 +5,7 @@ depends on each sample's seed alone, exact likelihoods through the probability-f
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from fastdiff import samplers
 from fastdiff._ext import C as _C  # noqa: F401  (fails with build instructions when missing)
@@ -21,11 +22,22 @@ __all__ = [
     "Pipeline",
     "SampleRequest",
     "Schedule",
+    "from_diffusers",
     "list_samplers",
     "load",
     "samplers",
     "save",
 ]
+
+
+def from_diffusers(model: Any, scheduler: Any, **pipeline_kwargs: Any) -> Pipeline:
+    """:func:`fastdiff.diffusers.pipeline.from_diffusers` (imported when called: the adapters need the ``diffusers``
+    extra, the package does not)."""
+    from fastdiff.diffusers.pipeline import from_diffusers as build
+
+    return build(model, scheduler, **pipeline_kwargs)
+
+
 try:
     __version__ = version("fastdiff")
 except PackageNotFoundError:  # imported from a tree that was never installed

@@ -14,7 +14,7 @@ EXTRAS = {
     "ray": "Ray Serve replicas (fastdiff serve --ray)",
     "digits": "the digits data set (training, the demo's judge)",
     "demo": "the demo (fastdiff demo)",
-    "diffusers": "the diffusers adapters (Pipeline.from_diffusers, FastdiffScheduler)",
+    "diffusers": "the diffusers adapters (fastdiff.from_diffusers, FastdiffScheduler)",
     "bench": "the benchmarks (python -m fastdiff.bench)",
     "plot": "the plots (fastdiff demo --mixture, the serving benchmark's --plot)",
 }

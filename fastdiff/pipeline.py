@@ -127,17 +127,6 @@ class Pipeline:
         self._programs_lock = threading.Lock()
         self._last_run = threading.local()  # per thread: a pipeline is shared between threads
 
-    @staticmethod
-    def from_diffusers(model: Any, scheduler: Any, **pipeline_kwargs: Any) -> Pipeline:
-        """A pipeline for a diffusers model (or any callable) and its scheduler (a diffusers scheduler, its
-        config, or a ``FastdiffScheduler``): the schedule, prediction type, timestep convention, default sampler
-        and grid of that scheduler class (:class:`DiffusersPipeline`); ``pipeline_kwargs`` go to
-        :class:`Pipeline` (device, dtype, max_graphs, sample_shape, ...)."""
-        # The one import of a layer above: the diffusers adapters build on Pipeline, and this is their front door.
-        from fastdiff.diffusers.pipeline import DiffusersPipeline
-
-        return DiffusersPipeline.from_scheduler(model, scheduler, **pipeline_kwargs)
-
     # ------------------------------------------------------------------ public API
     def initial_noise(self, shape: Sequence[int], seed: SeedLike = 0) -> torch.Tensor:
         """The x_T :meth:`sample` starts from for these seeds: prior_std * Philox normals (stream 1)."""

@@ -1,6 +1,6 @@
 """How a diffusers model is called and how a diffusers scheduler's loop maps onto a fastdiff sample call.
 
-What :class:`fastdiff.diffusers.pipeline.DiffusersPipeline` (``Pipeline.from_diffusers``) uses, below the pipeline (this
+What :class:`fastdiff.diffusers.pipeline.DiffusersPipeline` (``fastdiff.from_diffusers``) uses, below the pipeline (this
 module imports no pipeline): :class:`DiffusersModel` calls the network with the scheduler's timestep convention,
 and :func:`scheduler_call` turns a ``sample`` call into the plain one on the scheduler's own grid, sampler and
 options. ``x_T`` means what diffusers' ``latents=`` means (before its ``init_noise_sigma`` scaling), and the

@@ -1,5 +1,5 @@
 """``DiffusersPipeline``: a :class:`~fastdiff.pipeline.Pipeline` with a diffusers scheduler's defaults (what
-``Pipeline.from_diffusers`` returns)."""
+:func:`from_diffusers` returns)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fastdiff.schedule import Grid
 
 
 class DiffusersPipeline(Pipeline):
-    """A :class:`Pipeline` with a diffusers scheduler's defaults (``Pipeline.from_diffusers``): the sampler that is
+    """A :class:`Pipeline` with a diffusers scheduler's defaults (:func:`from_diffusers`): the sampler that is
     that scheduler class's algorithm, its options, its x0 limit, and its own grid for any step count
     (:mod:`fastdiff.diffusers.call`). ``setup`` is the :class:`~fastdiff.diffusers.config.SchedulerSetup` of the
     scheduler config."""
@@ -23,7 +23,7 @@ class DiffusersPipeline(Pipeline):
     @classmethod
     def from_scheduler(cls, model: Any, scheduler: Any, **pipeline_kwargs: Any) -> DiffusersPipeline:
         """The pipeline for ``model`` and ``scheduler`` (a diffusers scheduler, its config, or a
-        ``FastdiffScheduler``): :meth:`fastdiff.Pipeline.from_diffusers`."""
+        ``FastdiffScheduler``): :func:`from_diffusers`."""
         return cls(model, scheduler_setup(scheduler), **pipeline_kwargs)
 
     def __init__(self, model: Callable[..., Any], setup: SchedulerSetup, **pipeline_kwargs: Any):
@@ -79,4 +79,12 @@ class DiffusersPipeline(Pipeline):
     __call__ = sample
 
 
-__all__ = ["DiffusersPipeline"]
+def from_diffusers(model: Any, scheduler: Any, **pipeline_kwargs: Any) -> DiffusersPipeline:
+    """A pipeline for a diffusers model (or any callable) and its scheduler (a diffusers scheduler, its config, or a
+    ``FastdiffScheduler``): the schedule, prediction type, timestep convention, default sampler and grid of that
+    scheduler class; ``pipeline_kwargs`` go to :class:`Pipeline` (device, dtype, max_graphs, sample_shape, ...).
+    Also ``fastdiff.from_diffusers``."""
+    return DiffusersPipeline.from_scheduler(model, scheduler, **pipeline_kwargs)
+
+
+__all__ = ["DiffusersPipeline", "from_diffusers"]

@@ -1,4 +1,4 @@
-"""fastdiff with diffusers' own pipelines: ``Pipeline.from_diffusers`` (own the loop) and ``FastdiffScheduler``
+"""fastdiff with diffusers' own pipelines: ``fastdiff.from_diffusers`` (own the loop) and ``FastdiffScheduler``
 (drop in) against the original schedulers, on tiny seeded random diffusers models (no downloads).
 
 Every comparison runs the same network on the same latents and, for stochastic schedulers, the same
@@ -118,7 +118,7 @@ def test_stable_diffusion_pipeline_both_paths(sd_pipe, name, overrides):
 
     theirs = run(scheduler)
     _check(f"{name} {_id(overrides)} drop-in", run(FastdiffScheduler.from_config(scheduler.config)), theirs)
-    pipe = fastdiff.Pipeline.from_diffusers(sd_pipe.unet, scheduler, device="cpu")
+    pipe = fastdiff.from_diffusers(sd_pipe.unet, scheduler, device="cpu")
     with torch.no_grad():
         ours = pipe.sample(
             latents.shape,
@@ -167,7 +167,7 @@ def test_ddim_pipeline_both_paths():
     _check("DDIMPipeline drop-in", run(), theirs)
     latents = diffusers.utils.torch_utils.randn_tensor((2, 3, 8, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = fastdiff.Pipeline.from_diffusers(unet, scheduler, device="cpu").sample(
+        ours = fastdiff.from_diffusers(unet, scheduler, device="cpu").sample(
             latents.shape, steps=STEPS, x_T=latents, progress=False
         )
     _check("DDIMPipeline own loop", (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), theirs)
@@ -210,7 +210,7 @@ def test_flow_matching_transformer_both_paths():
         theirs = loop(cls.from_config(scheduler.config))
         _check(f"{cls.__name__} drop-in", loop(FastdiffScheduler.from_config(scheduler)), theirs)
         with torch.no_grad():
-            ours = fastdiff.Pipeline.from_diffusers(net, scheduler, device="cpu").sample(
+            ours = fastdiff.from_diffusers(net, scheduler, device="cpu").sample(
                 latents.shape, steps=STEPS, x_T=latents, model_kwargs=kwargs, progress=False
             )
         _check(f"{cls.__name__} own loop", ours, theirs)
@@ -258,7 +258,7 @@ def test_clip_sample_changes_the_samples_as_diffusers():
     """The issue's example: clip_sample=True on values beyond [-1, 1] (before: fastdiff ignored it)."""
     for clip in (True, False):
         sched = diffusers.DDIMScheduler(clip_sample=clip)
-        pipe = fastdiff.Pipeline.from_diffusers(lambda x, t: -x, sched, device="cpu")
+        pipe = fastdiff.from_diffusers(lambda x, t: -x, sched, device="cpu")
         x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 2
         s = diffusers.DDIMScheduler.from_config(sched.config)
         s.set_timesteps(10)
@@ -285,15 +285,15 @@ def test_clip_sample_changes_the_samples_as_diffusers():
 def test_refused_fields_name_field_and_value(name, field, value):
     config = {**getattr(diffusers, name)().config, field: value, "_class_name": name}
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
-        fastdiff.Pipeline.from_diffusers(lambda x, t: x, config)
+        fastdiff.from_diffusers(lambda x, t: x, config)
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         FastdiffScheduler.from_config(config)
 
 
 def test_unknown_scheduler_class_and_non_chain_grid_are_refused():
     with pytest.raises(ValueError, match="not supported"):
-        fastdiff.Pipeline.from_diffusers(lambda x, t: x, diffusers.KDPM2DiscreteScheduler())
-    pipe = fastdiff.Pipeline.from_diffusers(lambda x, t: x, diffusers.DDIMScheduler(timestep_spacing="linspace"))
+        fastdiff.from_diffusers(lambda x, t: x, diffusers.KDPM2DiscreteScheduler())
+    pipe = fastdiff.from_diffusers(lambda x, t: x, diffusers.DDIMScheduler(timestep_spacing="linspace"))
     with pytest.raises(ValueError, match="timestep_spacing='linspace'"):
         pipe.sample((2, 2), steps=10, progress=False)
 
