@@ -1,14 +1,19 @@
-"""An in-process server for tests: ``fastdiff serve``'s uvicorn server (draining, guarded) in a thread on a free
-loopback port."""
+"""Servers for tests: ``fastdiff serve``'s uvicorn server (draining, guarded) in a thread on a free loopback port,
+a ``fastdiff serve`` process, and one raw HTTP exchange."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from repo_paths import TESTS
 
 from fastdiff.pipeline import Pipeline
 from fastdiff.serving.api import Limits
@@ -47,3 +52,26 @@ def serving(
         thread.join(30)
         sock.close()
         assert not thread.is_alive()
+
+
+def start_serve(flags: list[str], **env: str) -> tuple[subprocess.Popen, str]:
+    """``python -m fastdiff serve *flags`` as a process (tests/ importable, ``env`` added to the environment), once it
+    says where it serves: (the process, its base URL). The caller stops it."""
+    environment = dict(os.environ, PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    proc = subprocess.Popen([sys.executable, "-m", "fastdiff", "serve", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=environment)  # fmt: skip
+    line = proc.stdout.readline()
+    if "fastdiff serving on http://127.0.0.1:" not in line:
+        proc.kill()
+        raise AssertionError((line, proc.stderr.read()))
+    return proc, line.split()[3]
+
+
+def raw_exchange(port: int, payload: bytes) -> bytes:
+    """Sends ``payload`` and nothing more on a new connection; everything the server sends until it closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(payload)
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+        return got

@@ -57,27 +57,10 @@ def fused_step(
         clip: per-sample x0 bounds (:class:`fastdiff.runtime.x0_clip.X0Clip`).
         rows, pool: the serving engine's per-row stage descriptors and history pool.
     """
-    torch.ops.fastdiff.fused_step(
-        x,
-        m,
-        m_uncond,
-        guidance_scale,
-        list(history),
-        coeffs,
-        stage,
-        seeds,
-        stream,
-        use_noise,
-        noise,
-        x_out,
-        h_out,
-        x0_out,
-        nonfinite,
-        clip=clip,
-        rows=rows,
-        pool=pool,
-        row_guidance=row_guidance,
-    )
+    history = history if isinstance(history, list) else list(history)  # the loop passes lists: no copy per stage
+    torch.ops.fastdiff.fused_step(x, m, m_uncond, guidance_scale, history, coeffs, stage, seeds, stream, use_noise,
+                                  noise, x_out, h_out, x0_out, nonfinite, clip=clip, rows=rows, pool=pool,
+                                  row_guidance=row_guidance)  # fmt: skip
 
 
 __all__ = ["INITIAL_NOISE_STREAM", "STEP_NOISE_STREAM", "fused_step"]

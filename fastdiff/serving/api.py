@@ -203,16 +203,18 @@ def servable_samplers(pipe: Pipeline) -> tuple[str, ...]:
     return tuple(names)
 
 
-def to_sample_request(body: SamplesBody, pipe: Pipeline, limits: Limits) -> tuple[SampleRequest, float | None]:
-    """The engine request for ``body`` and its timeout; raises :class:`FieldError` for what cannot be served."""
+def to_sample_request(
+    body: SamplesBody, pipe: Pipeline, limits: Limits, samplers: tuple[str, ...]
+) -> tuple[SampleRequest, float | None]:
+    """The engine request for ``body`` and its timeout (``samplers``: what :func:`servable_samplers` gives for
+    ``pipe``, worked out once per server); raises :class:`FieldError` for what cannot be served."""
     if not 1 <= body.n <= limits.max_n:
         raise FieldError("n", f"must be between 1 and {limits.max_n}, got {short(body.n)}")
-    servable = servable_samplers(pipe)
-    if body.sampler not in servable:
+    if body.sampler not in samplers:
         raise FieldError(
             "sampler",
             f"unknown, not batchable per step or not for this network: {short(body.sampler)}; choose one of "
-            f"{', '.join(servable)}",
+            f"{', '.join(samplers)}",
         )
     max_steps = min(limits.max_steps, pipe.schedule.num_train_timesteps or limits.max_steps)
     if not 1 <= body.steps <= max_steps:

@@ -96,9 +96,10 @@ def create_app(
     app.state.limits = limits
     if replica is not None:
         app.middleware("http")(_replica_headers(replica))
-    app.post(SAMPLES_PATH, openapi_extra=BODY_SCHEMA)(_samples_endpoint(runner, limits))
+    samplers = servable_samplers(runner.pipe)  # once: the network and its schedule do not change under a server
+    app.post(SAMPLES_PATH, openapi_extra=BODY_SCHEMA)(_samples_endpoint(runner, limits, samplers))
     app.exception_handler(RequestValidationError)(_invalid_request)
-    _add_status_routes(app, runner, limits)
+    _add_status_routes(app, runner, limits, samplers)
     _add_guards(app, runner.metrics, guards)
     return app
 
@@ -135,13 +136,13 @@ def _replica_headers(replica: str) -> Callable[..., Any]:
     return name_the_replica
 
 
-def _samples_endpoint(runner: Runner, limits: Limits) -> Callable[..., Any]:
+def _samples_endpoint(runner: Runner, limits: Limits, samplers: tuple[str, ...]) -> Callable[..., Any]:
     async def samples(request: Request) -> Response:
         """Samples ``n`` images (the body: :class:`SamplesBody`); answers a float32 ``.npy`` (``format:
         "npy"``) or JSON of PNGs."""
         try:
             body = parse_body(await request.body())
-            sample_request, timeout = to_sample_request(body, runner.pipe, limits)
+            sample_request, timeout = to_sample_request(body, runner.pipe, limits, samplers)
         except InvalidBody as exc:
             return JSONResponse({"detail": exc.detail()}, status_code=422)
         try:
@@ -193,7 +194,7 @@ def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(math.ceil(seconds))}
 
 
-def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits) -> None:
+def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits, samplers: tuple[str, ...]) -> None:
     """``/v1/info``, ``/healthz``, ``/readyz`` and ``/metrics``."""
 
     @app.get("/v1/info")
@@ -204,7 +205,7 @@ def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits) -> None:
             "sample_shape": None if pipe.sample_shape is None else list(pipe.sample_shape),
             "num_classes": pipe.num_classes,
             "prediction": pipe.prediction,
-            "samplers": list(servable_samplers(pipe)),
+            "samplers": list(samplers),
             "max_n": limits.max_n,
             "max_steps": limits.max_steps,
             "batching": runner.batching,

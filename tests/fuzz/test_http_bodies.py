@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from live_server import serving
+from live_server import raw_exchange, serving
 from serving_models import mixture_pipeline
 
 from fastdiff.serving.api import Limits
@@ -203,15 +202,6 @@ def raw_server():
         assert runner.accepting
 
 
-def _exchange(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-        conn.sendall(payload)
-        got = b""
-        while chunk := conn.recv(65536):
-            got += chunk
-        return got
-
-
 token = st.one_of(st.sampled_from(["GET", "POST", "PUT", "DELETE", "/v1/samples", "/healthz", "/metrics", "/v1/info",
                                    "HTTP/1.1", "HTTP/1.0", "HTTP/9", "Content-Length: 5", "Content-Length: -1",
                                    "Transfer-Encoding: chunked", "Content-Type: application/json", "Host: x",
@@ -227,10 +217,10 @@ def test_raw_requests_never_get_a_5xx_and_leave_the_server_healthy(raw_server, l
     answered 2xx-4xx or closed, never 5xx; the server answers /healthz afterwards."""
     head = " ".join(line) + "\r\n" + "".join(h.replace("\r", " ").replace("\n", " ") + "\r\n" for h in headers)
     payload = head.encode("latin-1") + b"Connection: close\r\n\r\n" + body
-    answer = _exchange(raw_server, payload)
+    answer = raw_exchange(raw_server, payload)
     if answer:
         status = answer.split(b"\r\n", 1)[0].split(b" ")
         assert len(status) >= 2 and status[1][:1] in (b"1", b"2", b"3", b"4"), answer[:200]
     event("closed" if not answer else answer.split(b" ", 2)[1].decode())
-    healthy = _exchange(raw_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    healthy = raw_exchange(raw_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert healthy.startswith(b"HTTP/1.1 200"), healthy[:200]

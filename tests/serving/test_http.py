@@ -10,20 +10,16 @@ import http.client
 import io
 import json
 import math
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from live_server import serving
+from live_server import raw_exchange, serving, start_serve
 from PIL import Image
-from repo_paths import TESTS as TESTS_DIR
 from serving_models import gated_mixture_pipeline, mixture_pipeline
 
 from fastdiff.pretrained import digits
@@ -194,23 +190,10 @@ def test_png_format_on_the_digits_network():
 def test_sigterm_drains_a_real_server_process_answering_503_meanwhile(tmp_path):
     gate = tmp_path / "gate"
     gate.touch()  # the server's network waits while this file exists
-    env = dict(
-        os.environ,
-        PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        FASTDIFF_TEST_GATE=str(gate),
-    )
     flags = ["--model", "serving_models:file_gated_mixture", "--port", "0", "--max-batch", "8", "--threads", "1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastdiff", "serve", *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc, url = start_serve(flags, FASTDIFF_TEST_GATE=str(gate))
     try:
-        line = proc.stdout.readline()
-        assert "fastdiff serving on http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
-        client = Client(line.split()[3], timeout=60)
+        client = Client(url, timeout=60)
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(client.sample, n=2, seed=5, steps=40)
             _wait_for(lambda: client.readyz()["running_rows"] == 2)  # held at its first network call
@@ -244,16 +227,6 @@ def _status(base_url: str, method: str, path: str, body: bytes | None = None, he
         return resp.status, resp.headers, resp.read()
     finally:
         conn.close()
-
-
-def _raw_exchange(port: int, payload: bytes) -> bytes:
-    """Sends ``payload`` and nothing more on a new connection; everything the server sends until it closes it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
-        conn.sendall(payload)
-        got = b""
-        while chunk := conn.recv(65536):
-            got += chunk
-        return got
 
 
 def test_nan_infinity_and_huge_numbers_are_422_naming_the_field_and_counted(mixture_server):
@@ -323,7 +296,7 @@ def test_a_body_over_the_limit_is_413_and_the_connection_goes_on(guarded_server)
         assert answer.status == 200 and answer.read() == b'{"status":"ok"}'
     chunked = b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     chunk = b" " * 1500
-    got = _raw_exchange(port, chunked + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2 + b"0\r\n\r\n")
+    got = raw_exchange(port, chunked + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2 + b"0\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 413 "), got[:100]  # no Content-Length: counted as it came
     assert client.metrics()['fastdiff_requests_total{outcome="body_too_large"}'] == before + 2
     assert np.array_equal(client.sample(n=1, seed=2, steps=3), _offline(mixture_pipeline(), 1, 2, steps=3))
@@ -336,11 +309,11 @@ def test_slow_or_short_bodies_are_408_and_half_sent_headers_are_closed(guarded_s
         b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}",
         b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n" + b'{"n": 1',
     ]:
-        got = _raw_exchange(port, payload)
+        got = raw_exchange(port, payload)
         assert got.startswith(b"HTTP/1.1 408 "), got[:100]
     # headers that stop half way: 408 and closed once the header deadline passes; a silent connection: closed
-    assert _raw_exchange(port, b"POST /v1/samples HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408 ")
-    assert _raw_exchange(port, b"") == b""
+    assert raw_exchange(port, b"POST /v1/samples HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408 ")
+    assert raw_exchange(port, b"") == b""
     # after a response, the next request's headers have the same deadline
     with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
         conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -9,8 +9,6 @@ import math
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import ray
+from live_server import start_serve
 from ray import serve
 from repo_paths import TESTS as TESTS_DIR
 from serving_models import mixture_pipeline
@@ -124,31 +123,10 @@ def _replica_with_running_rows(url: str, timeout: float = 60.0) -> int:
 def test_fastdiff_serve_ray_starts_serves_and_stops_clean():
     """The command line: a local Ray instance with one replica; SIGTERM shuts Serve and Ray down (exit 0)."""
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fastdiff",
-            "serve",
-            "--ray",
-            "--replicas",
-            "1",
-            "--port",
-            str(port),
-            "--model",
-            "serving_models:mixture_pipeline",
-            "--threads",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    flags = ["--ray", "--replicas", "1", "--port", str(port), "--model", "serving_models:mixture_pipeline"]
+    proc, url = start_serve([*flags, "--threads", "1"])
     try:
-        line = proc.stdout.readline()
-        assert f"fastdiff serving on http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() else "")
+        assert url == f"http://127.0.0.1:{port}", url
         x, replica, pid, _ = _sample(f"http://127.0.0.1:{port}", 3, steps=6)
         assert np.array_equal(x, _offline(2, 3, 6)) and replica
         proc.send_signal(signal.SIGTERM)
