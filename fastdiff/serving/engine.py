@@ -73,6 +73,13 @@ class _Row:
     guidance: float = 1.0
     cond: dict[str, Any] = field(default_factory=dict)
     uncond: dict[str, Any] | None = None
+    # which rows can share a network call (:func:`_call_key`): fixed for the row's life, so worked out once
+    cond_key: tuple = field(init=False)
+    uncond_key: tuple | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cond_key = _call_key(self.cond)
+        self.uncond_key = None if self.uncond is None else _call_key(self.uncond)
 
 
 @dataclass
@@ -261,19 +268,19 @@ class Engine:
         rows = self._rows
         calling = [b for b, r in enumerate(rows) if self._stage_rows[id(r.program)][r.stage][2]]
         if len(calling) == len(rows):
-            m = self._call(x, times, calling, [r.cond for r in rows], failures)
+            m = self._call(x, times, calling, [(r.cond, r.cond_key) for r in rows], failures)
         else:
             m = x.clone()
             if calling:
                 m[torch.tensor(calling, device=x.device)] = self._call(
-                    x, times, calling, [rows[b].cond for b in calling], failures
+                    x, times, calling, [(rows[b].cond, rows[b].cond_key) for b in calling], failures
                 )
         guided = [b for b in calling if rows[b].uncond is not None and rows[b].request not in failures]
         if not guided:
             return m.contiguous(), None, None
         m_u = m.clone()  # unguided rows: m_u = m, so m_u + w (m - m_u) is m exactly
         m_u[torch.tensor(guided, device=x.device)] = self._call(
-            x, times, guided, [rows[b].uncond for b in guided], failures
+            x, times, guided, [(rows[b].uncond, rows[b].uncond_key) for b in guided], failures
         )
         weights = torch.tensor([r.guidance for r in rows], dtype=torch.float32, device=x.device)
         return m.contiguous(), m_u.contiguous(), weights
@@ -283,16 +290,18 @@ class Engine:
         x: torch.Tensor,
         times: torch.Tensor,
         rows: list[int],
-        kwargs: list[dict[str, Any]],
+        conditioning: list[tuple[dict[str, Any], tuple]],
         failures: dict[int, Exception],
     ) -> torch.Tensor:
-        """The network on ``x[rows]``, outputs in ``rows`` order: one call per :func:`_call_key` (rows whose
-        conditioning differs in names, per-row shapes, dtypes or shared values cannot share a call). A call that
+        """The network on ``x[rows]`` with each row's (kwargs, :func:`_call_key`), outputs in ``rows`` order: one
+        call per key (rows whose conditioning differs in names, per-row shapes, dtypes or shared values cannot share
+        a call). A call that
         raises is retried on its requests apart (:meth:`_isolate`); requests whose own call raises go into
         ``failures`` and their rows get ``x`` (they leave after this tick)."""
+        kwargs = [kw for kw, _ in conditioning]
         groups: dict[tuple, list[int]] = {}
-        for k, kw in enumerate(kwargs):
-            groups.setdefault(_call_key(kw), []).append(k)
+        for k, (_, key) in enumerate(conditioning):
+            groups.setdefault(key, []).append(k)
         if len(groups) == 1:
             parts = self._isolate(x, times, rows, kwargs, list(range(len(rows))), failures)
             if len(parts) == 1 and len(parts[0][0]) == len(rows):
