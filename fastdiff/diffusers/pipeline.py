@@ -11,7 +11,10 @@ import torch
 from fastdiff.diffusers.call import DiffusersArgs, DiffusersModel, scheduler_call, scheduler_grid
 from fastdiff.diffusers.config import SchedulerSetup, scheduler_setup
 from fastdiff.pipeline import Pipeline
+from fastdiff.program import Program
 from fastdiff.schedule import Grid
+
+GRID_CACHE_SIZE = 64
 
 
 class DiffusersPipeline(Pipeline):
@@ -30,6 +33,7 @@ class DiffusersPipeline(Pipeline):
         pipeline_kwargs.setdefault("x0_clip", setup.x0_clip)
         super().__init__(DiffusersModel(model), setup.schedule, prediction=setup.prediction, **pipeline_kwargs)
         self.setup = setup
+        self._grids: dict[int, Grid] = {}  # the scheduler's grid per step count (diffusers' set_timesteps is slow)
 
     def diffusers_grid(
         self,
@@ -41,6 +45,34 @@ class DiffusersPipeline(Pipeline):
         """The scheduler's own grid for ``steps`` (or explicit ``timesteps`` / ``sigmas``) and the factor that
         turns diffusers' ``latents`` into fastdiff's native x_T on it."""
         return scheduler_grid(self.setup, steps, timesteps, sigmas, **set_timesteps_kwargs)
+
+    def program(
+        self,
+        sampler: str,
+        steps: int,
+        spacing: str | None = None,
+        steps_offset: int = 0,
+        rho: float = 7.0,
+        grid: Grid | None = None,
+        **sampler_options: Any,
+    ) -> Program:
+        """:meth:`Pipeline.program`; with neither ``grid`` nor ``spacing``, on the scheduler's own grid for ``steps``
+        (what :meth:`sample` runs by default), so a request run as it is (the serving engine, ``Pipeline.sample``
+        with a :class:`~fastdiff.request.SampleRequest`) runs on the grid diffusers would."""
+        if grid is None and spacing is None:
+            grid = self._scheduler_grid(steps)
+        return super().program(sampler, steps, spacing, steps_offset, rho, grid=grid, **sampler_options)
+
+    def _scheduler_grid(self, steps: int) -> Grid:
+        with self._programs_lock:
+            grid = self._grids.get(steps)
+        if grid is None:
+            grid = self.diffusers_grid(steps)[0]
+            with self._programs_lock:
+                self._grids[steps] = grid
+                while len(self._grids) > GRID_CACHE_SIZE:
+                    self._grids.pop(next(iter(self._grids)))
+        return grid
 
     def sample(
         self,
