@@ -70,6 +70,8 @@ class Encoded:
 def pipeline_class(path: str) -> str:
     """The ``_class_name`` of the pipeline saved at ``path`` (a folder with ``model_index.json``, or a hub id)."""
     index = os.path.join(path, "model_index.json")
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".")):
+        raise FileNotFoundError(f"no folder {path!r} (a diffusers save_pretrained folder, or a hub id)")
     if os.path.isdir(path):
         if not os.path.exists(index):
             raise FileNotFoundError(f"{path!r} has no model_index.json (not a diffusers save_pretrained folder)")
@@ -211,7 +213,11 @@ class TextToImage:
         opts = dict(self.pipe.setup.options) if sampler == self.pipe.setup.sampler else {}
         opts.update(options)
         guided = guidance_scale > 1  # as diffusers: guidance only above 1
-        cond, uncond = ({}, {} if guided else None) if encoded is None else self._rows(encoded, n, width, height)
+        cond, uncond = ({}, {}) if encoded is None else self._rows(encoded, n, width, height)
+        if not guided:
+            uncond = None
+        elif uncond is None:
+            raise ValueError("guidance_scale > 1 needs prompts encoded as guided (Prompt(..., guided=True))")
         return SampleRequest(
             n=n,
             sample_shape=shape,
