@@ -526,7 +526,7 @@ class _FakeCuda:
                 self.calls = []
                 fake.graphs.append(self)
 
-            def capture_begin(self, capture_error_mode="global"):
+            def capture_begin(self, pool=None, capture_error_mode="global"):
                 self.calls.append(("begin", capture_error_mode, fake.current))
 
             def capture_end(self):
