@@ -44,6 +44,7 @@ import pytest
 import torch
 import triton
 
+from fastdiff.bench.step_model import bytes_per_element, ptx_instruction_count, ptx_stream_bytes_per_element
 from fastdiff.kernels import philox as P
 from fastdiff.kernels.fused_step import (
     BLOCK_SIZE,
@@ -143,6 +144,25 @@ def _pairwise_cover() -> list[dict]:
     return chosen
 
 
+# The paper model's variants (docs/benchmarks.md, "The step on paper"): kernel_constexprs' arguments by name.
+MODEL_VARIANTS = {
+    "ddim": dict(n_hist=0, use_noise=False),
+    "ddim eta>0, ddpm (Philox noise)": dict(n_hist=0, use_noise=True),
+    "ddim, guided": dict(n_hist=0, use_noise=False, m_uncond=True),
+    "explicit noise": dict(n_hist=0, use_noise=True, noise=True),
+    "dpmpp_2m (one history slot)": dict(n_hist=1, use_noise=False, h_out=True),
+    "unipc (two history slots)": dict(n_hist=2, use_noise=False, h_out=True),
+    "ddim, return_x0": dict(n_hist=0, use_noise=False, x0_out=True),
+}
+
+
+def _variant_flags(name: str) -> dict:
+    given = MODEL_VARIANTS[name]
+    x = torch.zeros(1, 4)
+    opt = {n: x if given.get(n) else None for n in OPTIONAL_TENSORS}
+    return kernel_constexprs(given["n_hist"], given["use_noise"], **opt)
+
+
 def _step_spec(state: torch.dtype, model: torch.dtype, flags: dict, arch: int) -> str:
     return json.dumps(["step", _dtype_name(state), _dtype_name(model), flags, arch])
 
@@ -157,6 +177,7 @@ def _plan() -> dict[str, list[str]]:
         "step": [_step_spec(s, m, f, a) for a in ARCHS for s, m in pairs for f in flag_sets],
         "cover": [_step_spec(torch.float16, torch.float16, f, 90) for f in _pairwise_cover()],
         "philox": [json.dumps(["philox", name, a]) for name in PHILOX_SIGNATURES for a in ARCHS],
+        "model": [_step_spec(s, s, _variant_flags(v), 90) for s in TRITON_TYPES for v in MODEL_VARIANTS],
     }
 
 
@@ -187,7 +208,13 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int) -> dict:
     sig = {**signature, **dict.fromkeys(constexprs, "constexpr")}
     kernel = triton.compile(triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32))
     ptx = kernel.asm["ptx"]
-    return {**_resources(kernel.asm["cubin"]), "ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4")}
+    return {
+        **_resources(kernel.asm["cubin"]),
+        "ld_v4": ptx.count("ld.global.v4"),
+        "st_v4": ptx.count("st.global.v4"),
+        "stream_bytes": ptx_stream_bytes_per_element(ptx),
+        "instructions": ptx_instruction_count(ptx),
+    }
 
 
 def _compile_spec(spec: str) -> dict:
@@ -262,6 +289,32 @@ def test_streams_are_128_bit(compiled: dict, state: torch.dtype, arch: int) -> N
     assert res["ld_v4"] >= 7 * per_stream and res["st_v4"] >= 3 * per_stream, res
     for name in PHILOX_SIGNATURES:
         assert compiled[json.dumps(["philox", name, arch])]["st_v4"] >= 2
+
+
+@pytest.mark.parametrize("state", list(TRITON_TYPES), ids=str)
+def test_the_paper_model_counts_the_compiled_streams(compiled: dict, state: torch.dtype) -> None:
+    """The bytes per element of the paper model equal the vector global accesses of the sm_90 PTX, variant by
+    variant; the plain DDIM step is 12 bytes per fp32 element (read x and m, write x)."""
+    for name in MODEL_VARIANTS:
+        flags = _variant_flags(name)
+        res = compiled[_step_spec(state, state, flags, 90)]
+        print(
+            f"{TRITON_TYPES[state]} {name}: {res['stream_bytes']:g} bytes/element, {res['instructions']} instructions"
+        )
+        assert res["stream_bytes"] == bytes_per_element(flags, state, state), name
+    if state == torch.float32:
+        assert compiled[_step_spec(state, state, _variant_flags("ddim"), 90)]["stream_bytes"] == 12
+
+
+def test_philox_noise_costs_instructions_not_bytes(compiled: dict) -> None:
+    """The step with Philox noise moves the plain step's bytes; its noise costs instructions (Philox4x32-10 makes
+    four normals per counter, Box-Muller two per pair): counted per element from the PTX."""
+    plain = compiled[_step_spec(torch.float32, torch.float32, _variant_flags("ddim"), 90)]
+    noisy = compiled[_step_spec(torch.float32, torch.float32, _variant_flags("ddim eta>0, ddpm (Philox noise)"), 90)]
+    assert noisy["stream_bytes"] == plain["stream_bytes"]
+    per_element = (noisy["instructions"] - plain["instructions"]) / 8
+    print(f"Philox + Box-Muller: {per_element:g} PTX instructions per element")
+    assert 10 < per_element < 200
 
 
 def _main() -> None:
