@@ -282,6 +282,31 @@ class TextToImage:
             image = vae.decode(latents, return_dict=False)[0]
         return self.pipeline.image_processor.postprocess(image, output_type="pt").float()
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The latents of images (float in [0, 1], [n, 3, H, W]) for editing, scaled as diffusers' image-to-image
+        and inpainting pipelines scale them: the VAE posterior's mean (diffusers draws a sample of it with its
+        generator; the mean keeps an edit a function of its seed alone, and the posterior's spread is the VAE's
+        small latent noise)."""
+        vae = self.pipeline.vae
+        cfg = vae.config
+        with torch.no_grad():
+            latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype) * 2 - 1).latent_dist.mode()
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+            return (latents - mean_t) * cfg.scaling_factor / std_t
+        return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A pixel mask ([n, 1, H, W], 1 = regenerate) at the latents' size, as diffusers' inpainting pipelines
+        make it: binarized at 0.5, then resized (nearest) to the latent grid."""
+        binary = (mask >= 0.5).to(torch.float32)
+        vae = int(self.pipeline.vae_scale_factor)
+        size = (mask.shape[-2] // vae, mask.shape[-1] // vae)
+        return torch.nn.functional.interpolate(binary, size=size).to(self.pipe.device)
+
     def diffusers_latents(self, x_T: torch.Tensor, steps: int) -> torch.Tensor:
         """What diffusers' ``latents=`` argument must be for its pipeline to start where fastdiff's native
         ``x_T`` starts on the scheduler's grid for ``steps`` (the inverse of its ``init_noise_sigma`` scaling)."""
