@@ -39,6 +39,7 @@ from fastdiff.samplers import get_sampler
 from fastdiff.schedule import Grid
 
 _NO_NONFINITE = torch.iinfo(torch.int32).max
+_BOUND: dict[str, type] = {}
 
 
 @dataclass
@@ -80,6 +81,37 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
 
+    _bound_source: str | None = None  # set on the classes for_class makes
+
+    @classmethod
+    def for_class(cls, source_class: str) -> type[FastdiffScheduler]:
+        """A FastdiffScheduler class standing in for the diffusers class ``source_class``: constructed with that
+        class's config arguments (``FastdiffScheduler.for_class("DDIMScheduler")(beta_schedule="linear")``), its
+        ``from_config`` and ``from_pretrained`` keep that class whatever config they read, as diffusers' own
+        classes do. One class per name (made once)."""
+        if source_class not in CLASSES:
+            raise ValueError(f"source_class must be one of {', '.join(sorted(CLASSES))}, got {source_class!r}")
+        bound = _BOUND.get(source_class)
+        if bound is None:
+
+            def __init__(self: FastdiffScheduler, sampler: str | None = None, **config: Any) -> None:
+                given = config.pop("source_class", source_class)
+                if given != source_class:
+                    raise ValueError(f"this class runs {source_class}, got source_class={given!r}")
+                FastdiffScheduler.__init__(self, sampler=sampler, source_class=source_class, **config)
+
+            bound = _BOUND[source_class] = type(
+                f"Fastdiff{source_class}",
+                (FastdiffScheduler,),
+                {
+                    "__init__": __init__,
+                    "__module__": __name__,
+                    "__doc__": f"FastdiffScheduler running {source_class} (see FastdiffScheduler.for_class).",
+                    "_bound_source": source_class,
+                },
+            )
+        return bound
+
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """From any supported diffusers scheduler's config (its ``_class_name`` becomes ``source_class``)
@@ -90,6 +122,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if name is None and isinstance(config, SchedulerMixin) and not isinstance(config, cls):
             name = type(config).__name__
         source = cfg.pop("source_class", None) or (name if name != cls.__name__ else None)
+        if cls._bound_source is not None:
+            source = cls._bound_source
         if source is None:
             raise ValueError(
                 "the config names no scheduler class (no _class_name or source_class); pass the scheduler "
