@@ -339,7 +339,7 @@ def set_timesteps(
             if name not in params:
                 raise ValueError(f"{type(peer).__name__}.set_timesteps takes no {name}")
             kwargs[name] = list(value)
-    if steps is not None and not kwargs.get("timesteps") and not kwargs.get("sigmas"):
+    if steps is not None:  # with timesteps or sigmas too: the class decides (diffusers' own refuse both)
         kwargs["num_inference_steps"] = steps
     peer.set_timesteps(**kwargs)
 
@@ -405,6 +405,15 @@ def _timestep_grid(setup: SchedulerSetup, peer: Any) -> Grid:
     if last < 0:
         last = sch.clean_end if cfg.get("set_alpha_to_one", True) else 0.0
     t = np.concatenate([ts, [last]])
+    return Grid(t=t, alpha=sch.alpha(t), sigma=sch.sigma(t), log_snr=sch.log_snr(t), model_time=sch.model_time(t))
+
+
+def timestep_step_grid(setup: SchedulerSetup, timestep: int, prev: int) -> Grid:
+    """The two-point grid of one DDIM / DDPM step from ``timestep`` to ``prev``, any timesteps those classes take
+    (``prev < 0``: the end the class steps into, as in :func:`_timestep_grid`)."""
+    sch, cfg = setup.schedule, setup.config
+    last = float(prev) if prev >= 0 else (sch.clean_end if cfg.get("set_alpha_to_one", True) else 0.0)
+    t = np.array([float(timestep), last], dtype=np.float64)
     return Grid(t=t, alpha=sch.alpha(t), sigma=sch.sigma(t), log_snr=sch.log_snr(t), model_time=sch.model_time(t))
 
 
