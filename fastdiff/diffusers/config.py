@@ -142,13 +142,6 @@ REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
     ("*", "stochastic_sampling"): ((False,), "stochastic flow sampling is not supported"),
 }
 
-SIGMA_CLASSES_REFUSE_ZERO_SNR = (
-    "rescale_betas_zero_snr",
-    (False,),
-    "diffusers' sigma-based schedulers replace the zero terminal SNR by 2**-24; "
-    "fastdiff runs zero-SNR schedules with DDIMScheduler/DDPMScheduler",
-)
-
 
 def _diffusers() -> Any:
     """The real diffusers library (imported on first use; fastdiff does not need it otherwise)."""
@@ -282,9 +275,6 @@ def _check_fields(class_name: str, spec: ClassSpec, config: Mapping[str, Any], d
                 f"{class_name} config field {name}={value!r} is not supported by fastdiff "
                 f"(it honours this field only at diffusers' default {defaults.get(name)!r})"
             )
-    if spec.grid == "sigmas" and config.get("rescale_betas_zero_snr", False):
-        name, _, why = SIGMA_CLASSES_REFUSE_ZERO_SNR
-        raise ValueError(f"{class_name} config field {name}=True is not supported by fastdiff: {why}")
     if class_name == "DPMSolverMultistepScheduler":
         if config.get("algorithm_type") == "sde-dpmsolver++" and config.get("solver_order") == 3:
             raise ValueError(
@@ -308,7 +298,23 @@ def _prediction_and_schedule(class_name: str, spec: ClassSpec, config: Mapping[s
     if spec.grid == "flow":
         # x_t = (1 - t) x0 + t eps, the network fed t * num_train_timesteps; the grid decides where t runs.
         return "flow", Schedule.flow(t_min=1e-9, t_max=1.0, time_scale=float(config["num_train_timesteps"]))
-    return PREDICTIONS[config.get("prediction_type", "epsilon")], Schedule.from_diffusers(config)
+    return PREDICTIONS[config.get("prediction_type", "epsilon")], schedule_of_table(class_name, config)
+
+
+def schedule_of_table(class_name: str, config: Mapping[str, Any]) -> Schedule:
+    """The schedule of the class's own ``alphas_cumprod`` table: diffusers computes it in float32 (every beta
+    schedule it has, zero-SNR rescaling, and the sigma-based classes' 2**-24 in place of a zero terminal SNR), and
+    fastdiff takes those values as they are, so its float64 rows are diffusers' steps without diffusers' float32
+    step arithmetic (1 - abar near abar = 1 is where the float32 table differs from the exact one most)."""
+    abar = getattr(_diffusers(), class_name)(**config).alphas_cumprod.double().numpy()
+    # With rescale_betas_zero_snr the sigma-based classes end on 2**-24 in place of 0, above the entry before it.
+    # Their steps only see (alpha, sigma) at their own sigmas, tied by alpha^2 = 1 / (1 + (sigma / alpha)^2), so the
+    # end is put below that entry: the table stays a schedule that holds every sigma diffusers steps through (4096,
+    # and the larger ones of its full training table), at schedule times of its own.
+    if len(abar) > 1 and abar[-1] >= abar[-2]:
+        abar[-1] = 0.5 * abar[-2]
+    prev = np.concatenate([[1.0], abar[:-1]])
+    return Schedule.from_betas(1.0 - abar / prev)
 
 
 def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -356,6 +362,8 @@ def grid_of(setup: SchedulerSetup, peer: Any) -> Grid:
     if setup.spec.repeats:  # Heun: [s0, s1, s1, ..., s_{n-1}, s_{n-1}, s_n], timesteps alike without the end
         sig = np.concatenate([sig[:-1:2], sig[-1:]])
         ts = ts[::2]
+    if len(sig) > len(ts) + 1:  # Euler's log_linear interpolation lists one sigma more than its steps reach
+        sig = sig[: len(ts) + 1]
     sch = setup.schedule
     if setup.spec.grid == "flow":
         t = sig.copy()

@@ -375,7 +375,9 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                 self._stage = len(self.timesteps) - 1
             else:
                 self._stage = int(hits[1 if len(hits) > 1 else 0])
-        self._start = self._stage
+        # The multistep solvers start their history (and warm-up) at the first step taken; the others run the
+        # whole grid's program from there, its history empty (LMS weighs the derivatives it has as diffusers does).
+        self._start = self._stage if self.setup.class_name in _FRESH_HISTORY else 0
         self._programs.clear()
 
     def _program(self, eta: float, recompute_eps: bool, device: torch.device) -> tuple[Program, np.ndarray]:
@@ -390,7 +392,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                 except ValueError as exc:
                     raise ValueError("call set_timesteps before step") from exc
             grid, options = self._grid, dict(self.options)
-            step = self._grid_index(self._start or 0)
+            step = self._grid_index(self._start or 0) if self.setup.class_name in _FRESH_HISTORY else 0
             if step:
                 grid = Grid(
                     *(np.asarray(a)[step:] for a in (grid.t, grid.alpha, grid.sigma, grid.log_snr, grid.model_time))
@@ -454,6 +456,7 @@ _PEER_TABLES = frozenset(
     }
 )
 _LAST_STEP_IF_UNLISTED = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
+_FRESH_HISTORY = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
 _SHORT_RUN_RULE = frozenset({"DPMSolverMultistepScheduler", "DEISMultistepScheduler"})
 
 

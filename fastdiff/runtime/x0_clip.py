@@ -34,8 +34,8 @@ Bounds = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float, np.nd
 @dataclass(frozen=True)
 class X0Clip:
     """How the x0 estimate is limited: ``clip_range`` (static clamp to [-r, r]) or ``threshold_ratio``
-    (dynamic thresholding at that quantile, bounds clamped to ``[1, sample_max_value]``; ``sample_max_value`` below 1 is the
-    bound itself, as in diffusers); exactly one.
+    (dynamic thresholding at that quantile, bounds clamped to ``[1, sample_max_value]``; ``sample_max_value``
+    below 1 is the bound itself, as in diffusers); exactly one.
 
     ``recompute_eps`` forces eps to be recomputed from the limited x0 for ddim too (diffusers'
     ``use_clipped_model_output=True``).
