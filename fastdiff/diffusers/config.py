@@ -130,8 +130,6 @@ REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
         ("dpmsolver++", "sde-dpmsolver++"),
         "fastdiff implements the data-prediction (++) solvers",
     ),
-    ("DPMSolverMultistepScheduler", "solver_order"): ((2, 3), "order 1 is DDIM: use DDIMScheduler"),
-    ("DPMSolverMultistepScheduler", "variance_type"): ((None,), "learned variances are not supported"),
     ("UniPCMultistepScheduler", "solver_type"): (("bh2",), "fastdiff's unipc is the bh2 variant"),
     ("UniPCMultistepScheduler", "predict_x0"): ((True,), "fastdiff's unipc predicts x0"),
     ("UniPCMultistepScheduler", "solver_order"): ((1, 2), "fastdiff's unipc takes solver_order 1 or 2"),
@@ -233,8 +231,12 @@ def scheduler_setup(scheduler_or_config: Any) -> SchedulerSetup:
     cls = getattr(_diffusers(), class_name)
     defaults = _init_defaults(cls)
     full = {k: config.get(k, d) for k, d in defaults.items()}
+    # The class's own reading of the config: diffusers maps some values onto others (DPMSolverMultistep's
+    # algorithm_type "deis" is "dpmsolver++", UniPC's solver_type "midpoint" is "bh2", ...) and refuses its own.
+    instance = cls(**full)
+    full = {k: instance.config.get(k, v) for k, v in full.items()}
     _check_fields(class_name, spec, full, defaults)
-    prediction, schedule = _prediction_and_schedule(class_name, spec, full)
+    prediction, schedule = _prediction_and_schedule(spec, full, instance)
     sampler, options = _sampler_and_options(class_name, spec, full)
     x0_clip = X0Clip.from_config(full) if ("clip_sample" in full or "thresholding" in full) else None
     return SchedulerSetup(class_name, full, spec, schedule, prediction, sampler, options, x0_clip)
@@ -282,11 +284,6 @@ def _check_fields(class_name: str, spec: ClassSpec, config: Mapping[str, Any], d
                 "'sde-dpmsolver++' is not supported by fastdiff: diffusers' third-order SDE step is not "
                 "third order (fastdiff's dpmpp_3m_sde is k-diffusion's)"
             )
-        if config.get("euler_at_final") and config.get("final_sigmas_type") != "zero":
-            raise ValueError(
-                "DPMSolverMultistepScheduler config field euler_at_final=True is supported only with "
-                f"final_sigmas_type='zero', got final_sigmas_type={config.get('final_sigmas_type')!r}"
-            )
     if "prediction_type" in config and spec.grid != "flow" and config["prediction_type"] not in PREDICTIONS:
         raise ValueError(
             f"{class_name} config field prediction_type={config['prediction_type']!r} is not supported "
@@ -294,19 +291,21 @@ def _check_fields(class_name: str, spec: ClassSpec, config: Mapping[str, Any], d
         )
 
 
-def _prediction_and_schedule(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, Schedule]:
+def _prediction_and_schedule(spec: ClassSpec, config: Mapping[str, Any], instance: Any) -> tuple[str, Schedule]:
     if spec.grid == "flow":
         # x_t = (1 - t) x0 + t eps, the network fed t * num_train_timesteps; the grid decides where t runs.
         return "flow", Schedule.flow(t_min=1e-9, t_max=1.0, time_scale=float(config["num_train_timesteps"]))
-    return PREDICTIONS[config.get("prediction_type", "epsilon")], schedule_of_table(class_name, config)
+    return PREDICTIONS[config.get("prediction_type", "epsilon")], schedule_of_table(instance.alphas_cumprod)
 
 
-def schedule_of_table(class_name: str, config: Mapping[str, Any]) -> Schedule:
-    """The schedule of the class's own ``alphas_cumprod`` table: diffusers computes it in float32 (every beta
+def schedule_of_table(alphas_cumprod: Any) -> Schedule:
+    """The schedule of a class's own ``alphas_cumprod`` table: diffusers computes it in float32 (every beta
     schedule it has, zero-SNR rescaling, and the sigma-based classes' 2**-24 in place of a zero terminal SNR), and
     fastdiff takes those values as they are, so its float64 rows are diffusers' steps without diffusers' float32
-    step arithmetic (1 - abar near abar = 1 is where the float32 table differs from the exact one most)."""
-    abar = getattr(_diffusers(), class_name)(**config).alphas_cumprod.double().numpy()
+    step arithmetic."""
+    abar = np.asarray(
+        alphas_cumprod.double().numpy() if hasattr(alphas_cumprod, "numpy") else alphas_cumprod, dtype=np.float64
+    ).copy()
     # With rescale_betas_zero_snr the sigma-based classes end on 2**-24 in place of 0, above the entry before it.
     # Their steps only see (alpha, sigma) at their own sigmas, tied by alpha^2 = 1 / (1 + (sigma / alpha)^2), so the
     # end is put below that entry: the table stays a schedule that holds every sigma diffusers steps through (4096,
@@ -322,7 +321,13 @@ def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, 
         return "ddpm", {"variance_type": "fixed_large" if config["variance_type"] == "fixed_large" else "fixed_small"}
     if class_name == "DPMSolverMultistepScheduler":
         sde = config["algorithm_type"] == "sde-dpmsolver++"
-        options = {"lower_order_final": bool(config["lower_order_final"]), "solver_type": config["solver_type"]}
+        if config["solver_order"] == 1:  # DPM-Solver++(1) is DDIM; its SDE form is DDIM with eta = 1
+            return "ddim", {"eta": 1.0} if sde else {}
+        options = {
+            "lower_order_final": bool(config["lower_order_final"]),
+            "solver_type": config["solver_type"],
+            "euler_at_final": bool(config["euler_at_final"]),
+        }
         if config["solver_order"] == 3:
             return "dpmpp_3m", dict(options, legacy_third_order=True)
         return ("dpmpp_2m_sde" if sde else "dpmpp_2m"), options

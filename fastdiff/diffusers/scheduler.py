@@ -243,6 +243,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         step noise where the original scheduler draws it.
         """
         eta, recompute = float(eta), bool(use_clipped_model_output)
+        if self.setup.config.get("variance_type") in ("learned", "learned_range") and self.setup.spec.grid == "sigmas":
+            model_output = model_output[:, : sample.shape[1]]  # DPMSolverMultistep drops the variance channels
         if self._stateless():
             prog, k = self._timestep_row(timestep, eta, recompute, sample.device), 0
         else:
@@ -251,7 +253,10 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             prog, _ = self._program(eta, recompute, sample.device)
             k = self._stage - self._start
             if k >= prog.stages:
-                raise ValueError(f"step called {self._stage + 1} times; the scheduler has {len(self.timesteps)} steps")
+                raise ValueError(
+                    f"no step from timesteps[{self._stage}]: the scheduler has {len(self.timesteps)} steps, and its "
+                    "multistep solvers stop before a timestep listed twice (a zero step size)"
+                )
         out, x0 = self._apply(prog, k, model_output, float(timestep), sample, eta, generator, variance_noise)
         if not self._stateless():
             self._stage += 1
@@ -394,13 +399,20 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             grid, options = self._grid, dict(self.options)
             step = self._grid_index(self._start or 0) if self.setup.class_name in _FRESH_HISTORY else 0
             if step:
-                grid = Grid(
-                    *(np.asarray(a)[step:] for a in (grid.t, grid.alpha, grid.sigma, grid.log_snr, grid.model_time))
-                )
+                grid = _cut(grid, step, len(grid.t))
                 if options.get("lower_order_final") and self.setup.class_name in _SHORT_RUN_RULE:
                     # diffusers lowers the last steps only when the whole schedule is short
                     options["lower_order_final"] = len(self.timesteps) < 15
-            self._programs[key] = self._finish(grid, eta, recompute_eps, options, device)
+            try:
+                self._programs[key] = self._finish(grid, eta, recompute_eps, options, device)
+            except ValueError:
+                # A point listed twice inside the grid (rounded timesteps of a short training schedule) is a zero
+                # step size that a multistep step divides by, in diffusers too: the program stops before it.
+                repeats = np.nonzero(np.diff(np.asarray(grid.t)) == 0)[0]
+                if not len(repeats) or self.setup.class_name not in _FRESH_HISTORY:
+                    raise
+                grid = _cut(grid, 0, int(repeats[0]) + 1)
+                self._programs[key] = self._finish(grid, eta, recompute_eps, options, device)
         return self._programs[key]
 
     def _grid_index(self, stage: int) -> int:
@@ -458,6 +470,11 @@ _PEER_TABLES = frozenset(
 _LAST_STEP_IF_UNLISTED = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
 _FRESH_HISTORY = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
 _SHORT_RUN_RULE = frozenset({"DPMSolverMultistepScheduler", "DEISMultistepScheduler"})
+
+
+def _cut(grid: Grid, start: int, end: int) -> Grid:
+    """Points ``start:end`` of ``grid``."""
+    return Grid(*(np.asarray(a)[start:end] for a in (grid.t, grid.alpha, grid.sigma, grid.log_snr, grid.model_time)))
 
 
 def _y_space(prog: Program, setup: SchedulerSetup, device: torch.device) -> tuple[Program, np.ndarray]:
