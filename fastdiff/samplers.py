@@ -58,6 +58,7 @@ OPTION_KINDS: dict[str, Any] = {
     **dict.fromkeys(("lower_order_final", "legacy_third_order", "euler_at_final"), "bool"),
     "variance_type": ("fixed_small", "fixed_large"),
     "solver_type": ("midpoint", "heun"),
+    "variant": ("bh1", "bh2"),
     "step_rule": ("expected", "norms"),
     "times": "reals",
 }
@@ -269,9 +270,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
             False,
             1,
             ALL_PREDICTIONS,
-            ("solver_order", "lower_order_final"),
-            "UniPC bh2 predictor + corrector on x0 (diffusers' UniPCMultistepScheduler defaults; "
-            "the corrector makes solver_order 2 a third-order method)",
+            ("solver_order", "lower_order_final", "variant"),
+            "UniPC predictor + corrector on x0 (diffusers' UniPCMultistepScheduler with predict_x0), solver_order "
+            "1-3 (default 2; the corrector raises the order by one), variant 'bh2' (default) or 'bh1'",
             discrete_spacing="trailing",
         ),
         SamplerInfo(

@@ -130,9 +130,9 @@ REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
         ("dpmsolver++", "sde-dpmsolver++"),
         "fastdiff implements the data-prediction (++) solvers",
     ),
-    ("UniPCMultistepScheduler", "solver_type"): (("bh2",), "fastdiff's unipc is the bh2 variant"),
+    ("UniPCMultistepScheduler", "solver_type"): (("bh1", "bh2"), "diffusers maps every other name onto bh2"),
     ("UniPCMultistepScheduler", "predict_x0"): ((True,), "fastdiff's unipc predicts x0"),
-    ("UniPCMultistepScheduler", "solver_order"): ((1, 2), "fastdiff's unipc takes solver_order 1 or 2"),
+    ("UniPCMultistepScheduler", "solver_order"): ((1, 2, 3), "fastdiff's unipc takes solver_order 1, 2 or 3"),
     ("UniPCMultistepScheduler", "disable_corrector"): (([], ()), "fastdiff's unipc corrects every step"),
     ("UniPCMultistepScheduler", "solver_p"): ((None,), "a custom predictor cannot be a coefficient program"),
     ("*", "use_flow_sigmas"): ((False,), "flow sigmas on a VP scheduler are not supported; use FlowMatch* schedulers"),
@@ -332,10 +332,10 @@ def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, 
             return "dpmpp_3m", dict(options, legacy_third_order=True)
         return ("dpmpp_2m_sde" if sde else "dpmpp_2m"), options
     if class_name in ("UniPCMultistepScheduler", "DEISMultistepScheduler"):
-        return spec.sampler, {
-            "solver_order": int(config["solver_order"]),
-            "lower_order_final": bool(config["lower_order_final"]),
-        }
+        options = {"solver_order": int(config["solver_order"]), "lower_order_final": bool(config["lower_order_final"])}
+        if class_name == "UniPCMultistepScheduler":
+            options["variant"] = config["solver_type"]
+        return spec.sampler, options
     return spec.sampler, {}
 
 

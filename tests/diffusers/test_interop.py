@@ -275,7 +275,6 @@ def test_clip_sample_changes_the_samples_as_diffusers():
         ("PNDMScheduler", "skip_prk_steps", False),
         ("DDPMScheduler", "variance_type", "learned_range"),
         ("DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver"),
-        ("UniPCMultistepScheduler", "solver_type", "bh1"),
         ("UniPCMultistepScheduler", "predict_x0", False),
         ("FlowMatchEulerDiscreteScheduler", "stochastic_sampling", True),
     ],
