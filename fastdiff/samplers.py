@@ -54,7 +54,7 @@ class SamplerInfo:
 
 OPTION_KINDS: dict[str, Any] = {
     **dict.fromkeys(("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "snr", "rtol", "atol"), "real"),
-    **dict.fromkeys(("order", "solver_order", "n_corrector"), "int"),
+    **dict.fromkeys(("order", "solver_order", "n_corrector", "prk_steps"), "int"),
     **dict.fromkeys(("lower_order_final", "legacy_third_order", "euler_at_final"), "bool"),
     "variance_type": ("fixed_small", "fixed_large"),
     "solver_type": ("midpoint", "heun"),
@@ -249,9 +249,10 @@ SAMPLERS: dict[str, SamplerInfo] = {
             False,
             1,
             ALL_PREDICTIONS,
-            (),
-            "PLMS (pseudo linear multistep; diffusers' PNDMScheduler with skip_prk_steps): Adams-Bashforth "
-            "weights on the network outputs, DDIM's transfer; the first step costs 2 evaluations",
+            ("prk_steps",),
+            "PLMS (pseudo linear multistep; diffusers' PNDMScheduler): Adams-Bashforth weights on the network "
+            "outputs, DDIM's transfer; the first step costs 2 evaluations, or with prk_steps=3 (diffusers' "
+            "default, skip_prk_steps=False) the first 3 steps are pseudo Runge-Kutta steps of 4 evaluations each",
         ),
         SamplerInfo(
             "lms",

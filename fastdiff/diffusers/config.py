@@ -117,10 +117,6 @@ HONOURED = frozenset(
 
 # (class or "*", field) -> (allowed values, why the others are refused).
 REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
-    ("PNDMScheduler", "skip_prk_steps"): (
-        (True,),
-        "fastdiff's pndm is PLMS; the Runge-Kutta warm-up steps are not implemented",
-    ),
     ("DDPMScheduler", "variance_type"): (
         ("fixed_small", "fixed_small_log", "fixed_large"),
         "learned variances need the network's variance channels; diffusers' "
@@ -317,6 +313,8 @@ def schedule_of_table(alphas_cumprod: Any) -> Schedule:
 
 
 def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if class_name == "PNDMScheduler":  # diffusers' pndm_order 4: three Runge-Kutta steps start the history
+        return "pndm", {"prk_steps": 0 if config["skip_prk_steps"] else 3}
     if class_name == "DDPMScheduler":
         return "ddpm", {"variance_type": "fixed_large" if config["variance_type"] == "fixed_large" else "fixed_small"}
     if class_name == "DPMSolverMultistepScheduler":

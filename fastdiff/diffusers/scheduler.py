@@ -127,6 +127,12 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                     "__module__": __name__,
                     "__doc__": f"FastdiffScheduler running {source_class} (see FastdiffScheduler.for_class).",
                     "_bound_source": source_class,
+                    # PNDM's two phases by name (its pipelines call step; its tests call these): one program runs both
+                    **(
+                        {"step_prk": FastdiffScheduler.step, "step_plms": FastdiffScheduler.step}
+                        if source_class == "PNDMScheduler"
+                        else {}
+                    ),
                 },
             )
         return bound
@@ -392,6 +398,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         key = (eta, recompute_eps, str(device))
         if key not in self._programs:
             if self._grid is None:
+                if self.timesteps is None:  # PNDM has none before set_timesteps
+                    raise ValueError("call set_timesteps before step")
                 try:
                     self._grid = grid_of(self.setup, self._peer)
                 except ValueError as exc:
