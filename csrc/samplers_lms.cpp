@@ -33,31 +33,36 @@ struct Transfer {
 };
 Transfer transfer(double a, double s, double a2, double s2) { return {a2 / a, s2 - a2 * s / a}; }
 
-// The half point of a Runge-Kutta step from t to t2: diffusers' t - (N // steps) // 2 on a discrete schedule (its
-// steps there are N // steps apart), the midpoint elsewhere.
-double half_point(const Schedule& sch, double t, double t2) {
-  return sch.kind() == Kind::VPDiscrete ? t - std::floor((t - t2) / 2.0) : 0.5 * (t + t2);
-}
-
 // diffusers' pseudo Runge-Kutta step (step_prk) from g[i] to g[i + 1] as four stages. Every stage moves the step's
 // start x_s by the transfer T with a combination of the outputs e1..e4 (eps converted with x_s at g[i], as diffusers
-// does): x1 = T(s -> mid, e1), x2 = T(s -> mid, e2), x3 = T(s -> end, e3), x4 = T(s -> end, (e1 + 2 e2 + 2 e3 + e4) / 6).
+// does): x1 = T(s -> mid_a, e1), x2 = T(s -> mid_b, e2), x3 = T(s -> end, e3), x4 = T(s -> end, (e1 + 2 e2 + 2 e3 +
+// e4) / 6), the network fed mid_b at x1 and x2. On a discrete schedule diffusers' half points are mid_a = t -
+// (N // steps) // 2 and mid_b = t2 + (N // steps) // 2 (they differ by one for an odd step), elsewhere the midpoint.
 // x_s is no stage's input after the first, so each row recovers it from its input state and a stored output: with
-// x1 = p1 x_s + q1 e1 and x3 = p2 x_s + q2 e3 (p, q the transfer's weights), stage 1 keeps e1 in `ets` (the PLMS
-// history, slot ets % 3), stage 2 keeps e2 in `tmp`, stage 3 overwrites it with h3 = x2 + beta e3, and stage 4
-// is c x3 + gamma h3 + q2 e1 / 6 + q2 e4 / 6, the one combination of x3 and h3 carrying p2 x_s + q2 (e2 + e3) / 3.
+// x1 = pa x_s + qa e1, x2 = pb x_s + qb e2 and x3 = p2 x_s + q2 e3 (the transfers' weights), stage 1 keeps e1 in
+// `ets` (the PLMS history, slot ets % 3), stage 2 keeps e2 in `tmp`, stage 3 overwrites it with h3 = x2 + beta e3,
+// and stage 4 is c x3 + gamma h3 + q2 e1 / 6 + q2 e4 / 6, the one combination of x3 and h3 that carries
+// p2 x_s + q2 (e2 + e3) / 3.
 void prk_step(Program& prog, const Schedule& sch, const std::vector<double>& g, int i, const std::string& prediction,
               int ets, int tmp) {
-  const double t = g[i], t2 = g[i + 1], mid = half_point(sch, t, t2);
+  const double t = g[i], t2 = g[i + 1];
+  const bool discrete = sch.kind() == Kind::VPDiscrete;
+  const double half = discrete ? std::floor((t - t2) / 2.0) : 0.5 * (t - t2);
+  const double mid_a = t - half, mid_b = t2 + half;
   const double a = sch.alpha(t), s = sch.sigma(t);
   Linear x0, eps;
   prediction_to_x0_eps(prediction, a, s, x0, eps);
-  const Transfer half = transfer(a, s, sch.alpha(mid), sch.sigma(mid));
-  const Transfer full = transfer(a, s, sch.alpha(t2), sch.sigma(t2));
-  const double p1 = half.tx + half.te * eps.x, q1 = half.te * eps.m;
-  const double p2 = full.tx + full.te * eps.x, q2 = full.te * eps.m;
-  const double gamma = q2 / (3.0 * q1), c = 1.0 - gamma * p1 / p2, beta = (q2 / 3.0 - c * q2) / gamma;
-  const double times[4] = {t, mid, mid, t2};
+  auto weights = [&](double to, double& p, double& q) {
+    const Transfer tr = transfer(a, s, sch.alpha(to), sch.sigma(to));
+    p = tr.tx + tr.te * eps.x;
+    q = tr.te * eps.m;
+  };
+  double pa, qa, pb, qb, p2, q2;
+  weights(mid_a, pa, qa);
+  weights(mid_b, pb, qb);
+  weights(t2, p2, q2);
+  const double gamma = q2 / (3.0 * qb), c = 1.0 - gamma * pb / p2, beta = (q2 / 3.0 - c * q2) / gamma;
+  const double times[4] = {t, mid_b, mid_b, t2};
   int k[4];
   for (int j = 0; j < 4; ++j) {
     k[j] = prog.add_stage(sch, times[j], i);
@@ -66,20 +71,20 @@ void prk_step(Program& prog, const Schedule& sch, const std::vector<double>& g, 
     prog.at(k[j], EX) = x0j.x;
     prog.at(k[j], EM) = x0j.m;
   }
-  prog.at(k[0], CX) = p1;  // x1 = p1 x_s + q1 e1; keep e1
-  prog.at(k[0], CM) = q1;
+  prog.at(k[0], CX) = pa;  // x1 = pa x_s + qa e1; keep e1
+  prog.at(k[0], CM) = qa;
   prog.meta_at(k[0], WRITE) = ets % kSlots;
   prog.at(k[0], DM) = 1.0;
-  prog.at(k[1], CX) = 1.0;  // x2 = x1 - q1 e1 + q1 e2; keep e2
-  prog.at(k[1], CM) = q1;
+  prog.at(k[1], CX) = pb / pa;  // x2 = (pb / pa) (x1 - qa e1) + qb e2; keep e2
+  prog.at(k[1], CM) = qb;
   prog.meta_at(k[1], READ0) = ets % kSlots;
-  prog.at(k[1], CH0) = -q1;
+  prog.at(k[1], CH0) = -pb * qa / pa;
   prog.meta_at(k[1], WRITE) = tmp;
   prog.at(k[1], DM) = 1.0;
-  prog.at(k[2], CX) = p2 / p1;  // x3 = (p2 / p1) (x2 - q1 e2) + q2 e3; h3 = x2 + beta e3
+  prog.at(k[2], CX) = p2 / pb;  // x3 = (p2 / pb) (x2 - qb e2) + q2 e3; h3 = x2 + beta e3
   prog.at(k[2], CM) = q2;
   prog.meta_at(k[2], READ0) = tmp;
-  prog.at(k[2], CH0) = -p2 * q1 / p1;
+  prog.at(k[2], CH0) = -p2 * qb / pb;
   prog.meta_at(k[2], WRITE) = tmp;
   prog.at(k[2], DX) = 1.0;
   prog.at(k[2], DM) = beta;

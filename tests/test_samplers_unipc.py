@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import solve_ivp
+from sampler_helpers import pf_ode_reference
 
 from fastdiff import Pipeline, Schedule
 from fastdiff.demos.mixture import default_mixture
@@ -136,25 +136,13 @@ def test_bad_solver_order():
     assert get_sampler("unipc").order == 3 and not get_sampler("unipc").stochastic
 
 
-def _pf_ode_reference(gmm, sch: Schedule, x: np.ndarray, t0: float, t1: float) -> np.ndarray:
-    """PF-ODE solution by scipy's DOP853 at rtol 1e-11 with the exact GMM score (independent of fastdiff)."""
-    shape = x.shape
-
-    def f(t, y):
-        xt = torch.as_tensor(y.reshape(shape))
-        score = gmm.score_noised(xt, float(sch.alpha(t)), float(sch.sigma(t))).numpy()
-        return (float(sch.drift_coef(t)) * y.reshape(shape) - 0.5 * float(sch.g2(t)) * score).ravel()
-
-    return solve_ivp(f, (t0, t1), x.ravel(), method="DOP853", rtol=1e-11, atol=1e-11).y[:, -1].reshape(shape)
-
-
 @pytest.fixture(scope="module")
 def smooth_reference():
     """A smooth 2-D mixture, VP-linear schedule, 16 starting points and their accurate PF-ODE endpoints."""
     gmm = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, -0.5]]), torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.4]))
     sch = Schedule.vp_linear()
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return gmm, sch, x, _pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
+    return gmm, sch, x, pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
 
 
 @pytest.mark.parametrize(
