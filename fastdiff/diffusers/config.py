@@ -137,6 +137,10 @@ REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
 }
 
 
+DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+"""The variance_type names DDPMScheduler knows."""
+
+
 def _diffusers() -> Any:
     """The real diffusers library (imported on first use; fastdiff does not need it otherwise)."""
     return importlib.import_module("diffusers")
@@ -231,6 +235,8 @@ def scheduler_setup(scheduler_or_config: Any) -> SchedulerSetup:
     # algorithm_type "deis" is "dpmsolver++", UniPC's solver_type "midpoint" is "bh2", ...) and refuses its own.
     instance = cls(**full)
     full = {k: instance.config.get(k, v) for k, v in full.items()}
+    if class_name == "DDPMScheduler" and full["variance_type"] not in DDPM_VARIANCES:
+        full["variance_type"] = "fixed_small"  # DDPMScheduler.step adds the fixed_small noise for a name it lacks
     _check_fields(class_name, spec, full, defaults)
     prediction, schedule = _prediction_and_schedule(spec, full, instance)
     sampler, options = _sampler_and_options(class_name, spec, full)

@@ -39,7 +39,7 @@ from fastdiff.diffusers.config import (
     set_timesteps,
     timestep_step_grid,
 )
-from fastdiff.kernels.reference import CH0, CH1, CH2, CM, CX, CX0, CZ, DX, EX
+from fastdiff.kernels.reference import CH0, CH1, CH2, CM, CX, CX0, CZ, DX, EM, EX
 from fastdiff.program import Program, build_program
 from fastdiff.runtime.step import fused_step
 from fastdiff.samplers import get_sampler
@@ -443,6 +443,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if "eta" in get_sampler(self.sampler).options and eta:
             options["eta"] = eta
         prog = build_program(self.setup.schedule, grid, self.sampler, self.setup.prediction, device, **options)
+        if self.setup.class_name == "DDPMScheduler" and self.sampler == "ddpm" and prog.stages == 1:
+            prog = _ddpm_float32_row(prog, self._peer, grid, options["variance_type"])
         if self.setup.x0_clip is not None:
             prog = self.setup.x0_clip.with_recompute_eps(recompute_eps).program(prog)
         scale_in = np.ones(prog.stages)
@@ -478,6 +480,28 @@ _PEER_TABLES = frozenset(
 _LAST_STEP_IF_UNLISTED = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
 _FRESH_HISTORY = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
 _SHORT_RUN_RULE = frozenset({"DPMSolverMultistepScheduler", "DEISMultistepScheduler"})
+
+
+def _ddpm_float32_row(prog: Program, peer: Any, grid: Grid, variance_type: str) -> Program:
+    """The one-step DDPM program with its step weights as DDPMScheduler forms them, in float32.
+
+    Its beta for the step, ``1 - abar_t / abar_prev``, cancels in float32 near the clean end (at t = 1, a relative
+    error of 5e-4), which moves diffusers' own samples by more than its full-loop tests allow; the drop-in takes
+    those weights (not its float64 ones) so that its results are diffusers'.
+    """
+    abar = peer.alphas_cumprod
+    t, prev = int(grid.t[0]), int(round(float(grid.t[1])))
+    a_t = abar[t]
+    a_prev = abar[prev] if prev >= 0 else peer.one
+    beta_t = 1 - a_t / a_prev
+    x0_weight = float(a_prev**0.5 * beta_t / (1 - a_t))
+    x_weight = float((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t))
+    variance = beta_t if variance_type == "fixed_large" else torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
+    coef = np.array(prog.coef, dtype=np.float64, copy=True)
+    coef[0, CX] = x0_weight * coef[0, EX] + x_weight
+    coef[0, CM] = x0_weight * coef[0, EM]
+    coef[0, CZ] = float(variance**0.5) if t > 0 else 0.0
+    return replace(prog, coef=coef, coef_device=torch.as_tensor(coef, dtype=torch.float64).to(prog.coef_device.device))
 
 
 def _cut(grid: Grid, start: int, end: int) -> Grid:

@@ -37,6 +37,14 @@ SCHEDULERS = [
     ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 2.0}),
     ("UniPCMultistepScheduler", {}),
     ("DEISMultistepScheduler", {}),
+    # beyond those: the classes' other defaults and options
+    ("PNDMScheduler", {}),
+    ("DDIMScheduler", {"thresholding": True, "sample_max_value": 0.5}),
+    ("DPMSolverMultistepScheduler", {"solver_order": 1}),
+    ("DPMSolverMultistepScheduler", {"euler_at_final": True, "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", {"solver_order": 3}),
+    ("EulerDiscreteScheduler", {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}),
 ]
 SD_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -272,7 +280,6 @@ def test_clip_sample_changes_the_samples_as_diffusers():
 @pytest.mark.parametrize(
     "name,field,value",
     [
-        ("PNDMScheduler", "skip_prk_steps", False),
         ("DDPMScheduler", "variance_type", "learned_range"),
         ("DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver"),
         ("UniPCMultistepScheduler", "predict_x0", False),
