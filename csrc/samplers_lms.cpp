@@ -1,7 +1,7 @@
 // Linear multistep samplers with constant-free history, as coefficient programs:
-//   pndm  PLMS (Liu et al. 2022, pseudo linear multistep), diffusers' PNDMScheduler with skip_prk_steps, or with
-//         prk_steps = 3 its default warm-up of three pseudo Runge-Kutta steps (prk_step below, four stages each,
-//         their first outputs starting the history; one more slot, kSlots, holds a step's partial outputs):
+//   pndm  PLMS (Liu et al. 2022, pseudo linear multistep), diffusers' PNDMScheduler with skip_prk_steps, and
+//         pndm_prk its default: a warm-up of three pseudo Runge-Kutta steps (prk_step below, four stages each, their
+//         first outputs starting the history; a fourth slot, kSlots, holds a step's partial outputs):
 //         the transfer x' = (alpha'/alpha) x + (sigma' - alpha' sigma / alpha) e (DDIM's eta = 0 step, which
 //         is diffusers' formula (9) written for any alpha/sigma) applied to a combination e of the last
 //         network outputs, converted to eps with the current state: step 0 is a Heun-like pair of stages
@@ -97,18 +97,14 @@ void prk_step(Program& prog, const Schedule& sch, const std::vector<double>& g, 
   for (int j = 0; j < 4; ++j) check_row(prog, k[j], "pndm", prediction, times[j]);
 }
 
-void build_pndm(Program& prog, const Schedule& sch, const std::vector<double>& g, const std::string& prediction,
-                const SamplerOptions& opt) {
+// PLMS after `prk` pseudo Runge-Kutta steps (0: the Heun-like start of skip_prk_steps).
+void plms(Program& prog, const Schedule& sch, const std::vector<double>& g, const std::string& prediction, int prk) {
   static const double kAB[4][4] = {{1, 0, 0, 0}, {1.5, -0.5, 0, 0}, {23.0 / 12, -16.0 / 12, 5.0 / 12, 0},
                                    {55.0 / 24, -59.0 / 24, 37.0 / 24, -9.0 / 24}};
   const int n = static_cast<int>(g.size()) - 1;
-  const double prk_d = opt.get("prk_steps", 0.0);
-  if (prk_d != 0.0 && prk_d != 1.0 && prk_d != 2.0 && prk_d != 3.0)
-    throw std::invalid_argument("prk_steps must be 0, 1, 2 or 3 for pndm, got " + std::to_string(prk_d));
-  const int prk = static_cast<int>(prk_d);
   if (prk > 0 && n <= prk)
-    throw std::invalid_argument("pndm with prk_steps=" + std::to_string(prk) + " needs more than " +
-                                std::to_string(prk) + " steps, got " + std::to_string(n));
+    throw std::invalid_argument("pndm_prk needs more than " + std::to_string(prk) + " steps (its " +
+                                std::to_string(prk) + " Runge-Kutta steps come first), got " + std::to_string(n));
   for (int i = 0; i < prk; ++i) prk_step(prog, sch, g, i, prediction, i, kSlots);
   for (int i = prk; i < n; ++i) {
     const Step p = begin_step(prog, sch, g, i, prediction);
@@ -192,7 +188,19 @@ void build_lms(Program& prog, const Schedule& sch, const std::vector<double>& g,
   }
 }
 
-const bool kRegistered = register_sampler("pndm", &build_pndm) && register_sampler("lms", &build_lms);
+void build_pndm(Program& prog, const Schedule& sch, const std::vector<double>& g, const std::string& prediction,
+                const SamplerOptions&) {
+  plms(prog, sch, g, prediction, 0);
+}
+
+// diffusers' PNDMScheduler default (pndm_order 4): three Runge-Kutta steps, then PLMS.
+void build_pndm_prk(Program& prog, const Schedule& sch, const std::vector<double>& g, const std::string& prediction,
+                    const SamplerOptions&) {
+  plms(prog, sch, g, prediction, 3);
+}
+
+const bool kRegistered = register_sampler("pndm", &build_pndm) && register_sampler("pndm_prk", &build_pndm_prk) &&
+                         register_sampler("lms", &build_lms);
 
 }  // namespace
 }  // namespace fastdiff

@@ -54,7 +54,7 @@ class SamplerInfo:
 
 OPTION_KINDS: dict[str, Any] = {
     **dict.fromkeys(("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "snr", "rtol", "atol"), "real"),
-    **dict.fromkeys(("order", "solver_order", "n_corrector", "prk_steps"), "int"),
+    **dict.fromkeys(("order", "solver_order", "n_corrector"), "int"),
     **dict.fromkeys(("lower_order_final", "legacy_third_order", "euler_at_final"), "bool"),
     "variance_type": ("fixed_small", "fixed_large"),
     "solver_type": ("midpoint", "heun"),
@@ -249,10 +249,20 @@ SAMPLERS: dict[str, SamplerInfo] = {
             False,
             1,
             ALL_PREDICTIONS,
-            ("prk_steps",),
-            "PLMS (pseudo linear multistep; diffusers' PNDMScheduler): Adams-Bashforth weights on the network "
-            "outputs, DDIM's transfer; the first step costs 2 evaluations, or with prk_steps=3 (diffusers' "
-            "default, skip_prk_steps=False) the first 3 steps are pseudo Runge-Kutta steps of 4 evaluations each",
+            (),
+            "PLMS (pseudo linear multistep; diffusers' PNDMScheduler with skip_prk_steps): Adams-Bashforth "
+            "weights on the network outputs, DDIM's transfer; the first step costs 2 evaluations",
+        ),
+        SamplerInfo(
+            "pndm_prk",
+            4,
+            False,
+            1,
+            ALL_PREDICTIONS,
+            (),
+            "PNDM as diffusers' PNDMScheduler default (skip_prk_steps=False): 3 pseudo Runge-Kutta steps of 4 "
+            "evaluations each, then PLMS; more than 3 steps; 4 history slots, so not served per row (the "
+            "serving engine's pool holds 3)",
         ),
         SamplerInfo(
             "lms",

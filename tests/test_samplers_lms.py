@@ -66,7 +66,7 @@ def test_pndm_runge_kutta_start_equals_diffusers(steps, prediction, ptype):
         x = sched.step(model(x, torch.full((B,), float(t))), t, x).prev_sample
     t = np.concatenate([sched._timesteps[::-1].astype(np.float64), [0.0]])
     grid = Grid(t=t, alpha=schedule.alpha(t), sigma=schedule.sigma(t), log_snr=schedule.log_snr(t), model_time=t)
-    prog = build_program(schedule, grid, "pndm", prediction, torch.device("cpu"), prk_steps=3)
+    prog = build_program(schedule, grid, "pndm_prk", prediction, torch.device("cpu"))
     assert prog.stages == len(sched.timesteps) and prog.slots == 4
     assert np.array_equal(prog.model_time, sched.timesteps.numpy())  # the half points diffusers feeds
     ours = Pipeline(model, schedule, prediction=prediction, device="cpu").run_program(prog, x_T)
@@ -75,7 +75,7 @@ def test_pndm_runge_kutta_start_equals_diffusers(steps, prediction, ptype):
 
 def test_pndm_runge_kutta_start_converges_to_the_exact_flow():
     """On a smooth mixture with its exact score, the Runge-Kutta start keeps PLMS's second order against an accurate
-    PF-ODE solution (continuous schedule: the half point is the midpoint), and a bad prk_steps is refused."""
+    PF-ODE solution (continuous schedule: the half point is the midpoint); it needs more steps than its warm-up."""
     gmm = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, -0.5]]), torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.4]))
     sch = Schedule.vp_linear()
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -83,15 +83,13 @@ def test_pndm_runge_kutta_start_converges_to_the_exact_flow():
     pipe = Pipeline(gmm.as_model(sch, "eps"), sch, "eps", device="cpu")
     steps, errors = [10, 20, 40, 80], []
     for n in steps:
-        prog = build_program(sch, sch.grid(n, spacing="logsnr"), "pndm", "eps", torch.device("cpu"), prk_steps=3)
+        prog = build_program(sch, sch.grid(n, spacing="logsnr"), "pndm_prk", "eps", torch.device("cpu"))
         out = pipe.run_program(prog, x.float()).double().numpy()
         errors.append(float(np.sqrt(np.mean((out - ref) ** 2))))
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert abs(slope - 2.0) < 0.3 and errors[-1] < 2e-3, (errors, slope)
-    with pytest.raises(ValueError, match="prk_steps must be 0, 1, 2 or 3"):
-        build_program(sch, sch.grid(10), "pndm", "eps", torch.device("cpu"), prk_steps=4)
     with pytest.raises(ValueError, match="needs more than 3 steps"):
-        build_program(sch, sch.grid(3), "pndm", "eps", torch.device("cpu"), prk_steps=3)
+        build_program(sch, sch.grid(3), "pndm_prk", "eps", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("steps", [1, 5, 10, 25])

@@ -320,7 +320,7 @@ def schedule_of_table(alphas_cumprod: Any) -> Schedule:
 
 def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if class_name == "PNDMScheduler":  # diffusers' pndm_order 4: three Runge-Kutta steps start the history
-        return "pndm", {"prk_steps": 0 if config["skip_prk_steps"] else 3}
+        return ("pndm" if config["skip_prk_steps"] else "pndm_prk"), {}
     if class_name == "DDPMScheduler":
         return "ddpm", {"variance_type": "fixed_large" if config["variance_type"] == "fixed_large" else "fixed_small"}
     if class_name == "DPMSolverMultistepScheduler":
