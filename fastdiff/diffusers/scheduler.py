@@ -405,7 +405,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                 except ValueError as exc:
                     raise ValueError("call set_timesteps before step") from exc
             grid, options = self._grid, dict(self.options)
-            step = self._grid_index(self._start or 0) if self.setup.class_name in _FRESH_HISTORY else 0
+            step = self._start or 0  # nonzero only for the multistep solvers, one timestep per grid point
             if step:
                 grid = _cut(grid, step, len(grid.t))
                 if options.get("lower_order_final") and self.setup.class_name in _SHORT_RUN_RULE:
@@ -422,18 +422,6 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                 grid = _cut(grid, 0, int(repeats[0]) + 1)
                 self._programs[key] = self._finish(grid, eta, recompute_eps, options, device)
         return self._programs[key]
-
-    def _grid_index(self, stage: int) -> int:
-        """The grid point ``timesteps[stage]`` steps from (Heun lists each point but the first twice)."""
-        if stage == 0:
-            return 0
-        if self.setup.spec.repeats and self.setup.spec.grid != "timesteps":
-            if stage % 2 == 1:
-                raise ValueError(f"cannot start at the second stage of a {self.setup.class_name} step (index {stage})")
-            return stage // 2
-        if self.setup.spec.repeats:
-            raise ValueError(f"{self.setup.class_name} starts at its first timestep")
-        return stage
 
     def _finish(
         self, grid: Grid, eta: float, recompute_eps: bool, options: dict[str, Any], device: torch.device

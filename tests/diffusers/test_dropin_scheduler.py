@@ -11,7 +11,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from fastdiff.diffusers import FastdiffScheduler  # noqa: E402
+from fastdiff.diffusers import FastdiffScheduler, X0Clip  # noqa: E402
 
 LINEAR = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 
@@ -156,3 +156,19 @@ def test_duplicate_timesteps_stop_the_multistep_program():
     t = ours.timesteps[repeat]
     with pytest.raises(ValueError, match="listed twice"):
         ours.step(_net(x_b, t), t, x_b)
+
+
+def test_thresholding_below_one_and_at_ratio_zero_as_diffusers():
+    """diffusers clamps the per-sample quantile to [1, sample_max_value], which is sample_max_value itself below 1,
+    and takes a quantile ratio of 0 (the smallest |x0|); a bound of 0 or a ratio above 1 is refused."""
+    for extra in ({"sample_max_value": 0.5}, {"sample_max_value": 0.5, "dynamic_thresholding_ratio": 0.0}):
+        theirs, ours = _pair("DDIMScheduler", **LINEAR, thresholding=True, **extra)
+        for s in (theirs, ours):
+            s.set_timesteps(10)
+        x = _state() * 3
+        t = theirs.timesteps[2]
+        _close(ours.step(_net(x, t), t, x).prev_sample, theirs.step(_net(x, t), t, x).prev_sample)
+    with pytest.raises(ValueError, match="sample_max_value must be > 0"):
+        X0Clip(threshold_ratio=0.9, sample_max_value=0.0)
+    with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio must be in \[0, 1\]"):
+        X0Clip(threshold_ratio=1.5)
