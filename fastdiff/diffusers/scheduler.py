@@ -10,6 +10,11 @@ pipeline run gives the original scheduler's latents.
 
 Schedulers whose sample is ``x / alpha`` (Euler, Heun, LMS: they scale the model input by
 ``1 / sqrt(sigma^2 + 1)``) get rows rescaled to read and write that space, so the op still does the whole step.
+
+It behaves as the class it stands in for wherever code reads or drives that class (docs/diffusers.md): timesteps
+and schedule tables from construction, DDIM/DDPM steps from any timestep they take, diffusers' step index for the
+others (a multistep history starting at the first step taken), ``add_noise`` at the step index reached, the config
+round trip; :meth:`FastdiffScheduler.for_class` gives a class constructed as a diffusers class is.
 """
 
 from __future__ import annotations
@@ -127,7 +132,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                     "__module__": __name__,
                     "__doc__": f"FastdiffScheduler running {source_class} (see FastdiffScheduler.for_class).",
                     "_bound_source": source_class,
-                    # PNDM's two phases by name (its pipelines call step; its tests call these): one program runs both
+                    # PNDM's two phases by name (pipelines call step; code driving the phases calls these): one
+                    # program runs both
                     **(
                         {"step_prk": FastdiffScheduler.step, "step_plms": FastdiffScheduler.step}
                         if source_class == "PNDMScheduler"
