@@ -524,6 +524,10 @@ class Engine:
         key = req.program_key()
         if key not in self._programs:
             prog = req.program(self.pipe)
+            if prog.slots > MAX_HISTORY:
+                raise ValueError(
+                    f"sampler {req.sampler!r} keeps {prog.slots} history slots; a serving row holds {MAX_HISTORY}"
+                )
             self._programs[key] = prog
             self._stage_rows[id(prog)] = [
                 (_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k)) for k in range(prog.stages)
