@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fastdiff._ext import C
-from fastdiff.kernels.reference import CM, CX, CX0, DM, DX, DX0, EM, EX
+from fastdiff.kernels.reference import BLEND_A, BLEND_COLS, BLEND_S, BLEND_W, CM, CX, CX0, DM, DX, DX0, EM, EX
 from fastdiff.schedule import Grid, Schedule
 
 
@@ -32,6 +32,7 @@ class Program:
     slots: int
     coef_device: torch.Tensor
     _times: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _blend: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     def model_times(self, batch: int) -> torch.Tensor:
         """``model_time`` as a [stages, batch] float32 tensor on the program's device (made once per batch size;
@@ -41,6 +42,12 @@ class Program:
             per_stage = torch.as_tensor(self.model_time, dtype=torch.float32).to(self.coef_device.device)
             times = self._times[batch] = per_stage[:, None].expand(-1, batch).contiguous()
         return times
+
+    def blend_device(self) -> torch.Tensor:
+        """:func:`blend_table` on the program's device (made once; read-only): what inpainting's fused steps read."""
+        if not self._blend:
+            self._blend.append(torch.as_tensor(blend_table(self), dtype=torch.float64).to(self.coef_device.device))
+        return self._blend[0]
 
     @property
     def stages(self) -> int:
@@ -114,4 +121,45 @@ def clip_form(coef: np.ndarray) -> np.ndarray:
         out[rows, x_col] -= per_x0 * ex
         out[rows, x0_col] += per_x0
         out[rows, m_col] = 0.0
+    return out
+
+
+def edit_start(steps: int, strength: float) -> int:
+    """The step image-to-image starts at for ``strength`` on a ``steps``-step grid: where diffusers'
+    ``get_timesteps`` cuts its timesteps (``init_timestep = min(int(steps * strength), steps)``, the start
+    ``steps - init_timestep``). Raises ValueError when strength leaves no step to run."""
+    init_timestep = min(int(steps * strength), steps)
+    start = max(steps - init_timestep, 0)
+    if start >= steps:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no step to run: raise strength or steps")
+    return start
+
+
+def cut_grid(grid: Grid, start: int) -> Grid:
+    """``grid`` from point ``start`` on (``grid.steps - start`` steps): the grid image-to-image runs."""
+    if not 0 <= start < grid.steps:
+        raise ValueError(f"start must be in [0, {grid.steps}), got {start}")
+    return Grid(
+        t=grid.t[start:],
+        alpha=grid.alpha[start:],
+        sigma=grid.sigma[start:],
+        log_snr=grid.log_snr[start:],
+        model_time=grid.model_time[start:],
+    )
+
+
+def blend_table(prog: Program) -> np.ndarray:
+    """Inpainting's blend rows [stages, 3] (on, alpha, sigma): the last stage of each step replaces the known
+    region by ``alpha init + sigma z`` at the step's end point (the program grid's next point), and the last step by
+    ``init`` itself, as diffusers' inpainting loop does; the other stages (inside a multi-stage step) blend nothing."""
+    out = np.zeros((prog.stages, BLEND_COLS), dtype=np.float64)
+    steps = prog.grid.steps
+    for k in range(prog.stages):
+        step = prog.step_of(k)
+        if k != prog.stages - 1 and prog.step_of(k + 1) == step:
+            continue
+        out[k, BLEND_W] = 1.0
+        last = step == steps - 1
+        out[k, BLEND_A] = 1.0 if last else float(prog.grid.alpha[step + 1])
+        out[k, BLEND_S] = 0.0 if last else float(prog.grid.sigma[step + 1])
     return out
