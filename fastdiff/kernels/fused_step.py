@@ -167,7 +167,8 @@ def _fused_step_kernel(
 
 
 OPTIONAL_TENSORS = (
-    "m_uncond", "noise", "h_out", "x0_out", "clip", "rows", "pool", "row_guidance", "init", "mask", "blend", "init_noise"
+    "m_uncond", "noise", "h_out", "x0_out", "clip", "rows", "pool", "row_guidance",
+    "init", "mask", "blend", "init_noise",
 )  # fmt: skip
 """The launcher's optional tensor arguments: each is present or None, and the kernel specialises on which."""
 
