@@ -173,7 +173,7 @@ inline __attribute__((always_inline)) bool step_item(const FusedStepArgs& a, int
     for (int i = 0; i < n; ++i) {
       const float keep = bw * (1.0f - load(kb, i));
       const float known = ba * load(ib, i) + bs * zk[i];
-      acc[i] += keep * (known - acc[i]);
+      acc[i] = (1.0f - keep) * acc[i] + keep * known;
     }
   }
   const bool blended = brow && bw != 0.0f;

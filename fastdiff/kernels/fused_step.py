@@ -146,7 +146,7 @@ def _fused_step_kernel(
         known = tl.load(brow + 1).to(tl.float32) * tl.load(init_ptr + off, mask=mask, other=0.0).to(tl.float32)
         known += tl.load(brow + 2).to(tl.float32) * zk
         keep = tl.load(brow).to(tl.float32) * (1.0 - tl.load(mask_ptr + off, mask=mask, other=1.0).to(tl.float32))
-        acc += keep * (known - acc)
+        acc = (1.0 - keep) * acc + keep * known
     y = acc.to(x_out_ptr.dtype.element_ty)
     tl.store(x_out_ptr + off, y, mask=mask)
     h = tl.load(row + 6).to(tl.float32) * x + tl.load(row + 7).to(tl.float32) * m

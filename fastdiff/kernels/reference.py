@@ -26,7 +26,7 @@ coefficient row: on/off w, alpha a, sigma s of the state after the step), ``init
 regenerate, 0 = known, as diffusers), the known region of x_next is replaced by ``init`` forward-noised to the
 step's end:
     keep   = w (1 - mask)
-    x_out  = x_next + keep (a init + s zk - x_next)
+    x_out  = (1 - keep) x_next + keep (a init + s zk)      (diffusers' blend: exact at keep 0 and 1)
 zk is Philox noise on its own stream (:data:`STREAM_KNOWN`, keyed by seed, stage and element like z) unless an
 explicit ``init_noise`` tensor is given. h_new and x0_out are not blended (a multistep history holds what the
 network said, as diffusers' schedulers do).
@@ -136,7 +136,7 @@ def _blend_known(
     else:
         zk = torch.ops.fastdiff.philox_normal_rows(seeds, x[0].numel(), stages, STREAM_KNOWN).reshape(x.shape)
     keep = w * (1.0 - mask.to(torch.float32))
-    return acc + keep * (a * init.to(torch.float32) + s * zk - acc)
+    return (1.0 - keep) * acc + keep * (a * init.to(torch.float32) + s * zk)
 
 
 def fused_step_reference(

@@ -1,7 +1,7 @@
 """The Triton kernels compiled for real GPUs, with no GPU: Triton's own compiler and the ptxas bundled in its wheel.
 
 Every specialisation the library can launch -- each constexpr set ``launch_fused_step`` can pass
-(``launchable_constexprs``, derived from the launcher's own flag function and argument checks: 264 sets) in each
+(``launchable_constexprs``, derived from the launcher's own flag function and argument checks: 792 sets) in each
 (state, model-operand) dtype pair the argument checks pass on (5 pairs) -- must compile for sm_80 and sm_90
 (sm_100 too where the bundled ptxas takes it), within ``MAX_REGS`` registers and ``MAX_SPILL_BYTES`` of spills
 per thread. With 16-byte aligned pointers and a per-sample size divisible by 16 (what the JIT specialises a
@@ -22,10 +22,10 @@ per-thread stack is 2 KiB per block, L1-resident: allowed, and reported; more fa
 
 ``CompiledKernel.n_regs`` / ``n_spills`` are filled in only when a driver loads the binary, so the usage is read
 from the cubin with the bundled cuobjdump. Compiling takes ~0.7 s per specialisation and core, so by default the
-test compiles, for every dtype pair and target, the four heaviest flag sets (every feature on, in and out of
-per-row mode, with explicit and with Philox noise) and, in fp16 on sm_90, flag sets covering every pair of flag
-values (a pairwise covering array of the launchable sets): ~70 compiles, about a minute on a cold cache.
-FASTDIFF_COMPILE_ALL=1 compiles all 264 sets for every dtype pair and target (~30 min on one core).
+test compiles, for every dtype pair and target, the eight heaviest flag sets (every feature on, in and out of
+per-row mode, with explicit and with Philox step noise and known-region noise) and, in fp16 on sm_90, flag sets covering every pair of flag
+values (a pairwise covering array of the launchable sets): ~130 compiles, about two minutes on a cold cache.
+FASTDIFF_COMPILE_ALL=1 compiles all 792 sets for every dtype pair and target (~30 min on one core).
 Everything is compiled once per module, in one subprocess without TRITON_INTERPRET (under it ``triton.jit``
 gives interpreted functions), and cached on disk by Triton.
 """
@@ -77,6 +77,10 @@ POINTER_ROLES = {
     "rows_ptr": "i32",
     "pool_ptr": "state",
     "guid_ptr": "fp32",
+    "init_ptr": "state",
+    "mask_ptr": "state",
+    "blend_ptr": "fp64",
+    "init_noise_ptr": "model",
 }
 if not all(os.path.exists(os.path.join(BIN, tool)) for tool in ("ptxas", "cuobjdump")):  # pragma: no cover
     pytest.skip(f"this Triton wheel bundles no ptxas/cuobjdump in {BIN}", allow_module_level=True)
@@ -122,12 +126,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _heaviest() -> list[dict]:
-    """The launchable flag sets with the most features on, out of and in per-row mode, with explicit noise and with
-    Philox noise (made in registers: the most registers)."""
-    sets = [f for f in launchable_constexprs() if f["USE_NOISE"]]
+    """The launchable flag sets with the most features on (inpainting's blend included), out of and in per-row mode,
+    with explicit and with Philox step noise, and explicit and Philox known-region noise (each Philox call made in
+    registers: two of them the most registers)."""
+    sets = [f for f in launchable_constexprs() if f["USE_NOISE"] and f["HAS_BLEND"]]
     weight = lambda f: sum(int(v) for k, v in f.items() if k != "BLOCK")  # noqa: E731
-    modes = itertools.product((True, False), (False, True))
-    return [max((f for f in sets if (f["EXPLICIT_NOISE"], f["PER_ROW"]) == mode), key=weight) for mode in modes]
+    modes = itertools.product((True, False), (False, True), (True, False))
+    keys = ("EXPLICIT_NOISE", "PER_ROW", "EXPLICIT_INIT_NOISE")
+    return [max((f for f in sets if tuple(f[k] for k in keys) == mode), key=weight) for mode in modes]
 
 
 def _pairwise_cover() -> list[dict]:
@@ -236,7 +242,7 @@ def test_every_constexpr_comes_from_the_flag_function() -> None:
     assert set(inspect.signature(kernel_constexprs).parameters) == {"n_hist", "use_noise", *OPTIONAL_TENSORS}
     for name in kernel_names - {"BLOCK"}:
         assert len({f[name] for f in sets}) > 1, name
-    assert {f["NUM_HIST"] for f in sets} == {0, 1, 2, 3} and len(sets) == 264
+    assert {f["NUM_HIST"] for f in sets} == {0, 1, 2, 3} and len(sets) == 792
 
 
 @pytest.mark.parametrize("part", ["step", "cover", "philox"])
