@@ -23,8 +23,9 @@ per-thread stack is 2 KiB per block, L1-resident: allowed, and reported; more fa
 ``CompiledKernel.n_regs`` / ``n_spills`` are filled in only when a driver loads the binary, so the usage is read
 from the cubin with the bundled cuobjdump. Compiling takes ~0.7 s per specialisation and core, so by default the
 test compiles, for every dtype pair and target, the eight heaviest flag sets (every feature on, in and out of
-per-row mode, with explicit and with Philox step noise and known-region noise) and, in fp16 on sm_90, flag sets covering every pair of flag
-values (a pairwise covering array of the launchable sets): ~130 compiles, about two minutes on a cold cache.
+per-row mode, with explicit and with Philox step noise and known-region noise) and, in fp16 on sm_90, flag sets
+covering every pair of flag values (a pairwise covering array of the launchable sets): ~130 compiles, about two
+minutes on a cold cache.
 FASTDIFF_COMPILE_ALL=1 compiles all 792 sets for every dtype pair and target (~30 min on one core).
 Everything is compiled once per module, in one subprocess without TRITON_INTERPRET (under it ``triton.jit``
 gives interpreted functions), and cached on disk by Triton.
