@@ -137,6 +137,17 @@ def _fused_step_kernel(
             seed = tl.load(seeds_ptr + b)
             z = normal_at(seed, j, stage, stream)
         acc += tl.load(row + 5).to(tl.float32) * z
+    # h_new and x0 first: x, m and x0 are then dead while the blend makes its noise (fewer live registers).
+    h = tl.load(row + 6).to(tl.float32) * x + tl.load(row + 7).to(tl.float32) * m
+    h += tl.load(row + 11).to(tl.float32) * x0
+    if WRITE_H:
+        tl.store(h_out_ptr + off, h.to(h_out_ptr.dtype.element_ty), mask=mask)
+    if PER_ROW and HAS_POOL:
+        slot = tl.load(rows_ptr + b * 6 + 5)
+        base = tl.maximum(slot, 0).to(tl.int64) * batch * numel
+        tl.store(pool_ptr + base + off, h.to(pool_ptr.dtype.element_ty), mask=mask & ((j * 0 + slot) >= 0))
+    if WRITE_X0:
+        tl.store(x0_out_ptr + off, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
     if HAS_BLEND:  # inpainting: the known region (mask 0) is init forward-noised to the step's end
         brow = blend_ptr + row_index * 3
         if EXPLICIT_INIT_NOISE:
@@ -149,16 +160,6 @@ def _fused_step_kernel(
         acc = (1.0 - keep) * acc + keep * known
     y = acc.to(x_out_ptr.dtype.element_ty)
     tl.store(x_out_ptr + off, y, mask=mask)
-    h = tl.load(row + 6).to(tl.float32) * x + tl.load(row + 7).to(tl.float32) * m
-    h += tl.load(row + 11).to(tl.float32) * x0
-    if WRITE_H:
-        tl.store(h_out_ptr + off, h.to(h_out_ptr.dtype.element_ty), mask=mask)
-    if PER_ROW and HAS_POOL:
-        slot = tl.load(rows_ptr + b * 6 + 5)
-        base = tl.maximum(slot, 0).to(tl.int64) * batch * numel
-        tl.store(pool_ptr + base + off, h.to(pool_ptr.dtype.element_ty), mask=mask & ((j * 0 + slot) >= 0))
-    if WRITE_X0:
-        tl.store(x0_out_ptr + off, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
     # Record the first non-finite stage of this sample: one atomic per block that saw a NaN/Inf.
     yf = y.to(tl.float32)
     bad = mask & ((yf != yf) | (tl.abs(yf) == float("inf")))
@@ -206,6 +207,15 @@ def kernel_constexprs(
         EXPLICIT_INIT_NOISE=init_noise is not None,
         BLOCK=BLOCK_SIZE,
     )
+
+
+def launch_warps(flags: dict[str, int | bool], state: torch.dtype) -> int:
+    """Warps per program for a launch with these constexprs and state dtype: 4 (8 elements per thread, one 128-bit
+    access per stream in fp16/bf16, two in fp32), but 8 for float32 steps that make two Philox streams (the step's
+    noise and inpainting's known-region noise): at 8 elements per thread those need up to 140 registers on sm_80,
+    over the 128 that keep 4 blocks per SM; at 4 they need ~95, and 4 float32 elements are still one 128-bit access."""
+    two_philox = flags["USE_NOISE"] and not flags["EXPLICIT_NOISE"] and flags["HAS_BLEND"]
+    return 8 if state == torch.float32 and two_philox and not flags["EXPLICIT_INIT_NOISE"] else 4
 
 
 def _stand_in(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -298,6 +308,8 @@ def launch_fused_step(
     if grid[0] == 0:
         return
     kernel = _fused_step_kernel if launcher is None else launcher(_fused_step_kernel)
+    flags = kernel_constexprs(len(hist), use_noise, m_uncond, noise, h_out, x0_out, clip, rows, pool, row_guidance,
+                              init, mask, blend, init_noise)  # fmt: skip
     kernel[grid](
         *_kernel_args(x, args, x_out, h_out, x0_out, nonfinite, pool),
         batch,
@@ -305,20 +317,6 @@ def launch_fused_step(
         stage,
         stream,
         float(guidance_scale),
-        **kernel_constexprs(
-            len(hist),
-            use_noise,
-            m_uncond,
-            noise,
-            h_out,
-            x0_out,
-            clip,
-            rows,
-            pool,
-            row_guidance,
-            init,
-            mask,
-            blend,
-            init_noise,
-        ),  # fmt: skip
+        num_warps=launch_warps(flags, x.dtype),
+        **flags,
     )

@@ -51,6 +51,7 @@ from fastdiff.kernels.fused_step import (
     OPTIONAL_TENSORS,
     _fused_step_kernel,
     kernel_constexprs,
+    launch_warps,
     launchable_constexprs,
 )
 from fastdiff.kernels.launch_args import launchable_dtypes
@@ -184,7 +185,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {"regs": int(fields["REG"]), "local": int(fields["LOCAL"]), "stack": int(fields["STACK"])}
 
 
-def _compile(fn, signature: dict, constexprs: dict, arch: int) -> dict:
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4) -> dict:
     """triton.compile of ``fn`` for sm_<arch>, every pointer and ``numel`` declared 16-divisible (as the JIT
     specialises a launch on 16-byte aligned tensors of a size divisible by 16); its resources and v4 counts."""
     from triton.backends.compiler import GPUTarget
@@ -192,7 +193,8 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int) -> dict:
     aligned = [n for n, t in signature.items() if t.startswith("*") or n == "numel"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     sig = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-    kernel = triton.compile(triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32))
+    source = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = kernel.asm["ptx"]
     return {**_resources(kernel.asm["cubin"]), "ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4")}
 
@@ -205,7 +207,9 @@ def _compile_spec(spec: str) -> dict:
     state, model, flags, arch = rest
     types = {"state": "*" + state, "model": "*" + model}
     signature = {**{n: types.get(role, "*" + role) for n, role in POINTER_ROLES.items()}, **SCALARS}
-    return _compile(_fused_step_kernel, signature, flags, arch)
+    # The warps the launcher picks for these flags and state dtype.
+    warps = launch_warps(flags, {v: k for k, v in TRITON_TYPES.items()}[state])
+    return _compile(_fused_step_kernel, signature, flags, arch, warps)
 
 
 @pytest.fixture(scope="module")
