@@ -172,6 +172,7 @@ class Pipeline:
         init: torch.Tensor | None = None,
         strength: float = 1.0,
         mask: torch.Tensor | None = None,
+        jumps: int = 0,
         **options: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Draws samples of shape ``shape`` = (batch, ...) with ``sampler`` over ``steps`` steps.
@@ -199,6 +200,9 @@ class Pipeline:
                 samples. After every step the kept region is ``init`` noised to the step's end (with its own Philox
                 noise, or ``init_noise``), after the last step ``init`` itself: diffusers' 4-channel inpainting loop,
                 inside the fused step. At strength 1 the run starts from pure noise x_T, as diffusers' does.
+            jumps: RePaint's resampling for inpainting (jump length 1): each step is run ``jumps + 1`` times, the
+                state noised back to the step's start in between (:func:`fastdiff.program.resampled`); one-stage
+                samplers without history only (ddpm, ddim, euler_ancestral, ...).
             options: keyword arguments of three kinds.
 
                 - The grid and guidance fields of :class:`SampleRequest`: ``spacing`` (the time grid's spacing,
@@ -221,8 +225,8 @@ class Pipeline:
             NonFiniteError: when the state became NaN/Inf (names the first step and the samples).
         """
         check_switch("progress", progress)
-        if init is not None or mask is not None or strength != 1.0:
-            options = dict(options, init=init, mask=mask, strength=strength)
+        if init is not None or mask is not None or strength != 1.0 or jumps != 0:
+            options = dict(options, init=init, mask=mask, strength=strength, jumps=jumps)
         run, request = self._request(shape, sampler, steps, seed, model_kwargs, guidance_scale, uncond_kwargs, options)
         x = self.initial_state(request.shape, request.seed, x_T)
         if request.sampler in EAGER_SAMPLERS:
@@ -378,7 +382,7 @@ class Pipeline:
             rho=request.rho,
             x0_clip=self.x0_clip,
             grid=None if grid is None else tuple(float(v) for v in prog.grid.t),
-            edit=None if not request.edits else (float(request.strength), request.mask is not None),
+            edit=None if not request.edits else (float(request.strength), request.mask is not None, int(request.jumps)),
         )
         guidance = loop.cond.guidance
         key = graph_key(

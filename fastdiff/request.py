@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdiff.program import Program, cut_grid, edit_start
+from fastdiff.program import Program, cut_grid, edit_start, resampled
 from fastdiff.runtime.checks import check_class_labels, check_model_accepts, check_model_kwargs, check_shape
 from fastdiff.runtime.guidance import make_guidance
 from fastdiff.runtime.pipeline_like import PipelineLike
@@ -38,8 +38,9 @@ class SampleRequest:
     Editing: ``init`` [n, *sample_shape] (the images to edit, clean, in the state's space) turns the request into
     image-to-image: the grid is cut where diffusers cuts it for ``strength`` in (0, 1] (:func:`edit_start`) and
     the run starts from ``init`` noised to that point. ``mask`` (broadcastable to ``init``; 1 = regenerate, 0 = keep,
-    as diffusers) makes it inpainting: every step's known region is ``init`` noised to the step's end. Each row has
-    its own init and mask row, so rows of different requests can share a batch.
+    as diffusers) makes it inpainting: every step's known region is ``init`` noised to the step's end; ``jumps`` adds
+    RePaint's resampling (:func:`fastdiff.program.resampled`). Each row has its own init and mask row, so rows of
+    different requests can share a batch.
     """
 
     n: int
@@ -58,6 +59,7 @@ class SampleRequest:
     init: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     strength: float = 1.0
+    jumps: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -112,6 +114,10 @@ class SampleRequest:
             raise TypeError(f"strength must be a number in (0, 1], got {type(self.strength).__name__}")
         if not 0.0 < float(self.strength) <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
+        if isinstance(self.jumps, bool) or not isinstance(self.jumps, numbers.Integral) or self.jumps < 0:
+            raise ValueError(f"jumps must be an int >= 0, got {self.jumps!r}")
+        if self.jumps and self.mask is None:
+            raise ValueError("jumps (RePaint resampling) needs init and mask: it resamples inpainting's steps")
         if self.init is None:
             if self.mask is not None:
                 raise ValueError("mask needs init: the image whose known region (mask 0) it keeps")
@@ -186,9 +192,10 @@ class SampleRequest:
                 )
                 grid = pipe.schedule.grid(self.steps, spacing=spacing, steps_offset=self.steps_offset, rho=self.rho)
             grid = self.edit_grid(grid)
-        return pipe.program(
+        prog = pipe.program(
             self.sampler, self.steps, self.spacing, self.steps_offset, self.rho, grid=grid, **dict(self.options)
         )
+        return resampled(prog, int(self.jumps)) if self.jumps else prog
 
     def program_key(self) -> tuple:
         """Requests with equal keys run the same program (the engine shares one per key)."""
@@ -200,6 +207,7 @@ class SampleRequest:
             self.rho,
             tuple(sorted(dict(self.options).items())),
             None if self.init is None else float(self.strength),
+            int(self.jumps),
         )
 
 
@@ -213,7 +221,7 @@ def check_switch(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
 
 
-REQUEST_FIELDS = ("spacing", "steps_offset", "rho", "guidance_rescale", "init", "mask", "strength")
+REQUEST_FIELDS = ("spacing", "steps_offset", "rho", "guidance_rescale", "init", "mask", "strength", "jumps")
 """The keyword arguments of :meth:`fastdiff.Pipeline.sample` that are :class:`SampleRequest` fields."""
 
 

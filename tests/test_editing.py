@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -210,3 +211,54 @@ def test_bad_editing_arguments_are_refused_clearly(kwargs: dict, exc: type, matc
     sampler = kwargs.pop("sampler", "ddim")
     with pytest.raises(exc, match=match):
         pipe.sample((4, 2), sampler, 10, progress=False, **kwargs)
+
+
+# ---------------------------------------------------------------- RePaint resampling (jumps=)
+def test_resampled_program_runs_each_step_jumps_plus_one_times() -> None:
+    from fastdiff.program import blend_table, resampled
+
+    pipe = _pipe()
+    prog = pipe.program("ddpm", 6)
+    assert resampled(prog, 0) is prog
+    res = resampled(prog, 3)
+    assert res.stages == 6 * (1 + 2 * 3)
+    assert sum(res.calls_model(k) for k in range(res.stages)) == 6 * 4
+    blend = blend_table(res)
+    for k in range(res.stages):
+        step = res.step_of(k)
+        if res.calls_model(k):  # a run of step `step`: its own row, blending at the step's end
+            assert np.array_equal(res.coef[k], prog.coef[step]) and blend[k, 0] == 1.0
+        else:  # the jump back: the forward process from the step's end to its start, nothing blended
+            a, s = prog.grid.alpha, prog.grid.sigma
+            ratio = a[step] / a[step + 1]
+            assert res.coef[k, 0] == pytest.approx(ratio) and blend[k, 0] == 0.0
+            assert ratio**2 * s[step + 1] ** 2 + res.coef[k, 5] ** 2 == pytest.approx(s[step] ** 2)
+            assert np.count_nonzero(res.coef[k]) == 2
+
+
+def test_jumps_keep_the_known_region_and_are_one_op_per_stage() -> None:
+    pipe = _pipe(gmm=GMM4)
+    init, mask = GMM4.sample(8, seed=8), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    with _OpCounter() as counter:
+        out = pipe.sample((8, 4), "ddpm", 5, seed=1, init=init, mask=mask, jumps=2, progress=False)
+    assert torch.equal(out[:, 2:], init[:, 2:]) and torch.isfinite(out).all()
+    assert counter.ops.count("fastdiff.fused_step") == 5 * 5
+    plain = pipe.sample((8, 4), "ddpm", 5, seed=1, init=init, mask=mask, progress=False)
+    assert not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sampler="dpmpp_2m", mask=torch.ones(1, 2)), "one-stage sampler without history"),
+        (dict(sampler="heun", mask=torch.ones(1, 2)), "one-stage sampler without history"),
+        (dict(sampler="ddpm"), "needs init and mask"),
+        (dict(sampler="ddpm", mask=torch.ones(1, 2), jumps=-1), "jumps must be an int >= 0"),
+        (dict(sampler="ddpm", mask=torch.ones(1, 2), jumps=1.5), "jumps must be an int >= 0"),
+    ],
+)
+def test_bad_jumps_are_refused(kwargs: dict, match: str) -> None:
+    kwargs = dict(kwargs)
+    kwargs.setdefault("jumps", 2)
+    with pytest.raises(ValueError, match=match):
+        _pipe().sample((4, 2), steps=5, init=torch.zeros(4, 2), progress=False, **kwargs)

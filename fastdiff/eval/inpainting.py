@@ -61,17 +61,19 @@ def inpainting_distance(
     seed: int = 0,
     schedule: Schedule | None = None,
     use_mask: bool = True,
+    jumps: int = 0,
 ) -> float:
     """Sliced W2 between ``n`` inpainted samples' unknown coordinates (``sampler``, ``steps``, the exact eps network
     on ``schedule``, default diffusers' DDPM schedule) and ``n`` exact conditional samples. ``use_mask=False`` samples
-    without the mask (the unconditional marginal of the unknown coordinates): what broken inpainting would give."""
+    without the mask (the unconditional marginal of the unknown coordinates): what broken inpainting would give;
+    ``jumps`` adds RePaint's resampling."""
     schedule = Schedule.vp_discrete() if schedule is None else schedule
     pipe = Pipeline(case.gmm.as_model(schedule, "eps"), schedule, device="cpu")
     known = case.known_mask
     dim = case.gmm.dim
     init = torch.zeros(n, dim)
     init[:, known] = torch.tensor(case.values, dtype=torch.float32)
-    edit = dict(init=init, mask=(~known).float()[None]) if use_mask else {}
+    edit = dict(init=init, mask=(~known).float()[None], jumps=jumps) if use_mask else {}
     out = pipe.sample((n, dim), sampler, steps, seed=seed, progress=False, **edit)
     return sliced_wasserstein(out[:, ~known].double(), case.exact(n, seed + 1))
 
@@ -85,8 +87,9 @@ def noise_floor(case: InpaintingCase, n: int = 10_000, seed: int = 0) -> float:
 def table(
     samplers: Sequence[str] = ("ddpm", "ddim"), steps: Sequence[int] = (10, 25, 50, 100, 250), n: int = 10_000
 ) -> str:
-    """The measurement as a markdown table: per case, one row per sampler and step count, then two references: the
-    samples without the mask (what inpainting that ignored it would give) and two exact sets (sampling error)."""
+    """The measurement as a markdown table: per case, one row per sampler and step count, RePaint's resampling, then
+    two references: the samples without the mask (what inpainting that ignored it would give) and two exact sets
+    (sampling error)."""
     cases = mixture_cases()
     lines = [
         "| sampler | steps | " + " | ".join(f"{name} (y = {c.values[0]})" for name, c in cases.items()) + " |",
@@ -96,6 +99,10 @@ def table(
         for k in steps:
             row = " | ".join(f"{inpainting_distance(c, sampler, k, n):.3f}" for c in cases.values())
             lines.append(f"| {sampler} | {k} | {row} |")
+    for k in (10, 50):
+        for jumps in (4, 9):
+            row = " | ".join(f"{inpainting_distance(c, 'ddpm', k, n, jumps=jumps):.3f}" for c in cases.values())
+            lines.append(f"| ddpm, jumps={jumps} ({jumps + 1}x the evaluations) | {k} | {row} |")
     no_mask = " | ".join(f"{inpainting_distance(c, 'ddpm', 50, n, use_mask=False):.3f}" for c in cases.values())
     lines.append(f"| ddpm, mask ignored | 50 | {no_mask} |")
     floor = " | ".join(f"{noise_floor(c, n):.3f}" for c in cases.values())

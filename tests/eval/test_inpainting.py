@@ -1,4 +1,4 @@
-"""Replacement inpainting against the exact conditional distribution of a Gaussian mixture.
+"""Replacement inpainting (and RePaint's resampling) against the exact conditional distribution of a Gaussian mixture.
 
 The exact conditional (``GaussianMixture.conditional``) is checked against the joint density itself (Bayes' rule with
 the known coordinate's marginal integrated numerically). Then the measured distance of ``Pipeline.sample(init=,
@@ -21,9 +21,10 @@ from fastdiff.eval.inpainting import inpainting_distance, mixture_cases, noise_f
 # Measured with 10,000 samples, seed 0 (docs/editing.md), and the bound each test holds: ~1.25x the measurement. The
 # sampling error of 10,000 samples (exact vs exact) is 0.018 (decisive) and 0.082 (ambiguous).
 MEASURED = {
-    ("decisive", "ddpm", 50): (0.304, 0.38),
-    ("decisive", "ddim", 10): (0.439, 0.55),
-    ("ambiguous", "ddpm", 50): (0.613, 0.77),
+    ("decisive", "ddpm", 50, 0): (0.304, 0.38),
+    ("decisive", "ddim", 10, 0): (0.439, 0.55),
+    ("ambiguous", "ddpm", 50, 0): (0.613, 0.77),
+    ("decisive", "ddpm", 50, 4): (0.100, 0.13),  # RePaint's resampling: a third of replacement's distance
 }
 NO_MASK_DECISIVE = 1.299  # ddpm, 50 steps, the mask ignored: the unconditional marginal of x
 
@@ -54,12 +55,14 @@ def test_conditional_refuses_bad_masks() -> None:
         gmm.conditional([False, True], [0.0, 1.0])
 
 
-@pytest.mark.parametrize("case,sampler,steps", list(MEASURED))
-def test_replacement_inpainting_within_its_measured_distance(case: str, sampler: str, steps: int) -> None:
-    measured, bound = MEASURED[(case, sampler, steps)]
-    dist = inpainting_distance(mixture_cases()[case], sampler, steps, n=10_000)
-    print(f"{case} {sampler} {steps} steps: sliced W2 {dist:.3f} (measured {measured}, bound {bound})")
+@pytest.mark.parametrize("case,sampler,steps,jumps", list(MEASURED))
+def test_inpainting_within_its_measured_distance(case: str, sampler: str, steps: int, jumps: int) -> None:
+    measured, bound = MEASURED[(case, sampler, steps, jumps)]
+    dist = inpainting_distance(mixture_cases()[case], sampler, steps, n=10_000, jumps=jumps)
+    print(f"{case} {sampler} {steps} steps, jumps {jumps}: sliced W2 {dist:.3f} (measured {measured}, bound {bound})")
     assert dist <= bound
+    if jumps:  # resampling narrows the gap: below what replacement alone measured
+        assert bound < MEASURED[(case, sampler, steps, 0)][0]
     assert dist > noise_floor(mixture_cases()[case]), "closer than sampling error: not a measurement of the gap"
 
 
@@ -67,4 +70,4 @@ def test_ignoring_the_mask_fails_the_bound() -> None:
     """What inpainting that dropped the blend would give is far outside the bound the test above holds."""
     dist = inpainting_distance(mixture_cases()["decisive"], "ddpm", 50, n=10_000, use_mask=False)
     print(f"mask ignored: sliced W2 {dist:.3f} (measured {NO_MASK_DECISIVE})")
-    assert dist > 2 * MEASURED[("decisive", "ddpm", 50)][1]
+    assert dist > 2 * MEASURED[("decisive", "ddpm", 50, 0)][1]
