@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff.demos.mixture import default_mixture
 from fastdiff.eval.exact import GaussianMixture
 from fastdiff.eval.metrics import sliced_wasserstein
 from fastdiff.pipeline import Pipeline
@@ -42,11 +41,12 @@ class InpaintingCase:
 
 
 def mixture_cases() -> dict[str, InpaintingCase]:
-    """fastdiff.demos.mixture's 2-D mixture (components at (-2, 0), (2, 1), (0, -2.5), weights 0.5 / 0.3 / 0.2) with y
-    known. ``"decisive"``: y = -2.5, which only the third component explains, so x given y is N(0, 0.6^2).
+    """A 2-D mixture (components at (-2, 0), (2, 1), (0, -2.5), standard deviations 0.5, 0.35, 0.6, weights 0.5 / 0.3
+    / 0.2: the mixture fastdiff's demo samples) with y known. ``"decisive"``: y = -2.5, which only the third component explains, so x given y is N(0, 0.6^2).
     ``"ambiguous"``: y = 0.5, between the first two: x given y is bimodal, weights 0.66 at x = -2 and 0.34 at x = 2
     (unconditionally x is 0.5 / 0.3 / 0.2 over -2, 2, 0)."""
-    gmm = default_mixture()
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]])  # float32 values, as the demo's
+    gmm = GaussianMixture(means, torch.tensor([0.5, 0.35, 0.6]), torch.tensor([0.5, 0.3, 0.2]))
     return {
         "decisive": InpaintingCase(gmm, (False, True), (-2.5,)),
         "ambiguous": InpaintingCase(gmm, (False, True), (0.5,)),

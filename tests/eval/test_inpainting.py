@@ -71,3 +71,11 @@ def test_ignoring_the_mask_fails_the_bound() -> None:
     dist = inpainting_distance(mixture_cases()["decisive"], "ddpm", 50, n=10_000, use_mask=False)
     print(f"mask ignored: sliced W2 {dist:.3f} (measured {NO_MASK_DECISIVE})")
     assert dist > 2 * MEASURED[("decisive", "ddpm", 50, 0)][1]
+
+
+def test_the_cases_use_the_demos_mixture() -> None:
+    from fastdiff.demos.mixture import default_mixture
+
+    demo, case = default_mixture(), mixture_cases()["decisive"].gmm
+    for name in ("means", "stds", "weights"):
+        assert torch.equal(getattr(demo, name), getattr(case, name)), name
