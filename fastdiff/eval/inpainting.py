@@ -41,10 +41,10 @@ class InpaintingCase:
 
 
 def mixture_cases() -> dict[str, InpaintingCase]:
-    """A 2-D mixture (components at (-2, 0), (2, 1), (0, -2.5), standard deviations 0.5, 0.35, 0.6, weights 0.5 / 0.3
-    / 0.2: the mixture fastdiff's demo samples) with y known. ``"decisive"``: y = -2.5, which only the third component explains, so x given y is N(0, 0.6^2).
-    ``"ambiguous"``: y = 0.5, between the first two: x given y is bimodal, weights 0.66 at x = -2 and 0.34 at x = 2
-    (unconditionally x is 0.5 / 0.3 / 0.2 over -2, 2, 0)."""
+    """A 2-D mixture (components at (-2, 0), (2, 1), (0, -2.5), standard deviations 0.5, 0.35, 0.6, weights 0.5 /
+    0.3 / 0.2: the mixture fastdiff's demo samples) with y known. ``"decisive"``: y = -2.5, which only the third
+    component explains, so x given y is N(0, 0.6^2). ``"ambiguous"``: y = 0.5, between the first two: x given y is
+    bimodal, weights 0.66 at x = -2 and 0.34 at x = 2 (unconditionally x is 0.5 / 0.3 / 0.2 over -2, 2, 0)."""
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]])  # float32 values, as the demo's
     gmm = GaussianMixture(means, torch.tensor([0.5, 0.35, 0.6]), torch.tensor([0.5, 0.3, 0.2]))
     return {
