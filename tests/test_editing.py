@@ -262,3 +262,34 @@ def test_bad_jumps_are_refused(kwargs: dict, match: str) -> None:
     kwargs.setdefault("jumps", 2)
     with pytest.raises(ValueError, match=match):
         _pipe().sample((4, 2), steps=5, init=torch.zeros(4, 2), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
+def test_inpainting_through_the_triton_kernel_equals_the_cpp_one(sampler: str) -> None:
+    """The whole inpainting loop through the (interpreted) Triton kernel, registered as the op's CPU kernel for a
+    while, gives the C++ kernel's samples: the blend, its Philox stream and the 8-warp launch included."""
+    import warnings
+
+    from fastdiff.kernels.fused_step import launch_fused_step
+
+    pipe = _pipe(gmm=GMM4)
+    init, mask = GMM4.sample(6, seed=9), torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    kw = dict(seed=4, init=init, mask=mask, strength=0.7, progress=False)
+    ref = pipe.sample((6, 4), sampler, 8, **kw)
+    calls = []
+
+    def via_triton(*args, **kwargs) -> None:
+        calls.append(1)
+        launch_fused_step(*args, **kwargs)
+
+    override = torch.library.Library("fastdiff", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel": that is the point
+            override.impl("fused_step", via_triton, "CPU")
+        tri = pipe.sample((6, 4), sampler, 8, **kw)
+    finally:
+        override._destroy()
+    assert len(calls) == 5  # int(8 * 0.7) = 5 of the 8 steps, as diffusers' get_timesteps keeps
+    torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tri[:, 1::2], init[:, 1::2])
