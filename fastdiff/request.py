@@ -108,8 +108,7 @@ class SampleRequest:
         return self.init is not None
 
     def _check_edit(self) -> None:
-        """``init``, ``mask`` and ``strength``: tensors of the right shapes, strength in (0, 1], a mask with values in
-        [0, 1] and only with init, a sampler that is one coefficient program."""
+        """``strength`` and ``jumps`` in range and only with what they act on; then ``init`` and ``mask``."""
         if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
             raise TypeError(f"strength must be a number in (0, 1], got {type(self.strength).__name__}")
         if not 0.0 < float(self.strength) <= 1.0:
@@ -124,6 +123,13 @@ class SampleRequest:
             if float(self.strength) != 1.0:
                 raise ValueError("strength needs init: the image to start from")
             return
+        self._check_init()
+        if self.mask is not None:
+            self._check_mask()
+
+    def _check_init(self) -> None:
+        """A floating-point tensor of the sample shape, a sampler that is one coefficient program, a strength that
+        leaves a step to run."""
         if not isinstance(self.init, torch.Tensor):
             raise TypeError(f"init must be a tensor, got {type(self.init).__name__}")
         if tuple(self.init.shape) != self.shape:
@@ -133,17 +139,16 @@ class SampleRequest:
         if self.sampler in EAGER_SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} cannot edit images (init); use a coefficient-program sampler")
         edit_start(self.steps, float(self.strength))  # ValueError when strength leaves no step
-        if self.mask is None:
-            return
+
+    def _check_mask(self) -> None:
+        """A tensor that broadcasts to the sample shape, with values in [0, 1]."""
         if not isinstance(self.mask, torch.Tensor):
             raise TypeError(f"mask must be a tensor, got {type(self.mask).__name__}")
         try:
-            torch.broadcast_shapes(tuple(self.mask.shape), self.shape)
+            broadcast = torch.broadcast_shapes(tuple(self.mask.shape), self.shape)
         except RuntimeError:
-            raise ValueError(
-                f"mask must broadcast to the sample shape {self.shape}, got {tuple(self.mask.shape)}"
-            ) from None
-        if torch.broadcast_shapes(tuple(self.mask.shape), self.shape) != self.shape:
+            broadcast = None
+        if broadcast != self.shape:
             raise ValueError(f"mask must broadcast to the sample shape {self.shape}, got {tuple(self.mask.shape)}")
         values = self.mask.detach().float()
         if not bool(((values >= 0) & (values <= 1)).all()):
