@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.diffusers.call import DiffusersArgs, DiffusersModel, scheduler_call, scheduler_grid
+from fastdiff.diffusers.call import DiffusersArgs, DiffusersEdit, DiffusersModel, scheduler_call, scheduler_grid
 from fastdiff.diffusers.config import SchedulerSetup, scheduler_setup
 from fastdiff.pipeline import Pipeline
 from fastdiff.program import Program
@@ -85,6 +85,11 @@ class DiffusersPipeline(Pipeline):
         spacing: str | None = None,
         generator: torch.Generator | None = None,
         mu: float | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
+        mask: torch.Tensor | None = None,
+        masked_image_latents: torch.Tensor | None = None,
+        inpaint_channels: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """:meth:`Pipeline.sample` on the scheduler's own grid, sampler and options by default.
@@ -101,11 +106,24 @@ class DiffusersPipeline(Pipeline):
             generator: draw the step noise from this generator exactly as the scheduler's ``step`` does
                 (same order, same shapes), instead of the seeded Philox noise.
             mu: diffusers' ``mu`` for flow schedulers with ``use_dynamic_shifting``.
+            init, strength, mask: image-to-image and inpainting as diffusers' StableDiffusionImg2ImgPipeline and
+                StableDiffusionInpaintPipeline run them on latents: ``init`` their image latents, ``mask`` their mask
+                latents ([n, 1, h, w], 1 = regenerate), the scheduler's grid cut for ``strength``; ``x_T`` is then
+                their ``noise`` (added to the image latents, and the initial latents of inpainting at strength 1).
+            masked_image_latents, inpaint_channels: a UNet that takes the mask and the masked image latents as
+                input channels (9-channel inpainting; ``inpaint_channels`` None: when the model's
+                ``config.in_channels`` exceeds the latents' channels) gets them concatenated to every call's input
+                and no blend, as diffusers' 9-channel loop; ``masked_image_latents`` default ``init`` where the
+                mask is 0.
             kwargs: the rest of :meth:`Pipeline.sample` (guidance_scale, model_kwargs, uncond_kwargs, eta, seed,
                 noise, return_x0, ...).
         """
         args = DiffusersArgs(sampler, steps, x_T, timesteps, sigmas, spacing, generator, mu)
-        call = scheduler_call(self.setup, shape, args, kwargs, self.device, self.dtype)
+        if inpaint_channels is None:
+            in_channels = getattr(getattr(self.model.model, "config", None), "in_channels", None)
+            inpaint_channels = isinstance(in_channels, int) and len(shape) > 1 and in_channels > shape[1]
+        edit = DiffusersEdit(init, strength, mask, masked_image_latents, bool(inpaint_channels))
+        call = scheduler_call(self.setup, shape, args, kwargs, self.device, self.dtype, edit)
         return call.finish(super().sample(shape, **call.kwargs))
 
     __call__ = sample
