@@ -136,7 +136,7 @@ def test_full_queue_is_429_with_retry_after_and_deadlines_are_504():
         pipe.model.gate.clear()
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(client.sample, n=2, seed=1, steps=4)
-            _wait_for(lambda: runner.running_rows == 2)
+            _wait_for(lambda: runner.running_rows == 2 and runner.queue_depth == 0)  # admitted, no longer waiting
             second = pool.submit(Client(client.base_url).sample, n=1, seed=2, steps=4)
             _wait_for(lambda: runner.queue_depth == 1)
             with pytest.raises(ServerError) as info:
@@ -356,7 +356,8 @@ def test_retry_after_follows_the_queue_and_the_throughput():
         pipe.model.gate.clear()
         with ThreadPoolExecutor(4) as pool:
             held = [pool.submit(Client(client.base_url).sample, n=2, seed=0, steps=2)]
-            _wait_for(lambda: runner.running_rows == 2)  # running (held at the gate): the others wait behind it
+            # running (held at the gate), no longer counted as waiting: the others wait behind it
+            _wait_for(lambda: runner.running_rows == 2 and runner.queue_depth == 0)
             held += [pool.submit(Client(client.base_url).sample, n=2, seed=i, steps=2) for i in range(1, 4)]
             _wait_for(lambda: runner.queue_depth == 3)
             for rate, want in [(0.5, 6), (0.25, 12), (2.0, 2), (100.0, 1)]:  # 3 waiting / rate, at least 1 s

@@ -94,7 +94,8 @@ def test_full_queue_refuses_with_a_retry_hint():
     runner = Runner(pipe, max_batch=2, max_queue=1, metrics=ServingMetrics()).start()
     pipe.model.gate.clear()
     running = runner.submit(_request(0))
-    _wait_for(lambda: runner.running_rows == 2)
+    # admitted: its rows run and it no longer counts as waiting (the runner lowers the count just after admission)
+    _wait_for(lambda: runner.running_rows == 2 and runner.queue_depth == 0)
     waiting = runner.submit(_request(1))
     with pytest.raises(QueueFull) as info:
         runner.submit(_request(2))
