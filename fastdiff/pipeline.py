@@ -162,11 +162,16 @@ class Pipeline:
         for grid in grids:
             self.tuned.add(grid, fingerprint)
 
+    def tuned_grid(self, sampler: str, steps: int, guidance_scale: float = 1.0) -> Grid:
+        """The :class:`Grid` ``spacing="tuned"`` samples on: the tuned grid for these settings (a ValueError listing
+        the tuned settings when there is none)."""
+        return self.tuned.find(sampler, steps, guidance_scale).grid(self.schedule)
+
     def _tuned_grid(self, request: SampleRequest, run: SampleOptions) -> Grid:
-        """The grid of ``spacing="tuned"``: the tuned grid for the request's sampler, steps and guidance scale."""
+        """The grid of ``spacing="tuned"`` in :meth:`sample` (explicit, so a CUDA graph's key holds its times)."""
         if run.timesteps is not None or run.sigmas is not None or run.grid is not None:
             raise ValueError('spacing="tuned" cannot be combined with timesteps, sigmas or grid')
-        return self.tuned.find(request.sampler, request.steps, request.guidance_scale).grid(self.schedule)
+        return self.tuned_grid(request.sampler, request.steps, request.guidance_scale)
 
     @property
     def last_nfe(self) -> int | None:

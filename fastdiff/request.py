@@ -115,7 +115,10 @@ class SampleRequest:
             check_model_accepts(pipe.model, dict(self.uncond_kwargs), "uncond_kwargs")
 
     def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
-        """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`)."""
+        """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`); ``spacing="tuned"``
+        runs on the pipeline's tuned grid for the request's sampler, steps and guidance scale."""
+        if grid is None and self.spacing == "tuned":
+            grid = pipe.tuned_grid(self.sampler, self.steps, self.guidance_scale)
         return pipe.program(
             self.sampler, self.steps, self.spacing, self.steps_offset, self.rho, grid=grid, **dict(self.options)
         )
@@ -129,6 +132,7 @@ class SampleRequest:
             self.steps_offset,
             self.rho,
             tuple(sorted(dict(self.options).items())),
+            self.guidance_scale if self.spacing == "tuned" else None,  # a tuned grid is per guidance scale too
         )
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -127,15 +128,19 @@ def weights_fingerprint(model: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def _attribute_tensors(obj: Any, prefix: str = "", depth: int = 2) -> dict[str, Any]:
-    """Tensors and arrays in ``vars(obj)``, and in the attributes of its attributes down to ``depth`` levels."""
+def _attribute_tensors(obj: Any, prefix: str = "", depth: int = 3) -> dict[str, Any]:
+    """Tensors and arrays in ``vars(obj)``, and in the attributes of its attributes down to ``depth`` levels (objects,
+    not classes, modules or functions)."""
     found: dict[str, Any] = {}
     for name, value in sorted(getattr(obj, "__dict__", {}).items()):
         if isinstance(value, (torch.Tensor, np.ndarray)):
             found[prefix + name] = value
-        elif depth > 1 and hasattr(value, "__dict__") and not callable(value):
+        elif depth > 1 and hasattr(value, "__dict__") and not isinstance(value, _NOT_HOLDERS):
             found.update(_attribute_tensors(value, f"{prefix}{name}.", depth - 1))
     return found
+
+
+_NOT_HOLDERS = (type, types.ModuleType, types.FunctionType, types.MethodType)
 
 
 class TunedGrids:
