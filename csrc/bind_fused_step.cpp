@@ -21,7 +21,7 @@ void bind_fused_step(py::module_& m) {
          double guidance_scale, uintptr_t row_guidance, uintptr_t h0, uintptr_t h1, uintptr_t h2, int n_hist,
          uintptr_t coeffs, int64_t stage, uintptr_t seeds, int64_t stream, bool use_noise, uintptr_t noise,
          uintptr_t x_out, uintptr_t h_out, uintptr_t x0_out, uintptr_t nonfinite, uintptr_t clip, uintptr_t rows,
-         uintptr_t pool, int threads) {
+         uintptr_t pool, int threads, uintptr_t init, uintptr_t mask, uintptr_t blend, uintptr_t init_noise) {
         if (state < 0 || state > 2) throw std::invalid_argument("state must be 0 (f32), 1 (f16) or 2 (bf16)");
         FusedStepArgs a;
         a.batch = batch;
@@ -51,9 +51,19 @@ void bind_fused_step(py::module_& m) {
         a.rows = reinterpret_cast<const int32_t*>(rows);
         a.pool = reinterpret_cast<void*>(pool);
         a.threads = threads;
+        a.init = reinterpret_cast<const void*>(init);
+        a.mask = reinterpret_cast<const void*>(mask);
+        a.blend = reinterpret_cast<const double*>(blend);
+        a.init_noise = reinterpret_cast<const void*>(init_noise);
         py::gil_scoped_release release;
         fused_step_cpu(a);
       },
+      py::arg("batch"), py::arg("numel"), py::arg("state"), py::arg("model_f32"), py::arg("x"), py::arg("m"),
+      py::arg("m_uncond"), py::arg("guidance_scale"), py::arg("row_guidance"), py::arg("h0"), py::arg("h1"),
+      py::arg("h2"), py::arg("n_hist"), py::arg("coeffs"), py::arg("stage"), py::arg("seeds"), py::arg("stream"),
+      py::arg("use_noise"), py::arg("noise"), py::arg("x_out"), py::arg("h_out"), py::arg("x0_out"),
+      py::arg("nonfinite"), py::arg("clip"), py::arg("rows"), py::arg("pool"), py::arg("threads"),
+      py::arg("init") = 0, py::arg("mask") = 0, py::arg("blend") = 0, py::arg("init_noise") = 0,
       "The fused sampler step on CPU data pointers (see kernels/cpu.py, which validates the tensors).");
   m.def(
       "philox_normal_fast",

@@ -151,6 +151,32 @@ inline __attribute__((always_inline)) bool step_item(const FusedStepArgs& a, int
   T* ob = x_out + base;
   int any_bad = 0;
   const M* nb = noise ? noise + base : nullptr;
+  // Inpainting: the noise term first, then the known region replaced by init noised to the step's end (the
+  // reference's order of operations).
+  const double* brow = a.blend ? a.blend + row * 3 : nullptr;
+  const float bw = brow ? static_cast<float>(brow[0]) : 0.0f;
+  if (brow && bw != 0.0f) {
+    if (a.use_noise) {
+      for (int i = 0; i < n; ++i) acc[i] += c[CZ] * (philox ? z[i] : load(nb, i));
+    }
+    const float ba = static_cast<float>(brow[1]), bs = static_cast<float>(brow[2]);
+    const T* ib = static_cast<const T*>(a.init) + base;
+    const T* kb = static_cast<const T*>(a.mask) + base;
+    float zk[kNoiseBlock];
+    if (a.init_noise) {
+      const M* kn = static_cast<const M*>(a.init_noise) + base;
+      for (int i = 0; i < n; ++i) zk[i] = load(kn, i);
+    } else {
+      philox_normal_block(static_cast<uint64_t>(a.seeds[b]), static_cast<uint64_t>(j0), n,
+                          static_cast<uint32_t>(stage), kStreamKnown, zk);
+    }
+    for (int i = 0; i < n; ++i) {
+      const float keep = bw * (1.0f - load(kb, i));
+      const float known = ba * load(ib, i) + bs * zk[i];
+      acc[i] = (1.0f - keep) * acc[i] + keep * known;
+    }
+  }
+  const bool blended = brow && bw != 0.0f;
   auto finish = [&](auto noise_kind) __attribute__((always_inline)) {  // 0: none, 1: Philox (z), 2: explicit
     for (int i = 0; i < n; ++i) {
       float v = acc[i];
@@ -161,7 +187,8 @@ inline __attribute__((always_inline)) bool step_item(const FusedStepArgs& a, int
       any_bad |= !(std::fabs(load(ob, i)) <= 3.402823466e38f);
     }
   };
-  if (philox) finish(std::integral_constant<int, 1>{});
+  if (blended) finish(std::integral_constant<int, 0>{});  // the noise term is in acc already
+  else if (philox) finish(std::integral_constant<int, 1>{});
   else if (a.use_noise) finish(std::integral_constant<int, 2>{});
   else finish(std::integral_constant<int, 0>{});
   if (h_dst) {

@@ -4,6 +4,9 @@
 
 namespace fastdiff {
 
+// The Philox stream of the known region's noise (kernels/reference.py's STREAM_KNOWN).
+constexpr uint32_t kStreamKnown = 1u << 16;
+
 enum class StateType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 // Pointers are the data of contiguous tensors; optional ones are null when absent. The state tensors (x,
@@ -33,6 +36,12 @@ struct FusedStepArgs {
   const float* clip = nullptr;    // [batch, 2]: bound, scale
   const int32_t* rows = nullptr;  // [batch, 6] (per-row mode)
   void* pool = nullptr;           // [slots, batch, numel] (per-row mode)
+  // Inpainting (all three or none): init and mask in the state's type, blend [R, 3] (on, alpha, sigma) indexed like
+  // coeffs; init_noise (optional, the model operands' type) replaces the known region's Philox noise.
+  const void* init = nullptr;
+  const void* mask = nullptr;
+  const double* blend = nullptr;
+  const void* init_noise = nullptr;
   int threads = 1;
 };
 

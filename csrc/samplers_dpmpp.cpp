@@ -15,7 +15,8 @@
 // Every stage writes its x0-hat into history slot (step % order) and reads the previous ones, so a
 // step costs one network call and one fused launch. The order warms up (1, 2, then 3) and, as
 // diffusers' lower_order_final, steps into sigma = 0 are first order, and with lower_order_final (the
-// default) and fewer than 15 steps the last step is first order and the one before at most second.
+// default) and fewer than 15 steps the last step is first order and the one before at most second;
+// euler_at_final makes the last step first order whatever the step count (diffusers' option of that name).
 #include <cmath>
 #include <stdexcept>
 
@@ -38,6 +39,9 @@ void dpmpp_multistep(Program& prog, const Schedule& sch, const std::vector<doubl
   const double lof = num_option(opt, "lower_order_final", 1.0);
   if (lof != 0.0 && lof != 1.0)
     throw std::invalid_argument("lower_order_final must be a bool, got " + std::to_string(lof));
+  const double euler_final = num_option(opt, "euler_at_final", 0.0);
+  if (euler_final != 0.0 && euler_final != 1.0)
+    throw std::invalid_argument("euler_at_final must be a bool, got " + std::to_string(euler_final));
   const double legacy = num_option(opt, "legacy_third_order", 0.0);
   if (legacy != 0.0 && legacy != 1.0)
     throw std::invalid_argument("legacy_third_order must be a bool, got " + std::to_string(legacy));
@@ -76,7 +80,7 @@ void dpmpp_multistep(Program& prog, const Schedule& sch, const std::vector<doubl
     prog.meta_at(k, WRITE) = i % Order;
 
     int order = std::min(Order, i + 1);
-    if (i == steps - 1 && (sig2 == 0 || short_run)) order = 1;
+    if (i == steps - 1 && (sig2 == 0 || short_run || euler_final != 0.0)) order = 1;
     if (i == steps - 2 && short_run) order = std::min(order, 2);
 
     double cx, a0 = 0, a1 = 0, a2c = 0, cz = 0;

@@ -5,8 +5,8 @@
 //                                  x = alpha y, so every row is a float64 combination of x and m;
 //   flow_euler, flow_heun          integrate the native x_t = (1 - t) x0 + t eps of Schedule::flow in t,
 //                                  dx/dt = eps - x0 (diffusers' FlowMatchEuler / FlowMatchHeun).
-// Heun takes two stages per step: stage 1 (network at x_i) keeps x_i in history slot 0 and moves to the
-// Euler prediction at t_{i+1}; stage 2 (network there) averages the two slopes. A step that ends at
+// Heun takes two stages per step: stage 1 (network at x_i) keeps the half step x_i + (s' - s) d_i / 2 in history
+// slot 0 and moves to the Euler prediction at t_{i+1}; stage 2 (network there) adds the other half slope. A step that ends at
 // sigma = 0 is a plain Euler step (as k-diffusion's sample_heun and diffusers' HeunDiscrete). Both
 // stages report an x0-hat for the step, so a Heun step's x0-hat is the later one (at t_{i+1}).
 // EDM's churn (s_churn, s_tmin, s_tmax, s_noise) is a stage without a network call that adds noise of
@@ -101,17 +101,23 @@ void karras_ode(Program& prog, const Schedule& sch, const std::vector<double>& g
     euler_row(prog, k, p, q.s, q.a, x0);
     check_row(prog, k, names[Which], prediction, p.t);
     if (Which == 0 || q.s == 0) continue;  // the step into sigma = 0 is Euler only
-    // Stage 1 keeps x_i; stage 2 at the Euler point x_e (t_{i+1}) averages the slopes:
-    //   y' = (y_i + y_e) / 2 + (s' - s) / 2 (y_e - D_e) / s',   x' = a' y'.
-    prog.at(k, DX) = 1.0;
+    // Stage 1 keeps the half step H = a' (y_i + (s' - s) / 2 d_i) (a Euler row to the middle sigma); stage 2 at the
+    // Euler point x_e (t_{i+1}) adds the other half slope: y' = H / a' + (s' - s) / 2 (y_e - D_e) / s',  x' = a' y'.
+    // Stage 2 thus reads the state only through its slope, as diffusers' HeunDiscrete (which steps from its stored
+    // y_i whatever sample the second call passes).
+    {
+      double r = (q.s - p.s) / (2.0 * p.s);
+      prog.at(k, DX) = q.a * ((1.0 + r) / p.a - r * x0.x);
+      prog.at(k, DM) = -q.a * r * x0.m;
+    }
     prog.meta_at(k, WRITE) = 0;
     Linear x0e, epse;
     prediction_to_x0_eps(prediction, q.a, q.sig, x0e, epse);
     int k2 = prog.add_stage(sch, q.t, i);
     double w = (q.s - p.s) / (2.0 * q.s);
     prog.meta_at(k2, READ0) = 0;
-    prog.at(k2, CH0) = q.a / (2.0 * p.a);
-    prog.at(k2, CX) = 0.5 + w - q.a * w * x0e.x;
+    prog.at(k2, CH0) = 1.0;
+    prog.at(k2, CX) = w - q.a * w * x0e.x;
     prog.at(k2, CM) = -q.a * w * x0e.m;
     prog.at(k2, EX) = x0e.x;
     prog.at(k2, EM) = x0e.m;

@@ -57,11 +57,18 @@ def _add_serve(sub: Any) -> argparse.ArgumentParser:
         default="digits",
         help="'digits' (the embedded network), a .safetensors checkpoint or 'package.module:factory'",
     )
+    serve.add_argument(
+        "--diffusers",
+        default=None,
+        metavar="PATH",
+        help="serve a diffusers text-to-image pipeline (a save_pretrained folder or a hub id): SD, SDXL or SD3",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     serve.add_argument("--max-batch", type=int, default=d.max_batch, help="the most rows one tick runs")
     serve.add_argument("--max-queue", type=int, default=d.max_queue, help="the most requests waiting; beyond: 429")
     serve.add_argument("--max-n", type=int, default=d.max_n, help="the most samples one request asks for")
+    serve.add_argument("--max-pixels", type=int, default=d.max_pixels, help="(--diffusers) the most pixels per image")
     serve.add_argument(
         "--batching",
         choices=BATCHING_POLICIES,
@@ -174,6 +181,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         batching=args.batching,
         batch_wait_s=args.batch_wait_ms / 1e3,
         max_n=args.max_n,
+        max_pixels=args.max_pixels,
         request_timeout_s=args.timeout,
         threads=args.threads,
         max_body_bytes=args.max_body_bytes,
@@ -218,11 +226,16 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, serve_parser
         print("fastdiff demo: the embedded digits network (fastdiff.pretrained.digits), 8x8 images")
         run_digits_demo(out_dir=args.out, n=args.n or 128, with_diffusers=not args.no_diffusers, threads=2)
     elif args.command == "serve":
-        from fastdiff.serving.server import load_pipeline, serve
+        from fastdiff.serving.server import load_pipeline, load_text_to_image_pipeline, serve
 
         try:  # bad flags or a bad model spec are usage errors, not tracebacks
             settings = _serve_settings(args)
-            pipe = None if args.ray else load_pipeline(args.model, args.device)
+            if args.diffusers is not None and (args.ray or args.model != "digits"):
+                raise ValueError("--diffusers serves one pipeline in this process: not with --model or --ray")
+            if args.diffusers is not None:
+                pipe = load_text_to_image_pipeline(args.diffusers, args.device)
+            else:
+                pipe = None if args.ray else load_pipeline(args.model, args.device)
             if args.replicas < 1:
                 raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
         except MissingExtra:

@@ -12,6 +12,7 @@ from types import ModuleType
 EXTRAS = {
     "serve": "the HTTP server (fastdiff serve)",
     "ray": "Ray Serve replicas (fastdiff serve --ray)",
+    "images": "text-to-image serving (fastdiff serve --diffusers)",
     "digits": "the digits data set (training, the demo's judge)",
     "demo": "the demo (fastdiff demo)",
     "diffusers": "the diffusers adapters (fastdiff.from_diffusers, FastdiffScheduler)",

@@ -28,7 +28,7 @@ from fastdiff.runtime.checks import (
 )
 from fastdiff.runtime.graphs import DEFAULT_MAX_GRAPHS, GraphCache, graph_key, kwargs_spec, resolve_cuda_graph
 from fastdiff.runtime.guidance import check_double_batch, make_guidance
-from fastdiff.runtime.loop import Conditioning, Loop, LoopResult, Recording
+from fastdiff.runtime.loop import Conditioning, Inpaint, Loop, LoopResult, Recording
 from fastdiff.runtime.step import INITIAL_NOISE_STREAM, STEP_NOISE_STREAM  # noqa: F401  (re-exported)
 from fastdiff.runtime.tree import to_device
 from fastdiff.runtime.x0_clip import X0Clip
@@ -191,6 +191,10 @@ class Pipeline:
         guidance_scale: float = 1.0,
         uncond_kwargs: Mapping[str, Any] | None = None,
         progress: bool = True,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
+        mask: torch.Tensor | None = None,
+        jumps: int = 0,
         **options: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Draws samples of shape ``shape`` = (batch, ...) with ``sampler`` over ``steps`` steps.
@@ -209,6 +213,18 @@ class Pipeline:
                 1 (with no ``uncond_kwargs``) turns guidance off.
             uncond_kwargs: the model kwargs of the unconditional evaluation (default: none at all).
             progress: show a progress bar.
+            init: image-to-image (SDEdit, diffusers' img2img): the clean images to edit, shaped like the samples.
+                The grid is cut where diffusers cuts it for ``strength`` and the run starts from
+                ``alpha init + sigma z`` at the cut, z the initial noise of ``seed`` (``x_T / prior_std`` when x_T is
+                given), so a sample depends on its seed alone; multistep samplers start their history afresh there.
+            strength: how much of the grid image-to-image runs, in (0, 1]: 1 starts at the first point.
+            mask: inpainting, with ``init``: 1 regenerates, 0 keeps (diffusers' convention), broadcast to the
+                samples. After every step the kept region is ``init`` noised to the step's end (with its own Philox
+                noise, or ``init_noise``), after the last step ``init`` itself: diffusers' 4-channel inpainting loop,
+                inside the fused step. At strength 1 the run starts from pure noise x_T, as diffusers' does.
+            jumps: RePaint's resampling for inpainting (jump length 1): each step is run ``jumps + 1`` times, the
+                state noised back to the step's start in between (:func:`fastdiff.program.resampled`); one-stage
+                samplers without history only (ddpm, ddim, euler_ancestral, ...).
             options: keyword arguments of three kinds.
 
                 - The grid and guidance fields of :class:`SampleRequest`: ``spacing`` (the time grid's spacing,
@@ -217,7 +233,7 @@ class Pipeline:
                   ``steps_offset`` and ``rho`` (passed to :meth:`Schedule.grid`), ``guidance_rescale``
                   (diffusers' ``rescale_noise_cfg``, in [0, 1]).
                 - How the run goes, :class:`~fastdiff.request.SampleOptions`: ``timesteps``, ``sigmas`` or ``grid``
-                  (an explicit grid), ``noise``, ``return_x0``, ``return_trajectory``, ``callback``,
+                  (an explicit grid), ``noise``, ``init_noise``, ``return_x0``, ``return_trajectory``, ``callback``,
                   ``callback_steps``, ``cuda_graph`` (``"auto"``, True or False), ``guidance_batching``.
                 - The sampler's own options (``SamplerInfo.options`` lists them): ``eta`` for ddim (default 0),
                   euler_ancestral and the dpmpp_*_sde samplers (default 1; None keeps the default),
@@ -232,6 +248,8 @@ class Pipeline:
             NonFiniteError: when the state became NaN/Inf (names the first step and the samples).
         """
         check_switch("progress", progress)
+        if init is not None or mask is not None or strength != 1.0 or jumps != 0:
+            options = dict(options, init=init, mask=mask, strength=strength, jumps=jumps)
         run, request = self._request(shape, sampler, steps, seed, model_kwargs, guidance_scale, uncond_kwargs, options)
         x = self.initial_state(request.shape, request.seed, x_T)
         if request.sampler in EAGER_SAMPLERS:
@@ -241,6 +259,9 @@ class Pipeline:
         else:
             grid = _explicit_grid(self.schedule, run, request.spacing)
         prog = request.program(self, grid=grid)
+        inpaint = self._inpaint(request, run)
+        if request.edits and not (inpaint is not None and float(request.strength) == 1.0):
+            x = self._noised_init(request.init, prog.grid, x)
         guidance = make_guidance(
             request.guidance_scale, request.guidance_rescale, run.guidance_batching, request.uncond_kwargs
         )
@@ -256,6 +277,7 @@ class Pipeline:
             cond,
             Recording(run.return_x0, run.return_trajectory, run.callback, run.callback_steps, progress),
             self.x0_clip,
+            inpaint,
         )
         seeds = derive_seeds(request.seed, request.n).to(self.device)
         result = self._run_graph(loop, request, run, prog, grid, x, seeds)
@@ -298,6 +320,34 @@ class Pipeline:
         request.validate(self)
         return run, self._on_device(request)
 
+    def _noised_init(self, init: torch.Tensor, grid: Grid, x_T: torch.Tensor) -> torch.Tensor:
+        """Image-to-image's start: ``init`` forward-noised to the cut grid's first point with the initial noise
+        ``x_T / prior_std`` (so at zero terminal SNR and strength 1 it is plain sampling's x_T)."""
+        alpha, sigma = float(grid.alpha[0]), float(grid.sigma[0])
+        z = x_T.float() / self.schedule.prior_std
+        return (alpha * init.float() + sigma * z).to(self.dtype).contiguous()
+
+    def _inpaint(self, request: SampleRequest, run: SampleOptions) -> Inpaint | None:
+        """What inpainting blends into the steps (None without a mask): init and mask as the state, the explicit
+        known-region noise (``init_noise``) checked."""
+        if request.mask is None:
+            if run.init_noise is not None:
+                raise ValueError("init_noise is the known region's noise: it needs init and mask")
+            return None
+        shape, as_state = request.shape, dict(device=self.device, dtype=self.dtype)
+        noise = run.init_noise
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor):
+                raise TypeError(f"init_noise must be a tensor, got {type(noise).__name__}")
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"init_noise must have shape {shape}, got {tuple(noise.shape)}")
+            noise = noise.detach().to(**as_state).contiguous()
+        return Inpaint(
+            request.init.detach().to(**as_state).contiguous(),
+            request.mask.detach().to(**as_state).expand(shape).contiguous(),
+            noise,
+        )
+
     def _on_device(self, request: SampleRequest) -> SampleRequest:
         """``request`` (not modified) with its conditioning tensors on the pipeline's device: the network and a
         CUDA graph's static buffers read them there (labels made on the CPU, a pipeline on CUDA)."""
@@ -306,6 +356,7 @@ class Pipeline:
             request,
             model_kwargs=to_device(dict(request.model_kwargs), self.device),
             uncond_kwargs=None if uncond is None else to_device(dict(uncond), self.device),
+            init=None if request.init is None else request.init.detach().to(self.device),
         )
 
     def _sample_eager(
@@ -340,7 +391,7 @@ class Pipeline:
         if not resolve_cuda_graph(
             run.cuda_graph,
             self.device,
-            explicit_noise=run.noise is not None,
+            explicit_noise=run.noise is not None or run.init_noise is not None,
             callback=run.callback is not None,
             unhashable_kwargs=bad + ubad,
         ):
@@ -357,6 +408,7 @@ class Pipeline:
             rho=request.rho,
             x0_clip=self.x0_clip,
             grid=None if grid is None else tuple(float(v) for v in (*prog.grid.t, *prog.grid.model_time)),
+            edit=None if not request.edits else (float(request.strength), request.mask is not None, int(request.jumps)),
         )
         guidance = loop.cond.guidance
         key = graph_key(

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fastdiff._ext import C
-from fastdiff.kernels.reference import CM, CX, CX0, DM, DX, DX0, EM, EX
+from fastdiff.kernels.reference import BLEND_A, BLEND_COLS, BLEND_S, BLEND_W, CM, CX, CX0, CZ, DM, DX, DX0, EM, EX
 from fastdiff.schedule import Grid, Schedule
 
 
 @dataclass
 class Program:
     """Stage rows (``coef`` [stages, 12] float64, columns as fastdiff/kernels/reference.py), slot/step metadata and
-    model times of one sampler run.
+    model times of one sampler run; ``blend``, where set, replaces :func:`blend_table`'s inpainting rows.
 
     ``coef_device`` is the same table on the device the kernel reads; ``model_time`` [stages] is what
     the network is fed at each stage; ``meta`` [stages, 6] holds the history slots each stage reads
@@ -31,7 +31,9 @@ class Program:
     model_time: np.ndarray
     slots: int
     coef_device: torch.Tensor
+    blend: np.ndarray | None = None
     _times: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _blend: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     def model_times(self, batch: int) -> torch.Tensor:
         """``model_time`` as a [stages, batch] float32 tensor on the program's device (made once per batch size;
@@ -41,6 +43,12 @@ class Program:
             per_stage = torch.as_tensor(self.model_time, dtype=torch.float32).to(self.coef_device.device)
             times = self._times[batch] = per_stage[:, None].expand(-1, batch).contiguous()
         return times
+
+    def blend_device(self) -> torch.Tensor:
+        """:func:`blend_table` on the program's device (made once; read-only): what inpainting's fused steps read."""
+        if not self._blend:
+            self._blend.append(torch.as_tensor(blend_table(self), dtype=torch.float64).to(self.coef_device.device))
+        return self._blend[0]
 
     @property
     def stages(self) -> int:
@@ -115,3 +123,90 @@ def clip_form(coef: np.ndarray) -> np.ndarray:
         out[rows, x0_col] += per_x0
         out[rows, m_col] = 0.0
     return out
+
+
+def edit_start(steps: int, strength: float) -> int:
+    """The step image-to-image starts at for ``strength`` on a ``steps``-step grid: where diffusers'
+    ``get_timesteps`` cuts its timesteps (``init_timestep = min(int(steps * strength), steps)``, the start
+    ``steps - init_timestep``). Raises ValueError when strength leaves no step to run."""
+    init_timestep = min(int(steps * strength), steps)
+    start = max(steps - init_timestep, 0)
+    if start >= steps:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no step to run: raise strength or steps")
+    return start
+
+
+def cut_grid(grid: Grid, start: int) -> Grid:
+    """``grid`` from point ``start`` on (``grid.steps - start`` steps): the grid image-to-image runs."""
+    if not 0 <= start < grid.steps:
+        raise ValueError(f"start must be in [0, {grid.steps}), got {start}")
+    return Grid(
+        t=grid.t[start:],
+        alpha=grid.alpha[start:],
+        sigma=grid.sigma[start:],
+        log_snr=grid.log_snr[start:],
+        model_time=grid.model_time[start:],
+    )
+
+
+def blend_table(prog: Program) -> np.ndarray:
+    """Inpainting's blend rows [stages, 3] (on, alpha, sigma): the last stage of each step replaces the known
+    region by ``alpha init + sigma z`` at the step's end point (the program grid's next point), and the last step by
+    ``init`` itself, as diffusers' inpainting loop does; the other stages (inside a multi-stage step) blend nothing."""
+    if prog.blend is not None:
+        return prog.blend
+    out = np.zeros((prog.stages, BLEND_COLS), dtype=np.float64)
+    steps = prog.grid.steps
+    for k in range(prog.stages):
+        step = prog.step_of(k)
+        if k != prog.stages - 1 and prog.step_of(k + 1) == step:
+            continue
+        out[k, BLEND_W] = 1.0
+        last = step == steps - 1
+        out[k, BLEND_A] = 1.0 if last else float(prog.grid.alpha[step + 1])
+        out[k, BLEND_S] = 0.0 if last else float(prog.grid.sigma[step + 1])
+    return out
+
+
+def resampled(prog: Program, jumps: int) -> Program:
+    """RePaint's resampling (jump length 1) on a one-stage, history-free program: after each step the state is
+    noised back to the step's start (``x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t / alpha_s)^2
+    sigma_s^2) z``, the forward process from s to t) and the step is run again, ``jumps`` times; inpainting blends
+    after every run of a step. Costs ``jumps + 1`` network evaluations per step. Raises ValueError for samplers with
+    history or several stages per step."""
+    if isinstance(jumps, bool) or not isinstance(jumps, (int, np.integer)) or jumps < 0:
+        raise ValueError(f"jumps must be an int >= 0, got {jumps!r}")
+    if jumps == 0:
+        return prog
+    steps = prog.grid.steps
+    if prog.slots != 0 or prog.stages != steps:
+        raise ValueError(
+            f"jumps (RePaint resampling) needs a one-stage sampler without history (ddpm, ddim, euler_ancestral, ...);"
+            f" {prog.sampler!r} has {prog.stages} stages for {steps} steps and {prog.slots} history slots"
+        )
+    base_blend = blend_table(prog)
+    alpha, sigma = prog.grid.alpha, prog.grid.sigma
+    rows = []  # (coefficient row, meta row, blend row, the step whose times the stage takes)
+    for k in range(steps):
+        ratio = float(alpha[k]) / float(alpha[k + 1])
+        back = np.zeros(prog.coef.shape[1])
+        back[CX] = ratio
+        back[CZ] = float(np.sqrt(max(float(sigma[k]) ** 2 - ratio**2 * float(sigma[k + 1]) ** 2, 0.0)))
+        back_meta = np.array([-1, -1, -1, -1, k, 0], dtype=prog.meta.dtype)  # no history, no network call
+        for j in range(jumps + 1):
+            if j:
+                rows.append((back, back_meta, np.zeros(BLEND_COLS), k))
+            rows.append((prog.coef[k], prog.meta[k], base_blend[k], k))
+    table = np.stack([r[0] for r in rows])
+    at = [r[3] for r in rows]
+    return replace(
+        prog,
+        coef=table,
+        meta=np.stack([r[1] for r in rows]),
+        t=np.asarray(prog.t)[at],
+        model_time=np.asarray(prog.model_time)[at],
+        coef_device=torch.as_tensor(table, dtype=torch.float64).to(prog.coef_device.device),
+        blend=np.stack([r[2] for r in rows]),
+        _times={},
+        _blend=[],
+    )

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdiff.program import Program
+from fastdiff.program import Program, cut_grid, edit_start, resampled
 from fastdiff.runtime.checks import check_class_labels, check_model_accepts, check_model_kwargs, check_shape
 from fastdiff.runtime.guidance import make_guidance
 from fastdiff.runtime.pipeline_like import PipelineLike
@@ -34,6 +34,13 @@ class SampleRequest:
     or one int per sample. ``model_kwargs`` / ``uncond_kwargs`` hold per-sample tensors (one row per sample) or
     shared values; ``guidance_scale != 1`` (or ``uncond_kwargs``) turns classifier-free guidance on. ``options``
     are the sampler's own options (``eta``, ``variance_type``, ``s_churn``, ...).
+
+    Editing: ``init`` [n, *sample_shape] (the images to edit, clean, in the state's space) turns the request into
+    image-to-image: the grid is cut where diffusers cuts it for ``strength`` in (0, 1] (:func:`edit_start`) and
+    the run starts from ``init`` noised to that point. ``mask`` (broadcastable to ``init``; 1 = regenerate, 0 = keep,
+    as diffusers) makes it inpainting: every step's known region is ``init`` noised to the step's end; ``jumps`` adds
+    RePaint's resampling (:func:`fastdiff.program.resampled`). Each row has its own init and mask row, so rows of
+    different requests can share a batch.
     """
 
     n: int
@@ -49,6 +56,10 @@ class SampleRequest:
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     uncond_kwargs: Mapping[str, Any] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    init: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    strength: float = 1.0
+    jumps: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -86,9 +97,67 @@ class SampleRequest:
         if self.uncond_kwargs is not None:
             check_model_kwargs(dict(self.uncond_kwargs), self.n, "uncond_kwargs")
         make_guidance(self.guidance_scale, self.guidance_rescale, "double", self.uncond_kwargs)  # its checks
+        self._check_edit()
         self._check_network_inputs(pipe)
         if serving:
             self._check_batchable(pipe)
+
+    @property
+    def edits(self) -> bool:
+        """Whether the request edits images (``init`` given: image-to-image, with ``mask`` inpainting)."""
+        return self.init is not None
+
+    def _check_edit(self) -> None:
+        """``strength`` and ``jumps`` in range and only with what they act on; then ``init`` and ``mask``."""
+        if isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real):
+            raise TypeError(f"strength must be a number in (0, 1], got {type(self.strength).__name__}")
+        if not 0.0 < float(self.strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
+        if isinstance(self.jumps, bool) or not isinstance(self.jumps, numbers.Integral) or self.jumps < 0:
+            raise ValueError(f"jumps must be an int >= 0, got {self.jumps!r}")
+        if self.jumps and self.mask is None:
+            raise ValueError("jumps (RePaint resampling) needs init and mask: it resamples inpainting's steps")
+        if self.init is None:
+            if self.mask is not None:
+                raise ValueError("mask needs init: the image whose known region (mask 0) it keeps")
+            if float(self.strength) != 1.0:
+                raise ValueError("strength needs init: the image to start from")
+            return
+        self._check_init()
+        if self.mask is not None:
+            self._check_mask()
+
+    def _check_init(self) -> None:
+        """A floating-point tensor of the sample shape, a sampler that is one coefficient program, a strength that
+        leaves a step to run."""
+        if not isinstance(self.init, torch.Tensor):
+            raise TypeError(f"init must be a tensor, got {type(self.init).__name__}")
+        if tuple(self.init.shape) != self.shape:
+            raise ValueError(f"init must have the sample shape {self.shape}, got {tuple(self.init.shape)}")
+        if not self.init.is_floating_point():
+            raise TypeError(f"init must be a floating-point tensor, got {self.init.dtype}")
+        if self.sampler in EAGER_SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} cannot edit images (init); use a coefficient-program sampler")
+        edit_start(self.steps, float(self.strength))  # ValueError when strength leaves no step
+
+    def _check_mask(self) -> None:
+        """A tensor that broadcasts to the sample shape, with values in [0, 1]."""
+        if not isinstance(self.mask, torch.Tensor):
+            raise TypeError(f"mask must be a tensor, got {type(self.mask).__name__}")
+        try:
+            broadcast = torch.broadcast_shapes(tuple(self.mask.shape), self.shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != self.shape:
+            raise ValueError(f"mask must broadcast to the sample shape {self.shape}, got {tuple(self.mask.shape)}")
+        values = self.mask.detach().float()
+        if not bool(((values >= 0) & (values <= 1)).all()):
+            raise ValueError("mask values must be in [0, 1] (1 = regenerate, 0 = keep)")
+
+    def edit_grid(self, grid: Grid) -> Grid:
+        """``grid`` as this request runs it: cut where ``strength`` starts when it edits images (:func:`edit_start`),
+        else ``grid`` itself."""
+        return grid if self.init is None else cut_grid(grid, edit_start(grid.steps, float(self.strength)))
 
     def _check_network_inputs(self, pipe: PipelineLike) -> None:
         """What a pipeline declares about its network: the sample shape, and the class labels ``y`` it takes."""
@@ -109,19 +178,32 @@ class SampleRequest:
             )
         if self.guidance_rescale != 0.0:
             raise ValueError("guidance_rescale is not available with step-level batching")
+        if self.edits:
+            raise ValueError("init, mask and strength (image editing) are not available with step-level batching yet")
         self.program(pipe)  # built (and cached) now, so an option out of its range is refused at validation
         check_model_accepts(pipe.model, dict(self.model_kwargs))
         if self.uncond_kwargs is not None:
             check_model_accepts(pipe.model, dict(self.uncond_kwargs), "uncond_kwargs")
 
     def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
-        """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`); ``spacing="tuned"``
-        runs on the pipeline's tuned grid for the request's sampler, steps and guidance scale."""
+        """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`): on ``grid`` (default the
+        spaced grid of ``steps``; ``spacing="tuned"``: the pipeline's tuned grid for the request's sampler, steps and
+        guidance scale), cut for ``strength`` when the request edits images."""
         if grid is None and self.spacing == "tuned":
             grid = pipe.tuned_grid(self.sampler, self.steps, self.guidance_scale)
-        return pipe.program(
+        if self.init is not None:
+            if grid is None:
+                spacing = (
+                    self.spacing
+                    if self.spacing is not None
+                    else get_sampler(self.sampler).default_spacing(pipe.schedule)
+                )
+                grid = pipe.schedule.grid(self.steps, spacing=spacing, steps_offset=self.steps_offset, rho=self.rho)
+            grid = self.edit_grid(grid)
+        prog = pipe.program(
             self.sampler, self.steps, self.spacing, self.steps_offset, self.rho, grid=grid, **dict(self.options)
         )
+        return resampled(prog, int(self.jumps)) if self.jumps else prog
 
     def program_key(self) -> tuple:
         """Requests with equal keys run the same program (the engine shares one per key)."""
@@ -133,6 +215,8 @@ class SampleRequest:
             self.rho,
             tuple(sorted(dict(self.options).items())),
             self.guidance_scale if self.spacing == "tuned" else None,  # a tuned grid is per guidance scale too
+            None if self.init is None else float(self.strength),
+            int(self.jumps),
         )
 
 
@@ -146,7 +230,7 @@ def check_switch(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
 
 
-REQUEST_FIELDS = ("spacing", "steps_offset", "rho", "guidance_rescale")
+REQUEST_FIELDS = ("spacing", "steps_offset", "rho", "guidance_rescale", "init", "mask", "strength", "jumps")
 """The keyword arguments of :meth:`fastdiff.Pipeline.sample` that are :class:`SampleRequest` fields."""
 
 
@@ -163,6 +247,8 @@ class SampleOptions:
         grid: run on this :class:`Grid` (e.g. a diffusers scheduler's own, :mod:`fastdiff.diffusers`).
         noise: explicit noise instead of Philox noise, indexable by stage: ``noise[k]`` shaped like the state
             (for parity with other libraries' generators).
+        init_noise: inpainting: the known region's noise at every step, shaped like the state, instead of fresh
+            Philox noise per step (diffusers' inpainting loop adds one noise tensor at every step).
         return_x0: also return the x0 estimate of every step, stacked as [steps, *shape].
         return_trajectory: also return the state at every step boundary, stacked as [steps + 1, *shape] (x_T
             first, the samples last).
@@ -181,6 +267,7 @@ class SampleOptions:
     sigmas: Sequence[float] | None = None
     grid: Grid | None = None
     noise: Any = None
+    init_noise: torch.Tensor | None = None
     return_x0: bool = False
     return_trajectory: bool = False
     callback: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None

@@ -55,9 +55,10 @@ class SamplerInfo:
 OPTION_KINDS: dict[str, Any] = {
     **dict.fromkeys(("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "snr", "rtol", "atol"), "real"),
     **dict.fromkeys(("order", "solver_order", "n_corrector"), "int"),
-    **dict.fromkeys(("lower_order_final", "legacy_third_order"), "bool"),
+    **dict.fromkeys(("lower_order_final", "legacy_third_order", "euler_at_final"), "bool"),
     "variance_type": ("fixed_small", "fixed_large"),
     "solver_type": ("midpoint", "heun"),
+    "variant": ("bh1", "bh2"),
     "step_rule": ("expected", "norms"),
     "times": "reals",
 }
@@ -201,10 +202,10 @@ SAMPLERS: dict[str, SamplerInfo] = {
             False,
             1,
             ALL_PREDICTIONS,
-            ("lower_order_final", "solver_type"),
+            ("lower_order_final", "solver_type", "euler_at_final"),
             "DPM-Solver++(2M) (diffusers' DPMSolverMultistep dpmsolver++ order 2, k-diffusion's "
             "sample_dpmpp_2m); lower_order_final (default True) below 15 steps; solver_type "
-            "'midpoint' or 'heun'",
+            "'midpoint' or 'heun'; euler_at_final: a first-order last step",
             discrete_spacing="trailing",
         ),
         SamplerInfo(
@@ -213,7 +214,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
             False,
             1,
             ALL_PREDICTIONS,
-            ("lower_order_final", "solver_type", "legacy_third_order"),
+            ("lower_order_final", "solver_type", "legacy_third_order", "euler_at_final"),
             "DPM-Solver++(3M), third order; legacy_third_order=True gives diffusers' DPMSolverMultistep "
             "dpmsolver++ order 3 exactly (its D2 term is halved: second order); lower_order_final "
             "(default True) below 15 steps; solver_type of its second-order steps",
@@ -225,7 +226,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
             True,
             1,
             ALL_PREDICTIONS,
-            ("eta", "s_noise", "lower_order_final", "solver_type"),
+            ("eta", "s_noise", "lower_order_final", "solver_type", "euler_at_final"),
             "SDE-DPM-Solver++(2M) (diffusers' sde-dpmsolver++ order 2, k-diffusion's sample_dpmpp_2m_sde); "
             "eta in [0, 1], default 1 (0 is dpmpp_2m)",
             discrete_spacing="trailing",
@@ -236,7 +237,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
             True,
             1,
             ALL_PREDICTIONS,
-            ("eta", "s_noise", "lower_order_final", "solver_type", "legacy_third_order"),
+            ("eta", "s_noise", "lower_order_final", "solver_type", "legacy_third_order", "euler_at_final"),
             "SDE-DPM-Solver++(3M); k-diffusion's sample_dpmpp_3m_sde with solver_type='heun', "
             "lower_order_final=False, legacy_third_order=True; eta in [0, 1], default 1",
             discrete_spacing="trailing",
@@ -251,6 +252,17 @@ SAMPLERS: dict[str, SamplerInfo] = {
             (),
             "PLMS (pseudo linear multistep; diffusers' PNDMScheduler with skip_prk_steps): Adams-Bashforth "
             "weights on the network outputs, DDIM's transfer; the first step costs 2 evaluations",
+        ),
+        SamplerInfo(
+            "pndm_prk",
+            4,
+            False,
+            1,
+            ALL_PREDICTIONS,
+            (),
+            "PNDM as diffusers' PNDMScheduler default (skip_prk_steps=False): 3 pseudo Runge-Kutta steps of 4 "
+            "evaluations each, then PLMS; more than 3 steps; 4 history slots, so not served per row (the "
+            "serving engine's pool holds 3)",
         ),
         SamplerInfo(
             "lms",
@@ -269,9 +281,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
             False,
             1,
             ALL_PREDICTIONS,
-            ("solver_order", "lower_order_final"),
-            "UniPC bh2 predictor + corrector on x0 (diffusers' UniPCMultistepScheduler defaults; "
-            "the corrector makes solver_order 2 a third-order method)",
+            ("solver_order", "lower_order_final", "variant"),
+            "UniPC predictor + corrector on x0 (diffusers' UniPCMultistepScheduler with predict_x0), solver_order "
+            "1-3 (default 2; the corrector raises the order by one), variant 'bh2' (default) or 'bh1'",
             discrete_spacing="trailing",
         ),
         SamplerInfo(

@@ -38,7 +38,15 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.load_profile("fastdiff-long" if config.getoption("--fuzz-long") else "fastdiff")
 
 
-PEER_FIXTURES = {"kdiff_sampling", "diffusers_schedulers"}
+PEER_FIXTURES = {"kdiff_sampling", "diffusers_schedulers", "tiny_pipelines"}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny random SD, SDXL and SD3 pipelines saved once per test run (tests/tiny_pipelines.py): name -> folder."""
+    from tiny_pipelines import write_pipelines
+
+    return write_pipelines(str(tmp_path_factory.mktemp("tiny-pipelines")))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sampler_helpers import pf_ode_reference
 
 from fastdiff import Pipeline, Schedule
 from fastdiff.demos.mixture import default_mixture
+from fastdiff.eval.exact import GaussianMixture
 from fastdiff.program import build_program
 from fastdiff.samplers import SAMPLERS
 from fastdiff.schedule import Grid
@@ -47,6 +49,47 @@ def test_pndm_equals_diffusers_plms(steps, prediction, ptype):
     assert prog.stages == len(sched.timesteps) and prog.slots <= 3  # one stage per network call, as diffusers
     ours = Pipeline(model, schedule, prediction=prediction, device="cpu").run_program(prog, x_T)
     assert _rel(ours, x) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [4, 5, 12])
+@pytest.mark.parametrize("prediction,ptype", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_pndm_runge_kutta_start_equals_diffusers(steps, prediction, ptype):
+    """PNDMScheduler's default (skip_prk_steps=False): three pseudo Runge-Kutta steps of four network calls each
+    (at the step's start, twice at its half point, at its end), then PLMS on their first outputs."""
+    sched = diffusers.PNDMScheduler(set_alpha_to_one=False, steps_offset=1, prediction_type=ptype)
+    schedule = Schedule.from_diffusers(sched)
+    model = GMM.as_model(schedule, prediction)
+    sched.set_timesteps(steps)
+    x_T = torch.randn(B, 2, generator=torch.Generator().manual_seed(steps))
+    x = x_T.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, torch.full((B,), float(t))), t, x).prev_sample
+    t = np.concatenate([sched._timesteps[::-1].astype(np.float64), [0.0]])
+    grid = Grid(t=t, alpha=schedule.alpha(t), sigma=schedule.sigma(t), log_snr=schedule.log_snr(t), model_time=t)
+    prog = build_program(schedule, grid, "pndm_prk", prediction, torch.device("cpu"))
+    assert prog.stages == len(sched.timesteps) and prog.slots == 4
+    assert np.array_equal(prog.model_time, sched.timesteps.numpy())  # the half points diffusers feeds
+    ours = Pipeline(model, schedule, prediction=prediction, device="cpu").run_program(prog, x_T)
+    assert _rel(ours, x) <= 1e-4
+
+
+def test_pndm_runge_kutta_start_converges_to_the_exact_flow():
+    """On a smooth mixture with its exact score, the Runge-Kutta start keeps PLMS's second order against an accurate
+    PF-ODE solution (continuous schedule: the half point is the midpoint); it needs more steps than its warm-up."""
+    gmm = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, -0.5]]), torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.4]))
+    sch = Schedule.vp_linear()
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
+    pipe = Pipeline(gmm.as_model(sch, "eps"), sch, "eps", device="cpu")
+    steps, errors = [10, 20, 40, 80], []
+    for n in steps:
+        prog = build_program(sch, sch.grid(n, spacing="logsnr"), "pndm_prk", "eps", torch.device("cpu"))
+        out = pipe.run_program(prog, x.float()).double().numpy()
+        errors.append(float(np.sqrt(np.mean((out - ref) ** 2))))
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - 2.0) < 0.3 and errors[-1] < 2e-3, (errors, slope)
+    with pytest.raises(ValueError, match="needs more than 3 steps"):
+        build_program(sch, sch.grid(3), "pndm_prk", "eps", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("steps", [1, 5, 10, 25])

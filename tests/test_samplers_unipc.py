@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import solve_ivp
+from sampler_helpers import pf_ode_reference
 
 from fastdiff import Pipeline, Schedule
 from fastdiff.demos.mixture import default_mixture
@@ -32,18 +32,21 @@ def _grid_from_diffusers(sch: Schedule, scheduler) -> Grid:
     return Grid(t=t, alpha=sch.alpha(t), sigma=sch.sigma(t), log_snr=sch.log_snr(t), model_time=sch.model_time(t))
 
 
-def _parity(cls, sampler: str, steps: int, spacing: str, prediction: str, **options) -> float:
+def _parity(
+    cls, sampler: str, steps: int, spacing: str, prediction: str, variant: str | None = None, **options
+) -> float:
     sch = Schedule.vp_discrete(**BETAS)
-    scheduler = cls(**BETAS, timestep_spacing=spacing, prediction_type=PTYPE[prediction], **options)
+    named = {"solver_type": variant} if variant else {}
+    scheduler = cls(**BETAS, timestep_spacing=spacing, prediction_type=PTYPE[prediction], **options, **named)
     scheduler.set_timesteps(steps)
     model = default_mixture().as_model(sch, prediction)
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
     xd = x.clone()
     for t in scheduler.timesteps:
         xd = scheduler.step(model(xd, t.to(torch.float64).expand(64)), t, xd).prev_sample
-    prog = build_program(
-        sch, _grid_from_diffusers(sch, scheduler), sampler, prediction, CPU, **{k: float(v) for k, v in options.items()}
-    )
+    fd_options = {k: float(v) for k, v in options.items() if k != "final_sigmas_type"}
+    fd_options |= {"variant": variant} if variant else {}
+    prog = build_program(sch, _grid_from_diffusers(sch, scheduler), sampler, prediction, CPU, **fd_options)
     assert prog.stages == steps
     xf = Pipeline(model, sch, prediction, device="cpu").run_program(prog, x.float())
     return float((xf.double() - xd).norm() / xd.norm())
@@ -71,6 +74,27 @@ def test_unipc_first_order_and_no_lower_order_final_match_diffusers():
     # without lower_order_final, an order-2 step into the clean end is ill-defined (rk = 0) in both
     with pytest.raises(ValueError, match="no finite update"):
         _parity(UniPCMultistepScheduler, "unipc", 10, "linspace", "eps", lower_order_final=False)
+
+
+@pytest.mark.parametrize("variant,order", [("bh1", 1), ("bh1", 2), ("bh1", 3), ("bh2", 3)])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_unipc_bh1_and_third_order_match_diffusers(variant, order, prediction):
+    from diffusers import UniPCMultistepScheduler
+
+    # bh1's B(h) = -h is infinite on a step into sigma = 0, where diffusers multiplies it by a zero residual (NaN):
+    # its bh1 runs end on sigma_min.
+    for steps in (10, 25):
+        rel = _parity(
+            UniPCMultistepScheduler,
+            "unipc",
+            steps,
+            "trailing",
+            prediction,
+            variant,
+            solver_order=order,
+            final_sigmas_type="sigma_min",
+        )
+        assert rel < 1e-4, (steps, rel)
 
 
 @pytest.mark.parametrize("steps", [10, 25])
@@ -104,22 +128,12 @@ def test_bad_solver_order():
     sch = Schedule.vp_discrete()
     grid = sch.grid(10)
     with pytest.raises(ValueError, match="solver_order"):
-        build_program(sch, grid, "unipc", "eps", CPU, solver_order=3.0)
+        build_program(sch, grid, "unipc", "eps", CPU, solver_order=4.0)
+    with pytest.raises(ValueError, match="variant"):
+        build_program(sch, grid, "unipc", "eps", CPU, variant="bh3")
     with pytest.raises(ValueError, match="solver_order"):
         build_program(sch, grid, "deis", "eps", CPU, solver_order=4.0)
     assert get_sampler("unipc").order == 3 and not get_sampler("unipc").stochastic
-
-
-def _pf_ode_reference(gmm, sch: Schedule, x: np.ndarray, t0: float, t1: float) -> np.ndarray:
-    """PF-ODE solution by scipy's DOP853 at rtol 1e-11 with the exact GMM score (independent of fastdiff)."""
-    shape = x.shape
-
-    def f(t, y):
-        xt = torch.as_tensor(y.reshape(shape))
-        score = gmm.score_noised(xt, float(sch.alpha(t)), float(sch.sigma(t))).numpy()
-        return (float(sch.drift_coef(t)) * y.reshape(shape) - 0.5 * float(sch.g2(t)) * score).ravel()
-
-    return solve_ivp(f, (t0, t1), x.ravel(), method="DOP853", rtol=1e-11, atol=1e-11).y[:, -1].reshape(shape)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +142,18 @@ def smooth_reference():
     gmm = GaussianMixture(torch.tensor([[-1.5, 0.5], [1.5, -0.5]]), torch.tensor([0.8, 1.0]), torch.tensor([0.6, 0.4]))
     sch = Schedule.vp_linear()
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return gmm, sch, x, _pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
+    return gmm, sch, x, pf_ode_reference(gmm, sch, x.numpy(), sch.t_max, sch.t_min)
 
 
 @pytest.mark.parametrize(
-    "sampler,options,order", [("unipc", {}, 3), ("deis", {}, 2), ("deis", {"solver_order": 3.0}, 3)]
+    "sampler,options,order",
+    [
+        ("unipc", {}, 3),
+        ("unipc", {"variant": "bh1"}, 3),
+        ("unipc", {"solver_order": 3.0}, 4),
+        ("deis", {}, 2),
+        ("deis", {"solver_order": 3.0}, 3),
+    ],
 )
 def test_convergence_order(sampler, options, order, smooth_reference):
     """Error against an accurate PF-ODE solution shrinks at the theoretical rate as steps double.

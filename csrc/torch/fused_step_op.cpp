@@ -49,7 +49,8 @@ bool fast_args(const at::Tensor& x, const at::Tensor& m, const OptTensor& m_unco
                at::TensorList hist, const at::Tensor& coeffs, int64_t stage, const at::Tensor& seeds, int64_t stream,
                bool use_noise, const OptTensor& noise, const at::Tensor& x_out, const OptTensor& h_out,
                const OptTensor& x0_out, const at::Tensor& nonfinite, const OptTensor& clip, const OptTensor& rows,
-               const OptTensor& pool, const OptTensor& row_guidance, FusedStepArgs& a) {
+               const OptTensor& pool, const OptTensor& row_guidance, const OptTensor& init, const OptTensor& mask,
+               const OptTensor& blend, const OptTensor& init_noise, FusedStepArgs& a) {
   StateType state;
   if (x.dim() < 1 || !state_type(x, &state) || hist.size() > 3 || stream < 0 || stream > 0xFFFFFFFFLL) return false;
   const at::ScalarType dtype = x.scalar_type();
@@ -62,10 +63,17 @@ bool fast_args(const at::Tensor& x, const at::Tensor& m, const OptTensor& m_unco
   // The model operands are read in one dtype: float32, or the state's when all of them are in it.
   const OptTensor& nz = use_noise ? noise : OptTensor();
   const bool model_f32 = dtype == at::kFloat || m.scalar_type() == at::kFloat ||
-                         (m_uncond && m_uncond->scalar_type() == at::kFloat) || (nz && nz->scalar_type() == at::kFloat);
+                         (m_uncond && m_uncond->scalar_type() == at::kFloat) || (nz && nz->scalar_type() == at::kFloat) ||
+                         (init_noise && init_noise->scalar_type() == at::kFloat);
   const at::ScalarType model_dtype = model_f32 ? at::kFloat : dtype;
   if (!is(m, model_dtype, sizes) || (m_uncond && !is(*m_uncond, model_dtype, sizes)) ||
-      (nz && !is(*nz, model_dtype, sizes)))
+      (nz && !is(*nz, model_dtype, sizes)) || (init_noise && !is(*init_noise, model_dtype, sizes)))
+    return false;
+  // Inpainting: init, mask and blend together (one blend row per coefficient row), init_noise only with them.
+  if (init.has_value() != blend.has_value() || mask.has_value() != blend.has_value()) return false;
+  if (init_noise && !blend) return false;
+  if (blend && (!is(*init, dtype, sizes) || !is(*mask, dtype, sizes) ||
+                !is(*blend, at::kDouble, {coeffs.size(0), 3})))
     return false;
   if (!coeffs.device().is_cpu() || coeffs.scalar_type() != at::kDouble || coeffs.dim() != 2 ||
       coeffs.size(1) != kCoefColumns || !coeffs.is_contiguous())
@@ -109,6 +117,10 @@ bool fast_args(const at::Tensor& x, const at::Tensor& m, const OptTensor& m_unco
   a.clip = static_cast<const float*>(ptr(clip));
   a.rows = rows ? rows->data_ptr<int32_t>() : nullptr;
   a.pool = pool ? pool->data_ptr() : nullptr;
+  a.init = ptr(init);
+  a.mask = ptr(mask);
+  a.blend = blend ? blend->data_ptr<double>() : nullptr;
+  a.init_noise = ptr(init_noise);
   a.threads = at::get_num_threads();
   return true;
 }
@@ -118,10 +130,11 @@ void fused_step_cpu_kernel(const at::Tensor& x, const at::Tensor& m, const OptTe
                            int64_t stream, bool use_noise, const OptTensor& noise, const at::Tensor& x_out,
                            const OptTensor& h_out, const OptTensor& x0_out, const at::Tensor& nonfinite,
                            const OptTensor& clip, const OptTensor& rows, const OptTensor& pool,
-                           const OptTensor& row_guidance) {
+                           const OptTensor& row_guidance, const OptTensor& init, const OptTensor& mask,
+                           const OptTensor& blend, const OptTensor& init_noise) {
   FusedStepArgs a;
   if (fast_args(x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise, x_out, h_out,
-                x0_out, nonfinite, clip, rows, pool, row_guidance, a)) {
+                x0_out, nonfinite, clip, rows, pool, row_guidance, init, mask, blend, init_noise, a)) {
     fused_step_cpu(a);
     return;
   }
@@ -131,9 +144,10 @@ void fused_step_cpu_kernel(const at::Tensor& x, const at::Tensor& m, const OptTe
                                           at::TensorList, const at::Tensor&, int64_t, const at::Tensor&, int64_t,
                                           bool, const OptTensor&, const at::Tensor&, const OptTensor&,
                                           const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                          const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                           const OptTensor&, const OptTensor&)>();
   any.call(x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise, x_out, h_out, x0_out,
-           nonfinite, clip, rows, pool, row_guidance);
+           nonfinite, clip, rows, pool, row_guidance, init, mask, blend, init_noise);
 }
 
 }  // namespace

@@ -13,6 +13,11 @@ one-sample, one-step request (:func:`unloaded_latency_ms`). Each run is bounded:
 ``--time-limit`` seconds per rate (requests not yet sent by then are not sent; those sent are awaited).
 JSON to ``bench/results/serve.json``, a Markdown table on stdout, and with ``--plot`` a latency-vs-load PNG.
 
+``--diffusers PATH`` serves a diffusers text-to-image pipeline instead (``fastdiff serve --diffusers``) and sends
+``POST /v1/images/generations``: prompts from a fixed vocabulary, steps 4-50, three or more samplers of those the
+pipeline serves, two image sizes, guidance on and off, n 1-2; every answer is PNGs (so the text encoder, the VAE
+and the PNG encoding are in the numbers).
+
 ``--ray-replicas 1,2`` adds continuous batching behind Ray Serve's proxy with 1 and 2 replicas (each its own
 engine with ``--threads`` threads): per-replica throughput and, at low load against the plain server, the proxy's
 cost per request.
@@ -42,6 +47,8 @@ from fastdiff.serving.client import Client, ServerError
 POLICIES = ("single", "request", "continuous")
 WORKLOAD_SAMPLERS = ("ddim", "dpmpp_2m", "euler_ancestral", "unipc", "ddpm")
 WORKLOAD_STEPS = (4, 8, 10, 15, 20, 25, 30, 50)
+IMAGE_SAMPLERS = ("ddim", "dpmpp_2m", "unipc", "euler", "flow_euler", "dpmpp_3m")  # those the pipeline serves
+PROMPT_WORDS = ("a", "the", "cat", "dog", "at", "mat", "red", "blue", "small", "house", "tree", "on", "hill")
 DEFAULT_JSON = default_results_path("serve.json")
 
 
@@ -62,6 +69,32 @@ def workload(count: int, rate: float, seed: int = 0, max_n: int = 8, num_classes
         label = int(rng.random() * num_classes)  # drawn either way, so the rest of the workload is the same
         if num_classes:
             body["class_label"] = label
+        out.append({"at": at, "body": body})
+    return out
+
+
+def image_workload(
+    count: int, rate: float, info: dict[str, Any], seed: int = 0, max_n: int = 2
+) -> list[dict[str, Any]]:
+    """``count`` images requests with Poisson arrivals at ``rate`` per second for a text-to-image server whose
+    ``/v1/info`` is ``info``: prompts, steps, samplers, two sizes (the native one and twice as wide), guidance on
+    and off."""
+    rng = random.Random(seed)
+    samplers = [s for s in IMAGE_SAMPLERS if s in info["samplers"]][:3] or list(info["samplers"][:3])
+    width, height = (int(v) for v in info["default_size"].split("x"))
+    sizes = (f"{width}x{height}", f"{2 * width}x{height}")
+    at, out = 0.0, []
+    for _ in range(count):
+        at += rng.expovariate(rate)
+        body = {
+            "prompt": " ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(2, 6))),
+            "n": rng.randint(1, max_n),
+            "seed": rng.randrange(2**31),
+            "sampler": rng.choice(samplers),
+            "num_inference_steps": rng.choice(WORKLOAD_STEPS),
+            "size": rng.choice(sizes),
+            "guidance_scale": rng.choice((1.0, 5.0)),
+        }
         out.append({"at": at, "body": body})
     return out
 
@@ -124,7 +157,10 @@ def drive(url: str, requests: list[dict[str, Any]], time_limit: float, engine_me
         sent = time.perf_counter()
         status = 200
         try:
-            Client(url, timeout=600).sample(**req["body"])
+            if "prompt" in req["body"]:
+                Client(url, timeout=600).generate(**req["body"])
+            else:
+                Client(url, timeout=600).sample(**req["body"])
         except ServerError as exc:
             status = exc.status
         done = time.perf_counter()
@@ -156,6 +192,9 @@ def drive(url: str, requests: list[dict[str, Any]], time_limit: float, engine_me
         p99_s=float(np.percentile(latency, 99)),
         engine_busy=ratio(delta("fastdiff_engine_busy_seconds_total"), wall),
         server_cpu_cores=ratio(delta("fastdiff_process_cpu_seconds_total"), wall),
+        mean_time_to_first_step_s=ratio(
+            delta("fastdiff_time_to_first_step_seconds_sum"), delta("fastdiff_time_to_first_step_seconds_count")
+        ),
         mean_rows_per_tick=ratio(
             delta("fastdiff_batch_occupancy_sum"),
             ratio(delta("fastdiff_batch_occupancy_count"), after["fastdiff_max_batch"]),
@@ -168,10 +207,14 @@ def unloaded_latency_ms(url: str, count: int = 40) -> float:
     """Median latency of ``count`` one-sample, one-step requests sent one after another: the fixed cost of a
     request (HTTP, parsing, queueing, one tick); the difference between setups is what a proxy adds."""
     client = Client(url, timeout=60)
+    images = "pipeline" in client.info()
     times = []
     for i in range(count):
         t0 = time.perf_counter()
-        client.sample(n=1, steps=1, seed=i)
+        if images:
+            client.generate("a cat", num_inference_steps=1, seed=i, guidance_scale=1.0)
+        else:
+            client.sample(n=1, steps=1, seed=i)
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 
@@ -195,16 +238,17 @@ def run(
     seed: int = 0,
     ray_replicas: Sequence[int] = (),
     device: str | None = None,
+    diffusers: str | None = None,
 ) -> dict[str, Any]:
-    """Every setup (:func:`setups`) at every rate, the same workload for all; with the machine described."""
+    """Every setup (:func:`setups`) at every rate, the same workload for all; with the machine described.
+    ``diffusers``: serve that text-to-image pipeline (``model`` unused) with the images workload."""
 
     import torch
 
     rows = []
     for policy, extra in setups(policies, ray_replicas):
         args = [
-            "--model",
-            model,
+            *(["--diffusers", diffusers] if diffusers else ["--model", model]),
             "--threads",
             str(threads),
             "--max-batch",
@@ -221,14 +265,19 @@ def run(
             *(["--device", device] if device else []),
         ]
         with ServerProcess(args) as server:
+            info = Client(server.url).info()
             with ThreadPoolExecutor(4) as pool:  # warm-up (every replica): first-call costs stay out of the numbers
-                list(pool.map(lambda _: Client(server.url).sample(n=1, steps=2), range(8)))
-            num_classes = Client(server.url).info()["num_classes"]
+                list(pool.map(_warm_up, [server.url] * 8, [info] * 8))
             unloaded = unloaded_latency_ms(server.url)
             for rate in rates:
+                load = (
+                    image_workload(requests, rate, info, seed)
+                    if diffusers
+                    else workload(requests, rate, seed, num_classes=info["num_classes"])
+                )
                 res = drive(
                     server.url,
-                    workload(requests, rate, seed, num_classes=num_classes),
+                    load,
                     time_limit,
                     engine_metrics="--ray" not in extra,
                 )
@@ -240,7 +289,7 @@ def run(
                     flush=True,
                 )
     return dict(
-        model=model,
+        model=diffusers or model,
         device=device or "default",
         threads=threads,
         max_batch=max_batch,
@@ -253,6 +302,16 @@ def run(
         rows=rows,
         summary=summary(rows),
     )
+
+
+def _warm_up(url: str, info: dict[str, Any]) -> None:
+    client = Client(url)
+    if "pipeline" in info:
+        width, height = (int(v) for v in info["default_size"].split("x"))
+        for size in (f"{width}x{height}", f"{2 * width}x{height}"):
+            client.generate("a cat", size=size, num_inference_steps=2, guidance_scale=5.0)
+    else:
+        client.sample(n=1, steps=2)
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -277,20 +336,25 @@ def format_unloaded(res: dict[str, Any]) -> str:
 def format_table(res: dict[str, Any]) -> str:
     """Markdown: one line per (rate, policy)."""
     lines = [
-        "| offered req/s | batching | samples/s | req/s | p50 s | p99 s | rows/tick | engine busy | "
+        "| offered req/s | batching | samples/s | req/s | p50 s | p99 s | first step s | rows/tick | engine busy | "
         "server CPU cores | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = list(dict.fromkeys(r["policy"] for r in res["rows"]))
     for r in sorted(res["rows"], key=lambda r: (r["rate"], order.index(r["policy"]))):
-        rows_per_tick, busy, cpu = (
-            ("-", "-", "-")
+        first, rows_per_tick, busy, cpu = (
+            ("-", "-", "-", "-")
             if r["engine_busy"] is None
-            else (f"{r['mean_rows_per_tick']:.1f}", f"{100 * r['engine_busy']:.0f}%", f"{r['server_cpu_cores']:.2f}")
+            else (
+                f"{r['mean_time_to_first_step_s']:.2f}",
+                f"{r['mean_rows_per_tick']:.1f}",
+                f"{100 * r['engine_busy']:.0f}%",
+                f"{r['server_cpu_cores']:.2f}",
+            )
         )
         lines.append(
             f"| {r['rate']:g} | {r['policy']} | {r['samples_per_s']:.1f} | {r['requests_per_s']:.2f} | "
-            f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {rows_per_tick} | {busy} | {cpu} | {r['errors']} |"
+            f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {first} | {rows_per_tick} | {busy} | {cpu} | {r['errors']} |"
         )
     return "\n".join(lines)
 
@@ -334,6 +398,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="request-level batching's wait")
     p.add_argument("--model", default="digits", help="as fastdiff serve --model")
     p.add_argument("--device", default=None, help="as fastdiff serve --device (cpu, cuda)")
+    p.add_argument(
+        "--diffusers", default=None, metavar="PATH", help="serve this diffusers text-to-image pipeline instead"
+    )
     p.add_argument("--policies", default=",".join(POLICIES), help=f"from {', '.join(POLICIES)}")
     p.add_argument(
         "--ray-replicas",
@@ -369,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         policies,
         ray_replicas=replicas,
         device=a.device,
+        diffusers=a.diffusers,
     )
     print(format_table(res))
     print(format_unloaded(res))

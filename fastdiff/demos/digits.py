@@ -1,7 +1,8 @@
 """The main job on the embedded network: ``make demo`` / ``python -m fastdiff demo``.
 
 Samples the shipped digits network (:func:`fastdiff.pretrained.digits`) with the default sampler and with
-classifier-free guidance for each class, writes the grids as PNGs, and prints sample quality against
+classifier-free guidance for each class, inpaints digits (the lower half of real and of generated digits
+regenerated, guided to another class), writes the grids as PNGs, and prints sample quality against
 network evaluations for fastdiff's samplers and diffusers' schedulers on the same network, from the same
 initial noise. Quality is judged independently of the network (:mod:`fastdiff.eval.quality`): the Frechet
 distance in a digit classifier's feature space to the real digits, with real digits as the floor.
@@ -130,6 +131,39 @@ def format_table(rows: list[dict], nfes: Sequence[int], floor: float, n: int) ->
     return "\n".join(lines)
 
 
+def lower_half_mask(shape: Sequence[int]) -> torch.Tensor:
+    """[1, 1, H, W]: 1 (regenerate) on the lower half of each image, 0 (keep) on the upper half."""
+    h, w = shape[-2:]
+    mask = torch.zeros(1, 1, h, w)
+    mask[..., h // 2 :, :] = 1.0
+    return mask
+
+
+def inpaint_digits(
+    pipe: Pipeline, images: torch.Tensor, labels: torch.Tensor, guidance_scale: float, steps: int = 50, seed: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lower half of each of ``images`` regenerated, guided to the class after its own (``labels + 1`` mod 10),
+    the upper half kept (:meth:`Pipeline.sample` with ``init`` and ``mask``). Returns (inpainted, target labels)."""
+    targets = (labels + 1) % 10
+    out = pipe.sample(
+        tuple(images.shape),
+        steps=steps,
+        seed=seed,
+        progress=False,
+        init=images,
+        mask=lower_half_mask(images.shape),
+        model_kwargs={"y": targets},
+        uncond_kwargs={"y": torch.full_like(targets, pipe.num_classes)},
+        guidance_scale=guidance_scale,
+    )
+    return out, targets
+
+
+def inpainting_figure(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows of images [n, 1, H, W] stacked for :func:`image_grid` (one figure row each, the same n)."""
+    return torch.cat(list(rows), dim=0)
+
+
 def run_digits_demo(
     out_dir: str = "out",
     n: int = 128,
@@ -163,6 +197,15 @@ def run_digits_demo(
         write_png(path_guided, image_grid(guided.reshape(10, 8, 1, 8, 8).transpose(0, 1).reshape(80, 1, 8, 8), rows=8))
         default_score = judge.score(grid)
         guided_score = judge.score(guided, labels)
+        real = torch.stack([judge.images[judge.labels == d][0] for d in range(10)])  # one real digit per class
+        generated = guided.reshape(10, 8, 1, 8, 8)[:, 0]  # the first guided sample of each class
+        real_inpainted, targets = inpaint_digits(pipe, real, torch.arange(10), guidance_scale)
+        gen_inpainted, _ = inpaint_digits(pipe, generated, torch.arange(10), guidance_scale)
+        known = real * (1 - lower_half_mask(real.shape))
+        figure = inpainting_figure([real, known, real_inpainted, generated, gen_inpainted])
+        path_inpaint = os.path.join(out_dir, "digits_inpainting.png")
+        write_png(path_inpaint, image_grid(figure, rows=5))
+        inpaint_score = judge.score(torch.cat([real_inpainted, gen_inpainted]), torch.cat([targets, targets]))
         rows = quality_table(pipe, judge, n, nfes, with_diffusers=with_diffusers)
     floor = judge.real_floor(n)
     print(
@@ -172,6 +215,11 @@ def run_digits_demo(
     print(
         f"wrote {path_guided} (one column per digit 0-9, guidance {guidance_scale}, ddim 25 steps: "
         f"{100 * guided_score.accuracy:.0f}% classified as the requested digit)"
+    )
+    print(
+        f"wrote {path_inpaint} (rows: real digits 0-9, their kept upper halves, the lower halves regenerated guided "
+        f"to the next digit; generated digits, likewise: {100 * inpaint_score.accuracy:.0f}% classified as the "
+        "digit they were guided to)"
     )
     print(
         f"\nFrechet distance to the real digits in a digit classifier's features, lower is better "
@@ -186,6 +234,7 @@ def run_digits_demo(
         floor=floor,
         default=vars(default_score),
         guided=vars(guided_score),
-        paths=[path_default, path_guided],
+        inpainting=vars(inpaint_score),
+        paths=[path_default, path_guided, path_inpaint],
         seconds=seconds,
     )

@@ -117,10 +117,6 @@ HONOURED = frozenset(
 
 # (class or "*", field) -> (allowed values, why the others are refused).
 REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
-    ("PNDMScheduler", "skip_prk_steps"): (
-        (True,),
-        "fastdiff's pndm is PLMS; the Runge-Kutta warm-up steps are not implemented",
-    ),
     ("DDPMScheduler", "variance_type"): (
         ("fixed_small", "fixed_small_log", "fixed_large"),
         "learned variances need the network's variance channels; diffusers' "
@@ -130,11 +126,9 @@ REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
         ("dpmsolver++", "sde-dpmsolver++"),
         "fastdiff implements the data-prediction (++) solvers",
     ),
-    ("DPMSolverMultistepScheduler", "solver_order"): ((2, 3), "order 1 is DDIM: use DDIMScheduler"),
-    ("DPMSolverMultistepScheduler", "variance_type"): ((None,), "learned variances are not supported"),
-    ("UniPCMultistepScheduler", "solver_type"): (("bh2",), "fastdiff's unipc is the bh2 variant"),
+    ("UniPCMultistepScheduler", "solver_type"): (("bh1", "bh2"), "diffusers maps every other name onto bh2"),
     ("UniPCMultistepScheduler", "predict_x0"): ((True,), "fastdiff's unipc predicts x0"),
-    ("UniPCMultistepScheduler", "solver_order"): ((1, 2), "fastdiff's unipc takes solver_order 1 or 2"),
+    ("UniPCMultistepScheduler", "solver_order"): ((1, 2, 3), "fastdiff's unipc takes solver_order 1, 2 or 3"),
     ("UniPCMultistepScheduler", "disable_corrector"): (([], ()), "fastdiff's unipc corrects every step"),
     ("UniPCMultistepScheduler", "solver_p"): ((None,), "a custom predictor cannot be a coefficient program"),
     ("*", "use_flow_sigmas"): ((False,), "flow sigmas on a VP scheduler are not supported; use FlowMatch* schedulers"),
@@ -142,12 +136,9 @@ REFUSED: dict[tuple[str, str], tuple[tuple, str]] = {
     ("*", "stochastic_sampling"): ((False,), "stochastic flow sampling is not supported"),
 }
 
-SIGMA_CLASSES_REFUSE_ZERO_SNR = (
-    "rescale_betas_zero_snr",
-    (False,),
-    "diffusers' sigma-based schedulers replace the zero terminal SNR by 2**-24; "
-    "fastdiff runs zero-SNR schedules with DDIMScheduler/DDPMScheduler",
-)
+
+DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+"""The variance_type names DDPMScheduler knows."""
 
 
 def _diffusers() -> Any:
@@ -240,8 +231,14 @@ def scheduler_setup(scheduler_or_config: Any) -> SchedulerSetup:
     cls = getattr(_diffusers(), class_name)
     defaults = _init_defaults(cls)
     full = {k: config.get(k, d) for k, d in defaults.items()}
+    # The class's own reading of the config: diffusers maps some values onto others (DPMSolverMultistep's
+    # algorithm_type "deis" is "dpmsolver++", UniPC's solver_type "midpoint" is "bh2", ...) and refuses its own.
+    instance = cls(**full)
+    full = {k: instance.config.get(k, v) for k, v in full.items()}
+    if class_name == "DDPMScheduler" and full["variance_type"] not in DDPM_VARIANCES:
+        full["variance_type"] = "fixed_small"  # DDPMScheduler.step adds the fixed_small noise for a name it lacks
     _check_fields(class_name, spec, full, defaults)
-    prediction, schedule = _prediction_and_schedule(class_name, spec, full)
+    prediction, schedule = _prediction_and_schedule(spec, full, instance)
     sampler, options = _sampler_and_options(class_name, spec, full)
     x0_clip = X0Clip.from_config(full) if ("clip_sample" in full or "thresholding" in full) else None
     return SchedulerSetup(class_name, full, spec, schedule, prediction, sampler, options, x0_clip)
@@ -282,20 +279,12 @@ def _check_fields(class_name: str, spec: ClassSpec, config: Mapping[str, Any], d
                 f"{class_name} config field {name}={value!r} is not supported by fastdiff "
                 f"(it honours this field only at diffusers' default {defaults.get(name)!r})"
             )
-    if spec.grid == "sigmas" and config.get("rescale_betas_zero_snr", False):
-        name, _, why = SIGMA_CLASSES_REFUSE_ZERO_SNR
-        raise ValueError(f"{class_name} config field {name}=True is not supported by fastdiff: {why}")
     if class_name == "DPMSolverMultistepScheduler":
         if config.get("algorithm_type") == "sde-dpmsolver++" and config.get("solver_order") == 3:
             raise ValueError(
                 "DPMSolverMultistepScheduler config field solver_order=3 with algorithm_type="
                 "'sde-dpmsolver++' is not supported by fastdiff: diffusers' third-order SDE step is not "
                 "third order (fastdiff's dpmpp_3m_sde is k-diffusion's)"
-            )
-        if config.get("euler_at_final") and config.get("final_sigmas_type") != "zero":
-            raise ValueError(
-                "DPMSolverMultistepScheduler config field euler_at_final=True is supported only with "
-                f"final_sigmas_type='zero', got final_sigmas_type={config.get('final_sigmas_type')!r}"
             )
     if "prediction_type" in config and spec.grid != "flow" and config["prediction_type"] not in PREDICTIONS:
         raise ValueError(
@@ -304,27 +293,53 @@ def _check_fields(class_name: str, spec: ClassSpec, config: Mapping[str, Any], d
         )
 
 
-def _prediction_and_schedule(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, Schedule]:
+def _prediction_and_schedule(spec: ClassSpec, config: Mapping[str, Any], instance: Any) -> tuple[str, Schedule]:
     if spec.grid == "flow":
         # x_t = (1 - t) x0 + t eps, the network fed t * num_train_timesteps; the grid decides where t runs.
         return "flow", Schedule.flow(t_min=1e-9, t_max=1.0, time_scale=float(config["num_train_timesteps"]))
-    return PREDICTIONS[config.get("prediction_type", "epsilon")], Schedule.from_diffusers(config)
+    return PREDICTIONS[config.get("prediction_type", "epsilon")], schedule_of_table(instance.alphas_cumprod)
+
+
+def schedule_of_table(alphas_cumprod: Any) -> Schedule:
+    """The schedule of a class's own ``alphas_cumprod`` table: diffusers computes it in float32 (every beta
+    schedule it has, zero-SNR rescaling, and the sigma-based classes' 2**-24 in place of a zero terminal SNR), and
+    fastdiff takes those values as they are, so its float64 rows are diffusers' steps without diffusers' float32
+    step arithmetic."""
+    abar = np.asarray(
+        alphas_cumprod.double().numpy() if hasattr(alphas_cumprod, "numpy") else alphas_cumprod, dtype=np.float64
+    ).copy()
+    # With rescale_betas_zero_snr the sigma-based classes end on 2**-24 in place of 0, above the entry before it.
+    # Their steps only see (alpha, sigma) at their own sigmas, tied by alpha^2 = 1 / (1 + (sigma / alpha)^2), so the
+    # end is put below that entry: the table stays a schedule that holds every sigma diffusers steps through (4096,
+    # and the larger ones of its full training table), at schedule times of its own.
+    if len(abar) > 1 and abar[-1] >= abar[-2]:
+        abar[-1] = 0.5 * abar[-2]
+    prev = np.concatenate([[1.0], abar[:-1]])
+    return Schedule.from_betas(1.0 - abar / prev)
 
 
 def _sampler_and_options(class_name: str, spec: ClassSpec, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if class_name == "PNDMScheduler":  # diffusers' pndm_order 4: three Runge-Kutta steps start the history
+        return ("pndm" if config["skip_prk_steps"] else "pndm_prk"), {}
     if class_name == "DDPMScheduler":
         return "ddpm", {"variance_type": "fixed_large" if config["variance_type"] == "fixed_large" else "fixed_small"}
     if class_name == "DPMSolverMultistepScheduler":
         sde = config["algorithm_type"] == "sde-dpmsolver++"
-        options = {"lower_order_final": bool(config["lower_order_final"]), "solver_type": config["solver_type"]}
+        if config["solver_order"] == 1:  # DPM-Solver++(1) is DDIM; its SDE form is DDIM with eta = 1
+            return "ddim", {"eta": 1.0} if sde else {}
+        options = {
+            "lower_order_final": bool(config["lower_order_final"]),
+            "solver_type": config["solver_type"],
+            "euler_at_final": bool(config["euler_at_final"]),
+        }
         if config["solver_order"] == 3:
             return "dpmpp_3m", dict(options, legacy_third_order=True)
         return ("dpmpp_2m_sde" if sde else "dpmpp_2m"), options
     if class_name in ("UniPCMultistepScheduler", "DEISMultistepScheduler"):
-        return spec.sampler, {
-            "solver_order": int(config["solver_order"]),
-            "lower_order_final": bool(config["lower_order_final"]),
-        }
+        options = {"solver_order": int(config["solver_order"]), "lower_order_final": bool(config["lower_order_final"])}
+        if class_name == "UniPCMultistepScheduler":
+            options["variant"] = config["solver_type"]
+        return spec.sampler, options
     return spec.sampler, {}
 
 
@@ -339,7 +354,7 @@ def set_timesteps(
             if name not in params:
                 raise ValueError(f"{type(peer).__name__}.set_timesteps takes no {name}")
             kwargs[name] = list(value)
-    if steps is not None and not kwargs.get("timesteps") and not kwargs.get("sigmas"):
+    if steps is not None:  # with timesteps or sigmas too: the class decides (diffusers' own refuse both)
         kwargs["num_inference_steps"] = steps
     peer.set_timesteps(**kwargs)
 
@@ -356,6 +371,8 @@ def grid_of(setup: SchedulerSetup, peer: Any) -> Grid:
     if setup.spec.repeats:  # Heun: [s0, s1, s1, ..., s_{n-1}, s_{n-1}, s_n], timesteps alike without the end
         sig = np.concatenate([sig[:-1:2], sig[-1:]])
         ts = ts[::2]
+    if len(sig) > len(ts) + 1:  # Euler's log_linear interpolation lists one sigma more than its steps reach
+        sig = sig[: len(ts) + 1]
     sch = setup.schedule
     if setup.spec.grid == "flow":
         t = sig.copy()
@@ -405,6 +422,15 @@ def _timestep_grid(setup: SchedulerSetup, peer: Any) -> Grid:
     if last < 0:
         last = sch.clean_end if cfg.get("set_alpha_to_one", True) else 0.0
     t = np.concatenate([ts, [last]])
+    return Grid(t=t, alpha=sch.alpha(t), sigma=sch.sigma(t), log_snr=sch.log_snr(t), model_time=sch.model_time(t))
+
+
+def timestep_step_grid(setup: SchedulerSetup, timestep: int, prev: int) -> Grid:
+    """The two-point grid of one DDIM / DDPM step from ``timestep`` to ``prev``, any timesteps those classes take
+    (``prev < 0``: the end the class steps into, as in :func:`_timestep_grid`)."""
+    sch, cfg = setup.schedule, setup.config
+    last = float(prev) if prev >= 0 else (sch.clean_end if cfg.get("set_alpha_to_one", True) else 0.0)
+    t = np.array([float(timestep), last], dtype=np.float64)
     return Grid(t=t, alpha=sch.alpha(t), sigma=sch.sigma(t), log_snr=sch.log_snr(t), model_time=sch.model_time(t))
 
 

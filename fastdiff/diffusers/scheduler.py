@@ -10,6 +10,11 @@ pipeline run gives the original scheduler's latents.
 
 Schedulers whose sample is ``x / alpha`` (Euler, Heun, LMS: they scale the model input by
 ``1 / sqrt(sigma^2 + 1)``) get rows rescaled to read and write that space, so the op still does the whole step.
+
+It behaves as the class it stands in for wherever code reads or drives that class (docs/diffusers.md): timesteps
+and schedule tables from construction, DDIM/DDPM steps from any timestep they take, diffusers' step index for the
+others (a multistep history starting at the first step taken), ``add_noise`` at the step index reached, the config
+round trip; :meth:`FastdiffScheduler.for_class` gives a class constructed as a diffusers class is.
 """
 
 from __future__ import annotations
@@ -31,14 +36,22 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra("diffusers", exc) from exc
 
-from fastdiff.diffusers.config import CLASSES, SchedulerSetup, grid_of, scheduler_setup, set_timesteps
-from fastdiff.kernels.reference import CH0, CH1, CH2, CM, CX, CX0, CZ, DX, EX
+from fastdiff.diffusers.config import (
+    CLASSES,
+    SchedulerSetup,
+    grid_of,
+    scheduler_setup,
+    set_timesteps,
+    timestep_step_grid,
+)
+from fastdiff.kernels.reference import CH0, CH1, CH2, CM, CX, CX0, CZ, DX, EM, EX
 from fastdiff.program import Program, build_program
 from fastdiff.runtime.step import fused_step
 from fastdiff.samplers import get_sampler
 from fastdiff.schedule import Grid
 
 _NO_NONFINITE = torch.iinfo(torch.int32).max
+_BOUND: dict[str, type] = {}
 
 
 @dataclass
@@ -63,6 +76,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     _compatibles = sorted(CLASSES)
 
     def __init__(self, sampler: str | None = None, source_class: str = "DDIMScheduler", **config: Any):
+        used_defaults = config.pop("_use_default_values", None)
         self.setup: SchedulerSetup = scheduler_setup({**config, "_class_name": source_class})
         if sampler is not None:
             info = get_sampler(sampler)
@@ -70,15 +84,64 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"sampler {sampler!r} cannot use prediction {self.setup.prediction!r}")
         self.sampler = sampler or self.setup.sampler
         self.options: dict[str, Any] = dict(self.setup.options) if self.sampler == self.setup.sampler else {}
-        self.register_to_config(sampler=sampler, source_class=source_class, **self.setup.config)
+        registered = {"sampler": sampler, "source_class": source_class, **self.setup.config}
+        # As diffusers' register_to_config: the fields the caller left at their defaults are listed (a saved config
+        # holds every field, so a loaded scheduler lists none).
+        defaults = sorted(set(self.setup.config) - set(config)) if used_defaults is None else list(used_defaults)
+        self.register_to_config(**registered, **({"_use_default_values": defaults} if defaults else {}))
         self._peer = self.setup.peer()
-        self._grid: Grid | None = None
         self._programs: dict[tuple, tuple[Program, np.ndarray]] = {}
-        self._stage: int | None = None
+        self._rows: dict[tuple, Program] = {}
         self._begin_index: int | None = None
+        self._reset(grid_from_peer=False)
+
+    def _reset(self, grid_from_peer: bool) -> None:
+        """State after construction or ``set_timesteps``: the peer's timesteps, no step taken yet."""
+        self._grid: Grid | None = grid_of(self.setup, self._peer) if grid_from_peer else None
+        self._programs.clear()
+        self._stage: int | None = None
+        self._start: int | None = None
         self._slots: list[torch.Tensor] = []
-        self.num_inference_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
+        self.timesteps: torch.Tensor = self._peer.timesteps
+        self.num_inference_steps: int | None = getattr(self._peer, "num_inference_steps", None)
+
+    _bound_source: str | None = None  # set on the classes for_class makes
+
+    @classmethod
+    def for_class(cls, source_class: str) -> type[FastdiffScheduler]:
+        """A FastdiffScheduler class standing in for the diffusers class ``source_class``: constructed with that
+        class's config arguments (``FastdiffScheduler.for_class("DDIMScheduler")(beta_schedule="linear")``), its
+        ``from_config`` and ``from_pretrained`` keep that class whatever config they read, as diffusers' own
+        classes do. One class per name (made once)."""
+        if source_class not in CLASSES:
+            raise ValueError(f"source_class must be one of {', '.join(sorted(CLASSES))}, got {source_class!r}")
+        bound = _BOUND.get(source_class)
+        if bound is None:
+
+            def __init__(self: FastdiffScheduler, sampler: str | None = None, **config: Any) -> None:
+                given = config.pop("source_class", source_class)
+                if given != source_class:
+                    raise ValueError(f"this class runs {source_class}, got source_class={given!r}")
+                FastdiffScheduler.__init__(self, sampler=sampler, source_class=source_class, **config)
+
+            bound = _BOUND[source_class] = type(
+                f"Fastdiff{source_class}",
+                (FastdiffScheduler,),
+                {
+                    "__init__": __init__,
+                    "__module__": __name__,
+                    "__doc__": f"FastdiffScheduler running {source_class} (see FastdiffScheduler.for_class).",
+                    "_bound_source": source_class,
+                    # PNDM's two phases by name (pipelines call step; code driving the phases calls these): one
+                    # program runs both
+                    **(
+                        {"step_prk": FastdiffScheduler.step, "step_plms": FastdiffScheduler.step}
+                        if source_class == "PNDMScheduler"
+                        else {}
+                    ),
+                },
+            )
+        return bound
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
@@ -86,16 +149,28 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         or a saved FastdiffScheduler config; ``kwargs`` override fields (``sampler=`` among them)."""
         cfg = dict(getattr(config, "config", config) or {})
         cfg.update(kwargs)
+        # As diffusers' extract_init_dict: fields the config only holds at their defaults are not passed on.
+        skip = set(cfg.pop("_use_default_values", None) or ())
+        cfg = {k: v for k, v in cfg.items() if k not in skip}
+        original = dict(cfg)
         name = cfg.pop("_class_name", None)
         if name is None and isinstance(config, SchedulerMixin) and not isinstance(config, cls):
             name = type(config).__name__
         source = cfg.pop("source_class", None) or (name if name != cls.__name__ else None)
+        if cls._bound_source is not None:
+            source = cls._bound_source
         if source is None:
             raise ValueError(
                 "the config names no scheduler class (no _class_name or source_class); pass the scheduler "
                 "itself, a config with _class_name (as scheduler_config.json has), or source_class="
             )
         scheduler = cls(source_class=source, **{k: v for k, v in cfg.items() if not k.startswith("_")})
+        # As diffusers' from_config: what the config holds beyond this class's fields stays in its config (for the
+        # classes it is compatible with), under this class's name.
+        hidden = {k: v for k, v in original.items() if k not in scheduler.config}
+        if "_class_name" in hidden:
+            hidden["_class_name"] = cls.__name__
+        scheduler.register_to_config(**hidden)
         return (scheduler, {}) if return_unused_kwargs else scheduler
 
     # ------------------------------------------------------------------ diffusers' scheduler interface
@@ -125,7 +200,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Starts at ``timesteps[begin_index]`` (as diffusers' ``set_begin_index``)."""
+        """Starts at ``timesteps[begin_index]`` (as diffusers' ``set_begin_index``): the first step there starts the
+        multistep history afresh, as diffusers' does."""
         self._begin_index = begin_index
         if hasattr(self._peer, "set_begin_index"):
             self._peer.set_begin_index(begin_index)
@@ -140,19 +216,14 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         **kwargs: Any,
     ) -> None:
         """The original scheduler's timesteps (for ``num_inference_steps``, or explicit ``timesteps`` /
-        ``sigmas``); builds the coefficient program on that grid."""
+        ``sigmas``); the coefficient program on that grid is built at the first step."""
         if mu is not None:
             kwargs["mu"] = mu
         if device is not None:
             kwargs["device"] = device
         set_timesteps(self._peer, num_inference_steps, timesteps, sigmas, **kwargs)
-        self._grid = grid_of(self.setup, self._peer)
-        self.timesteps = self._peer.timesteps
-        self.num_inference_steps = len(self.timesteps)
-        self._programs.clear()
-        self._stage = None
         self._begin_index = None
-        self._slots = []
+        self._reset(grid_from_peer=True)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The network's input: the native state (``sample * alpha`` for the x / alpha schedulers)."""
@@ -161,7 +232,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if self._stage is None:
             self._init_stage(timestep)
         _, scale_in = self._program(0.0, False, sample.device)
-        return sample * float(scale_in[self._stage])
+        return sample * float(scale_in[self._stage - self._start])
 
     def step(
         self,
@@ -177,21 +248,86 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     ) -> FastdiffSchedulerOutput | tuple[torch.Tensor]:
         """One step: one ``fastdiff.fused_step`` op on the program row of this step.
 
-        ``eta`` (ddim) and ``use_clipped_model_output`` are diffusers' DDIM arguments; ``generator`` /
-        ``variance_noise`` give the step noise where the original scheduler draws it.
+        DDIM and DDPM steps are stateless as diffusers' (each goes from ``timestep`` to the timestep before it,
+        any timestep those classes take); the others follow the step index diffusers keeps (set from the first
+        ``timestep`` or ``set_begin_index``, their history starting there). ``eta`` (ddim) and
+        ``use_clipped_model_output`` are diffusers' DDIM arguments; ``generator`` / ``variance_noise`` give the
+        step noise where the original scheduler draws it.
         """
-        if self._grid is None:
-            raise ValueError("call set_timesteps before step")
-        if self._stage is None:
-            self._init_stage(timestep)
-        k = self._stage
-        prog, _ = self._program(float(eta), bool(use_clipped_model_output), sample.device)
-        if k >= prog.stages:
-            raise ValueError(f"step called {k + 1} times; the program has {prog.stages} stages")
+        eta, recompute = float(eta), bool(use_clipped_model_output)
+        if self.setup.config.get("variance_type") in ("learned", "learned_range") and self.setup.spec.grid == "sigmas":
+            model_output = model_output[:, : sample.shape[1]]  # DPMSolverMultistep drops the variance channels
+        if self._stateless():
+            prog, k = self._timestep_row(timestep, eta, recompute, sample.device), 0
+        else:
+            if self._stage is None:
+                self._init_stage(timestep)
+            prog, _ = self._program(eta, recompute, sample.device)
+            k = self._stage - self._start
+            if k >= prog.stages:
+                raise ValueError(
+                    f"no step from timesteps[{self._stage}]: the scheduler has {len(self.timesteps)} steps, and its "
+                    "multistep solvers stop before a timestep listed twice (a zero step size)"
+                )
+        out, x0 = self._apply(prog, k, model_output, float(timestep), sample, eta, generator, variance_noise)
+        if not self._stateless():
+            self._stage += 1
+        if not return_dict:
+            return (out, x0)
+        return FastdiffSchedulerOutput(prev_sample=out, pred_original_sample=x0)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The original scheduler's forward noising (image-to-image, inpainting): for the sigma-grid schedulers at
+        the noise level of the step index this scheduler is at, as diffusers' (before the first step its begin
+        index, after a step the next step's), so re-noising the known region of an inpainting loop is exact."""
+        if self.setup.spec.grid != "sigmas":
+            return self._peer.add_noise(original_samples, noise, timesteps)
+        sigmas = self._peer.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        timesteps = torch.as_tensor(timesteps).to(original_samples.device).reshape(-1)
+        if self._begin_index is None:
+            schedule = self.timesteps.to(original_samples.device)
+            indices = [self._peer.index_for_timestep(t, schedule) for t in timesteps]
+        else:
+            indices = [self._begin_index if self._stage is None else self._stage] * timesteps.shape[0]
+        sigma = sigmas[indices].flatten()
+        while sigma.dim() < original_samples.dim():
+            sigma = sigma.unsqueeze(-1)
+        if self.setup.spec.y_space:
+            return original_samples + noise * sigma
+        alpha_t = 1.0 / (sigma**2 + 1.0) ** 0.5
+        return alpha_t * original_samples + sigma * alpha_t * noise
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+    def __getattr__(self, name: str) -> Any:
+        # The original scheduler's tables and pure functions of its schedule (betas, alphas_cumprod, ...,
+        # previous_timestep); nothing of its stepping state.
+        if name in _PEER_TABLES and "_peer" in self.__dict__ and hasattr(self._peer, name):
+            return getattr(self._peer, name)
+        return super().__getattr__(name)  # ConfigMixin's: config fields registered later
+
+    # ------------------------------------------------------------------ internals
+    def _stateless(self) -> bool:
+        """DDIM and DDPM running their own algorithm: each step is a function of its timestep alone."""
+        return self.setup.class_name in ("DDIMScheduler", "DDPMScheduler") and self.sampler == self.setup.sampler
+
+    def _apply(
+        self,
+        prog: Program,
+        k: int,
+        model_output: torch.Tensor,
+        timestep: float,
+        sample: torch.Tensor,
+        eta: float,
+        generator: torch.Generator | None,
+        variance_noise: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``k`` of ``prog`` as one fused op: (x_next, x0-hat)."""
         x = sample.contiguous()
-        m = model_output.contiguous()
+        m = model_output.to(x.dtype).contiguous()
         noise = None
-        if self.setup.noise_draws(float(timestep), float(eta)) or prog.uses_noise(k):
+        if self.setup.noise_draws(timestep, eta) or prog.uses_noise(k):
             noise = (
                 variance_noise
                 if variance_noise is not None
@@ -199,7 +335,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
             )
-        if len(self._slots) < prog.slots:
+        if len(self._slots) < prog.slots or any(h.shape != x.shape or h.dtype != x.dtype for h in self._slots):
             self._slots = [torch.zeros_like(x) for _ in range(prog.slots)]
         out, x0 = torch.empty_like(x), torch.empty_like(x)
         nonfinite = torch.full((x.shape[0],), _NO_NONFINITE, dtype=torch.int32, device=x.device)
@@ -223,46 +359,148 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             nonfinite=nonfinite,
             clip=clip,
         )
-        self._stage = k + 1
-        if not return_dict:
-            return (out, x0)
-        return FastdiffSchedulerOutput(prev_sample=out, pred_original_sample=x0)
+        return out, x0
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The original scheduler's forward noising (image-to-image, inpainting)."""
-        return self._peer.add_noise(original_samples, noise, timesteps)
+    def _timestep_row(self, timestep: Any, eta: float, recompute_eps: bool, device: torch.device) -> Program:
+        """The one-stage program stepping from ``timestep`` to the one diffusers' DDIM / DDPM steps to."""
+        t = int(torch.as_tensor(timestep).reshape(-1)[0].item())
+        if self.setup.class_name == "DDIMScheduler":
+            if self.num_inference_steps is None:
+                raise ValueError("call set_timesteps before step (DDIM steps by num_train_timesteps // steps)")
+            prev = t - self.config.num_train_timesteps // self.num_inference_steps
+        else:
+            prev = int(torch.as_tensor(self._peer.previous_timestep(t)).item())
+        key = (t, prev, eta, recompute_eps, str(device))
+        if key not in self._rows:
+            grid = timestep_step_grid(self.setup, t, prev)
+            self._rows[key] = self._finish(grid, eta, recompute_eps, self.options, device)[0]
+        return self._rows[key]
 
-    def __len__(self) -> int:
-        return int(self.config.num_train_timesteps)
-
-    # ------------------------------------------------------------------ internals
     def _init_stage(self, timestep: Any) -> None:
+        """The step index diffusers sets at the first step: the begin index, else where ``timestep`` is (its
+        second listing when listed twice; the multistep schedulers take an unlisted one as their last step)."""
         if self._begin_index is not None:
             self._stage = self._begin_index
-            return
-        t = torch.as_tensor(timestep, dtype=self.timesteps.dtype).to(self.timesteps.device)
-        hits = (self.timesteps == t).nonzero().flatten()
-        if len(hits) == 0:
-            raise ValueError(f"timestep {float(t)} is not one of the scheduler's timesteps")
-        self._stage = int(hits[1 if len(hits) > 1 else 0])
+        elif self.setup.class_name == "PNDMScheduler":
+            self._stage = 0  # PNDM counts its calls from the first, whatever timestep it is given
+        else:
+            t = torch.as_tensor(timestep, dtype=self.timesteps.dtype).to(self.timesteps.device).reshape(-1)[0]
+            hits = (self.timesteps == t).nonzero().flatten()
+            if len(hits) == 0:
+                if self.setup.class_name not in _LAST_STEP_IF_UNLISTED:
+                    raise ValueError(f"timestep {float(t)} is not one of the scheduler's timesteps")
+                self._stage = len(self.timesteps) - 1
+            else:
+                self._stage = int(hits[1 if len(hits) > 1 else 0])
+        # The multistep solvers start their history (and warm-up) at the first step taken; the others run the
+        # whole grid's program from there, its history empty (LMS weighs the derivatives it has as diffusers does).
+        self._start = self._stage if self.setup.class_name in _FRESH_HISTORY else 0
+        self._programs.clear()
 
     def _program(self, eta: float, recompute_eps: bool, device: torch.device) -> tuple[Program, np.ndarray]:
-        """The program for these step arguments on ``device`` (cached) and each stage's input scale."""
+        """The program from the first step taken to the end for these step arguments on ``device`` (cached) and each
+        stage's input scale. Started mid-schedule, it is the program of the rest of the grid: its multistep
+        history starts there, as diffusers' does."""
         key = (eta, recompute_eps, str(device))
         if key not in self._programs:
-            options = dict(self.options)
-            if "eta" in get_sampler(self.sampler).options and eta:
-                options["eta"] = eta
-            prog = build_program(
-                self.setup.schedule, self._grid, self.sampler, self.setup.prediction, device, **options
-            )
-            if self.setup.x0_clip is not None:
-                prog = self.setup.x0_clip.with_recompute_eps(recompute_eps).program(prog)
-            scale_in = np.ones(prog.stages)
-            if self.setup.spec.y_space:
-                prog, scale_in = _y_space(prog, self.setup, device)
-            self._programs[key] = (prog, scale_in)
+            if self._grid is None:
+                if self.timesteps is None:  # PNDM has none before set_timesteps
+                    raise ValueError("call set_timesteps before step")
+                try:
+                    self._grid = grid_of(self.setup, self._peer)
+                except ValueError as exc:
+                    raise ValueError("call set_timesteps before step") from exc
+            grid, options = self._grid, dict(self.options)
+            step = self._start or 0  # nonzero only for the multistep solvers, one timestep per grid point
+            if step:
+                grid = _cut(grid, step, len(grid.t))
+                if options.get("lower_order_final") and self.setup.class_name in _SHORT_RUN_RULE:
+                    # diffusers lowers the last steps only when the whole schedule is short
+                    options["lower_order_final"] = len(self.timesteps) < 15
+            try:
+                self._programs[key] = self._finish(grid, eta, recompute_eps, options, device)
+            except ValueError:
+                # A point listed twice inside the grid (rounded timesteps of a short training schedule) is a zero
+                # step size that a multistep step divides by, in diffusers too: the program stops before it.
+                repeats = np.nonzero(np.diff(np.asarray(grid.t)) == 0)[0]
+                if not len(repeats) or self.setup.class_name not in _FRESH_HISTORY:
+                    raise
+                grid = _cut(grid, 0, int(repeats[0]) + 1)
+                self._programs[key] = self._finish(grid, eta, recompute_eps, options, device)
         return self._programs[key]
+
+    def _finish(
+        self, grid: Grid, eta: float, recompute_eps: bool, options: dict[str, Any], device: torch.device
+    ) -> tuple[Program, np.ndarray]:
+        """The program of ``sampler`` on ``grid`` with the step arguments, x0 limit and sample space applied."""
+        options = dict(options)
+        if "eta" in get_sampler(self.sampler).options and eta:
+            options["eta"] = eta
+        prog = build_program(self.setup.schedule, grid, self.sampler, self.setup.prediction, device, **options)
+        if self.setup.class_name == "DDPMScheduler" and self.sampler == "ddpm" and prog.stages == 1:
+            prog = _ddpm_float32_row(prog, self._peer, grid, options["variance_type"])
+        if self.setup.x0_clip is not None:
+            prog = self.setup.x0_clip.with_recompute_eps(recompute_eps).program(prog)
+        scale_in = np.ones(prog.stages)
+        if self.setup.spec.y_space:
+            prog, scale_in = _y_space(prog, self.setup, device)
+        return prog, scale_in
+
+
+_PEER_TABLES = frozenset(
+    {
+        "betas",
+        "alphas",
+        "alphas_cumprod",
+        "final_alpha_cumprod",
+        "one",
+        "alpha_t",
+        "sigma_t",
+        "lambda_t",
+        "log_sigmas",
+        "sigma_min",
+        "sigma_max",
+        "custom_timesteps",
+        "prk_timesteps",
+        "plms_timesteps",
+        "pndm_order",
+        "use_karras_sigmas",
+        "previous_timestep",
+        "index_for_timestep",
+        "_get_variance",
+        "_sigma_to_t",
+    }
+)
+_LAST_STEP_IF_UNLISTED = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
+_FRESH_HISTORY = frozenset({"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"})
+_SHORT_RUN_RULE = frozenset({"DPMSolverMultistepScheduler", "DEISMultistepScheduler"})
+
+
+def _ddpm_float32_row(prog: Program, peer: Any, grid: Grid, variance_type: str) -> Program:
+    """The one-step DDPM program with its step weights as DDPMScheduler forms them, in float32.
+
+    Its beta for the step, ``1 - abar_t / abar_prev``, cancels in float32 near the clean end (at t = 1, a relative
+    error of 5e-4), which moves diffusers' own samples by more than its full-loop tests allow; the drop-in takes
+    those weights (not its float64 ones) so that its results are diffusers'.
+    """
+    abar = peer.alphas_cumprod
+    t, prev = int(grid.t[0]), int(round(float(grid.t[1])))
+    a_t = abar[t]
+    a_prev = abar[prev] if prev >= 0 else peer.one
+    beta_t = 1 - a_t / a_prev
+    x0_weight = float(a_prev**0.5 * beta_t / (1 - a_t))
+    x_weight = float((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t))
+    variance = beta_t if variance_type == "fixed_large" else torch.clamp((1 - a_prev) / (1 - a_t) * beta_t, min=1e-20)
+    coef = np.array(prog.coef, dtype=np.float64, copy=True)
+    coef[0, CX] = x0_weight * coef[0, EX] + x_weight
+    coef[0, CM] = x0_weight * coef[0, EM]
+    coef[0, CZ] = float(variance**0.5) if t > 0 else 0.0
+    return replace(prog, coef=coef, coef_device=torch.as_tensor(coef, dtype=torch.float64).to(prog.coef_device.device))
+
+
+def _cut(grid: Grid, start: int, end: int) -> Grid:
+    """Points ``start:end`` of ``grid``."""
+    return Grid(*(np.asarray(a)[start:end] for a in (grid.t, grid.alpha, grid.sigma, grid.log_snr, grid.model_time)))
 
 
 def _y_space(prog: Program, setup: SchedulerSetup, device: torch.device) -> tuple[Program, np.ndarray]:

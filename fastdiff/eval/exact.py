@@ -148,6 +148,27 @@ class GaussianMixture:
         x = x.to(dtype=dtype, device=device)
         return (x, comp.to(device=device)) if return_components else x
 
+    def conditional(self, known: ArrayLike, values: ArrayLike) -> GaussianMixture:
+        """The exact distribution of the unknown coordinates given ``x[known] = values``: what inpainting should
+        sample.
+
+        With diagonal components, component k's unknown coordinates are independent of its known ones, so the
+        conditional is the mixture of the components' unknown parts, reweighted by how well each explains the known
+        values: ``w_k' ~ w_k N(values; mu_k[known], diag(s_k[known]^2))``. ``known`` is a [D] bool mask (True =
+        known, at least one and not all), ``values`` the [number known] known coordinates.
+        """
+        mask = torch.as_tensor(known, dtype=torch.bool)
+        if mask.shape != (self.dim,) or not bool(mask.any()) or bool(mask.all()):
+            raise ValueError(f"known must be a [{self.dim}] bool mask with some but not all True, got {known!r}")
+        v = _as_float64("values", values).reshape(-1)
+        if v.shape[0] != int(mask.sum()):
+            raise ValueError(f"values must hold the {int(mask.sum())} known coordinates, got {v.shape[0]}")
+        mu, s = self._means[:, mask], self._stds[:, mask]
+        log_lik = (-0.5 * ((v - mu) / s).square() - torch.log(s) - 0.5 * _LOG_2PI).sum(dim=1)
+        log_w = torch.log(self._weights) + log_lik
+        weights = torch.exp(log_w - torch.logsumexp(log_w, dim=0))
+        return GaussianMixture(self._means[:, ~mask], self._stds[:, ~mask], weights.clamp_min(1e-300))
+
     # ---------------------------------------------------------------- internals
     def _params(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device not in self._cache:

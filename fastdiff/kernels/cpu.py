@@ -15,7 +15,7 @@ import torch
 
 from fastdiff._ext import C
 from fastdiff.kernels.launch_args import model_dtype
-from fastdiff.kernels.reference import check_per_row_args, fused_step_reference
+from fastdiff.kernels.reference import check_blend_args, check_per_row_args, fused_step_reference
 
 _STATE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -64,11 +64,16 @@ def fused_step_cpu(
     rows: torch.Tensor | None = None,
     pool: torch.Tensor | None = None,
     row_guidance: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    blend: torch.Tensor | None = None,
+    init_noise: torch.Tensor | None = None,
 ) -> None:
     """Same arguments and results as :func:`fastdiff.kernels.reference.fused_step_reference`, in one C++ pass."""
     # The op's Python CPU kernel: every step where fastdiff._ops is not built (so it makes as few calls into torch
     # as the checks allow), else only the layouts the C++ kernel (csrc/torch/fused_step_op.cpp) passes on.
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
+    check_blend_args(x, coeffs, init, mask, blend, init_noise)
     if (
         not _c_compatible(x, (x_out, h_out, x0_out), hist)
         or (pool is not None and not pool.is_contiguous())
@@ -76,14 +81,17 @@ def fused_step_cpu(
         or not nonfinite.is_contiguous()
     ):
         fused_step_reference(x, m, m_uncond, guidance_scale, hist, coeffs, stage, seeds, stream, use_noise, noise,
-                             x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance)  # fmt: skip
+                             x_out, h_out, x0_out, nonfinite, clip, rows, pool, row_guidance, init, mask, blend,
+                             init_noise)  # fmt: skip
         return
     state = x.dtype
     x = _as(x)
     nz = noise if use_noise else None
     # The kernel reads m, m_uncond and noise in one dtype: the state's where all of them are in it, else float32.
-    md = model_dtype(state, m, m_uncond, nz)
-    m, mu, nz = _as(m, md), _as(m_uncond, md), _as(nz, md)
+    md = model_dtype(state, m, m_uncond, nz, init_noise)
+    m, mu, nz, kz = _as(m, md), _as(m_uncond, md), _as(nz, md), _as(init_noise, md)
+    known, keep = _as(init, state), _as(mask, state)
+    bl = None if blend is None else _as(blend, torch.float64)
     model_f32 = md == torch.float32
     # Every converted tensor is held in a local until the call returns (the kernel gets raw pointers).
     hs = [_as(h) for h in hist] if hist else ()
@@ -100,4 +108,4 @@ def fused_step_cpu(
                      m.data_ptr(), _ptr(mu), float(guidance_scale), _ptr(gd), h0, h1, h2, n_hist, coef.data_ptr(),
                      int(stage), sd.data_ptr(), int(stream), bool(use_noise), _ptr(nz), x_out.data_ptr(),
                      _ptr(h_out), _ptr(x0_out), nonfinite.data_ptr(), _ptr(cl), _ptr(rw), _ptr(pool),
-                     torch.get_num_threads())  # fmt: skip
+                     torch.get_num_threads(), _ptr(known), _ptr(keep), _ptr(bl), _ptr(kz))  # fmt: skip

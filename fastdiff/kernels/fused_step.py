@@ -19,10 +19,17 @@ import triton.language as tl
 
 from fastdiff.kernels.grid import sample_block, sample_grid
 from fastdiff.kernels.launch_args import LaunchArgs, check_launch_args, numel_per_sample
-from fastdiff.kernels.philox import normal_at
-from fastdiff.kernels.reference import MAX_HISTORY, ROW_FIELDS, check_per_row_args
+from fastdiff.kernels.philox import STREAM_KNOWN, normal_at
+from fastdiff.kernels.reference import (
+    BLEND_COLS,
+    MAX_HISTORY,
+    ROW_FIELDS,
+    check_blend_args,
+    check_per_row_args,
+)
 
 BLOCK_SIZE = 1024
+_STREAM_KNOWN = tl.constexpr(STREAM_KNOWN)  # a jit function reads module globals only as constexprs
 
 
 @triton.jit
@@ -72,6 +79,10 @@ def _fused_step_kernel(
     rows_ptr,
     pool_ptr,
     guid_ptr,
+    init_ptr,
+    mask_ptr,
+    blend_ptr,
+    init_noise_ptr,
     batch,
     numel,
     stage,
@@ -87,16 +98,19 @@ def _fused_step_kernel(
     PER_ROW: tl.constexpr,
     HAS_POOL: tl.constexpr,
     ROW_GUIDANCE: tl.constexpr,
+    HAS_BLEND: tl.constexpr,
+    EXPLICIT_INIT_NOISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b, j = sample_block(numel, BLOCK)
     mask = j < numel
     off = b * numel + j
     if PER_ROW:
-        row = coef_ptr + tl.load(rows_ptr + b * 6).to(tl.int64) * 12
+        row_index = tl.load(rows_ptr + b * 6).to(tl.int64)
         stage = tl.load(rows_ptr + b * 6 + 1)
     else:
-        row = coef_ptr + stage * 12
+        row_index = stage.to(tl.int64)
+    row = coef_ptr + row_index * 12
 
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -123,8 +137,7 @@ def _fused_step_kernel(
             seed = tl.load(seeds_ptr + b)
             z = normal_at(seed, j, stage, stream)
         acc += tl.load(row + 5).to(tl.float32) * z
-    y = acc.to(x_out_ptr.dtype.element_ty)
-    tl.store(x_out_ptr + off, y, mask=mask)
+    # h_new and x0 first: x, m and x0 are then dead while the blend makes its noise (fewer live registers).
     h = tl.load(row + 6).to(tl.float32) * x + tl.load(row + 7).to(tl.float32) * m
     h += tl.load(row + 11).to(tl.float32) * x0
     if WRITE_H:
@@ -135,6 +148,18 @@ def _fused_step_kernel(
         tl.store(pool_ptr + base + off, h.to(pool_ptr.dtype.element_ty), mask=mask & ((j * 0 + slot) >= 0))
     if WRITE_X0:
         tl.store(x0_out_ptr + off, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+    if HAS_BLEND:  # inpainting: the known region (mask 0) is init forward-noised to the step's end
+        brow = blend_ptr + row_index * 3
+        if EXPLICIT_INIT_NOISE:
+            zk = tl.load(init_noise_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        else:
+            zk = normal_at(tl.load(seeds_ptr + b), j, stage, _STREAM_KNOWN)
+        known = tl.load(brow + 1).to(tl.float32) * tl.load(init_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        known += tl.load(brow + 2).to(tl.float32) * zk
+        keep = tl.load(brow).to(tl.float32) * (1.0 - tl.load(mask_ptr + off, mask=mask, other=1.0).to(tl.float32))
+        acc = (1.0 - keep) * acc + keep * known
+    y = acc.to(x_out_ptr.dtype.element_ty)
+    tl.store(x_out_ptr + off, y, mask=mask)
     # Record the first non-finite stage of this sample: one atomic per block that saw a NaN/Inf.
     yf = y.to(tl.float32)
     bad = mask & ((yf != yf) | (tl.abs(yf) == float("inf")))
@@ -142,7 +167,10 @@ def _fused_step_kernel(
         tl.atomic_min(nonfinite_ptr + b, stage)
 
 
-OPTIONAL_TENSORS = ("m_uncond", "noise", "h_out", "x0_out", "clip", "rows", "pool", "row_guidance")
+OPTIONAL_TENSORS = (
+    "m_uncond", "noise", "h_out", "x0_out", "clip", "rows", "pool", "row_guidance",
+    "init", "mask", "blend", "init_noise",
+)  # fmt: skip
 """The launcher's optional tensor arguments: each is present or None, and the kernel specialises on which."""
 
 
@@ -157,6 +185,10 @@ def kernel_constexprs(
     rows: torch.Tensor | None,
     pool: torch.Tensor | None,
     row_guidance: torch.Tensor | None,
+    init: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    blend: torch.Tensor | None = None,
+    init_noise: torch.Tensor | None = None,
 ) -> dict[str, int | bool]:
     """The constexpr arguments ``launch_fused_step`` passes for these arguments (all but the optional tensors'
     contents: only whether each is given counts). Explicit noise counts only where noise is used."""
@@ -171,8 +203,19 @@ def kernel_constexprs(
         PER_ROW=rows is not None,
         HAS_POOL=pool is not None,
         ROW_GUIDANCE=row_guidance is not None,
+        HAS_BLEND=blend is not None,
+        EXPLICIT_INIT_NOISE=init_noise is not None,
         BLOCK=BLOCK_SIZE,
     )
+
+
+def launch_warps(flags: dict[str, int | bool], state: torch.dtype) -> int:
+    """Warps per program for a launch with these constexprs and state dtype: 4 (8 elements per thread, one 128-bit
+    access per stream in fp16/bf16, two in fp32), but 8 for float32 steps that make two Philox streams (the step's
+    noise and inpainting's known-region noise): at 8 elements per thread those need up to 140 registers on sm_80,
+    over the 128 that keep 4 blocks per SM; at 4 they need ~95, and 4 float32 elements are still one 128-bit access."""
+    two_philox = flags["USE_NOISE"] and not flags["EXPLICIT_NOISE"] and flags["HAS_BLEND"]
+    return 8 if state == torch.float32 and two_philox and not flags["EXPLICIT_INIT_NOISE"] else 4
 
 
 def _stand_in(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -181,6 +224,8 @@ def _stand_in(name: str, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape[0], ROW_FIELDS, dtype=torch.int32)
     if name == "pool":
         return x.new_zeros(1, *x.shape)
+    if name == "blend":
+        return torch.zeros(1, BLEND_COLS, dtype=torch.float64)
     return torch.zeros(x.shape[0]) if name == "row_guidance" else x
 
 
@@ -196,6 +241,7 @@ def launchable_constexprs() -> list[dict[str, int | bool]]:
             check_per_row_args(
                 x, [x] * n_hist, opt["h_out"], opt["rows"], opt["pool"], opt["row_guidance"], opt["m_uncond"]
             )
+            check_blend_args(x, torch.zeros(1, 12), opt["init"], opt["mask"], opt["blend"], opt["init_noise"])
         except ValueError:
             continue
         flags = kernel_constexprs(n_hist, use_noise, **opt)
@@ -212,7 +258,9 @@ def _kernel_args(x: torch.Tensor, a: LaunchArgs, x_out, h_out, x0_out, nonfinite
             a.noise if a.noise is not None else a.m, x_out, h_out if h_out is not None else x_out,
             x0_out if x0_out is not None else x_out, nonfinite, a.clip if a.clip is not None else f32,
             a.rows if a.rows is not None else nonfinite, pool if pool is not None else x,
-            a.row_guidance if a.row_guidance is not None else f32)  # fmt: skip
+            a.row_guidance if a.row_guidance is not None else f32, a.init if a.init is not None else x,
+            a.mask if a.mask is not None else x, a.blend if a.blend is not None else a.coeffs,
+            a.init_noise if a.init_noise is not None else a.m)  # fmt: skip
 
 
 def launch_fused_step(
@@ -235,6 +283,10 @@ def launch_fused_step(
     rows: torch.Tensor | None = None,
     pool: torch.Tensor | None = None,
     row_guidance: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    blend: torch.Tensor | None = None,
+    init_noise: torch.Tensor | None = None,
     launcher=None,
 ) -> None:
     """Launches the Triton kernel (same arguments as ``fused_step_reference``).
@@ -248,13 +300,16 @@ def launch_fused_step(
             naming it; ValueError also for a launch over CUDA's grid limit (``sample_grid``).
     """
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
+    check_blend_args(x, coeffs, init, mask, blend, init_noise)
     args = check_launch_args(x, m, m_uncond, hist, coeffs, seeds, noise, x_out, h_out, x0_out, nonfinite,
-                             clip, rows, pool, row_guidance)  # fmt: skip
+                             clip, rows, pool, row_guidance, init, mask, blend, init_noise)  # fmt: skip
     batch, numel = x.shape[0], numel_per_sample(x)
     grid = sample_grid(batch, numel, BLOCK_SIZE)
     if grid[0] == 0:
         return
     kernel = _fused_step_kernel if launcher is None else launcher(_fused_step_kernel)
+    flags = kernel_constexprs(len(hist), use_noise, m_uncond, noise, h_out, x0_out, clip, rows, pool, row_guidance,
+                              init, mask, blend, init_noise)  # fmt: skip
     kernel[grid](
         *_kernel_args(x, args, x_out, h_out, x0_out, nonfinite, pool),
         batch,
@@ -262,5 +317,6 @@ def launch_fused_step(
         stage,
         stream,
         float(guidance_scale),
-        **kernel_constexprs(len(hist), use_noise, m_uncond, noise, h_out, x0_out, clip, rows, pool, row_guidance),
+        num_warps=launch_warps(flags, x.dtype),
+        **flags,
     )

@@ -72,6 +72,10 @@ class LaunchArgs:
     clip: torch.Tensor | None
     rows: torch.Tensor | None
     row_guidance: torch.Tensor | None
+    init: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    blend: torch.Tensor | None = None
+    init_noise: torch.Tensor | None = None
 
 
 def _check_x(x: object) -> torch.Tensor:
@@ -100,7 +104,8 @@ def check_states(x, hist, x_out, h_out, x0_out, nonfinite, pool) -> None:
 
 
 def check_launch_args(x, m, m_uncond, hist, coeffs, seeds, noise, x_out, h_out, x0_out, nonfinite,
-                      clip=None, rows=None, pool=None, row_guidance=None) -> LaunchArgs:  # fmt: skip
+                      clip=None, rows=None, pool=None, row_guidance=None, init=None, mask=None, blend=None,
+                      init_noise=None) -> LaunchArgs:  # fmt: skip
     """Checks the fused step's arguments for the Triton kernel; returns its inputs as it reads them.
 
     Raises:
@@ -112,7 +117,8 @@ def check_launch_args(x, m, m_uncond, hist, coeffs, seeds, noise, x_out, h_out, 
     if len(hist) > MAX_HISTORY:
         raise ValueError(f"hist holds at most {MAX_HISTORY} tensors, got {len(hist)}")
     shape, batch = x.shape, x.shape[0]
-    model = model_dtype(x.dtype, *(t if isinstance(t, torch.Tensor) else None for t in (m, m_uncond, noise)))
+    operands = (m, m_uncond, noise, init_noise)
+    model = model_dtype(x.dtype, *(t if isinstance(t, torch.Tensor) else None for t in operands))
     coeffs = _read("coeffs", coeffs, x, torch.float64)
     if coeffs.dim() != 2 or coeffs.shape[1] != NUM_COEF:
         raise ValueError(f"coeffs must be [rows, {NUM_COEF}], got shape {tuple(coeffs.shape)}")
@@ -126,6 +132,10 @@ def check_launch_args(x, m, m_uncond, hist, coeffs, seeds, noise, x_out, h_out, 
         clip=_read("clip", clip, x, torch.float32, (batch, 2)),
         rows=_read("rows", rows, x, torch.int32),
         row_guidance=_read("row_guidance", row_guidance, x, torch.float32),
+        init=_read("init", init, x, x.dtype, shape),
+        mask=_read("mask", mask, x, x.dtype, shape),
+        blend=_read("blend", blend, x, torch.float64),
+        init_noise=_read("init_noise", init_noise, x, model, shape),
     )
 
 

@@ -37,7 +37,8 @@ SCHEMA = (
     "fused_step(Tensor x, Tensor m, Tensor? m_uncond, float guidance_scale, Tensor[] hist, Tensor coeffs, "
     "int stage, Tensor seeds, int stream, bool use_noise, Tensor? noise, Tensor(a!) x_out, Tensor(b!)? h_out, "
     "Tensor(c!)? x0_out, Tensor(d!) nonfinite, Tensor? clip=None, Tensor? rows=None, Tensor(e!)? pool=None, "
-    "Tensor? row_guidance=None) -> ()"
+    "Tensor? row_guidance=None, Tensor? init=None, Tensor? mask=None, Tensor? blend=None, "
+    "Tensor? init_noise=None) -> ()"
 )
 
 _lib = torch.library.Library("fastdiff", "FRAGMENT")

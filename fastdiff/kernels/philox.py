@@ -4,8 +4,9 @@ The contract
 ------------
 For a sample's int64 seed ``s`` (its bits read as uint64), a stage index ``k >= 0`` (the sampler step,
 or the stage within a step), a stream id ``r`` (:data:`STREAM_STEP` = 0 for per-step noise,
-:data:`STREAM_INIT` = 1 for the initial noise x_T, 2.. reserved) and an element index ``j`` within the
-sample (``0 <= j < numel_per_sample``), one Philox call makes the four normals of elements ``4c .. 4c + 3``::
+:data:`STREAM_INIT` = 1 for the initial noise x_T,
+:data:`STREAM_KNOWN` = 2**16 for inpainting's known region, the others reserved) and an element index ``j``
+within the sample (``0 <= j < numel_per_sample``), one Philox call makes the four normals of elements ``4c .. 4c + 3``::
 
     c       = j >> 2
     key     = (k0 = s & 0xffffffff, k1 = s >> 32)
@@ -42,6 +43,7 @@ from fastdiff.kernels.grid import sample_block, sample_grid
 __all__ = [
     "STREAM_STEP",
     "STREAM_INIT",
+    "STREAM_KNOWN",
     "normal_at",
     "philox_normal_kernel",
     "launch_philox_normal_triton",
@@ -54,7 +56,9 @@ __all__ = [
 STREAM_STEP = 0
 """Stream id of the per-step noise ``z`` of stochastic samplers."""
 STREAM_INIT = 1
-"""Stream id of the initial noise ``x_T``."""
+"""Stream id of the initial noise ``x_T`` (image-to-image noises its ``init`` with the same draw)."""
+STREAM_KNOWN = 1 << 16
+"""Stream id of the noise inpainting adds to the known region (clear of the corrector's streams 2, 3, ...)."""
 
 _U32_MAX = 0xFFFFFFFF
 _U64_MASK = (1 << 64) - 1

@@ -20,6 +20,16 @@ stage that keys its noise and its non-finite record, the three history slots it 
 the slot it writes (-1 = none). History lives in ``pool`` [slots, B, ...], read and written in place
 (each element is read before it is written); ``row_guidance`` [B] float32 gives each sample's guidance
 weight. In this mode ``stage`` is ignored and ``hist`` must be empty and ``h_out`` None.
+
+Editing (image-to-image needs nothing here; inpainting does): with ``blend`` [R, 3] float64 (one row per
+coefficient row: on/off w, alpha a, sigma s of the state after the step), ``init`` and ``mask`` (x's shape; mask 1 =
+regenerate, 0 = known, as diffusers), the known region of x_next is replaced by ``init`` forward-noised to the
+step's end:
+    keep   = w (1 - mask)
+    x_out  = (1 - keep) x_next + keep (a init + s zk)      (diffusers' blend: exact at keep 0 and 1)
+zk is Philox noise on its own stream (:data:`STREAM_KNOWN`, keyed by seed, stage and element like z) unless an
+explicit ``init_noise`` tensor is given. h_new and x0_out are not blended (a multistep history holds what the
+network said, as diffusers' schedulers do).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdiff.kernels.philox import STREAM_KNOWN
+
 # Column order of a coefficient row (csrc/coefficients.h).
 CX, CM, CH0, CH1, CH2, CZ, DX, DM, EX, EM, CX0, DX0 = range(12)
 NUM_COEF = 12
@@ -35,6 +47,34 @@ MAX_HISTORY = 3
 # Column order of a per-row descriptor (``rows``).
 ROW_COEF, ROW_STAGE, ROW_READ0, ROW_READ1, ROW_READ2, ROW_WRITE = range(6)
 ROW_FIELDS = 6
+# Column order of a blend row (inpainting): on/off, alpha and sigma of the known region after the step.
+BLEND_W, BLEND_A, BLEND_S = range(3)
+BLEND_COLS = 3
+
+
+def check_blend_args(
+    x: torch.Tensor,
+    coeffs: torch.Tensor,
+    init: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    blend: torch.Tensor | None,
+    init_noise: torch.Tensor | None,
+) -> None:
+    """Raises ValueError when the inpainting arguments are inconsistent (shared by every implementation): ``init``,
+    ``mask`` and ``blend`` come together, ``init_noise`` only with them; init, mask and init_noise have x's shape and
+    blend is [rows, 3], one row per row of ``coeffs``."""
+    given = (init is not None, mask is not None, blend is not None)
+    if any(given) and not all(given):
+        raise ValueError("init, mask and blend are the inpainting arguments: pass all three or none")
+    if init_noise is not None and blend is None:
+        raise ValueError("init_noise needs init, mask and blend")
+    for name, t in (("init", init), ("mask", mask), ("init_noise", init_noise)):
+        if t is not None and tuple(t.shape) != tuple(x.shape):
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if blend is not None and (blend.dim() != 2 or tuple(blend.shape) != (coeffs.shape[0], BLEND_COLS)):
+        raise ValueError(
+            f"blend must be [{coeffs.shape[0]}, {BLEND_COLS}] (a row per coefficient row), got {tuple(blend.shape)}"
+        )
 
 
 def check_per_row_args(
@@ -69,6 +109,36 @@ def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (ndim - 1)))
 
 
+def _blend_known(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    init: torch.Tensor,
+    mask: torch.Tensor,
+    blend: torch.Tensor,
+    row: int | torch.Tensor,
+    stages: torch.Tensor | None,
+    seeds: torch.Tensor,
+    init_noise: torch.Tensor | None,
+    stage: int,
+) -> torch.Tensor:
+    """x_next with its known region replaced by init forward-noised to the step's end (module docstring)."""
+    nd = x.dim()
+    if stages is None:
+        r = blend[row].to(torch.float32)
+        w, a, s = r[BLEND_W], r[BLEND_A], r[BLEND_S]
+    else:
+        r = blend[row.long()].to(torch.float32)
+        w, a, s = (_per_sample(r[:, i], nd) for i in (BLEND_W, BLEND_A, BLEND_S))
+    if init_noise is not None:
+        zk = init_noise.to(torch.float32)
+    elif stages is None:
+        zk = torch.ops.fastdiff.philox_normal(seeds, x[0].numel(), stage, STREAM_KNOWN).reshape(x.shape)
+    else:
+        zk = torch.ops.fastdiff.philox_normal_rows(seeds, x[0].numel(), stages, STREAM_KNOWN).reshape(x.shape)
+    keep = w * (1.0 - mask.to(torch.float32))
+    return (1.0 - keep) * acc + keep * (a * init.to(torch.float32) + s * zk)
+
+
 def fused_step_reference(
     x: torch.Tensor,
     m: torch.Tensor,
@@ -89,10 +159,15 @@ def fused_step_reference(
     rows: torch.Tensor | None = None,
     pool: torch.Tensor | None = None,
     row_guidance: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    blend: torch.Tensor | None = None,
+    init_noise: torch.Tensor | None = None,
 ) -> None:
     """Applies row ``stage`` of ``coeffs`` ([R, 12] float64) to ``x`` and ``m`` (or one row per sample,
     see the module docstring), writing the outputs."""
     check_per_row_args(x, hist, h_out, rows, pool, row_guidance, m_uncond)
+    check_blend_args(x, coeffs, init, mask, blend, init_noise)
     nd = x.dim()
     if rows is None:
         c = coeffs[stage].to(torch.float32)
@@ -130,6 +205,9 @@ def fused_step_reference(
         else:
             z = torch.ops.fastdiff.philox_normal_rows(seeds, x[0].numel(), stages, stream).reshape(x.shape)
         acc = acc + col(CZ) * z
+    if blend is not None:
+        acc = _blend_known(acc, x, init, mask, blend, stage if stages is None else rows[:, ROW_COEF], stages, seeds,
+                           init_noise, stage)  # fmt: skip
     h_new = col(DX) * xf + col(DM) * mf + col(DX0) * x0
     x_out.copy_(acc)
     if h_out is not None:

@@ -308,6 +308,7 @@ def capture(
     inputs: StaticBuffers,
     warmup: int = 1,
     keep_alive: tuple[Any, ...] = (),
+    pool: Any = None,
 ) -> CapturedLoop:
     """Captures ``loop(inputs)`` into a CUDA graph after ``warmup`` eager runs on a side stream.
 
@@ -315,7 +316,9 @@ def capture(
     capture (side stream: as torch.cuda.graphs recommends, so the capture stream sees no pending work).
     ``loop`` must only read ``inputs`` and device tensors that outlive the graph (pass them in
     ``keep_alive``), and must not synchronise with the host. Runs on the current CUDA device
-    (:func:`device_guard`). A failed capture raises with the calling thread back on its own stream.
+    (:func:`device_guard`). A failed capture raises with the calling thread back on its own stream. ``pool`` (a
+    ``torch.cuda.graph_pool_handle()``) shares one memory pool between graphs that never run at once and whose
+    outputs are not pool memory (default: the graph's own pool).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA graph capture needs CUDA")
@@ -326,11 +329,11 @@ def capture(
             loop(inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    outputs = _capture_on(side, graph, lambda: loop(inputs))
+    outputs = _capture_on(side, graph, lambda: loop(inputs), pool)
     return CapturedLoop(graph=graph, inputs=inputs, outputs=tuple(outputs), keep_alive=keep_alive)
 
 
-def _capture_on(stream: Any, graph: Any, body: Callable[[], Any]) -> Any:
+def _capture_on(stream: Any, graph: Any, body: Callable[[], Any], pool: Any = None) -> Any:
     """``body()`` captured into ``graph`` on ``stream``: torch.cuda.graph's steps, but the stream is restored
     however the capture ends (torch.cuda.graph's ``__exit__`` calls ``capture_end()`` before it leaves the stream
     context, so a failing capture left the thread on the capture stream).
@@ -341,7 +344,7 @@ def _capture_on(stream: Any, graph: Any, body: Callable[[], Any]) -> Any:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     with torch.cuda.stream(stream):  # its __exit__ restores the caller's stream, on success or failure
-        graph.capture_begin(capture_error_mode="thread_local")
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             out = body()
         except BaseException:

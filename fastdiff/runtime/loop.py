@@ -37,6 +37,18 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class Inpaint:
+    """What inpainting blends into every step: the known region (``mask`` 0; 1 = regenerate) of each step's result is
+    ``init`` noised to the step's end (:func:`fastdiff.program.blend_table`). ``init`` and ``mask`` have the state's
+    shape and dtype; ``noise`` (optional, the state's shape) is the known region's noise at every step instead of
+    fresh Philox noise per step (diffusers adds one noise tensor at every step)."""
+
+    init: torch.Tensor
+    mask: torch.Tensor
+    noise: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Recording:
     """What a run records beside the samples: every step's x0 estimate, the trajectory, a host callback
     ``callback(step, x, x0_hat)`` every ``callback_steps`` steps, a progress bar."""
@@ -66,6 +78,7 @@ class Loop:
     cond: Conditioning = Conditioning()
     record: Recording = Recording()
     x0_clip: X0Clip | None = None
+    inpaint: Inpaint | None = None
 
     def network(
         self, x: torch.Tensor, t: torch.Tensor, stage: int, cond: Conditioning
@@ -92,12 +105,15 @@ class Loop:
         bounds: Bounds | None,
         cond: Conditioning | None = None,
         noise: Any = None,
+        inpaint: Inpaint | None = None,
     ) -> LoopResult:
         """Every stage of ``prog`` from state ``x`` (read, never written); nothing here reads device values on
         the host or makes tensors from host data (a CUDA graph captures it). ``bounds`` is :meth:`clip_bounds`,
-        made before the loop; ``cond`` replaces the runner's own (a graph's static buffers); ``noise[k]`` replaces
-        stage k's Philox noise."""
+        made before the loop; ``cond`` and ``inpaint`` replace the runner's own (a graph's static buffers);
+        ``noise[k]`` replaces stage k's Philox noise."""
         cond = self.cond if cond is None else cond
+        inpaint = self.inpaint if inpaint is None else inpaint
+        blend = None if inpaint is None else prog.blend_device()
         record = self.record
         buf = _Buffers.allocate(prog, x, record)
         times = model_times.unbind(0)
@@ -123,6 +139,10 @@ class Loop:
                 x0_out=x0_out,
                 nonfinite=buf.nonfinite,
                 clip=None if bounds is None else bounds(cur, m, m_u, w, prog.coef[k]),
+                init=None if inpaint is None else inpaint.init,
+                mask=None if inpaint is None else inpaint.mask,
+                blend=blend,
+                init_noise=None if inpaint is None else inpaint.noise,
             )
             cur = nxt
             if record.callback is not None and stage.last_of_step and stage.step % record.callback_steps == 0:
@@ -198,6 +218,8 @@ class Loop:
         """What a replay copies into the static buffers: the state, the seeds and every conditioning tensor (also
         inside lists, tuples and dicts), named by its path (``c:y``, ``u:ctx[0]``)."""
         values = {"x": x, "seeds": seeds}
+        if self.inpaint is not None:  # an explicit known-region noise runs eagerly (as explicit step noise)
+            values.update(init=self.inpaint.init, mask=self.inpaint.mask)
         for prefix, kwargs in (("c", self.cond.kwargs), ("u", self.cond.uncond or {})):
             for n, v in kwargs.items():
                 values.update(tensor_leaves(v, f"{prefix}:{n}"))
@@ -207,6 +229,7 @@ class Loop:
         inputs = StaticBuffers(values)
         times = prog.model_times(x.shape[0])  # made before the loop (and the capture)
         bounds = self.clip_bounds(x)  # likewise: its constants are device tensors made from host values
+        blend = None if self.inpaint is None else prog.blend_device()  # likewise
         cond = self.cond
 
         def from_buffers(kwargs: dict[str, Any], prefix: str, buf: StaticBuffers) -> dict[str, Any]:
@@ -218,9 +241,10 @@ class Loop:
                 None if cond.uncond is None else from_buffers(cond.uncond, "u", buf),
                 cond.guidance,
             )
-            return tuple(self.stages(prog, buf["x"], buf["seeds"], times, bounds, static))
+            inpaint = None if self.inpaint is None else Inpaint(buf["init"], buf["mask"])
+            return tuple(self.stages(prog, buf["x"], buf["seeds"], times, bounds, static, inpaint=inpaint))
 
-        return capture(loop, inputs, keep_alive=(prog, times, bounds))
+        return capture(loop, inputs, keep_alive=(prog, times, bounds, blend))
 
 
 class _Stage(NamedTuple):
@@ -291,4 +315,4 @@ def _stages(prog: Program, progress: bool) -> Any:
     return tqdm(stages, desc=f"fastdiff {prog.sampler}", leave=False) if progress else stages
 
 
-__all__ = ["Conditioning", "EAGER_ONLY", "LoopResult", "Loop", "Recording"]
+__all__ = ["Conditioning", "EAGER_ONLY", "Inpaint", "LoopResult", "Loop", "Recording"]

@@ -34,7 +34,8 @@ Bounds = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float, np.nd
 @dataclass(frozen=True)
 class X0Clip:
     """How the x0 estimate is limited: ``clip_range`` (static clamp to [-r, r]) or ``threshold_ratio``
-    (dynamic thresholding at that quantile, bounds clamped to ``[1, sample_max_value]``); exactly one.
+    (dynamic thresholding at that quantile, bounds clamped to ``[1, sample_max_value]``; ``sample_max_value``
+    below 1 is the bound itself, as in diffusers); exactly one.
 
     ``recompute_eps`` forces eps to be recomputed from the limited x0 for ddim too (diffusers'
     ``use_clipped_model_output=True``).
@@ -50,10 +51,11 @@ class X0Clip:
             raise ValueError("X0Clip needs exactly one of clip_range and threshold_ratio")
         if self.clip_range is not None and not self.clip_range > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_range}")
-        if self.threshold_ratio is not None and not 0.0 < self.threshold_ratio <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.threshold_ratio}")
-        if not self.sample_max_value >= 1.0:
-            raise ValueError(f"sample_max_value must be >= 1, got {self.sample_max_value}")
+        if self.threshold_ratio is not None and not 0.0 <= self.threshold_ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {self.threshold_ratio}")
+        # Below 1 the bound is sample_max_value itself (torch.clamp(s, 1, max) gives max when max < 1, as in diffusers).
+        if not self.sample_max_value > 0.0:
+            raise ValueError(f"sample_max_value must be > 0, got {self.sample_max_value}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> X0Clip | None:

@@ -131,9 +131,9 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def parse_body(raw: bytes) -> SamplesBody:
-    """The request body of ``POST /v1/samples``; raises :class:`InvalidBody` for invalid JSON, a refused number
-    (naming where it is) or a field of the wrong type."""
+def parse_body(raw: bytes, body_type: type[BaseModel] = SamplesBody) -> Any:
+    """The request body of ``POST /v1/samples`` (or another endpoint's ``body_type``); raises :class:`InvalidBody`
+    for invalid JSON, a refused number (naming where it is) or a field of the wrong type."""
     try:
         data = json.loads(raw, parse_constant=Refused, parse_float=_float_literal, parse_int=_int_literal)
     except json.JSONDecodeError as exc:
@@ -146,7 +146,7 @@ def parse_body(raw: bytes) -> SamplesBody:
         msg = f"must be a finite number that a float64 or int64 holds, got {literal!r}"
         raise InvalidBody([{"loc": ["body", *path], "msg": msg, "type": "finite_number", "input": repr(literal)}])
     try:
-        return SamplesBody.model_validate(data)
+        return body_type.model_validate(data)
     except ValidationError as exc:
         raise InvalidBody(validation_detail(exc.errors(include_url=False))) from None
 
@@ -211,28 +211,11 @@ def to_sample_request(
 ) -> tuple[SampleRequest, float | None]:
     """The engine request for ``body`` and its timeout (``samplers``: what :func:`servable_samplers` gives for
     ``pipe``, worked out once per server); raises :class:`FieldError` for what cannot be served."""
-    if not 1 <= body.n <= limits.max_n:
-        raise FieldError("n", f"must be between 1 and {limits.max_n}, got {short(body.n)}")
-    if body.sampler not in samplers:
-        raise FieldError(
-            "sampler",
-            f"unknown, not batchable per step or not for this network: {short(body.sampler)}; choose one of "
-            f"{', '.join(samplers)}",
-        )
-    max_steps = min(limits.max_steps, pipe.schedule.num_train_timesteps or limits.max_steps)
-    if not 1 <= body.steps <= max_steps:
-        raise FieldError("steps", f"must be between 1 and {max_steps}, got {short(body.steps)}")
-    options: dict[str, Any] = {}
-    if body.eta is not None:
-        if "eta" not in SAMPLERS[body.sampler].options:
-            raise FieldError("eta", f"sampler {short(body.sampler)} takes no eta")
-        if not 0 <= body.eta <= 10:
-            raise FieldError("eta", f"must be between 0 and 10, got {short(body.eta)}")
-        options["eta"] = float(body.eta)
-    if isinstance(body.seed, list) and len(body.seed) != body.n:
-        raise FieldError("seed", f"a list of seeds needs one per sample ({body.n}), got {len(body.seed)}")
-    if any(not 0 <= s < 2**63 for s in (body.seed if isinstance(body.seed, list) else [body.seed])):
-        raise FieldError("seed", "seeds must be in [0, 2**63)")
+    check_n(body.n, limits)
+    check_sampler(body.sampler, samplers)
+    check_steps(body.steps, pipe, limits)
+    options = eta_option(body.eta, body.sampler)
+    check_seed(body.seed, body.n)
     shape = _sample_shape(body, pipe)
     model_kwargs = _conditioning(body, pipe)
     uncond_kwargs = None
@@ -240,9 +223,7 @@ def to_sample_request(
         if body.class_label is None:
             raise FieldError("guidance_scale", "guidance needs class_label (its null class is the unconditional)")
         uncond_kwargs = {"y": torch.full((body.n,), pipe.num_classes, dtype=torch.long)}
-    timeout = limits.default_timeout_s if body.timeout_s is None else float(body.timeout_s)
-    if timeout is not None and not 0 < timeout <= limits.max_timeout_s:
-        raise FieldError("timeout_s", f"must be in (0, {limits.max_timeout_s:g}], got {short(timeout)}")
+    timeout = request_timeout(body.timeout_s, limits)
     request = SampleRequest(
         n=body.n,
         sample_shape=shape,
@@ -255,13 +236,68 @@ def to_sample_request(
         uncond_kwargs=uncond_kwargs,
         options=options,
     )
+    check_request(request, pipe)
+    if body.format == "png" and (len(shape) != 3 or shape[0] not in (1, 3)):
+        raise FieldError("format", f"png needs samples shaped [1 or 3, H, W], these are {list(shape)}")
+    return request, timeout
+
+
+def check_n(n: int, limits: Limits) -> None:
+    """``n`` within the server's limit (:class:`FieldError` on ``n`` otherwise)."""
+    if not 1 <= n <= limits.max_n:
+        raise FieldError("n", f"must be between 1 and {limits.max_n}, got {short(n)}")
+
+
+def check_sampler(sampler: str, samplers: tuple[str, ...], field: str = "sampler") -> None:
+    """``sampler`` is one the server serves for its network (``samplers``)."""
+    if sampler not in samplers:
+        raise FieldError(
+            field,
+            f"unknown, not batchable per step or not for this network: {short(sampler)}; choose one of "
+            f"{', '.join(samplers)}",
+        )
+
+
+def check_steps(steps: int, pipe: Pipeline, limits: Limits, field: str = "steps") -> None:
+    """``steps`` within the server's limit and the schedule's."""
+    max_steps = min(limits.max_steps, pipe.schedule.num_train_timesteps or limits.max_steps)
+    if not 1 <= steps <= max_steps:
+        raise FieldError(field, f"must be between 1 and {max_steps}, got {short(steps)}")
+
+
+def eta_option(eta: float | None, sampler: str) -> dict[str, Any]:
+    """The sampler options for an ``eta`` field (none when it is None)."""
+    if eta is None:
+        return {}
+    if "eta" not in SAMPLERS[sampler].options:
+        raise FieldError("eta", f"sampler {short(sampler)} takes no eta")
+    if not 0 <= eta <= 10:
+        raise FieldError("eta", f"must be between 0 and 10, got {short(eta)}")
+    return {"eta": float(eta)}
+
+
+def check_seed(seed: int | list[int], n: int) -> None:
+    """One seed, or one per sample, each in [0, 2**63)."""
+    if isinstance(seed, list) and len(seed) != n:
+        raise FieldError("seed", f"a list of seeds needs one per sample ({n}), got {len(seed)}")
+    if any(not 0 <= s < 2**63 for s in (seed if isinstance(seed, list) else [seed])):
+        raise FieldError("seed", "seeds must be in [0, 2**63)")
+
+
+def request_timeout(timeout_s: float | None, limits: Limits) -> float | None:
+    """A request's deadline in seconds: its own, within the server's limit, or the server's default."""
+    timeout = limits.default_timeout_s if timeout_s is None else float(timeout_s)
+    if timeout is not None and not 0 < timeout <= limits.max_timeout_s:
+        raise FieldError("timeout_s", f"must be in (0, {limits.max_timeout_s:g}], got {short(timeout)}")
+    return timeout
+
+
+def check_request(request: SampleRequest, pipe: Pipeline) -> None:
+    """The request's own checks (:meth:`SampleRequest.validate`) as a 422 on the body."""
     try:
         request.validate(pipe, serving=True)
     except (TypeError, ValueError) as exc:
         raise FieldError("body", str(exc)) from exc
-    if body.format == "png" and (len(shape) != 3 or shape[0] not in (1, 3)):
-        raise FieldError("format", f"png needs samples shaped [1 or 3, H, W], these are {list(shape)}")
-    return request, timeout
 
 
 def _sample_shape(body: SamplesBody, pipe: Pipeline) -> tuple[int, ...]:

@@ -43,6 +43,15 @@ from fastdiff.serving.api import (
 )
 from fastdiff.serving.engine import RequestCancelled, RequestFailed
 from fastdiff.serving.guards import AnswerHook, ApiKeyGuard, BodyGuard, HttpGuards, Scope
+from fastdiff.serving.images import (
+    IMAGES_PATH,
+    ImageLimits,
+    ImagesBody,
+    ImagesCall,
+    images_payload,
+    pipeline_defaults,
+    to_images_call,
+)
 from fastdiff.serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from fastdiff.serving.runner import DeadlineExceeded, QueueFull, Runner, ShuttingDown
 
@@ -62,12 +71,15 @@ STATUS_OUTCOMES = {
     500: "server_error",
     503: "shutting_down",
 }
-BODY_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": SamplesBody.model_json_schema(ref_template="#/components/{model}")}},
-    }
-}
+
+
+def _body_schema(body_type: Any) -> dict[str, Any]:
+    """OpenAPI's description of a JSON body of ``body_type`` (the endpoints read their bodies themselves)."""
+    schema = body_type.model_json_schema(ref_template="#/components/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+BODY_SCHEMA = _body_schema(SamplesBody)
 
 
 # How a request that did not finish is answered: the first matching exception type gives the status.
@@ -75,11 +87,17 @@ FAILURE_STATUS = ((DeadlineExceeded, 504), (RequestCancelled, 499), (RequestFail
 
 
 def create_app(
-    runner: Runner, limits: Limits = Limits(), replica: str | None = None, guards: HttpGuards = HttpGuards()
+    runner: Runner,
+    limits: Limits = Limits(),
+    replica: str | None = None,
+    guards: HttpGuards = HttpGuards(),
+    image_limits: ImageLimits = ImageLimits(),
 ) -> FastAPI:
     """The app serving ``runner`` (started with the app, drained when it shuts down), behind ``guards`` (body
     size and read deadline, API key). With ``replica`` (a name), every response carries
-    ``X-Fastdiff-Replica: <replica>`` and ``X-Fastdiff-Pid`` (Ray Serve replicas)."""
+    ``X-Fastdiff-Replica: <replica>`` and ``X-Fastdiff-Pid`` (Ray Serve replicas). A runner whose frontend is a
+    text-to-image pipeline's (:class:`~fastdiff.serving.prompts.PromptFrontend`) also answers
+    ``POST /v1/images/generations`` (within ``image_limits``)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -98,8 +116,13 @@ def create_app(
         app.middleware("http")(_replica_headers(replica))
     samplers = servable_samplers(runner.pipe)  # once: the network and its schedule do not change under a server
     app.post(SAMPLES_PATH, openapi_extra=BODY_SCHEMA)(_samples_endpoint(runner, limits, samplers))
+    t2i = getattr(runner.frontend, "t2i", None)
+    if t2i is not None:
+        app.post(IMAGES_PATH, openapi_extra=_body_schema(ImagesBody))(
+            _images_endpoint(runner, t2i, limits, image_limits, samplers)
+        )
     app.exception_handler(RequestValidationError)(_invalid_request)
-    _add_status_routes(app, runner, limits, samplers)
+    _add_status_routes(app, runner, limits, samplers, None if t2i is None else _images_info(t2i, image_limits))
     _add_guards(app, runner.metrics, guards)
     return app
 
@@ -110,7 +133,7 @@ def _add_guards(app: FastAPI, metrics: ServingMetrics | None, guards: HttpGuards
     if guards.api_key:
         app.add_middleware(ApiKeyGuard, api_key=guards.api_key)
     if metrics is not None:
-        app.add_middleware(AnswerHook, on_answer=_answer_counter(metrics), paths=(SAMPLES_PATH,))
+        app.add_middleware(AnswerHook, on_answer=_answer_counter(metrics), paths=(SAMPLES_PATH, IMAGES_PATH))
 
 
 def _answer_counter(metrics: ServingMetrics) -> Callable[[Scope, int, float], None]:
@@ -161,6 +184,63 @@ def _samples_endpoint(runner: Runner, limits: Limits, samplers: tuple[str, ...])
     return samples
 
 
+def _images_endpoint(
+    runner: Runner, t2i: Any, limits: Limits, image_limits: ImageLimits, samplers: tuple[str, ...]
+) -> Callable[..., Any]:
+    async def images(request: Request) -> Response:
+        """Draws ``n`` images for a prompt (the body: :class:`~fastdiff.serving.images.ImagesBody`); answers JSON
+        of base64 images, or the final latents as float32 ``.npy`` (``response_format: "latents"``)."""
+        try:
+            body = parse_body(await request.body(), ImagesBody)
+            call = to_images_call(body, t2i, limits, image_limits, samplers)
+        except InvalidBody as exc:
+            return JSONResponse({"detail": exc.detail()}, status_code=422)
+        try:
+            ticket = runner.submit(call.request, call.timeout, job=call.job)
+        except (QueueFull, ShuttingDown) as exc:
+            status = 429 if isinstance(exc, QueueFull) else 503
+            return JSONResponse({"detail": str(exc)}, status_code=status, headers=retry_after_header(exc.retry_after))
+        setattr(request.state, SUBMITTED, True)
+        future = await _until_done(runner, ticket, request)
+        headers = {
+            "X-Fastdiff-Request-Id": str(ticket.id),
+            "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}",
+        }
+        if call.warnings:
+            headers["X-Fastdiff-Warning"] = "; ".join(call.warnings)
+        return await _images_answer(future, call, headers)
+
+    return images
+
+
+async def _images_answer(future: asyncio.Future, call: ImagesCall, headers: dict) -> Response:
+    """The images as JSON (encoded off the event loop), the latents as ``.npy``, or the request's error."""
+    if future.exception() is not None:
+        return _answer(future, "npy", headers)
+    result = future.result()
+    if call.response_format == "latents":
+        headers["X-Fastdiff-Shape"] = ",".join(str(s) for s in result.latents.shape)
+        headers["X-Fastdiff-Seeds"] = ",".join(str(s) for s in result.seeds)
+        return Response(npy_bytes(result.latents), media_type=NPY_MEDIA_TYPE, headers=headers)
+    return JSONResponse(await asyncio.to_thread(images_payload, result, call), headers=headers)
+
+
+def _images_info(t2i: Any, image_limits: ImageLimits) -> dict[str, Any]:
+    """What ``/v1/info`` adds for a text-to-image server."""
+    defaults = pipeline_defaults(t2i)
+    return {
+        "pipeline": t2i.kind,
+        "default_size": f"{t2i.default_size[0]}x{t2i.default_size[1]}",
+        "size_multiple": t2i.size_factor,
+        "max_pixels": image_limits.max_pixels,
+        "default_sampler": t2i.pipe.setup.sampler,
+        "default_steps": defaults["num_inference_steps"],
+        "default_guidance_scale": defaults["guidance_scale"],
+        "prompt_tokens": t2i.token_limit(),
+        "output_formats": ["png", "jpeg", "webp"],
+    }
+
+
 async def _until_done(runner: Runner, ticket: Any, request: Request) -> asyncio.Future:
     """Waits for the ticket's result, cancelling the request if the client goes away meanwhile."""
     future = asyncio.wrap_future(ticket.future)
@@ -194,14 +274,17 @@ def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(math.ceil(seconds))}
 
 
-def _add_status_routes(app: FastAPI, runner: Runner, limits: Limits, samplers: tuple[str, ...]) -> None:
+def _add_status_routes(
+    app: FastAPI, runner: Runner, limits: Limits, samplers: tuple[str, ...], images: dict[str, Any] | None
+) -> None:
     """``/v1/info``, ``/healthz``, ``/readyz`` and ``/metrics``."""
 
     @app.get("/v1/info")
     async def info() -> dict:
-        """What this server samples: sample shape, class count, prediction, samplers and limits."""
+        """What this server samples: sample shape, class count, prediction, samplers and limits (and for a
+        text-to-image server, its pipeline class, sizes and defaults)."""
         pipe = runner.pipe
-        return {
+        return (images or {}) | {
             "sample_shape": None if pipe.sample_shape is None else list(pipe.sample_shape),
             "num_classes": pipe.num_classes,
             "prediction": pipe.prediction,

@@ -3,6 +3,8 @@
 from fastdiff.serving.client import Client
 client = Client("http://127.0.0.1:8000")
 x = client.sample(n=4, seed=0, sampler="dpmpp_2m", steps=20, class_label=7)   # numpy [4, 1, 8, 8]
+# a text-to-image server (fastdiff serve --diffusers PATH):
+out = client.generate("a watercolor fox", n=2, size="512x512", seed=1)     # out.images: PNG files' bytes
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,16 @@ class ServerError(RuntimeError):
 
 
 RETRY_STATUSES = (429, 502, 503)
+
+
+@dataclass
+class Generated:
+    """The answer of :meth:`Client.generate`: each image's file bytes (PNG, JPEG or WebP), each image's own seed,
+    and the server's warnings (a prompt cut to the text encoder's length)."""
+
+    images: list[bytes]
+    seeds: list[int]
+    warnings: list[str]
 
 
 class Client:
@@ -76,6 +89,23 @@ class Client:
         """Samples as PNG files' bytes (``format: "png"``)."""
         payload = json.loads(self._post("/v1/samples", dict(fields, n=n, format="png")))
         return [base64.b64decode(img) for img in payload["images"]]
+
+    def generate(self, prompt: str | list[str], **fields: Any) -> Generated:
+        """``POST /v1/images/generations`` (a text-to-image server): images for ``prompt`` (one for all images, or
+        one per image); ``fields`` are the request's other fields (n, negative_prompt, size, num_inference_steps,
+        guidance_scale, seed, sampler, eta, output_format, timeout_s)."""
+        payload = json.loads(
+            self._post("/v1/images/generations", dict(fields, prompt=prompt, response_format="b64_json"))
+        )
+        data = payload["data"]
+        return Generated(
+            [base64.b64decode(d["b64_json"]) for d in data], [d["seed"] for d in data], payload["warnings"]
+        )
+
+    def generate_latents(self, prompt: str | list[str], **fields: Any) -> np.ndarray:
+        """Like :meth:`generate`, the final latents instead of images: float32 [n, C, h, w]."""
+        body = self._post("/v1/images/generations", dict(fields, prompt=prompt, response_format="latents"))
+        return np.load(io.BytesIO(body), allow_pickle=False)
 
     def info(self) -> dict[str, Any]:
         """``GET /v1/info``: sample shape, class count, prediction, samplers and limits of the server."""

@@ -19,7 +19,12 @@ is its own output, so ``m_u + w (m - m_u) = m`` exactly); within the network's o
 The engine is single-threaded and knows nothing of time or HTTP: :mod:`fastdiff.serving.runner` drives it from
 a thread (deadlines, cancellation, batching policies) and :mod:`fastdiff.serving.app` serves it over HTTP.
 
-CPU only for now: the per-row op runs on CUDA too, but the CUDA-graph-per-bucket tick is not written yet.
+On CUDA a tick makes no blocking host-device transfer: the rows' per-tick data (coefficient row, stage, slots, model
+time) goes over in one non-blocking copy from pinned memory, their seeds, guidance weights and non-finite records
+stay on the device with the rows, and the host reads the device only for rows that finish (their non-finite
+record; their samples are read then anyway). A row that became NaN/Inf runs to the end of its program and its
+request fails then. Where a tick's shape allows, it runs as a CUDA graph per batch-size bucket
+(:mod:`fastdiff.serving.tick_graphs`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from fastdiff.program import Program
 from fastdiff.request import SampleRequest
 from fastdiff.runtime.checks import NO_NONFINITE, check_model_output
 from fastdiff.runtime.step import fused_step
+from fastdiff.serving.tick_graphs import TICK_GRAPH_MODES, CoefficientTable, StaticTick, bucket_for
 
 
 class RequestFailed(RuntimeError):
@@ -100,10 +106,19 @@ class Engine:
             ``"drain"`` (request-level batching: requests join only when the running batch is empty, then the
             batch runs to its end; with ``max_requests=1`` this is one request at a time).
         max_requests: the most requests one admission takes in (default: as many as fit ``max_batch``).
+        tick_graphs: ``"auto"`` (on CUDA, a tick whose rows all call the network and share one conditioning layout
+            runs as a CUDA graph per batch-size bucket; any other tick, and every tick off CUDA, runs eagerly),
+            ``"off"`` (always eager) or ``"static"`` (the graph path's static buffers and padding, run eagerly:
+            what the CPU tests check).
     """
 
     def __init__(
-        self, pipe: Pipeline, max_batch: int = 64, admission: str = "continuous", max_requests: int | None = None
+        self,
+        pipe: Pipeline,
+        max_batch: int = 64,
+        admission: str = "continuous",
+        max_requests: int | None = None,
+        tick_graphs: str = "auto",
     ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
@@ -113,7 +128,10 @@ class Engine:
             isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1
         ):
             raise ValueError(f"max_requests must be an int >= 1 or None, got {max_requests!r}")
+        if tick_graphs not in TICK_GRAPH_MODES:
+            raise ValueError(f"tick_graphs must be one of {TICK_GRAPH_MODES}, got {tick_graphs!r}")
         self.pipe = pipe
+        self.tick_graphs = tick_graphs
         self.max_batch = max_batch
         self.admission = admission
         self.max_requests = max_requests
@@ -122,10 +140,18 @@ class Engine:
         self._rows: list[_Row] = []
         self._x: torch.Tensor | None = None  # [rows, *shape]
         self._pool: torch.Tensor | None = None  # [MAX_HISTORY, rows, *shape]
+        # Per row, on the device with the rows: seed, guidance weight, first non-finite stage.
+        self._seeds: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._bad: torch.Tensor | None = None
+        self._table = CoefficientTable(pipe.device)
+        self._statics: dict[tuple, StaticTick | None] = {}  # tick shape -> its buffers (None: eager only)
+        self._graph_pool: Any = None
         self._ids = itertools.count()
         self._programs: dict[tuple, Program] = {}
         self._stage_rows: dict[int, list[tuple]] = {}  # id(program) -> per stage: (fields, model time, calls model)
         self.ticks = 0
+        self.static_ticks = 0  # ticks run on a bucket's static buffers (CUDA graphs on CUDA)
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: SampleRequest) -> int:
@@ -197,74 +223,132 @@ class Engine:
             return report
         rows = self._rows
         report.rows = len(rows)
-        x = self._x
-        device = x.device
-        programs = list({id(r.program): r.program for r in rows}.values())
-        offsets, start = {}, 0
-        for p in programs:
-            offsets[id(p)] = start
-            start += p.stages
-        table = torch.cat([p.coef_device for p in programs])
-        desc_rows, time_rows = [], []
-        for r in rows:
-            fields, model_time, _ = self._stage_rows[id(r.program)][r.stage]
-            desc_rows.append([fields[0] + offsets[id(r.program)], *fields[1:]])
-            time_rows.append(model_time)
-        desc = torch.tensor(desc_rows, dtype=torch.int32)
-        times = torch.tensor(time_rows, dtype=torch.float32, device=device)
+        desc, times = self._row_data()
         failures: dict[int, Exception] = {}
-        m, m_u, weights = self._network(x, times, failures)
-        for rid, exc in failures.items():  # their rows still take this step (one fused op), then leave
+        if not self._run_static(desc, times):
+            x_out = torch.empty_like(self._x)
+            m, m_u = self._network(self._x, times, failures)
+            fused_step(
+                x=self._x,
+                m=m,
+                m_uncond=m_u,
+                coeffs=self._table.buffer,
+                stage=0,
+                seeds=self._seeds,
+                x_out=x_out,
+                nonfinite=self._bad,
+                rows=desc,
+                pool=self._pool,
+                row_guidance=None if m_u is None else self._weights,
+            )
+            self._x = x_out
+        for rid, exc in failures.items():  # their rows took this step (one fused op); they leave now
             error = RequestFailed(f"request {rid}: the network raised on its rows: {exc!r}")
             error.__cause__ = exc
             self._requests[rid].error = error
             report.finished.append(rid)
-        seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64, device=device)
-        x_out = torch.empty_like(x)
-        nonfinite = torch.full((len(rows),), NO_NONFINITE, dtype=torch.int32, device=device)
-        fused_step(
-            x=x,
-            m=m,
-            m_uncond=m_u,
-            coeffs=table,
-            stage=0,
-            seeds=seeds,
-            x_out=x_out,
-            nonfinite=nonfinite,
-            rows=desc.to(device),
-            pool=self._pool,
-            row_guidance=weights,
-        )
-        self._x = x_out
         self.ticks += 1
-        bad = (nonfinite != NO_NONFINITE).tolist()
+        self._retire(report)
+        return report
+
+    def _retire(self, report: TickReport) -> None:
+        """Advances every row a stage; rows whose program ended hand their sample to their request (failing it if
+        the row ever became NaN/Inf: the only host read of the tick, and only when rows end), others stay."""
+        rows = self._rows
+        ending = [b for b, r in enumerate(rows) if r.stage + 1 == r.program.stages]
+        bad = dict(zip(ending, self._bad[ending].tolist() if ending else [], strict=True))
         keep = []
         for b, r in enumerate(rows):
             r.stage += 1
             pending = self._requests.get(r.request)
-            if bad[b] and pending is not None and pending.error is None:
-                pending.error = RequestFailed(
-                    f"request {r.request}: sample {r.index} became NaN/Inf at stage {r.stage - 1}"
-                )
-                report.finished.append(r.request)
             if pending is None or pending.error is not None:
                 continue  # the request failed (or was dropped): its rows leave now
-            if r.stage == r.program.stages:
-                pending.out[r.index] = x_out[b]
-                pending.rows_left -= 1
-                if pending.rows_left == 0:
-                    report.finished.append(r.request)
-            else:
+            if b not in bad:
                 keep.append(b)
+                continue
+            if bad[b] != NO_NONFINITE:
+                pending.error = RequestFailed(f"request {r.request}: sample {r.index} became NaN/Inf at stage {bad[b]}")
+                report.finished.append(r.request)
+                continue
+            pending.out[r.index] = self._x[b]
+            pending.rows_left -= 1
+            if pending.rows_left == 0:
+                report.finished.append(r.request)
         self._select(keep)
-        return report
+
+    def _row_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' descriptors ([rows, ROW_FIELDS] int32) and model times ([rows] float32) for this tick, in one
+        host-to-device copy (non-blocking, from pinned memory, on CUDA)."""
+        packed = []
+        for r in self._rows:
+            fields, model_time, _ = self._stage_rows[id(r.program)][r.stage]
+            packed.append([fields[0] + self._table.offset(r.program), *fields[1:], model_time])
+        host = torch.tensor(packed, dtype=torch.float64)  # int32 fields and float32 times are exact in float64
+        out = host_to_device(torch.cat([host[:, :ROW_FIELDS].to(torch.int32),
+                                        host[:, ROW_FIELDS:].to(torch.float32).view(torch.int32)], dim=1),
+                             self.pipe.device)  # fmt: skip
+        return out[:, :ROW_FIELDS].contiguous(), out[:, ROW_FIELDS].contiguous().view(torch.float32)
+
+    def _run_static(self, desc: torch.Tensor, times: torch.Tensor) -> bool:
+        """Runs the tick on a bucket's static buffers (a CUDA graph on CUDA) when it applies; False when not."""
+        key = self._static_key()
+        if key is None:
+            return False
+        static = self._statics.get(key, ...)
+        rows = self._rows
+        cond = _stack_kwargs([r.cond for r in rows])
+        uncond = _stack_kwargs([r.uncond for r in rows]) if rows[0].uncond is not None else None
+        if static is ...:
+            first_uncond = None if uncond is None else _first_row(uncond)
+            x = self._x
+            static = StaticTick(
+                self.pipe.model, key[0], x.shape[1:], x.dtype, x.device, _first_row(cond), first_uncond, self._table
+            )
+            self._statics[key] = static
+        if static is None:
+            return False
+
+        def load() -> None:
+            static.load(self._x, self._pool, desc, times, self._seeds, self._weights, self._bad, cond, uncond)
+
+        load()
+        on_cuda = self.tick_graphs == "auto"
+        try:
+            if on_cuda and self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            static.run(on_cuda, load, self._graph_pool)
+        except Exception:  # noqa: BLE001  (a capture that fails: this tick shape runs eagerly from now on)
+            self._statics[key] = None
+            return False
+        self._x, self._pool, self._bad = static.unload(len(rows))
+        self.static_ticks += 1
+        return True
+
+    def _static_key(self) -> tuple | None:
+        """The static tick this tick fits (bucket, guided, conditioning layout, table version), or None: eager
+        (graphs off or not on CUDA, a row without a network call at its stage, rows of different conditioning
+        layouts, guided and unguided rows together, conditioning that is not all per-row tensors)."""
+        if self.tick_graphs == "off" or (self.tick_graphs == "auto" and self.pipe.device.type != "cuda"):
+            return None
+        rows = self._rows
+        first = rows[0]
+        if any(not self._stage_rows[id(r.program)][r.stage][2] for r in rows):
+            return None
+        if any(r.cond_key != first.cond_key or r.uncond_key != first.uncond_key for r in rows):
+            return None
+        for kwargs in (first.cond, first.uncond or {}):
+            if any(not isinstance(v, torch.Tensor) or v.ndim == 0 for v in kwargs.values()):
+                return None
+        bucket = bucket_for(len(rows), self.max_batch)
+        return (bucket, first.uncond is not None, first.cond_key, first.uncond_key, self._table.version)
 
     # ------------------------------------------------------------------ helpers
     def _network(self, x: torch.Tensor, times: torch.Tensor, failures: dict[int, Exception]):
         """Every row's output, and (for guided rows) the unconditional output and the guidance weights. Rows whose
         stage makes no network call get ``m = x`` (their coefficient row reads m with ``c_m = 0``, as in
         ``Pipeline.sample``). Requests the network raised on are put in ``failures`` (request id: error); their
-        rows get ``m = x`` too and must leave after the step."""
+        rows get ``m = x`` too and must leave after the step. The guidance weights are the rows' own
+        (``self._weights``)."""
         rows = self._rows
         calling = [b for b, r in enumerate(rows) if self._stage_rows[id(r.program)][r.stage][2]]
         if len(calling) == len(rows):
@@ -272,18 +356,17 @@ class Engine:
         else:
             m = x.clone()
             if calling:
-                m[torch.tensor(calling, device=x.device)] = self._call(
+                m[_index(calling, x.device)] = self._call(
                     x, times, calling, [(rows[b].cond, rows[b].cond_key) for b in calling], failures
                 )
         guided = [b for b in calling if rows[b].uncond is not None and rows[b].request not in failures]
         if not guided:
-            return m.contiguous(), None, None
+            return m.contiguous(), None
         m_u = m.clone()  # unguided rows: m_u = m, so m_u + w (m - m_u) is m exactly
-        m_u[torch.tensor(guided, device=x.device)] = self._call(
+        m_u[_index(guided, x.device)] = self._call(
             x, times, guided, [(rows[b].uncond, rows[b].uncond_key) for b in guided], failures
         )
-        weights = torch.tensor([r.guidance for r in rows], dtype=torch.float32, device=x.device)
-        return m.contiguous(), m_u.contiguous(), weights
+        return m.contiguous(), m_u.contiguous()
 
     def _call(
         self,
@@ -312,11 +395,11 @@ class Engine:
                 parts += self._isolate(
                     x, times, [rows[k] for k in members], [kwargs[k] for k in members], members, failures
                 )
-        out = x[torch.tensor(rows, device=x.device)].clone()
+        out = x[_index(rows, x.device)].clone()
         if parts:
             out = out.to(parts[0][1].dtype)
         for positions, part in parts:
-            out[torch.tensor(positions, device=x.device)] = part
+            out[_index(positions, x.device)] = part
         return out
 
     def _isolate(
@@ -371,6 +454,7 @@ class Engine:
             return admitted
         new: list[_Row] = []
         states: list[torch.Tensor] = []
+        seeds_new: list[torch.Tensor] = []
         device = self.pipe.device
         while (
             self._queue
@@ -384,7 +468,9 @@ class Engine:
                 self._queue.appendleft(rid)  # one sample shape per running batch: wait for this one to drain
                 break
             prog = self._program(req)
-            seeds = derive_seeds(req.seed, req.n).tolist()
+            seeds_t = derive_seeds(req.seed, req.n)
+            seeds = seeds_t.tolist()  # host values (derived on the host), not a device read
+            seeds_new.append(seeds_t)
             states.append(self.pipe.initial_noise(shape, req.seed))
             guided = req.guided
             admitted.append(rid)
@@ -408,9 +494,18 @@ class Engine:
             return admitted
         x_new = torch.cat(states).to(self.pipe.dtype)
         pool_new = torch.zeros((MAX_HISTORY, *x_new.shape), dtype=x_new.dtype, device=x_new.device)
+        per_row = {
+            "_x": x_new,
+            "_pool": pool_new,
+            "_seeds": host_to_device(torch.cat(seeds_new).to(torch.int64), x_new.device),
+            "_weights": host_to_device(torch.tensor([r.guidance for r in new], dtype=torch.float32), x_new.device),
+            "_bad": torch.full((len(new),), NO_NONFINITE, dtype=torch.int32, device=x_new.device),
+        }
         self._rows.extend(new)
-        self._x = x_new if self._x is None else torch.cat([self._x, x_new])
-        self._pool = pool_new if self._pool is None else torch.cat([self._pool, pool_new], dim=1)
+        for name, value in per_row.items():
+            old = getattr(self, name)
+            dim = 1 if name == "_pool" else 0
+            setattr(self, name, value if old is None else torch.cat([old, value], dim=dim))
         return admitted
 
     def _select(self, keep: list[int]) -> None:
@@ -418,21 +513,42 @@ class Engine:
             return
         self._rows = [self._rows[b] for b in keep]
         if not keep:
-            self._x, self._pool = None, None
+            self._x = self._pool = self._seeds = self._weights = self._bad = None
             return
-        idx = torch.tensor(keep, device=self._x.device)
+        idx = _index(keep, self._x.device)
         self._x = self._x[idx].contiguous()
         self._pool = self._pool[:, idx].contiguous()
+        self._seeds, self._weights, self._bad = self._seeds[idx], self._weights[idx], self._bad[idx]
 
     def _program(self, req: SampleRequest) -> Program:
         key = req.program_key()
         if key not in self._programs:
             prog = req.program(self.pipe)
+            if prog.slots > MAX_HISTORY:
+                raise ValueError(
+                    f"sampler {req.sampler!r} keeps {prog.slots} history slots; a serving row holds {MAX_HISTORY}"
+                )
             self._programs[key] = prog
             self._stage_rows[id(prog)] = [
                 (_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k)) for k in range(prog.stages)
             ]
         return self._programs[key]
+
+
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: on CUDA copied from pinned memory without blocking the host (the caching host
+    allocator keeps the pinned block until the copy is done); elsewhere the tensor itself."""
+    if torch.device(device).type != "cuda":
+        return values
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def _index(positions: list[int], device: torch.device) -> torch.Tensor:
+    return host_to_device(torch.tensor(positions, dtype=torch.int64), device)
+
+
+def _first_row(kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v[:1] for k, v in kwargs.items()}
 
 
 def _row_fields(prog: Program, stage: int) -> list[int]:

@@ -15,9 +15,10 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -79,15 +80,31 @@ class Throughput:
         return count / (now - start) if count and now > start else 0.0
 
 
+class Frontend(Protocol):
+    """What a runner does before and after the engine for requests that come as jobs (a text-to-image server's
+    prompts, :mod:`fastdiff.serving.prompts`), each for every job of one pass in one call: :meth:`prepare` turns
+    the jobs that arrived since the last tick into requests (their prompts encoded together), :meth:`finish` turns
+    the samples of the jobs that finished in one tick into results (decoded together). Either returns, per job,
+    its value or the exception that fails that job alone."""
+
+    def prepare(self, jobs: Sequence[Any]) -> list[SampleRequest | BaseException]:
+        """The engine request of each job (its conditioning filled in)."""
+
+    def finish(self, jobs: Sequence[Any], samples: Sequence[torch.Tensor]) -> list[Any]:
+        """The result of each job from its samples."""
+
+
 @dataclass
 class Ticket:
-    """A submitted request: ``future`` resolves to its samples (a CPU float32 tensor) or its error."""
+    """A submitted request: ``future`` resolves to its samples (a CPU float32 tensor), or for a job its
+    frontend's result, or its error. A job's ``request`` is complete only once the frontend prepared it."""
 
     id: int
     request: SampleRequest
     future: Future
     submitted: float
     deadline: float | None = None
+    job: Any = None
     engine_id: int | None = None
     admitted: float | None = None
     cancel_reason: BaseException | None = field(default=None, repr=False)
@@ -105,6 +122,8 @@ class Runner:
             ``"single"`` (one request at a time).
         batch_wait_s: how long ``"request"`` batching waits for more requests before it starts a batch.
         metrics: where to record metrics (default: none).
+        frontend: what turns submitted jobs into requests and finished samples into results
+            (:class:`Frontend`; a text-to-image server's prompt encoder and VAE).
     """
 
     def __init__(
@@ -115,6 +134,7 @@ class Runner:
         batching: str = "continuous",
         batch_wait_s: float = 0.02,
         metrics: ServingMetrics | None = None,
+        frontend: Frontend | None = None,
     ):
         if batching not in BATCHING_POLICIES:
             raise ValueError(f"batching must be one of {BATCHING_POLICIES}, got {batching!r}")
@@ -129,6 +149,7 @@ class Runner:
         self.batching = batching
         self.batch_wait_s = float(batch_wait_s)
         self.metrics = metrics
+        self.frontend = frontend
         if metrics is not None:
             metrics.max_batch.set(max_batch)
         self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
@@ -157,12 +178,17 @@ class Runner:
             self._thread.start()
         return self
 
-    def submit(self, request: SampleRequest, timeout_s: float | None = None) -> Ticket:
-        """Validates and queues ``request``; returns its ticket at once.
+    def submit(self, request: SampleRequest, timeout_s: float | None = None, job: Any = None) -> Ticket:
+        """Validates and queues ``request``; returns its ticket at once. With ``job`` (needs a frontend),
+        ``request`` is the job's request without its conditioning, which the frontend fills in on the serving
+        thread (with the other jobs that arrive by the next tick), and the ticket resolves to the frontend's
+        result.
 
         Raises ValueError/TypeError for a request the pipeline refuses, :class:`QueueFull` when ``max_queue``
         requests already wait, :class:`ShuttingDown` after :meth:`stop`.
         """
+        if job is not None and self.frontend is None:
+            raise ValueError("a job needs a runner with a frontend")
         request.validate(self.pipe, serving=True)
         if request.n > self.max_batch:
             raise ValueError(f"n = {request.n} is more than max_batch = {self.max_batch} rows")
@@ -182,7 +208,8 @@ class Runner:
                 self._busy_since = now
             self._in_flight += 1
             self._in_flight_steps += request.steps
-        ticket = Ticket(next(self._ids), request, Future(), now, None if timeout_s is None else now + timeout_s)
+        deadline = None if timeout_s is None else now + timeout_s
+        ticket = Ticket(next(self._ids), request, Future(), now, deadline, job=job)
         ticket.future.set_running_or_notify_cancel()
         self._inbox.put(("submit", ticket))
         self._wake.set()
@@ -296,15 +323,35 @@ class Runner:
                 self._wake.clear()
 
     def _drain_inbox(self) -> None:
+        fresh: list[Ticket] = []
         while True:
             try:
                 kind, ticket = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if kind == "submit":
-                self._enqueue(ticket)
+                fresh.append(ticket)
+                continue
+            self._enqueue_all(fresh)  # in order: a cancel may be for one of them
+            fresh = []
+            self._cancel_now(ticket)
+        self._enqueue_all(fresh)
+
+    def _enqueue_all(self, tickets: list[Ticket]) -> None:
+        """Queues the tickets, their jobs prepared by the frontend in one call first (a job it fails, fails)."""
+        jobs = [t for t in tickets if t.job is not None]
+        failed: dict[int, BaseException] = {}
+        if jobs:
+            for ticket, prepared in zip(jobs, _per_job(self.frontend.prepare, [t.job for t in jobs]), strict=True):
+                if isinstance(prepared, BaseException):
+                    failed[ticket.id] = prepared
+                else:
+                    ticket.request = prepared
+        for ticket in tickets:
+            if ticket.id in failed:
+                self._finish(ticket, error=failed[ticket.id])
             else:
-                self._cancel_now(ticket)
+                self._enqueue(ticket)
 
     def _enqueue(self, ticket: Ticket) -> None:
         shape = tuple(int(s) for s in ticket.request.sample_shape)
@@ -394,14 +441,29 @@ class Runner:
         if self.metrics and report.rows:
             self.metrics.observe_tick(report.rows, self.max_batch, elapsed)
         report.finished += [rid for rid in report.admitted if engine.done(rid) and rid not in report.finished]
+        done: list[tuple[Ticket, torch.Tensor]] = []
         for rid in report.finished:
             ticket = self._by_engine_id[(shape, rid)]
             self._forget(shape, ticket)
             try:
-                samples = engine.result(rid)
+                done.append((ticket, engine.result(rid)))
             except Exception as exc:  # noqa: BLE001  (NaN rows, the network raised on its rows, refused at admission)
                 self._finish(ticket, error=exc)
-            else:
+        self._deliver(done)
+
+    def _deliver(self, done: list[tuple[Ticket, torch.Tensor]]) -> None:
+        """Finishes the tickets that finished in one tick: samples as CPU float32, jobs through the frontend's
+        :meth:`~Frontend.finish` in one call."""
+        jobs = [(t, s) for t, s in done if t.job is not None]
+        if jobs:
+            results = _per_job(self.frontend.finish, [t.job for t, _ in jobs], [s for _, s in jobs])
+            for (ticket, _), result in zip(jobs, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._finish(ticket, error=result)
+                else:
+                    self._finish(ticket, samples=result)
+        for ticket, samples in done:
+            if ticket.job is None:
                 self._finish(ticket, samples=samples.float().cpu())
 
     def _fail_engine(self, shape: tuple[int, ...], engine: Engine, exc: Exception) -> None:
@@ -419,7 +481,7 @@ class Runner:
         self._tickets.pop(ticket.id, None)
         self._by_engine_id.pop((shape, ticket.engine_id), None)
 
-    def _finish(self, ticket: Ticket, samples: torch.Tensor | None = None, error: BaseException | None = None) -> None:
+    def _finish(self, ticket: Ticket, samples: Any = None, error: BaseException | None = None) -> None:
         with self._lock:
             if ticket.admitted is None:
                 self._waiting -= 1
@@ -434,3 +496,19 @@ class Runner:
             ticket.future.set_exception(error)
         else:
             ticket.future.set_result(samples)
+
+
+def _per_job(call: Any, jobs: list[Any], *per_job: list[Any]) -> list[Any]:
+    """``call(jobs, *per_job)``; if it raises, each job alone (so one job's failure fails only that job)."""
+    try:
+        return list(call(jobs, *per_job))
+    except Exception as exc:  # noqa: BLE001  (found out below: whose job it was)
+        if len(jobs) == 1:
+            return [exc]
+    out: list[Any] = []
+    for i, job in enumerate(jobs):
+        try:
+            out += call([job], *[[items[i]] for items in per_job])
+        except Exception as exc:  # noqa: BLE001  (this job's own failure)
+            out.append(exc)
+    return out

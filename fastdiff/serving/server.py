@@ -32,11 +32,14 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra("serve", exc) from exc
 
+from fastdiff.diffusers.text_to_image import TextToImage, load_text_to_image
 from fastdiff.pipeline import Pipeline
 from fastdiff.serving.api import Limits
 from fastdiff.serving.app import create_app
 from fastdiff.serving.guards import HttpGuards
+from fastdiff.serving.images import ImageLimits
 from fastdiff.serving.metrics import ServingMetrics
+from fastdiff.serving.prompts import PromptFrontend
 from fastdiff.serving.runner import Runner
 from fastdiff.serving.settings import ServeSettings
 
@@ -67,11 +70,26 @@ def load_pipeline(spec: str | None = None, device: str | None = None) -> Pipelin
     return pipe
 
 
-def make_app(pipe: Pipeline, settings: ServeSettings = ServeSettings(), replica: str | None = None) -> FastAPI:
-    """The HTTP app over a new runner for ``pipe`` (its metrics on), as ``fastdiff serve`` and each Ray replica
-    run it."""
+def load_text_to_image_pipeline(path: str, device: str | None = None) -> TextToImage:
+    """``fastdiff serve --diffusers PATH``: the diffusers pipeline saved at ``path`` (or a hub id), checked to be
+    one of :data:`~fastdiff.diffusers.text_to_image.SUPPORTED_PIPELINES`; needs diffusers and transformers."""
+    for module in ("diffusers", "transformers"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise missing_extra("images", exc) from exc
+    return load_text_to_image(path, device)
+
+
+def make_app(
+    model: Pipeline | TextToImage, settings: ServeSettings = ServeSettings(), replica: str | None = None
+) -> FastAPI:
+    """The HTTP app over a new runner for ``model`` (its metrics on), as ``fastdiff serve`` and each Ray replica
+    run it: a :class:`Pipeline` (``/v1/samples``), or a text-to-image pipeline (also
+    ``/v1/images/generations``: its prompts encoded and its latents decoded around the engine)."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
+    pipe, frontend = (model.pipe, PromptFrontend(model)) if isinstance(model, TextToImage) else (model, None)
     runner = Runner(
         pipe,
         max_batch=settings.max_batch,
@@ -79,22 +97,24 @@ def make_app(pipe: Pipeline, settings: ServeSettings = ServeSettings(), replica:
         batching=settings.batching,
         batch_wait_s=settings.batch_wait_s,
         metrics=ServingMetrics(),
+        frontend=frontend,
     )
     limits = Limits(max_n=min(settings.max_n, settings.max_batch), default_timeout_s=settings.request_timeout_s)
     guards = HttpGuards(settings.max_body_bytes, settings.body_timeout_s, settings.api_key)
-    return create_app(runner, limits, replica=replica, guards=guards)
+    return create_app(runner, limits, replica=replica, guards=guards, image_limits=ImageLimits(settings.max_pixels))
 
 
 def serve(
-    pipe: Pipeline,
+    pipe: Pipeline | TextToImage,
     host: str = "127.0.0.1",
     port: int = 8000,
     settings: ServeSettings = ServeSettings(),
     log_level: str = "warning",
     **uvicorn_kwargs: Any,
 ) -> None:
-    """Serves ``pipe`` until SIGTERM/SIGINT (see the module docstring). ``port=0`` picks a free port; the
-    address served is printed as ``fastdiff serving on http://host:port``."""
+    """Serves ``pipe`` (or a text-to-image pipeline, :func:`make_app`) until SIGTERM/SIGINT (see the module
+    docstring). ``port=0`` picks a free port; the address served is printed as ``fastdiff serving on
+    http://host:port``."""
     app = make_app(pipe, settings)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

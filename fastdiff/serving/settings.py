@@ -20,6 +20,7 @@ class ServeSettings:
             requests batched, waiting up to ``batch_wait_s`` for a batch) or ``"single"`` (one at a time).
         batch_wait_s: (request batching) how long to wait for a batch to fill.
         max_n: the most samples one request may ask for (also capped by ``max_batch``).
+        max_pixels: (text-to-image servers) the most pixels per image a request may ask for.
         request_timeout_s: the default per-request deadline (None: none).
         threads: torch CPU threads (None: torch's default).
         max_body_bytes: the largest request body read (413 beyond, without reading the rest).
@@ -35,6 +36,7 @@ class ServeSettings:
     batching: str = "continuous"
     batch_wait_s: float = 0.02
     max_n: int = 64
+    max_pixels: int = 1024 * 1024
     request_timeout_s: float | None = 300.0
     threads: int | None = None
     max_body_bytes: int = 16 * 2**20
@@ -43,7 +45,7 @@ class ServeSettings:
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        ints = ("max_batch", "max_queue", "max_n", "max_body_bytes")
+        ints = ("max_batch", "max_queue", "max_n", "max_pixels", "max_body_bytes")
         for name in ints + (("threads",) if self.threads is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -8,7 +8,7 @@ import os
 import pytest
 from repo_paths import TESTS as TESTS_DIR
 
-from fastdiff.bench.serve import format_table, workload
+from fastdiff.bench.serve import format_table, image_workload, workload
 from fastdiff.bench.throughput import main
 
 pytestmark = pytest.mark.http
@@ -56,3 +56,25 @@ def test_bench_serve_runs_every_policy_and_writes_json(tmp_path, monkeypatch):
     assert "continuous_vs_single_throughput" in saved["summary"]
     assert (tmp_path / "serve.png").stat().st_size > 0
     assert format_table(res).count("\n") == 4
+
+
+def test_bench_serve_diffusers_sends_images_requests(tiny_pipelines, tmp_path):
+    """``--diffusers``: the images workload (prompts, two sizes, guidance on and off) against every policy."""
+    out = tmp_path / "serve.json"
+    main(["serve", "--diffusers", tiny_pipelines["sd"], "--rates", "20", "--requests", "3", "--time-limit", "5",
+          "--policies", "single,continuous", "--json", str(out)])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert [r["policy"] for r in saved["rows"]] == ["single", "continuous"]
+    for row in saved["rows"]:
+        assert row["sent"] == row["ok"] == 3 and row["mean_time_to_first_step_s"] > 0
+
+
+def test_image_workload_mixes_sizes_samplers_and_guidance():
+    info = {"samplers": ["ddim", "dpmpp_2m", "unipc", "euler", "ddpm"], "default_size": "16x16"}
+    load = image_workload(300, rate=5.0, info=info, seed=2)
+    assert load == image_workload(300, rate=5.0, info=info, seed=2)
+    bodies = [r["body"] for r in load]
+    assert {b["size"] for b in bodies} == {"16x16", "32x16"}
+    assert {b["sampler"] for b in bodies} == {"ddim", "dpmpp_2m", "unipc"}
+    assert {b["guidance_scale"] for b in bodies} == {1.0, 5.0}
+    assert min(b["num_inference_steps"] for b in bodies) == 4 and max(b["num_inference_steps"] for b in bodies) == 50

@@ -1,7 +1,7 @@
 """The Triton kernels compiled for real GPUs, with no GPU: Triton's own compiler and the ptxas bundled in its wheel.
 
 Every specialisation the library can launch -- each constexpr set ``launch_fused_step`` can pass
-(``launchable_constexprs``, derived from the launcher's own flag function and argument checks: 264 sets) in each
+(``launchable_constexprs``, derived from the launcher's own flag function and argument checks: 792 sets) in each
 (state, model-operand) dtype pair the argument checks pass on (5 pairs) -- must compile for sm_80 and sm_90
 (sm_100 too where the bundled ptxas takes it), within ``MAX_REGS`` registers and ``MAX_SPILL_BYTES`` of spills
 per thread. With 16-byte aligned pointers and a per-sample size divisible by 16 (what the JIT specialises a
@@ -14,6 +14,9 @@ at 16 warps x 32 threads x 8 elements x 4 bytes, x and m alone keep 32 KiB in fl
 Little's law asks of an H100 (3.35 TB/s x ~0.8 us latency / 132 SMs), so 4 blocks per SM still saturate memory;
 3 would not for the two-stream steps. Measured (Triton 3.9, all 264 sets in fp32 and in fp16 on sm_80 and sm_90):
 32..128 registers, the Philox variants the most; the most, 128 (on the cliff), is fp32 per-row Philox on sm_80.
+Inpainting's blend (HAS_BLEND) adds a second Philox stream where its noise is not explicit: the fp32 steps with both
+needed up to 140 registers on sm_80 at 4 warps, so they launch 8 (``launch_warps``; 4 fp32 elements per thread, still
+one 128-bit access per stream): 80..95 registers measured.
 
 Spills: Triton runs ptxas with --regAllocOptLevel=2 (a ptxas 13 workaround), and with it ptxas keeps one or two
 words of a few Philox variants on the stack even at 80..96 registers (sm_90: 10 of the 264 fp32 sets and 23 fp16
@@ -22,10 +25,11 @@ per-thread stack is 2 KiB per block, L1-resident: allowed, and reported; more fa
 
 ``CompiledKernel.n_regs`` / ``n_spills`` are filled in only when a driver loads the binary, so the usage is read
 from the cubin with the bundled cuobjdump. Compiling takes ~0.7 s per specialisation and core, so by default the
-test compiles, for every dtype pair and target, the four heaviest flag sets (every feature on, in and out of
-per-row mode, with explicit and with Philox noise) and, in fp16 on sm_90, flag sets covering every pair of flag
-values (a pairwise covering array of the launchable sets): ~70 compiles, about a minute on a cold cache.
-FASTDIFF_COMPILE_ALL=1 compiles all 264 sets for every dtype pair and target (~30 min on one core).
+test compiles, for every dtype pair and target, the eight heaviest flag sets (every feature on, in and out of
+per-row mode, with explicit and with Philox step noise and known-region noise) and, in fp16 on sm_90, flag sets
+covering every pair of flag values (a pairwise covering array of the launchable sets): ~130 compiles, about two
+minutes on a cold cache.
+FASTDIFF_COMPILE_ALL=1 compiles all 792 sets for every dtype pair and target (~30 min on one core).
 Everything is compiled once per module, in one subprocess without TRITON_INTERPRET (under it ``triton.jit``
 gives interpreted functions), and cached on disk by Triton.
 """
@@ -44,12 +48,14 @@ import pytest
 import torch
 import triton
 
+from fastdiff.bench.step_model import bytes_per_element, ptx_instruction_count, ptx_stream_bytes_per_element
 from fastdiff.kernels import philox as P
 from fastdiff.kernels.fused_step import (
     BLOCK_SIZE,
     OPTIONAL_TENSORS,
     _fused_step_kernel,
     kernel_constexprs,
+    launch_warps,
     launchable_constexprs,
 )
 from fastdiff.kernels.launch_args import launchable_dtypes
@@ -77,6 +83,10 @@ POINTER_ROLES = {
     "rows_ptr": "i32",
     "pool_ptr": "state",
     "guid_ptr": "fp32",
+    "init_ptr": "state",
+    "mask_ptr": "state",
+    "blend_ptr": "fp64",
+    "init_noise_ptr": "model",
 }
 if not all(os.path.exists(os.path.join(BIN, tool)) for tool in ("ptxas", "cuobjdump")):  # pragma: no cover
     pytest.skip(f"this Triton wheel bundles no ptxas/cuobjdump in {BIN}", allow_module_level=True)
@@ -122,12 +132,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _heaviest() -> list[dict]:
-    """The launchable flag sets with the most features on, out of and in per-row mode, with explicit noise and with
-    Philox noise (made in registers: the most registers)."""
-    sets = [f for f in launchable_constexprs() if f["USE_NOISE"]]
+    """The launchable flag sets with the most features on (inpainting's blend included), out of and in per-row mode,
+    with explicit and with Philox step noise, and explicit and Philox known-region noise (each Philox call made in
+    registers: two of them the most registers)."""
+    sets = [f for f in launchable_constexprs() if f["USE_NOISE"] and f["HAS_BLEND"]]
     weight = lambda f: sum(int(v) for k, v in f.items() if k != "BLOCK")  # noqa: E731
-    modes = itertools.product((True, False), (False, True))
-    return [max((f for f in sets if (f["EXPLICIT_NOISE"], f["PER_ROW"]) == mode), key=weight) for mode in modes]
+    modes = itertools.product((True, False), (False, True), (True, False))
+    keys = ("EXPLICIT_NOISE", "PER_ROW", "EXPLICIT_INIT_NOISE")
+    return [max((f for f in sets if tuple(f[k] for k in keys) == mode), key=weight) for mode in modes]
 
 
 def _pairwise_cover() -> list[dict]:
@@ -141,6 +153,25 @@ def _pairwise_cover() -> list[dict]:
         chosen.append(best)
         todo -= pairs(best)
     return chosen
+
+
+# The paper model's variants (docs/benchmarks.md, "The step on paper"): kernel_constexprs' arguments by name.
+MODEL_VARIANTS = {
+    "ddim": dict(n_hist=0, use_noise=False),
+    "ddim eta>0, ddpm (Philox noise)": dict(n_hist=0, use_noise=True),
+    "ddim, guided": dict(n_hist=0, use_noise=False, m_uncond=True),
+    "explicit noise": dict(n_hist=0, use_noise=True, noise=True),
+    "dpmpp_2m (one history slot)": dict(n_hist=1, use_noise=False, h_out=True),
+    "unipc (two history slots)": dict(n_hist=2, use_noise=False, h_out=True),
+    "ddim, return_x0": dict(n_hist=0, use_noise=False, x0_out=True),
+}
+
+
+def _variant_flags(name: str) -> dict:
+    given = MODEL_VARIANTS[name]
+    x = torch.zeros(1, 4)
+    opt = {n: x if given.get(n) else None for n in OPTIONAL_TENSORS}
+    return kernel_constexprs(given["n_hist"], given["use_noise"], **opt)
 
 
 def _step_spec(state: torch.dtype, model: torch.dtype, flags: dict, arch: int) -> str:
@@ -157,6 +188,7 @@ def _plan() -> dict[str, list[str]]:
         "step": [_step_spec(s, m, f, a) for a in ARCHS for s, m in pairs for f in flag_sets],
         "cover": [_step_spec(torch.float16, torch.float16, f, 90) for f in _pairwise_cover()],
         "philox": [json.dumps(["philox", name, a]) for name in PHILOX_SIGNATURES for a in ARCHS],
+        "model": [_step_spec(s, s, _variant_flags(v), 90) for s in TRITON_TYPES for v in MODEL_VARIANTS],
     }
 
 
@@ -177,7 +209,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {"regs": int(fields["REG"]), "local": int(fields["LOCAL"]), "stack": int(fields["STACK"])}
 
 
-def _compile(fn, signature: dict, constexprs: dict, arch: int) -> dict:
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4) -> dict:
     """triton.compile of ``fn`` for sm_<arch>, every pointer and ``numel`` declared 16-divisible (as the JIT
     specialises a launch on 16-byte aligned tensors of a size divisible by 16); its resources and v4 counts."""
     from triton.backends.compiler import GPUTarget
@@ -185,9 +217,16 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int) -> dict:
     aligned = [n for n, t in signature.items() if t.startswith("*") or n == "numel"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     sig = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-    kernel = triton.compile(triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32))
+    source = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = kernel.asm["ptx"]
-    return {**_resources(kernel.asm["cubin"]), "ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4")}
+    return {
+        **_resources(kernel.asm["cubin"]),
+        "ld_v4": ptx.count("ld.global.v4"),
+        "st_v4": ptx.count("st.global.v4"),
+        "stream_bytes": ptx_stream_bytes_per_element(ptx),
+        "instructions": ptx_instruction_count(ptx),
+    }
 
 
 def _compile_spec(spec: str) -> dict:
@@ -198,7 +237,9 @@ def _compile_spec(spec: str) -> dict:
     state, model, flags, arch = rest
     types = {"state": "*" + state, "model": "*" + model}
     signature = {**{n: types.get(role, "*" + role) for n, role in POINTER_ROLES.items()}, **SCALARS}
-    return _compile(_fused_step_kernel, signature, flags, arch)
+    # The warps the launcher picks for these flags and state dtype.
+    warps = launch_warps(flags, {v: k for k, v in TRITON_TYPES.items()}[state])
+    return _compile(_fused_step_kernel, signature, flags, arch, warps)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +277,7 @@ def test_every_constexpr_comes_from_the_flag_function() -> None:
     assert set(inspect.signature(kernel_constexprs).parameters) == {"n_hist", "use_noise", *OPTIONAL_TENSORS}
     for name in kernel_names - {"BLOCK"}:
         assert len({f[name] for f in sets}) > 1, name
-    assert {f["NUM_HIST"] for f in sets} == {0, 1, 2, 3} and len(sets) == 264
+    assert {f["NUM_HIST"] for f in sets} == {0, 1, 2, 3} and len(sets) == 792
 
 
 @pytest.mark.parametrize("part", ["step", "cover", "philox"])
@@ -254,14 +295,42 @@ def test_compiles_without_spills_within_the_register_cliff(compiled: dict, part:
 def test_streams_are_128_bit(compiled: dict, state: torch.dtype, arch: int) -> None:
     """Each stream of the all-features step is read or written in 128-bit accesses: 8 elements per thread are two
     v4 accesses in fp32 and one in fp16/bf16. Reads: x, m, m_uncond, noise, h0..h2; writes: x_out, h_out, x0_out.
-    The noise kernels' float32 output: two v4 stores."""
+    Inpainting's blend adds init, mask and init_noise (10 read streams). The noise kernels' float32 output: two v4
+    stores."""
     flags = _heaviest()[0]
     assert flags["EXPLICIT_NOISE"] and flags["NUM_HIST"] == 3 and flags["WRITE_H"] and flags["WRITE_X0"]
+    assert flags["HAS_BLEND"] and flags["EXPLICIT_INIT_NOISE"] and launch_warps(flags, state) == 4
     per_stream = 2 if state == torch.float32 else 1
     res = compiled[_step_spec(state, state, flags, arch)]
-    assert res["ld_v4"] >= 7 * per_stream and res["st_v4"] >= 3 * per_stream, res
+    assert res["ld_v4"] >= 10 * per_stream and res["st_v4"] >= 3 * per_stream, res
     for name in PHILOX_SIGNATURES:
         assert compiled[json.dumps(["philox", name, arch])]["st_v4"] >= 2
+
+
+@pytest.mark.parametrize("state", list(TRITON_TYPES), ids=str)
+def test_the_paper_model_counts_the_compiled_streams(compiled: dict, state: torch.dtype) -> None:
+    """The bytes per element of the paper model equal the vector global accesses of the sm_90 PTX, variant by
+    variant; the plain DDIM step is 12 bytes per fp32 element (read x and m, write x)."""
+    for name in MODEL_VARIANTS:
+        flags = _variant_flags(name)
+        res = compiled[_step_spec(state, state, flags, 90)]
+        print(
+            f"{TRITON_TYPES[state]} {name}: {res['stream_bytes']:g} bytes/element, {res['instructions']} instructions"
+        )
+        assert res["stream_bytes"] == bytes_per_element(flags, state, state), name
+    if state == torch.float32:
+        assert compiled[_step_spec(state, state, _variant_flags("ddim"), 90)]["stream_bytes"] == 12
+
+
+def test_philox_noise_costs_instructions_not_bytes(compiled: dict) -> None:
+    """The step with Philox noise moves the plain step's bytes; its noise costs instructions (Philox4x32-10 makes
+    four normals per counter, Box-Muller two per pair): counted per element from the PTX."""
+    plain = compiled[_step_spec(torch.float32, torch.float32, _variant_flags("ddim"), 90)]
+    noisy = compiled[_step_spec(torch.float32, torch.float32, _variant_flags("ddim eta>0, ddpm (Philox noise)"), 90)]
+    assert noisy["stream_bytes"] == plain["stream_bytes"]
+    per_element = (noisy["instructions"] - plain["instructions"]) / 8
+    print(f"Philox + Box-Muller: {per_element:g} PTX instructions per element")
+    assert 10 < per_element < 200
 
 
 def _main() -> None:

@@ -257,6 +257,32 @@ def test_graph_path_buffer_management_on_cpu(monkeypatch, mlp_pipe):
     assert len(pipe.graphs) == 0
 
 
+def test_graph_path_with_image_editing_on_cpu(monkeypatch, mlp_pipe):
+    """Image-to-image and inpainting through the graph path (a fake capture that re-runs the loop on replay): init and
+    mask are static buffers a replay refreshes, and strength and the mask's presence are in the key."""
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(steps=6, sampler="ddpm", progress=False, return_trajectory=True)
+    for seed in (0, 1, 2):  # new init, mask and seed each call: one capture per edit kind, then replays
+        init = torch.randn(4, 8, generator=gen)
+        mask = (torch.rand(4, 8, generator=gen) > 0.5).float()
+        for edit in (
+            dict(init=init, strength=0.5),
+            dict(init=init, strength=0.5, mask=mask),
+            dict(init=init, mask=mask),
+        ):
+            g = pipe.sample((4, 8), seed=seed, cuda_graph=True, **edit, **kw)
+            e = pipe.sample((4, 8), seed=seed, cuda_graph=False, **edit, **kw)
+            for a, b in zip(g, e):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            if "mask" in edit:
+                keep = mask == 0
+                assert torch.equal(g[0][keep], init[keep])
+    assert pipe.graphs.misses == 3 and pipe.graphs.hits == 6
+
+
 def test_model_kwargs_batch_validation(mlp_pipe):
     with pytest.raises(ValueError, match=r"model_kwargs\['y'\] has batch size 3, expected 2"):
         mlp_pipe.sample((2, 8), steps=2, progress=False, model_kwargs={"y": torch.zeros(3)})
@@ -319,6 +345,22 @@ def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
     e = pipe.sample((6, 1, 8, 8), cuda_graph=False, **kw)
     torch.testing.assert_close(g[0], e[0], rtol=1e-5, atol=1e-5)
     assert pipe.graphs.hits >= 1
+
+
+@pytest.mark.cuda
+def test_cuda_graph_inpainting_equals_eager():
+    pipe = _cuda_pipe()
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(1, 1, 8, 8, device="cuda")
+    mask[..., 4:, :] = 1.0
+    for seed in (0, 1):
+        init = torch.randn(SHAPE, generator=gen).cuda()
+        kw = dict(sampler="ddpm", steps=12, seed=seed, progress=False, init=init, mask=mask, strength=0.8)
+        g = pipe.sample(SHAPE, cuda_graph=True, **kw)
+        e = pipe.sample(SHAPE, cuda_graph=False, **kw)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        assert torch.equal(g[..., :4, :], init[..., :4, :])
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 1
 
 
 @pytest.mark.cuda
@@ -526,7 +568,7 @@ class _FakeCuda:
                 self.calls = []
                 fake.graphs.append(self)
 
-            def capture_begin(self, capture_error_mode="global"):
+            def capture_begin(self, pool=None, capture_error_mode="global"):
                 self.calls.append(("begin", capture_error_mode, fake.current))
 
             def capture_end(self):

@@ -351,3 +351,10 @@ def test_conditioning_names_the_network_cannot_take_are_refused_at_submission(pi
         engine.submit(SampleRequest(n=1, sample_shape=(2,), model_kwargs={"z": torch.zeros(1)}))
     with pytest.raises(ValueError, match=r"uncond_kwargs\['q'\]"):
         engine.submit(SampleRequest(n=1, sample_shape=(2,), guidance_scale=2.0, uncond_kwargs={"q": 1}))
+
+
+def test_a_program_with_more_history_than_a_row_holds_is_refused(pipe):
+    """PNDM's Runge-Kutta warm-up keeps four history slots; a serving row holds three: refused at submission."""
+    engine = Engine(pipe)
+    with pytest.raises(ValueError, match="keeps 4 history slots; a serving row holds 3"):
+        engine.submit(SampleRequest(n=1, sample_shape=(2,), sampler="pndm_prk", steps=10))

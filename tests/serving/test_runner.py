@@ -3,6 +3,7 @@ concurrent submissions; backpressure, deadlines, cancellation, network errors an
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from serving_models import gated_mixture_pipeline, mixture_pipeline
 
+from fastdiff import Pipeline, Schedule
 from fastdiff.serving import (
     DeadlineExceeded,
     QueueFull,
@@ -231,3 +233,66 @@ def test_bad_requests_from_concurrent_clients_fail_alone():
                 ticket.future.result(30)
     runner.stop()
     assert runner.running_rows == 0 and runner.queue_depth == 0
+
+
+class _RecordingFrontend:
+    """A frontend whose jobs are (name, request): ``prepare`` gives the request (a job named "bad-prepare" raises),
+    ``finish`` gives (name, samples) ("bad-finish" raises); every call is recorded."""
+
+    def __init__(self):
+        self.prepare_calls: list[list[str]] = []
+        self.finish_calls: list[list[str]] = []
+
+    def prepare(self, jobs):
+        self.prepare_calls.append([name for name, _ in jobs])
+        if any(name == "bad-prepare" for name, _ in jobs):
+            raise RuntimeError("the encoder refuses this prompt")
+        return [req for _, req in jobs]
+
+    def finish(self, jobs, samples):
+        self.finish_calls.append([name for name, _ in jobs])
+        if any(name == "bad-finish" for name, _ in jobs):
+            raise RuntimeError("the decoder refuses these latents")
+        return [(name, s) for (name, _), s in zip(jobs, samples, strict=True)]
+
+
+def test_a_frontend_prepares_the_jobs_of_a_pass_in_one_call_and_a_failing_job_fails_alone():
+    """Jobs submitted before the serving thread wakes are prepared in one call; jobs that finish in one tick are
+    finished in one call; a job whose prepare or finish raises fails alone (the others are retried apart)."""
+    pipe = mixture_pipeline()
+    frontend = _RecordingFrontend()
+    runner = Runner(pipe, max_batch=16, frontend=frontend)
+    names = ["a", "b", "bad-prepare", "c", "bad-finish"]
+    reqs = [_request(0, n=1, seed=10 + i) for i in range(len(names))]  # one program: they finish in one tick
+    tickets = [runner.submit(dataclasses.replace(r, model_kwargs={}), job=(name, r)) for name, r in zip(names, reqs)]
+    runner.start()
+    for name, req, ticket in zip(names, reqs, tickets):
+        if name.startswith("bad"):
+            with pytest.raises(RuntimeError, match="refuses"):
+                ticket.future.result(30)
+        else:
+            got_name, samples = ticket.future.result(30)
+            assert got_name == name and torch.equal(samples, _offline(pipe, req))
+    runner.stop()
+    assert frontend.prepare_calls[0] == names  # one call for the whole pass, then each alone
+    assert sorted(frontend.prepare_calls[1:]) == sorted([[n] for n in names])
+    assert frontend.finish_calls[0] == ["a", "b", "c", "bad-finish"]
+    with pytest.raises(ValueError, match="frontend"):
+        Runner(pipe).submit(reqs[0], job=("a", reqs[0]))
+
+
+def test_a_rare_sample_shape_is_not_starved_by_a_stream_of_common_ones():
+    """Engines of different sample shapes take turns tick by tick: one request of a rare shape, queued behind
+    twelve of a common one (max_batch 1, so the common ones run one after another), finishes second."""
+    pipe = Pipeline(lambda x, t: 0.1 * x, Schedule.vp_discrete(), device="cpu")
+    runner = Runner(pipe, max_batch=1)
+    finished: list[str] = []
+    tickets = [runner.submit(SampleRequest(n=1, sample_shape=(2,), steps=10, seed=i)) for i in range(12)]
+    tickets.append(runner.submit(SampleRequest(n=1, sample_shape=(3,), steps=10, seed=99)))
+    for name, ticket in zip([f"common {i}" for i in range(12)] + ["rare"], tickets):
+        ticket.future.add_done_callback(lambda _, name=name: finished.append(name))
+    runner.start()  # everything is in the inbox before the thread's first pass: the order is deterministic
+    for ticket in tickets:
+        ticket.future.result(30)
+    runner.stop()
+    assert finished[:2] == ["common 0", "rare"], finished
