@@ -33,6 +33,7 @@ import torch
 
 from fastdiff import Pipeline, Schedule
 from fastdiff.bench.timing import default_results_path, write_results
+from fastdiff.bench.tune import mixture16
 from fastdiff.demos.mixture import default_mixture
 from fastdiff.eval.exact import GaussianMixture
 from fastdiff.eval.metrics import sliced_wasserstein
@@ -50,14 +51,6 @@ DIFFUSERS = {  # name -> (class name, extra config, NFE per step)
     "UniPC": ("UniPCMultistepScheduler", {}, 1),
     "DEIS": ("DEISMultistepScheduler", {}, 1),
 }
-
-
-def mixture16() -> GaussianMixture:
-    """A 16-D mixture of three Gaussians (means ~ N(0, 1.5^2), stds 0.5-0.7)."""
-    g = torch.Generator().manual_seed(0)
-    return GaussianMixture(
-        torch.randn(3, 16, generator=g) * 1.5, torch.tensor([0.5, 0.7, 0.6]), torch.tensor([0.5, 0.3, 0.2])
-    )
 
 
 def _initial(n: int, dim: int, seed: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ from fastdiff.request import SampleRequest
 from fastdiff.runtime.checks import NonFiniteError
 from fastdiff.samplers import list_samplers
 from fastdiff.schedule import Grid, Schedule
+from fastdiff.solvers.tune import tune
+from fastdiff.solvers.tuned import TunedGrid
 
 __all__ = [
     "Grid",
@@ -22,11 +24,13 @@ __all__ = [
     "Pipeline",
     "SampleRequest",
     "Schedule",
+    "TunedGrid",
     "from_diffusers",
     "list_samplers",
     "load",
     "samplers",
     "save",
+    "tune",
 ]
 
 

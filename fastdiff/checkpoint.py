@@ -12,12 +12,15 @@ Metadata keys (all strings; JSON where structured):
     ``num_classes``      class labels the network takes as ``y`` (0: unconditional); label ``num_classes``
                          is the null class of classifier-free guidance
     ``extra``            JSON: anything else (training settings, data range, ...)
+    ``tuned``            JSON list (optional): time grids fitted to these weights
+                         (:class:`fastdiff.solvers.tuned.TunedGrid`, ``spacing="tuned"``)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +32,7 @@ from fastdiff.nets import ARCHITECTURES
 from fastdiff.pipeline import Pipeline
 from fastdiff.samplers import ALL_PREDICTIONS
 from fastdiff.schedule import Schedule
+from fastdiff.solvers.tuned import TunedGrid, TunedGrids, as_tuned_list, tuned_grids_from_json, weights_fingerprint
 
 FORMAT_VERSION = "1"
 PathLike = str | os.PathLike
@@ -53,11 +57,13 @@ def save(
     prediction: str,
     sample_shape: Sequence[int],
     extra: Mapping[str, Any] | None = None,
+    tuned: TunedGrid | Sequence[TunedGrid] | None = None,
 ) -> None:
     """Writes ``model``'s weights and the metadata :func:`load` needs to ``path`` (a .safetensors file).
 
     ``model`` must be an instance of an architecture in :data:`fastdiff.nets.ARCHITECTURES` with a ``config``
-    dict of its constructor arguments. The schedule must be rebuildable from ``schedule.config``.
+    dict of its constructor arguments. The schedule must be rebuildable from ``schedule.config``. ``tuned``: time
+    grids fitted to these weights (:func:`fastdiff.solvers.tune.tune`); a ValueError for one fitted to other weights.
     """
     arch = next((name for name, cls in ARCHITECTURES.items() if type(model) is cls), None)
     if arch is None:
@@ -75,6 +81,13 @@ def save(
         "num_classes": str(int(getattr(model, "num_classes", 0))),
         "extra": json.dumps(dict(extra or {})),
     }
+    grids = as_tuned_list(tuned)
+    if grids:
+        checked = TunedGrids()
+        fingerprint = weights_fingerprint(model)
+        for grid in grids:
+            checked.add(grid, fingerprint)
+        meta["tuned"] = checked.to_json()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata=meta)
 
@@ -92,7 +105,27 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     for key in ("config", "schedule", "sample_shape", "extra"):
         out[key] = json.loads(meta[key])
     out["num_classes"] = int(meta["num_classes"])
+    out["tuned"] = tuned_grids_from_json(meta["tuned"]) if "tuned" in meta else []
     return out
+
+
+def save_tuned(path: PathLike, tuned: TunedGrid | Sequence[TunedGrid], out: PathLike | None = None) -> None:
+    """Adds ``tuned`` grids to the checkpoint at ``path`` (replacing grids for the same settings), written to ``out``
+    (default: ``path`` itself, replaced in one move). The weights and the other metadata are copied unchanged; a
+    ValueError for a grid fitted to other weights."""
+    meta = read_metadata(path)
+    tensors = load_file(os.fspath(path))
+    grids = TunedGrids()
+    fingerprint = weights_fingerprint(tensors)
+    for grid in meta["tuned"] + as_tuned_list(tuned):
+        grids.add(grid, fingerprint)
+    with safe_open(os.fspath(path), framework="pt") as f:
+        raw = dict(f.metadata())
+    raw["tuned"] = grids.to_json()
+    target = os.fspath(path if out is None else out)
+    partial = target + ".partial"
+    save_file(tensors, partial, metadata=raw)
+    os.replace(partial, target)
 
 
 def load_model(path: PathLike, device: str | torch.device | None = None) -> tuple[torch.nn.Module, dict]:
@@ -114,13 +147,16 @@ def load(
 ) -> Pipeline:
     """A ready :class:`Pipeline` on the checkpoint at ``path`` (written by :func:`save`).
 
-    The pipeline's ``sample_shape`` is the checkpoint's; for a class-conditional network pass labels as
-    ``model_kwargs={"y": labels}`` and, for guidance, ``uncond_kwargs={"y": labels.new_full((n,), pipe.num_classes)}``.
+    The pipeline's ``sample_shape`` is the checkpoint's, its ``tuned`` the checkpoint's tuned grids (a grid whose
+    fingerprint is not that of the stored weights is left out, with a warning); for a class-conditional network
+    pass labels as ``model_kwargs={"y": labels}`` and, for guidance,
+    ``uncond_kwargs={"y": labels.new_full((n,), pipe.num_classes)}``.
     """
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     model, meta = load_model(path, device)
+    fingerprint = weights_fingerprint(model) if meta["tuned"] else None  # of the weights as stored, before a cast
     if dtype is not None:
         model.to(dtype)
     pipe = Pipeline(
@@ -134,4 +170,9 @@ def load(
         **pipeline_kwargs,
     )
     pipe.metadata = meta
+    for grid in meta["tuned"]:
+        try:
+            pipe.add_tuned(grid, fingerprint)
+        except ValueError as exc:  # the file's weights are not those the grid was fitted to
+            warnings.warn(f"{os.fspath(path)}: {exc}; it is left out", stacklevel=2)
     return pipe

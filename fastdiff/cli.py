@@ -1,14 +1,17 @@
 """Command line: ``python -m fastdiff demo`` (the main job, on the embedded digits network; ``--mixture`` for
-the 2-D Gaussian mixture), ``python -m fastdiff serve`` (the HTTP server) and ``python -m fastdiff schedules``."""
+the 2-D Gaussian mixture), ``python -m fastdiff serve`` (the HTTP server), ``python -m fastdiff tune`` (time grids
+fitted to a network) and ``python -m fastdiff schedules``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from fastdiff.extras import MissingExtra
 from fastdiff.schedule import Schedule
@@ -99,6 +102,77 @@ def _add_serve(sub: Any) -> argparse.ArgumentParser:
     return serve
 
 
+def _add_tune(sub: Any) -> argparse.ArgumentParser:
+    """``fastdiff tune``'s flags (docs/tune.md)."""
+    tune = sub.add_parser("tune", help="fit time grids to a network (spacing='tuned'); write them into a checkpoint")
+    tune.add_argument("--model", default="digits", help="'digits' (the embedded network) or a .safetensors checkpoint")
+    tune.add_argument("--sampler", nargs="+", required=True, help="one or more coefficient-program samplers")
+    tune.add_argument("--steps", nargs="+", type=int, required=True, help="one or more step counts (>= 2)")
+    tune.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    tune.add_argument("--out", default=None, help="write the checkpoint with the grids added here (may be --model)")
+    tune.add_argument("--n-tune", type=int, default=128, help="samples (seeds) the grid is fitted to")
+    tune.add_argument("--n-eval", type=int, default=256, help="held-out samples (other seeds) that judge it")
+    tune.add_argument("--max-evals", type=int, default=300, help="the most sampling runs of the search per setting")
+    tune.add_argument("--teacher-sampler", default="unipc")
+    tune.add_argument("--teacher-steps", type=int, default=200)
+    tune.add_argument("--shifts", action="store_true", help="also fit a per-step shift of the network's time")
+    tune.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return tune
+
+
+def run_tune(args: argparse.Namespace) -> list:
+    """Tunes every (sampler, steps) of ``args`` on one set of teacher samples, printing the held-out losses and
+    writing each grid to ``--out`` as soon as it is fitted; returns the :class:`TuneResult` list."""
+    from fastdiff.checkpoint import load, save_tuned
+    from fastdiff.pretrained import DIGITS_PATH
+    from fastdiff.solvers.tune import EVAL_SEED_BASE, Teacher, reference, tune
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    path = DIGITS_PATH if args.model == "digits" else args.model
+    if not str(path).endswith(".safetensors") or not os.path.exists(path):
+        raise ValueError(f"--model must be 'digits' or an existing .safetensors checkpoint, got {args.model!r}")
+    pipe = load(path, device="cpu")
+    teacher = Teacher(args.teacher_sampler, args.teacher_steps)
+    progress = not args.no_progress
+    start = time.perf_counter()
+    refs = tuple(
+        reference(pipe, seeds, args.guidance, teacher, pipe.sample_shape, progress)
+        for seeds in (range(args.n_tune), range(EVAL_SEED_BASE, EVAL_SEED_BASE + args.n_eval))
+    )
+    print(
+        f"teacher ({teacher.sampler}, {teacher.steps} steps): {args.n_tune} tuning and {args.n_eval} held-out samples "
+        f"in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    results = []
+    for sampler in args.sampler:
+        for steps in args.steps:
+            res = tune(
+                pipe,
+                sampler,
+                steps,
+                args.guidance,
+                teacher=teacher,
+                shifts=args.shifts,
+                max_evals=args.max_evals,
+                progress=progress,
+                references=refs,
+            )
+            loss = res.tuned.loss
+            print(
+                f"{sampler} steps={steps} guidance={args.guidance:g}: held-out loss {loss['tuned']:.4g} "
+                f"(default grid {loss['default']:.4g}), {res.evals} runs, {res.seconds:.0f} s",
+                flush=True,
+            )
+            if args.out:
+                save_tuned(path, res.tuned, out=args.out)
+                path = args.out  # the next grid joins the ones written
+            results.append(res)
+    return results
+
+
 def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     """``fastdiff serve``'s flags as settings (ValueError for a bad one)."""
     return ServeSettings(
@@ -123,11 +197,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     serve_parser = _add_serve(sub)
+    tune_parser = _add_tune(sub)
     sched = sub.add_parser("schedules", help="print a few schedules on a grid")
     sched.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     try:
-        _run(args, parser, serve_parser)
+        if args.command == "tune":
+            try:
+                run_tune(args)
+            except (ValueError, TypeError) as exc:
+                tune_parser.error(str(exc))
+        else:
+            _run(args, parser, serve_parser)
     except MissingExtra as exc:  # an optional feature without its extra: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
 

@@ -37,6 +37,7 @@ from fastdiff.schedule import Grid, Schedule
 from fastdiff.solvers.eager import run_eager_sampler
 from fastdiff.solvers.inversion import encode
 from fastdiff.solvers.likelihood import log_likelihood
+from fastdiff.solvers.tuned import TUNED_SPACING, TunedGrid, TunedGrids, as_tuned_list, weights_fingerprint
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -123,6 +124,7 @@ class Pipeline:
             raise TypeError(f"x0_clip must be a fastdiff.runtime.x0_clip.X0Clip or None, got {type(x0_clip).__name__}")
         self.x0_clip = x0_clip
         self.metadata: dict = {}
+        self.tuned = TunedGrids()  # grids fitted to this network: sample(..., spacing="tuned")
         self._programs: OrderedDict = OrderedDict()  # program key -> Program (see program())
         self._programs_lock = threading.Lock()
         self._last_run = threading.local()  # per thread: a pipeline is shared between threads
@@ -150,6 +152,26 @@ class Pipeline:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         # Sampling is not differentiated through: a state that requires grad would only break the in-place steps.
         return x_T.detach().to(device=self.device, dtype=self.dtype).contiguous().clone()
+
+    def add_tuned(self, tuned: TunedGrid | Sequence[TunedGrid], fingerprint: str | None = None) -> None:
+        """Adds grids fitted to this network (:func:`fastdiff.solvers.tune.tune`) for ``spacing="tuned"``; a
+        ValueError for one fitted to weights other than ``fingerprint`` (default: :func:`weights_fingerprint` of
+        ``self.model``)."""
+        grids = as_tuned_list(tuned)
+        fingerprint = weights_fingerprint(self.model) if fingerprint is None and grids else fingerprint
+        for grid in grids:
+            self.tuned.add(grid, fingerprint)
+
+    def tuned_grid(self, sampler: str, steps: int, guidance_scale: float = 1.0) -> Grid:
+        """The :class:`Grid` ``spacing="tuned"`` samples on: the tuned grid for these settings (a ValueError listing
+        the tuned settings when there is none)."""
+        return self.tuned.find(sampler, steps, guidance_scale).grid(self.schedule)
+
+    def _tuned_grid(self, request: SampleRequest, run: SampleOptions) -> Grid:
+        """The grid of ``spacing="tuned"`` in :meth:`sample` (explicit, so a CUDA graph's key holds its times)."""
+        if run.timesteps is not None or run.sigmas is not None or run.grid is not None:
+            raise ValueError('spacing="tuned" cannot be combined with timesteps, sigmas or grid')
+        return self.tuned_grid(request.sampler, request.steps, request.guidance_scale)
 
     @property
     def last_nfe(self) -> int | None:
@@ -206,7 +228,8 @@ class Pipeline:
             options: keyword arguments of three kinds.
 
                 - The grid and guidance fields of :class:`SampleRequest`: ``spacing`` (the time grid's spacing,
-                  :meth:`Schedule.grid`; default per schedule and sampler, :meth:`SamplerInfo.default_spacing`),
+                  :meth:`Schedule.grid`; default per schedule and sampler, :meth:`SamplerInfo.default_spacing`;
+                  ``"tuned"``: the grid in :attr:`tuned` for the sampler, steps and guidance scale, see docs/tune.md),
                   ``steps_offset`` and ``rho`` (passed to :meth:`Schedule.grid`), ``guidance_rescale``
                   (diffusers' ``rescale_noise_cfg``, in [0, 1]).
                 - How the run goes, :class:`~fastdiff.request.SampleOptions`: ``timesteps``, ``sigmas`` or ``grid``
@@ -231,7 +254,10 @@ class Pipeline:
         x = self.initial_state(request.shape, request.seed, x_T)
         if request.sampler in EAGER_SAMPLERS:
             return self._sample_eager(request, run, x, x_T is not None, progress)
-        grid = _explicit_grid(self.schedule, run, request.spacing)
+        if request.spacing == TUNED_SPACING:
+            grid = self._tuned_grid(request, run)
+        else:
+            grid = _explicit_grid(self.schedule, run, request.spacing)
         prog = request.program(self, grid=grid)
         inpaint = self._inpaint(request, run)
         if request.edits and not (inpaint is not None and float(request.strength) == 1.0):
@@ -381,7 +407,7 @@ class Pipeline:
             steps_offset=request.steps_offset,
             rho=request.rho,
             x0_clip=self.x0_clip,
-            grid=None if grid is None else tuple(float(v) for v in prog.grid.t),
+            grid=None if grid is None else tuple(float(v) for v in (*prog.grid.t, *prog.grid.model_time)),
             edit=None if not request.edits else (float(request.strength), request.mask is not None, int(request.jumps)),
         )
         guidance = loop.cond.guidance

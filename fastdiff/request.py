@@ -187,7 +187,10 @@ class SampleRequest:
 
     def program(self, pipe: PipelineLike, grid: Any = None) -> Program:
         """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`): on ``grid`` (default the
-        spaced grid of ``steps``), cut for ``strength`` when the request edits images."""
+        spaced grid of ``steps``; ``spacing="tuned"``: the pipeline's tuned grid for the request's sampler, steps and
+        guidance scale), cut for ``strength`` when the request edits images."""
+        if grid is None and self.spacing == "tuned":
+            grid = pipe.tuned_grid(self.sampler, self.steps, self.guidance_scale)
         if self.init is not None:
             if grid is None:
                 spacing = (
@@ -211,6 +214,7 @@ class SampleRequest:
             self.steps_offset,
             self.rho,
             tuple(sorted(dict(self.options).items())),
+            self.guidance_scale if self.spacing == "tuned" else None,  # a tuned grid is per guidance scale too
             None if self.init is None else float(self.strength),
             int(self.jumps),
         )

@@ -360,6 +360,7 @@ SUBCOMMANDS = {
     "serve": "fastdiff.bench.serve",
     "bandwidth": "fastdiff.bench.bandwidth",
     "gpu-check": "fastdiff.bench.gpu_check",
+    "tune": "fastdiff.bench.tune",
 }
 """``python -m fastdiff.bench NAME ...``: the module whose ``main`` runs instead of the throughput harness."""
 

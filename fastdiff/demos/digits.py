@@ -77,8 +77,9 @@ def quality_table(
     samplers: Sequence[str] = TABLE_SAMPLERS,
     with_diffusers: bool = True,
 ) -> list[dict]:
-    """Unconditional samples of every sampler at every NFE, scored; fastdiff on the trailing grid, diffusers'
-    peers with their own scheduler classes on the same grid and the same x_T."""
+    """Unconditional samples of every sampler at every NFE, scored; fastdiff on the trailing grid and, where the
+    network ships one (docs/tune.md), on its tuned grid; diffusers' peers with their own scheduler classes on the
+    trailing grid, all from the same x_T."""
     shape = (n, *pipe.sample_shape)
     x_T = pipe.initial_noise(shape, seed=1234)
     rows = []
@@ -86,6 +87,9 @@ def quality_table(
         for nfe in nfes:
             x = pipe.sample(shape, sampler=sampler, steps=nfe, x_T=x_T, seed=1, spacing="trailing", progress=False)
             rows.append(dict(library="fastdiff", sampler=sampler, nfe=nfe, **vars(judge.score(x))))
+        for nfe in (k for k in nfes if (sampler, k, 1.0) in pipe.tuned.settings()):  # the grids the network ships
+            x = pipe.sample(shape, sampler=sampler, steps=nfe, x_T=x_T, seed=1, spacing="tuned", progress=False)
+            rows.append(dict(library="fastdiff", sampler=f"{sampler}, tuned grid", nfe=nfe, **vars(judge.score(x))))
     if with_diffusers:
         try:
             import diffusers  # noqa: F401
@@ -219,7 +223,8 @@ def run_digits_demo(
     )
     print(
         f"\nFrechet distance to the real digits in a digit classifier's features, lower is better "
-        f"(mean classifier confidence); {n} unconditional samples from the same x_T, trailing timesteps:\n"
+        f"(mean classifier confidence); {n} unconditional samples from the same x_T, trailing timesteps\n"
+        f"('tuned grid': the grid fitted to this network, docs/tune.md):\n"
     )
     print(format_table(rows, nfes, floor, n))
     seconds = time.time() - start

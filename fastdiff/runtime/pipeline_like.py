@@ -37,6 +37,10 @@ class PipelineLike(Protocol):
         """The coefficient program of a request (:meth:`fastdiff.Pipeline.program`)."""
         ...
 
+    def tuned_grid(self, sampler: str, steps: int, guidance_scale: float) -> Any:
+        """The tuned grid of these settings (:meth:`fastdiff.Pipeline.tuned_grid`)."""
+        ...
+
     def sample(self, shape: Any, *args: Any, **kwargs: Any) -> Any:
         """Draws samples (:meth:`fastdiff.Pipeline.sample`)."""
         ...

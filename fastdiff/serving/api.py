@@ -59,6 +59,9 @@ class SamplesBody(BaseModel):
     conditioning: dict[str, Any] | None = Field(
         None, description="other model kwargs: name -> number (shared) or nested list with n rows (per sample)"
     )
+    spacing: Literal["tuned"] | None = Field(
+        None, description='"tuned": the grid fitted to this network for (sampler, steps, guidance_scale); /v1/info'
+    )
     shape: list[StrictInt] | None = Field(None, description="one sample's shape (default: the network's)")
     format: Literal["npy", "png"] = Field("npy", description="npy: float32 array body; png: JSON of base64 PNGs")
     timeout_s: Number | None = Field(None, description="deadline in seconds (default: the server's)")
@@ -228,6 +231,7 @@ def to_sample_request(
         steps=body.steps,
         seed=body.seed,
         guidance_scale=float(body.guidance_scale),
+        spacing=body.spacing,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
         options=options,

@@ -289,6 +289,7 @@ def _add_status_routes(
             "num_classes": pipe.num_classes,
             "prediction": pipe.prediction,
             "samplers": list(samplers),
+            "tuned": [dict(sampler=s, steps=k, guidance_scale=w) for s, k, w in pipe.tuned.settings()],
             "max_n": limits.max_n,
             "max_steps": limits.max_steps,
             "batching": runner.batching,
