@@ -90,8 +90,10 @@ bool fast_args(const at::Tensor& x, const at::Tensor& m, const OptTensor& m_unco
     const int32_t* r = rows->data_ptr<int32_t>();
     for (int64_t b = 0; b < batch; ++b)
       if (r[b * kRowFields] < 0 || r[b * kRowFields] >= table_rows || r[b * kRowFields + 1] < 0) return false;
-  } else if (pool || row_guidance || stage < 0 || stage >= table_rows) {
+  } else if (pool || stage < 0 || stage >= table_rows) {
     return false;
+  } else if (row_guidance && (!is_vector(*row_guidance, at::kFloat, batch) || !m_uncond)) {
+    return false;  // one weight per sample also without rows: a captured graph serves every guidance scale
   }
   a.batch = batch;
   a.numel = batch ? x.numel() / batch : 0;

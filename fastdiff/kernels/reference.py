@@ -86,22 +86,25 @@ def check_per_row_args(
     row_guidance: torch.Tensor | None,
     m_uncond: torch.Tensor | None,
 ) -> None:
-    """Raises ValueError when the per-row arguments are inconsistent (shared by every implementation)."""
-    if rows is None:
-        if pool is not None or row_guidance is not None:
-            raise ValueError("pool and row_guidance are per-row arguments: pass rows as well")
-        return
+    """Raises ValueError when the per-row arguments are inconsistent (shared by every implementation).
+
+    ``row_guidance`` (one guidance weight per sample) works with or without ``rows``: a captured graph reads the
+    scale from a buffer so that one graph serves every scale."""
     batch = x.shape[0]
+    if row_guidance is not None and (row_guidance.dtype != torch.float32 or tuple(row_guidance.shape) != (batch,)):
+        raise ValueError(f"row_guidance must be float32 of shape ({batch},)")
+    if row_guidance is not None and m_uncond is None:
+        raise ValueError("row_guidance needs m_uncond")
+    if rows is None:
+        if pool is not None:
+            raise ValueError("pool is a per-row argument: pass rows as well")
+        return
     if rows.dtype != torch.int32 or tuple(rows.shape) != (batch, ROW_FIELDS):
         raise ValueError(f"rows must be int32 of shape ({batch}, {ROW_FIELDS}), got {rows.dtype} {tuple(rows.shape)}")
     if len(hist) or h_out is not None:
         raise ValueError("in per-row mode history is read from and written to pool: hist must be [] and h_out None")
     if pool is not None and (pool.dim() != x.dim() + 1 or pool.shape[1:] != x.shape or pool.dtype != x.dtype):
         raise ValueError(f"pool must be [slots, *x.shape] in x's dtype, got {pool.dtype} {tuple(pool.shape)}")
-    if row_guidance is not None and (row_guidance.dtype != torch.float32 or tuple(row_guidance.shape) != (batch,)):
-        raise ValueError(f"row_guidance must be float32 of shape ({batch},)")
-    if row_guidance is not None and m_uncond is None:
-        raise ValueError("row_guidance needs m_uncond")
 
 
 def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:

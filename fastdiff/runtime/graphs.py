@@ -5,7 +5,8 @@ step) into one ``torch.cuda.CUDAGraph`` per :func:`graph_key` and replays it. Wh
 with the same key (the seeds, the initial state x_T, tensor conditioning) lives in static device buffers
 (:class:`StaticBuffers`) that each call copies into before the replay; the coefficient table and the
 model times are device tensors kept alive with the graph, so nothing inside the loop touches the host.
-Graphs live in a bounded LRU (:class:`GraphCache`); each holds its own memory pool until evicted.
+Graphs live in a bounded LRU (:class:`GraphCache`); the graphs of one cache share one memory pool
+(:attr:`GraphCache.pool`).
 
 Everything here except :func:`capture` and :meth:`CapturedLoop.replay` runs (and is tested) on the CPU.
 """
@@ -229,6 +230,11 @@ class CapturedLoop:
         return self.outputs
 
 
+def new_graph_pool() -> Any:
+    """A new CUDA graph memory pool's handle (None without CUDA, where nothing is captured)."""
+    return torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+
+
 @dataclass
 class GraphCache:
     """A bounded LRU of captured loops keyed by :func:`graph_key`; counts hits, misses and evictions.
@@ -250,6 +256,18 @@ class GraphCache:
     def __post_init__(self) -> None:
         if isinstance(self.maxsize, bool) or not isinstance(self.maxsize, int) or self.maxsize < 1:
             raise ValueError(f"maxsize must be an int >= 1, got {self.maxsize!r}")
+        self._pool: Any = None
+
+    @property
+    def pool(self) -> Any:
+        """The memory pool every graph of this cache is captured into (made on first use, on the current CUDA
+        device). Sharing is safe: the caller holds :attr:`lock` across a replay and copies the outputs out before
+        the next, so two graphs never run at once, and what a graph's replay overwrites of another graph's memory
+        (its outputs) is rewritten by that graph's own next replay. One pool holds about one graph's peak
+        activations rather than one per cached graph (the serving engine's tick graphs share one the same way)."""
+        if self._pool is None:
+            self._pool = new_graph_pool()
+        return self._pool
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -318,8 +336,7 @@ def capture(
     ``keep_alive``), and must not synchronise with the host. Runs on the current CUDA device
     (:func:`device_guard`). A failed capture raises with the calling thread back on its own stream. ``pool`` (a
     ``torch.cuda.graph_pool_handle()``) shares one memory pool between graphs that never run at once and whose
-    outputs are not pool memory (default: the graph's own pool).
-    """
+    outputs are copied out (or rewritten) before another of them replays (default: the graph's own pool)."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA graph capture needs CUDA")
     side = torch.cuda.Stream()

@@ -13,7 +13,7 @@ are not linear in m, so when it is non-zero the guided output is formed in torch
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,10 +28,20 @@ class Guidance:
     scale: float
     rescale: float
     batching: str
+    row_weights: torch.Tensor | None = field(default=None, compare=False)  # [B] float32: a graph's static buffer
 
     def key(self) -> tuple:
-        """What a captured CUDA graph depends on (the scale is baked into the captured kernels)."""
-        return (self.scale, self.rescale, self.batching)
+        """What a captured CUDA graph depends on: not the scale, which a graph reads from a static buffer of one
+        weight per row (:meth:`weights`), so one graph serves every scale."""
+        return (self.rescale, self.batching)
+
+    def weights(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        """The scale once per row, [batch] float32: what a replay copies into the graph's guidance buffer."""
+        return torch.full((batch,), self.scale, dtype=torch.float32, device=device)
+
+    def on_rows(self, row_weights: torch.Tensor) -> Guidance:
+        """These settings with the scale read per row from ``row_weights`` (the fused step's ``row_guidance``)."""
+        return replace(self, row_weights=row_weights)
 
 
 def make_guidance(

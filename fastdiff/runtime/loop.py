@@ -82,8 +82,9 @@ class Loop:
 
     def network(
         self, x: torch.Tensor, t: torch.Tensor, stage: int, cond: Conditioning
-    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """The network's output(s) at one stage: (m, m_uncond or None, the guidance weight the op applies)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float | torch.Tensor]:
+        """The network's output(s) at one stage: (m, m_uncond or None, the guidance weight the op applies: a number,
+        or one per row [B] float32 in a captured graph)."""
         if cond.guidance is None:
             m = self.model(x, t, **cond.kwargs)
             check_model_output(m, x, stage)
@@ -92,9 +93,11 @@ class Loop:
         m, m_u = guided_outputs(self.model, x, t, cond.kwargs, cond.uncond, guidance)
         check_model_output(m, x, stage)
         check_model_output(m_u, x, stage)
+        w = guidance.scale if guidance.row_weights is None else guidance.row_weights
         if guidance.rescale != 0.0:  # not linear in m (per-sample std), so formed here rather than in the op
-            return rescale_noise_cfg(m_u + guidance.scale * (m - m_u), m, guidance.rescale).contiguous(), None, 1.0
-        return m.contiguous(), m_u.contiguous(), guidance.scale
+            scale = w if isinstance(w, float) else w.view(-1, *([1] * (m.ndim - 1)))
+            return rescale_noise_cfg(m_u + scale * (m - m_u), m, guidance.rescale).contiguous(), None, 1.0
+        return m.contiguous(), m_u.contiguous(), w
 
     def stages(
         self,
@@ -127,7 +130,8 @@ class Loop:
                 x=cur,
                 m=m,
                 m_uncond=m_u,
-                guidance_scale=w,
+                guidance_scale=w if isinstance(w, float) else 1.0,
+                row_guidance=None if isinstance(w, float) else w,
                 history=stage.reads,
                 coeffs=prog.coef_device,
                 stage=k,
@@ -204,7 +208,7 @@ class Loop:
         with torch.inference_mode(False), torch.no_grad():
             if entry is None:
                 try:
-                    entry = self._capture(prog, x, values)
+                    entry = self._capture(prog, x, values, graphs.pool)
                 except Exception:
                     if strict:
                         raise
@@ -215,9 +219,12 @@ class Loop:
         return LoopResult(*(None if t is None else t.clone() for t in out))
 
     def _graph_inputs(self, x: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What a replay copies into the static buffers: the state, the seeds and every conditioning tensor (also
-        inside lists, tuples and dicts), named by its path (``c:y``, ``u:ctx[0]``)."""
+        """What a replay copies into the static buffers: the state, the seeds, the guidance weights (one per row: a
+        graph serves every guidance scale) and every conditioning tensor (also inside lists, tuples and dicts),
+        named by its path (``c:y``, ``u:ctx[0]``)."""
         values = {"x": x, "seeds": seeds}
+        if self.cond.guidance is not None:
+            values["guidance"] = self.cond.guidance.weights(x.shape[0], x.device)
         if self.inpaint is not None:  # an explicit known-region noise runs eagerly (as explicit step noise)
             values.update(init=self.inpaint.init, mask=self.inpaint.mask)
         for prefix, kwargs in (("c", self.cond.kwargs), ("u", self.cond.uncond or {})):
@@ -225,7 +232,7 @@ class Loop:
                 values.update(tensor_leaves(v, f"{prefix}:{n}"))
         return values
 
-    def _capture(self, prog: Program, x: torch.Tensor, values: dict[str, torch.Tensor]) -> Any:
+    def _capture(self, prog: Program, x: torch.Tensor, values: dict[str, torch.Tensor], pool: Any) -> Any:
         inputs = StaticBuffers(values)
         times = prog.model_times(x.shape[0])  # made before the loop (and the capture)
         bounds = self.clip_bounds(x)  # likewise: its constants are device tensors made from host values
@@ -239,12 +246,12 @@ class Loop:
             static = Conditioning(
                 from_buffers(cond.kwargs, "c", buf),
                 None if cond.uncond is None else from_buffers(cond.uncond, "u", buf),
-                cond.guidance,
+                None if cond.guidance is None else cond.guidance.on_rows(buf["guidance"]),
             )
             inpaint = None if self.inpaint is None else Inpaint(buf["init"], buf["mask"])
             return tuple(self.stages(prog, buf["x"], buf["seeds"], times, bounds, static, inpaint=inpaint))
 
-        return capture(loop, inputs, keep_alive=(prog, times, bounds, blend))
+        return capture(loop, inputs, keep_alive=(prog, times, bounds, blend), pool=pool)
 
 
 class _Stage(NamedTuple):

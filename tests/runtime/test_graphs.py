@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastdiff.pipeline as pipeline_mod
+import fastdiff.runtime.graphs as graphs_mod
 import fastdiff.runtime.loop as loop_mod
 from fastdiff import Pipeline, Schedule
 from fastdiff.bench.throughput import TimeMLP
@@ -25,6 +26,7 @@ from fastdiff.runtime.graphs import (
     kwargs_spec,
     resolve_cuda_graph,
 )
+from fastdiff.runtime.guidance import make_guidance
 from fastdiff.runtime.tree import to_device
 from fastdiff.runtime.x0_clip import X0Clip
 
@@ -199,7 +201,7 @@ def test_sample_cuda_graph_true_on_cpu_is_a_clear_error(mlp_pipe):
     assert torch.equal(auto, eager) and len(mlp_pipe.graphs) == 0
 
 
-def _fake_capture(loop, inputs, warmup=1, keep_alive=()):
+def _fake_capture(loop, inputs, warmup=1, keep_alive=(), pool=None):
     """Stands in for CUDA capture on the CPU: 'replay' re-runs the loop on the static inputs and copies
     into the outputs of the first run, so the Pipeline's buffer plumbing is exercised exactly as with a
     real graph (a replay that missed the new inputs would return the old results)."""
@@ -255,6 +257,49 @@ def test_graph_path_buffer_management_on_cpu(monkeypatch, mlp_pipe):
     assert len(pipe.graphs) == 2 and pipe.graphs.evictions == 1
     pipe.clear_graphs()
     assert len(pipe.graphs) == 0
+
+
+def test_one_graph_serves_every_guidance_scale_and_rescale(monkeypatch, mlp_pipe):
+    """The guidance scale is a static buffer (one weight per row), not part of the key: scales 2, 7.5 and 1 (guidance
+    still on through uncond_kwargs) replay one graph and each equals the eager run bit for bit, with and without
+    guidance_rescale (formed before the op from the buffer) and both batchings."""
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    model = mlp_pipe.model
+
+    def cond_model(x, t, y=None):
+        return model(x, t) + 0.3 * y[:, None].to(x.dtype)
+
+    pipe = Pipeline(cond_model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    y, null = torch.tensor([0, 1, 2, 1]), torch.zeros(4, dtype=torch.long)
+    for rescale, batching in ((0.0, "double"), (0.7, "separate")):
+        pipe.clear_graphs()
+        pipe.graphs.misses = pipe.graphs.hits = 0
+        for scale in (2.0, 7.5, 1.0):
+            kw = dict(steps=4, sampler="dpmpp_2m", seed=3, progress=False, model_kwargs={"y": y},
+                      uncond_kwargs={"y": null}, guidance_scale=scale, guidance_rescale=rescale,
+                      guidance_batching=batching)  # fmt: skip
+            g = pipe.sample((4, 8), cuda_graph=True, **kw)
+            torch.testing.assert_close(g, pipe.sample((4, 8), cuda_graph=False, **kw), rtol=0, atol=0)
+        assert pipe.graphs.misses == 1 and pipe.graphs.hits == 2 and len(pipe.graphs) == 1
+    assert make_guidance(2.0, 0.0, "double", None).key() == make_guidance(7.5, 0.0, "double", None).key()
+
+
+def test_graphs_of_one_cache_share_one_memory_pool(monkeypatch, mlp_pipe):
+    """Every capture of a pipeline's graph cache is given the cache's one pool (made once), not a pool of its own."""
+    pools, made = [], []
+    monkeypatch.setattr(graphs_mod, "new_graph_pool", lambda: made.append(object()) or made[-1])
+
+    def recording_capture(loop, inputs, warmup=1, keep_alive=(), pool=None):
+        pools.append(pool)
+        return _fake_capture(loop, inputs, warmup, keep_alive)
+
+    monkeypatch.setattr(loop_mod, "capture", recording_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    pipe = Pipeline(mlp_pipe.model, mlp_pipe.schedule, prediction="eps", device="cpu")
+    for shape in ((4, 8), (2, 8), (3, 8)):
+        pipe.sample(shape, steps=3, seed=0, cuda_graph=True, progress=False)
+    assert len(made) == 1 and pools == [made[0]] * 3
 
 
 def test_graph_path_with_image_editing_on_cpu(monkeypatch, mlp_pipe):
@@ -345,6 +390,19 @@ def test_cuda_graph_guidance_trajectory_and_conditioning_equal_eager():
     e = pipe.sample((6, 1, 8, 8), cuda_graph=False, **kw)
     torch.testing.assert_close(g[0], e[0], rtol=1e-5, atol=1e-5)
     assert pipe.graphs.hits >= 1
+
+
+@pytest.mark.cuda
+def test_cuda_graph_serves_every_guidance_scale_from_one_capture():
+    pipe = _cuda_pipe()
+    y = torch.arange(6, device="cuda")
+    kw = dict(steps=8, sampler="dpmpp_2m", progress=False, seed=1, model_kwargs={"y": y},
+              uncond_kwargs={"y": torch.full_like(y, pipe.num_classes)})  # fmt: skip
+    for scale in (2.0, 7.5, 1.0):
+        g = pipe.sample((6, 1, 8, 8), cuda_graph=True, guidance_scale=scale, **kw)
+        e = pipe.sample((6, 1, 8, 8), cuda_graph=False, guidance_scale=scale, **kw)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 2
 
 
 @pytest.mark.cuda
@@ -514,7 +572,7 @@ def test_x0_clip_bounds_are_one_preallocated_tensor():
     assert a is b and torch.equal(a, torch.tensor([[1.5, 1.0]] * 3))
 
 
-def _capture_without_host_data(loop, inputs, warmup=1, keep_alive=()):
+def _capture_without_host_data(loop, inputs, warmup=1, keep_alive=(), pool=None):
     """:func:`_fake_capture` where the captured run may not make tensors from host data (illegal in a CUDA capture:
     a copy from pageable memory) nor build x0 bounds (they must be made before the loop)."""
 
@@ -659,7 +717,7 @@ def test_containers_of_tensors_go_through_static_buffers(monkeypatch, mlp_pipe):
 def test_threads_share_a_pipeline_graph_without_overlapping_replays(monkeypatch, mlp_pipe):
     active, overlaps = [0], []
 
-    def capture_tracking_overlap(loop, inputs, warmup=1, keep_alive=()):
+    def capture_tracking_overlap(loop, inputs, warmup=1, keep_alive=(), pool=None):
         captured = _fake_capture(loop, inputs, warmup, keep_alive)
         replay = captured.graph.replay
 
