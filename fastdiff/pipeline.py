@@ -260,8 +260,7 @@ class Pipeline:
             grid = _explicit_grid(self.schedule, run, request.spacing)
         prog = request.program(self, grid=grid)
         inpaint = self._inpaint(request, run)
-        if request.edits and not (inpaint is not None and float(request.strength) == 1.0):
-            x = self._noised_init(request.init, prog.grid, x)
+        x = self.start_state(request, prog.grid, x)
         guidance = make_guidance(
             request.guidance_scale, request.guidance_rescale, run.guidance_batching, request.uncond_kwargs
         )
@@ -319,6 +318,17 @@ class Pipeline:
             )
         request.validate(self)
         return run, self._on_device(request)
+
+    serves_edits = True
+    """Whether the serving engine runs this pipeline's image editing requests as :meth:`sample` runs them."""
+
+    def start_state(self, request: SampleRequest, grid: Grid, x_T: torch.Tensor) -> torch.Tensor:
+        """The state ``request`` starts from on its (cut) ``grid``: ``x_T`` itself, or for image-to-image ``init``
+        noised to the grid's first point (:meth:`_noised_init`); inpainting at strength 1 starts from ``x_T``, as
+        diffusers' inpainting does."""
+        if not request.edits or (request.mask is not None and float(request.strength) == 1.0):
+            return x_T
+        return self._noised_init(request.init.to(x_T.device), grid, x_T)
 
     def _noised_init(self, init: torch.Tensor, grid: Grid, x_T: torch.Tensor) -> torch.Tensor:
         """Image-to-image's start: ``init`` forward-noised to the cut grid's first point with the initial noise

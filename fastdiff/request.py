@@ -178,8 +178,11 @@ class SampleRequest:
             )
         if self.guidance_rescale != 0.0:
             raise ValueError("guidance_rescale is not available with step-level batching")
-        if self.edits:
-            raise ValueError("init, mask and strength (image editing) are not available with step-level batching yet")
+        if self.jumps:
+            raise ValueError("jumps (RePaint resampling) is not available with step-level batching")
+        if self.edits and not getattr(pipe, "serves_edits", True):
+            name = type(pipe).__name__
+            raise ValueError(f"image editing is not served for {name} yet (offline it is: sample(init=...))")
         self.program(pipe)  # built (and cached) now, so an option out of its range is refused at validation
         check_model_accepts(pipe.model, dict(self.model_kwargs))
         if self.uncond_kwargs is not None:

@@ -23,6 +23,10 @@ class DiffusersPipeline(Pipeline):
     (:mod:`fastdiff.diffusers.call`). ``setup`` is the :class:`~fastdiff.diffusers.config.SchedulerSetup` of the
     scheduler config."""
 
+    # Its edits follow diffusers (the scheduler's grid and add_noise, one noise for every blend), which the serving
+    # engine's per-row blend does not reproduce yet: the engine refuses them rather than serve other samples.
+    serves_edits = False
+
     @classmethod
     def from_scheduler(cls, model: Any, scheduler: Any, **pipeline_kwargs: Any) -> DiffusersPipeline:
         """The pipeline for ``model`` and ``scheduler`` (a diffusers scheduler, its config, or a

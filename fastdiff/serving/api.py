@@ -63,6 +63,15 @@ class SamplesBody(BaseModel):
         None, description='"tuned": the grid fitted to this network for (sampler, steps, guidance_scale); /v1/info'
     )
     shape: list[StrictInt] | None = Field(None, description="one sample's shape (default: the network's)")
+    init: str | None = Field(
+        None, description="image editing: base64 of a .npy array, the samples to edit ([n, *shape], or one sample's "
+        "shape for all); alone image-to-image, with mask inpainting"
+    )  # fmt: skip
+    mask: str | None = Field(
+        None, description="inpainting (with init): base64 of a .npy array broadcasting to [n, *shape], values in "
+        "[0, 1] (1 = regenerate, 0 = keep)"
+    )  # fmt: skip
+    strength: Number = Field(1.0, description="with init: where the edit starts, in (0, 1] (1: from pure noise)")
     format: Literal["npy", "png"] = Field("npy", description="npy: float32 array body; png: JSON of base64 PNGs")
     timeout_s: Number | None = Field(None, description="deadline in seconds (default: the server's)")
 
@@ -235,6 +244,7 @@ def to_sample_request(
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
         options=options,
+        **_edit_fields(body, shape),
     )
     check_request(request, pipe)
     if body.format == "png" and (len(shape) != 3 or shape[0] not in (1, 3)):
@@ -298,6 +308,36 @@ def check_request(request: SampleRequest, pipe: Pipeline) -> None:
         request.validate(pipe, serving=True)
     except (TypeError, ValueError) as exc:
         raise FieldError("body", str(exc)) from exc
+
+
+def _edit_fields(body: SamplesBody, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The request's ``init``, ``mask`` and ``strength`` from the body (none given: none); an ``init`` of one
+    sample's shape serves every sample. The request's own checks then hold shapes, values and strength."""
+    fields: dict[str, Any] = {}
+    if body.init is not None:
+        init = npy_field("init", body.init)
+        fields["init"] = init.expand(body.n, *shape).contiguous() if tuple(init.shape) == shape else init
+    if body.mask is not None:
+        fields["mask"] = npy_field("mask", body.mask)
+    if body.strength != 1.0:
+        fields["strength"] = float(body.strength)
+    return fields
+
+
+def npy_field(field: str, text: str) -> torch.Tensor:
+    """A body field holding base64 of a ``.npy`` array, as float32 (:class:`FieldError` for what is not base64, not
+    a ``.npy`` array, not numeric or not finite)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # binascii.Error is a ValueError
+        raise FieldError(field, f"must be base64 of a .npy array: {exc}") from exc
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+        raise FieldError(field, f"must be a numeric array, got {getattr(array, 'dtype', type(array).__name__)}")
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise FieldError(field, "must be finite (no NaN or Inf)")
+    return torch.from_numpy(values)
 
 
 def _sample_shape(body: SamplesBody, pipe: Pipeline) -> tuple[int, ...]:

@@ -23,6 +23,19 @@ from typing import Any
 import numpy as np
 
 
+def npy_base64(array: Any) -> str:
+    """``array`` (anything ``np.asarray`` takes) as base64 of a float32 ``.npy`` file: how the samples API takes
+    ``init`` and ``mask``."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _encoded(value: Any) -> Any:
+    """An array field as the API takes it (None and already encoded strings as they are)."""
+    return value if value is None or isinstance(value, str) else npy_base64(value)
+
+
 class ServerError(RuntimeError):
     """The server answered with an error: ``status`` (422, 429, 500, 503, 504, ...), ``detail`` and, for 429/503,
     ``retry_after`` seconds."""
@@ -81,7 +94,9 @@ class Client:
 
     def sample(self, n: int = 1, **fields: Any) -> np.ndarray:
         """Samples as a float32 array [n, *sample_shape] (``format: "npy"``); ``fields`` are the request's
-        other fields (seed, sampler, steps, eta, guidance_scale, class_label, conditioning, shape, timeout_s)."""
+        other fields (seed, sampler, steps, eta, guidance_scale, class_label, conditioning, shape, timeout_s, and
+        for editing init, mask and strength: ``init`` and ``mask`` as arrays, sent as base64 ``.npy``)."""
+        fields = {k: _encoded(v) if k in ("init", "mask") else v for k, v in fields.items()}
         body = self._post("/v1/samples", dict(fields, n=n, format="npy"))
         return np.load(io.BytesIO(body), allow_pickle=False)
 

@@ -79,6 +79,7 @@ class _Row:
     guidance: float = 1.0
     cond: dict[str, Any] = field(default_factory=dict)
     uncond: dict[str, Any] | None = None
+    inpaint: bool = False  # the row's known region (mask 0) is blended in at every step
     # which rows can share a network call (:func:`_call_key`): fixed for the row's life, so worked out once
     cond_key: tuple = field(init=False)
     uncond_key: tuple | None = field(init=False)
@@ -144,6 +145,10 @@ class Engine:
         self._seeds: torch.Tensor | None = None
         self._weights: torch.Tensor | None = None
         self._bad: torch.Tensor | None = None
+        # Inpainting, while a running row inpaints: per row the image and mask (zeros and ones for other rows, whose
+        # blend rows in the table are zeros: they blend nothing).
+        self._init: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._table = CoefficientTable(pipe.device)
         self._statics: dict[tuple, StaticTick | None] = {}  # tick shape -> its buffers (None: eager only)
         self._graph_pool: Any = None
@@ -225,9 +230,10 @@ class Engine:
         report.rows = len(rows)
         desc, times = self._row_data()
         failures: dict[int, Exception] = {}
-        if not self._run_static(desc, times):
+        if self._init is not None or not self._run_static(desc, times):
             x_out = torch.empty_like(self._x)
             m, m_u = self._network(self._x, times, failures)
+            inpainting = {} if self._init is None else dict(init=self._init, mask=self._mask, blend=self._table.blend)
             fused_step(
                 x=self._x,
                 m=m,
@@ -240,6 +246,7 @@ class Engine:
                 rows=desc,
                 pool=self._pool,
                 row_guidance=None if m_u is None else self._weights,
+                **inpainting,
             )
             self._x = x_out
         for rid, exc in failures.items():  # their rows took this step (one fused op); they leave now
@@ -282,7 +289,7 @@ class Engine:
         packed = []
         for r in self._rows:
             fields, model_time, _ = self._stage_rows[id(r.program)][r.stage]
-            packed.append([fields[0] + self._table.offset(r.program), *fields[1:], model_time])
+            packed.append([fields[0] + self._table.offset(r.program, r.inpaint), *fields[1:], model_time])
         host = torch.tensor(packed, dtype=torch.float64)  # int32 fields and float32 times are exact in float64
         out = host_to_device(torch.cat([host[:, :ROW_FIELDS].to(torch.int32),
                                         host[:, ROW_FIELDS:].to(torch.float32).view(torch.int32)], dim=1),
@@ -454,6 +461,7 @@ class Engine:
             return admitted
         new: list[_Row] = []
         states: list[torch.Tensor] = []
+        edits: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # per request: its rows' (init, mask) to blend
         seeds_new: list[torch.Tensor] = []
         device = self.pipe.device
         while (
@@ -471,7 +479,8 @@ class Engine:
             seeds_t = derive_seeds(req.seed, req.n)
             seeds = seeds_t.tolist()  # host values (derived on the host), not a device read
             seeds_new.append(seeds_t)
-            states.append(self.pipe.initial_noise(shape, req.seed))
+            states.append(self.pipe.start_state(req, prog.grid, self.pipe.initial_noise(shape, req.seed)))
+            edits.append(_edit_rows(req, shape, self.pipe.device, self.pipe.dtype))
             guided = req.guided
             admitted.append(rid)
             for i in range(req.n):
@@ -484,6 +493,7 @@ class Engine:
                         guidance=float(req.guidance_scale),
                         cond=_row_kwargs(req.model_kwargs, i, device),
                         uncond=_row_kwargs(req.uncond_kwargs or {}, i, device) if guided else None,
+                        inpaint=req.mask is not None,
                     )
                 )
         if not new:
@@ -501,6 +511,13 @@ class Engine:
             "_weights": host_to_device(torch.tensor([r.guidance for r in new], dtype=torch.float32), x_new.device),
             "_bad": torch.full((len(new),), NO_NONFINITE, dtype=torch.int32, device=x_new.device),
         }
+        if self._init is not None or any(e is not None for e in edits):
+            old = len(self._rows)
+            pairs = list(zip(edits, states, strict=True))
+            per_row["_init"] = torch.cat([e[0] if e is not None else torch.zeros_like(s) for e, s in pairs])
+            per_row["_mask"] = torch.cat([e[1] if e is not None else torch.ones_like(s) for e, s in pairs])
+            if self._init is None and old:  # the first inpainting rows: the running rows blend nothing
+                self._init, self._mask = torch.zeros_like(self._x), torch.ones_like(self._x)
         self._rows.extend(new)
         for name, value in per_row.items():
             old = getattr(self, name)
@@ -513,12 +530,16 @@ class Engine:
             return
         self._rows = [self._rows[b] for b in keep]
         if not keep:
-            self._x = self._pool = self._seeds = self._weights = self._bad = None
+            self._x = self._pool = self._seeds = self._weights = self._bad = self._init = self._mask = None
             return
         idx = _index(keep, self._x.device)
         self._x = self._x[idx].contiguous()
         self._pool = self._pool[:, idx].contiguous()
         self._seeds, self._weights, self._bad = self._seeds[idx], self._weights[idx], self._bad[idx]
+        if self._init is not None:
+            inpainting = any(r.inpaint for r in self._rows)
+            self._init = self._init[idx].contiguous() if inpainting else None
+            self._mask = self._mask[idx].contiguous() if inpainting else None
 
     def _program(self, req: SampleRequest) -> Program:
         key = req.program_key()
@@ -533,6 +554,17 @@ class Engine:
                 (_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k)) for k in range(prog.stages)
             ]
         return self._programs[key]
+
+
+def _edit_rows(
+    req: SampleRequest, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An inpainting request's rows' image and mask in the state's dtype on ``device`` (the mask expanded to the
+    sample shape); None for other requests."""
+    if req.mask is None:
+        return None
+    as_state = dict(device=device, dtype=dtype)
+    return req.init.detach().to(**as_state).contiguous(), req.mask.detach().to(**as_state).expand(shape).contiguous()
 
 
 def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:

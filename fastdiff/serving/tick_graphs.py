@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.kernels.reference import MAX_HISTORY, NUM_COEF, ROW_FIELDS
+from fastdiff.kernels.reference import BLEND_COLS, MAX_HISTORY, NUM_COEF, ROW_FIELDS
 from fastdiff.runtime.checks import NO_NONFINITE
 from fastdiff.runtime.graphs import StaticBuffers, capture, device_guard
 from fastdiff.runtime.step import fused_step
@@ -48,34 +48,45 @@ def bucket_for(rows: int, max_batch: int) -> int:
 
 class CoefficientTable:
     """Every program's coefficient rows in one device buffer the fused step reads (row 0 is all zeros: the padding
-    rows' row). Append-only, with room doubling, so its address changes (and :attr:`version` with it) only when it
-    grows past its room: graphs captured on it stay valid until then."""
+    rows' row), and beside it inpainting's blend rows (:attr:`blend`, one per coefficient row: zeros, blending
+    nothing, except where an inpainting row's program sits). A program that inpaints for some requests and not for
+    others has two entries. Append-only, with room doubling, so its address changes (and :attr:`version` with it)
+    only when it grows past its room: graphs captured on it stay valid until then."""
 
     def __init__(self, device: torch.device, capacity: int = 256):
         self.device = torch.device(device)
         self.buffer = torch.zeros((capacity, NUM_COEF), dtype=torch.float64, device=self.device)
+        self.blend = torch.zeros((capacity, BLEND_COLS), dtype=torch.float64, device=self.device)
         self.used = 1  # the zero row
         self.version = 0
-        self._offsets: dict[int, int] = {}
+        self._offsets: dict[tuple[int, bool], int] = {}
         self._keep: list[Any] = []  # the programs, so their ids stay theirs
 
-    def offset(self, program: Any) -> int:
-        """The row where ``program``'s table starts (appended on first use)."""
-        key = id(program)
+    def offset(self, program: Any, inpaint: bool = False) -> int:
+        """The row where ``program``'s table starts (appended on first use); with ``inpaint``, the entry whose
+        blend rows are the program's own (:meth:`fastdiff.program.Program.blend_device`)."""
+        key = (id(program), bool(inpaint))
         if key not in self._offsets:
             coef = program.coef_device
             needed = self.used + coef.shape[0]
             if needed > self.buffer.shape[0]:
-                grown = torch.zeros((max(needed, 2 * self.buffer.shape[0]), NUM_COEF), dtype=torch.float64,
-                                    device=self.device)  # fmt: skip
-                grown[: self.used] = self.buffer[: self.used]
-                self.buffer = grown
+                size = max(needed, 2 * self.buffer.shape[0])
+                self.buffer, self.blend = (_grown(t, size, self.used) for t in (self.buffer, self.blend))
                 self.version += 1
             self.buffer[self.used : needed] = coef
+            if inpaint:
+                self.blend[self.used : needed] = program.blend_device()
             self._offsets[key] = self.used
             self._keep.append(program)
             self.used = needed
         return self._offsets[key]
+
+
+def _grown(table: torch.Tensor, rows: int, used: int) -> torch.Tensor:
+    """``table`` with room for ``rows`` rows, its first ``used`` rows copied (the rest zeros)."""
+    grown = torch.zeros((rows, table.shape[1]), dtype=table.dtype, device=table.device)
+    grown[:used] = table[:used]
+    return grown
 
 
 class StaticTick:
