@@ -319,9 +319,6 @@ class Pipeline:
         request.validate(self)
         return run, self._on_device(request)
 
-    serves_edits = True
-    """Whether the serving engine runs this pipeline's image editing requests as :meth:`sample` runs them."""
-
     def start_state(self, request: SampleRequest, grid: Grid, x_T: torch.Tensor) -> torch.Tensor:
         """The state ``request`` starts from on its (cut) ``grid``: ``x_T`` itself, or for image-to-image ``init``
         noised to the grid's first point (:meth:`_noised_init`); inpainting at strength 1 starts from ``x_T``, as
@@ -438,6 +435,15 @@ class Pipeline:
             return_trajectory=run.return_trajectory,
         )
         return loop.run_graph(self.graphs, key, prog, x, seeds, strict=run.cuda_graph is True)
+
+    def default_grid(
+        self, sampler: str, steps: int, spacing: str | None = None, steps_offset: int = 0, rho: float = 7.0
+    ) -> Grid:
+        """The grid :meth:`program` runs when it is given none: ``steps`` steps of the spaced grid (``spacing``
+        default per sampler and schedule). Image editing cuts this grid for its strength."""
+        if spacing is None:
+            spacing = get_sampler(sampler).default_spacing(self.schedule)
+        return self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
 
     def program(
         self,

@@ -180,9 +180,6 @@ class SampleRequest:
             raise ValueError("guidance_rescale is not available with step-level batching")
         if self.jumps:
             raise ValueError("jumps (RePaint resampling) is not available with step-level batching")
-        if self.edits and not getattr(pipe, "serves_edits", True):
-            name = type(pipe).__name__
-            raise ValueError(f"image editing is not served for {name} yet (offline it is: sample(init=...))")
         self.program(pipe)  # built (and cached) now, so an option out of its range is refused at validation
         check_model_accepts(pipe.model, dict(self.model_kwargs))
         if self.uncond_kwargs is not None:
@@ -196,12 +193,7 @@ class SampleRequest:
             grid = pipe.tuned_grid(self.sampler, self.steps, self.guidance_scale)
         if self.init is not None:
             if grid is None:
-                spacing = (
-                    self.spacing
-                    if self.spacing is not None
-                    else get_sampler(self.sampler).default_spacing(pipe.schedule)
-                )
-                grid = pipe.schedule.grid(self.steps, spacing=spacing, steps_offset=self.steps_offset, rho=self.rho)
+                grid = pipe.default_grid(self.sampler, self.steps, self.spacing, self.steps_offset, self.rho)
             grid = self.edit_grid(grid)
         prog = pipe.program(
             self.sampler, self.steps, self.spacing, self.steps_offset, self.rho, grid=grid, **dict(self.options)

@@ -23,10 +23,6 @@ class DiffusersPipeline(Pipeline):
     (:mod:`fastdiff.diffusers.call`). ``setup`` is the :class:`~fastdiff.diffusers.config.SchedulerSetup` of the
     scheduler config."""
 
-    # Its edits follow diffusers (the scheduler's grid and add_noise, one noise for every blend), which the serving
-    # engine's per-row blend does not reproduce yet: the engine refuses them rather than serve other samples.
-    serves_edits = False
-
     @classmethod
     def from_scheduler(cls, model: Any, scheduler: Any, **pipeline_kwargs: Any) -> DiffusersPipeline:
         """The pipeline for ``model`` and ``scheduler`` (a diffusers scheduler, its config, or a
@@ -66,6 +62,14 @@ class DiffusersPipeline(Pipeline):
         if grid is None and spacing is None:
             grid = self._scheduler_grid(steps)
         return super().program(sampler, steps, spacing, steps_offset, rho, grid=grid, **sampler_options)
+
+    def default_grid(
+        self, sampler: str, steps: int, spacing: str | None = None, steps_offset: int = 0, rho: float = 7.0
+    ) -> Grid:
+        """:meth:`Pipeline.default_grid`; without ``spacing``, the scheduler's own grid for ``steps``."""
+        if spacing is None:
+            return self._scheduler_grid(steps)
+        return super().default_grid(sampler, steps, spacing, steps_offset, rho)
 
     def _scheduler_grid(self, steps: int) -> Grid:
         with self._programs_lock:

@@ -201,12 +201,17 @@ class TextToImage:
         guidance_scale: float = 1.0,
         seed: SeedLike = 0,
         sampler: str | None = None,
+        init: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        strength: float = 1.0,
         **options: Any,
     ) -> SampleRequest:
         """The sample request of ``n`` images: ``encoded`` (from :meth:`encode`) is one prompt's conditioning for
         all of them or one per image (None: the request without its conditioning, what a server checks before it
         encodes the prompts). ``sampler`` default the scheduler's, with its config's options (``options``
-        override them); on the scheduler's own grid. What the server runs and what :meth:`generate` runs."""
+        override them); on the scheduler's own grid. ``init`` (image latents, :meth:`encode_images`), ``mask``
+        (:meth:`latent_mask`) and ``strength`` edit images (:meth:`edit`). What the server runs and what
+        :meth:`generate` runs."""
         width, height = (width or self.default_size[0]), (height or self.default_size[1])
         shape = self.latent_shape(width, height)
         sampler = sampler or self.pipe.setup.sampler
@@ -228,6 +233,9 @@ class TextToImage:
             model_kwargs=cond,
             uncond_kwargs=uncond,
             options=opts,
+            init=init,
+            mask=mask,
+            strength=strength,
         )
 
     def _rows(
@@ -262,6 +270,37 @@ class TextToImage:
         with torch.no_grad():
             latents = Pipeline.sample(self.pipe, req, progress=False)  # the engine's path: the request as it is
         return latents, self.decode(latents)
+
+    def edit(
+        self,
+        prompt: str,
+        image: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        strength: float = 0.8,
+        negative_prompt: str | None = None,
+        guidance_scale: float = 1.0,
+        **request: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offline image editing: ``(latents, images)`` for one prompt from ``image`` (float in [0, 1], [1 or n, 3,
+        H, W]; the images' size is the image's): image-to-image from ``strength``, or with ``mask`` ([1 or n, 1, H,
+        W], 1 = regenerate) inpainting. ``request``: :meth:`request`'s other arguments. A served edit
+        (``POST /v1/images/edits``) with the same settings and seeds equals this."""
+        n = int(request.pop("n", 1))
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        init, latent_mask = self.edit_latents(image, mask, n)
+        return self.generate(prompt, negative_prompt, guidance_scale, n=n, width=width, height=height,
+                             init=init, mask=latent_mask, strength=strength, **request)  # fmt: skip
+
+    def edit_latents(
+        self, image: torch.Tensor, mask: torch.Tensor | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` rows of an edit's image latents (:meth:`encode_images`) and latent mask (:meth:`latent_mask`)."""
+        init = self.encode_images(image).to(self.pipe.device)
+        init = init.expand(n, *init.shape[1:]).contiguous() if init.shape[0] == 1 else init
+        if mask is None:
+            return init, None
+        latent = self.latent_mask(mask)
+        return init, latent.expand(n, *latent.shape[1:]).contiguous() if latent.shape[0] == 1 else latent
 
     # ------------------------------------------------------------------ images
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,10 @@ class PipelineLike(Protocol):
         """The coefficient program of a request (:meth:`fastdiff.Pipeline.program`)."""
         ...
 
+    def default_grid(self, sampler: str, steps: int, spacing: Any, steps_offset: int, rho: float) -> Any:
+        """The grid a program runs when given none (:meth:`fastdiff.Pipeline.default_grid`)."""
+        ...
+
     def tuned_grid(self, sampler: str, steps: int, guidance_scale: float) -> Any:
         """The tuned grid of these settings (:meth:`fastdiff.Pipeline.tuned_grid`)."""
         ...

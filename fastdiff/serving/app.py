@@ -25,11 +25,14 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from pydantic import ValidationError
+    from starlette.formparsers import MultiPartException
 except ModuleNotFoundError as exc:
     raise missing_extra("serve", exc) from exc
 
 from fastdiff.serving.api import (
     ECHO_CHARS,
+    FieldError,
     InvalidBody,
     Limits,
     SamplesBody,
@@ -44,12 +47,19 @@ from fastdiff.serving.api import (
 from fastdiff.serving.engine import RequestCancelled, RequestFailed
 from fastdiff.serving.guards import AnswerHook, ApiKeyGuard, BodyGuard, HttpGuards, Scope
 from fastdiff.serving.images import (
+    EDITS_PATH,
+    IMAGE_MODES,
     IMAGES_PATH,
+    MASK_MODES,
+    EditsBody,
     ImageLimits,
     ImagesBody,
     ImagesCall,
+    edits_form_fields,
     images_payload,
     pipeline_defaults,
+    read_image,
+    to_edits_call,
     to_images_call,
 )
 from fastdiff.serving.metrics import CONTENT_TYPE_LATEST, ServingMetrics
@@ -121,6 +131,7 @@ def create_app(
         app.post(IMAGES_PATH, openapi_extra=_body_schema(ImagesBody))(
             _images_endpoint(runner, t2i, limits, image_limits, samplers)
         )
+        app.post(EDITS_PATH)(_edits_endpoint(runner, t2i, limits, image_limits, samplers))
     app.exception_handler(RequestValidationError)(_invalid_request)
     _add_status_routes(app, runner, limits, samplers, None if t2i is None else _images_info(t2i, image_limits))
     _add_guards(app, runner.metrics, guards)
@@ -133,7 +144,9 @@ def _add_guards(app: FastAPI, metrics: ServingMetrics | None, guards: HttpGuards
     if guards.api_key:
         app.add_middleware(ApiKeyGuard, api_key=guards.api_key)
     if metrics is not None:
-        app.add_middleware(AnswerHook, on_answer=_answer_counter(metrics), paths=(SAMPLES_PATH, IMAGES_PATH))
+        app.add_middleware(
+            AnswerHook, on_answer=_answer_counter(metrics), paths=(SAMPLES_PATH, IMAGES_PATH, EDITS_PATH)
+        )
 
 
 def _answer_counter(metrics: ServingMetrics) -> Callable[[Scope, int, float], None]:
@@ -195,22 +208,61 @@ def _images_endpoint(
             call = to_images_call(body, t2i, limits, image_limits, samplers)
         except InvalidBody as exc:
             return JSONResponse({"detail": exc.detail()}, status_code=422)
-        try:
-            ticket = runner.submit(call.request, call.timeout, job=call.job)
-        except (QueueFull, ShuttingDown) as exc:
-            status = 429 if isinstance(exc, QueueFull) else 503
-            return JSONResponse({"detail": str(exc)}, status_code=status, headers=retry_after_header(exc.retry_after))
-        setattr(request.state, SUBMITTED, True)
-        future = await _until_done(runner, ticket, request)
-        headers = {
-            "X-Fastdiff-Request-Id": str(ticket.id),
-            "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}",
-        }
-        if call.warnings:
-            headers["X-Fastdiff-Warning"] = "; ".join(call.warnings)
-        return await _images_answer(future, call, headers)
+        return await _run_images_call(runner, call, request)
 
     return images
+
+
+def _edits_endpoint(
+    runner: Runner, t2i: Any, limits: Limits, image_limits: ImageLimits, samplers: tuple[str, ...]
+) -> Callable[..., Any]:
+    async def edits(request: Request) -> Response:
+        """Edits an image for a prompt (multipart/form-data: the ``image`` file, an optional ``mask`` file, and the
+        fields of :class:`~fastdiff.serving.images.EditsBody`); answers as ``/v1/images/generations`` does."""
+        try:
+            async with request.form(max_files=2, max_fields=64) as form:
+                fields = edits_form_fields(form)
+                files = {name: await _file_bytes(form.get(name), name) for name in ("image", "mask")}
+            image = read_image(files["image"], "image", IMAGE_MODES)  # first: a JSON body has no image file
+            mask = None if files["mask"] is None else read_image(files["mask"], "mask", MASK_MODES)
+            body = EditsBody.model_validate(fields)
+            call = await asyncio.to_thread(to_edits_call, body, image, mask, t2i, limits, image_limits, samplers)
+        except InvalidBody as exc:
+            return JSONResponse({"detail": exc.detail()}, status_code=422)
+        except ValidationError as exc:
+            return JSONResponse({"detail": validation_detail(exc.errors(include_url=False))}, status_code=422)
+        except MultiPartException as exc:
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": exc.message, "type": "form_invalid"}]}, 422)
+        return await _run_images_call(runner, call, request)
+
+    return edits
+
+
+async def _file_bytes(value: Any, name: str) -> bytes | None:
+    """An uploaded file's bytes (None when the form has no such field; a 422 when it is text, not a file)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise FieldError(name, "must be a file (multipart/form-data)")
+    return await value.read()
+
+
+async def _run_images_call(runner: Runner, call: ImagesCall, request: Request) -> Response:
+    """Submits an images job and answers with its images (or latents, or error)."""
+    try:
+        ticket = runner.submit(call.request, call.timeout, job=call.job)
+    except (QueueFull, ShuttingDown) as exc:
+        status = 429 if isinstance(exc, QueueFull) else 503
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=retry_after_header(exc.retry_after))
+    setattr(request.state, SUBMITTED, True)
+    future = await _until_done(runner, ticket, request)
+    headers = {
+        "X-Fastdiff-Request-Id": str(ticket.id),
+        "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}",
+    }
+    if call.warnings:
+        headers["X-Fastdiff-Warning"] = "; ".join(call.warnings)
+    return await _images_answer(future, call, headers)
 
 
 async def _images_answer(future: asyncio.Future, call: ImagesCall, headers: dict) -> Response:

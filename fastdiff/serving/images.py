@@ -1,6 +1,7 @@
-"""``POST /v1/images/generations`` (a text-to-image server, ``fastdiff serve --diffusers``): the request body in the
-images-API conventions of the serving peers, its translation into an :class:`~fastdiff.serving.prompts.ImageJob`,
-and the answer (base64 images, or the raw latents as ``.npy``).
+"""``POST /v1/images/generations`` and ``POST /v1/images/edits`` (a text-to-image server, ``fastdiff serve
+--diffusers``): the request in the images-API conventions of the serving peers (a JSON body; for edits a multipart
+form with the image and mask files), its translation into an :class:`~fastdiff.serving.prompts.ImageJob`, and the
+answer (base64 images, or the raw latents as ``.npy``).
 
 Every field the served pipeline cannot take is a 422 naming the field: a size not a multiple of the pipeline's
 factor or over ``max_pixels``, ``n`` over ``max_n``, a sampler that does not fit the pipeline (``ddpm`` on a flow
@@ -13,11 +14,16 @@ from __future__ import annotations
 import base64
 import inspect
 import io
+import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
+import torch
 
 from fastdiff.extras import missing_extra
 
@@ -43,6 +49,10 @@ from fastdiff.serving.api import (
 from fastdiff.serving.prompts import ImageJob, ImagesResult
 
 IMAGES_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
+IMAGE_MODES = ("RGB", "RGBA", "L")  # what an edit's image may be (RGBA's alpha and L's grey become RGB)
+MASK_MODES = ("L", "1", "RGB", "RGBA")  # a mask is read as grey: white (>= 0.5) regenerates, black keeps
+FORM_TEXT_FIELDS = ("prompt", "negative_prompt", "size", "sampler", "response_format", "output_format", "model")
 SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
 DEFAULT_STEPS = 50
 MAX_GUIDANCE = 100.0
@@ -79,6 +89,16 @@ class ImagesBody(BaseModel):
     timeout_s: Number | None = Field(None, description="deadline in seconds (default: the server's)")
 
 
+class EditsBody(ImagesBody):
+    """``POST /v1/images/edits`` (multipart/form-data): the fields of :class:`ImagesBody` and the edit's
+    ``strength``; the ``image`` file (and the optional ``mask`` file) are read beside them. ``size``, if given, must
+    be the image's."""
+
+    strength: Number | None = Field(
+        None, description="where the edit starts, in (0, 1] (default 0.8 without a mask, 1 with one, as diffusers)"
+    )
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """What a text-to-image server accepts beyond :class:`~fastdiff.serving.api.Limits`: ``max_pixels`` per image."""
@@ -111,9 +131,15 @@ def pipeline_defaults(t2i: TextToImage) -> dict[str, Any]:
 
 
 def to_images_call(
-    body: ImagesBody, t2i: TextToImage, limits: Limits, image_limits: ImageLimits, samplers: tuple[str, ...]
+    body: ImagesBody,
+    t2i: TextToImage,
+    limits: Limits,
+    image_limits: ImageLimits,
+    samplers: tuple[str, ...],
+    edit: Callable[[int], dict[str, Any]] | None = None,
 ) -> ImagesCall:
-    """The job for ``body``; raises :class:`~fastdiff.serving.api.FieldError` for what cannot be served."""
+    """The job for ``body``; raises :class:`~fastdiff.serving.api.FieldError` for what cannot be served. ``edit``
+    (:func:`to_edits_call`) gives an edit's request fields (init, mask, strength) for its ``n`` images."""
     prompts = _texts(body.prompt, "prompt")
     n = body.n if body.n is not None else (len(prompts) if isinstance(body.prompt, list) else 1)
     check_n(n, limits)
@@ -141,6 +167,8 @@ def to_images_call(
     settings = dict(
         n=n, width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler, **options
     )
+    if edit is not None:
+        settings.update(edit(n))
     job = ImageJob(tuple(Prompt(p, neg, guidance > 1) for p, neg in zip(prompts, negatives, strict=True)), settings)
     request = job.skeleton(t2i)
     check_request(request, t2i.pipe)
@@ -151,6 +179,85 @@ def to_images_call(
     )
     timeout = request_timeout(body.timeout_s, limits)
     return ImagesCall(job, request, timeout, body.response_format, body.output_format, warnings)
+
+
+def edits_form_fields(form: Any) -> dict[str, Any]:
+    """A multipart form's fields (all but the files) as the JSON body of :class:`EditsBody` would hold them: the text
+    fields as they are, the others read as JSON (numbers, a list of seeds; what is not JSON stays text, for the body's
+    type check to refuse); a field sent more than once is a list."""
+    out: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name in ("image", "mask"):
+            continue
+        if not isinstance(value, str):
+            raise FieldError(name, "must be a form field, not a file")
+        if name not in FORM_TEXT_FIELDS:
+            try:
+                value = json.loads(value, parse_constant=_refuse_constant)
+            except (ValueError, RecursionError):
+                pass
+        if name in out:
+            out[name] = [*(out[name] if isinstance(out[name], list) else [out[name]]), value]
+        else:
+            out[name] = value
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number the server takes")
+
+
+def read_image(data: bytes | None, field: str, modes: tuple[str, ...]) -> torch.Tensor:
+    """An uploaded image file as float32 in [0, 1], [1, C, H, W] (C = 3, or 1 for a mask); a 422 naming ``field``
+    for a missing file, one PIL cannot read, or a mode outside ``modes``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise FieldError(field, "a file is required (multipart/form-data)")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            image = opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise FieldError(field, f"not an image file PIL reads: {exc}") from exc
+    if image.mode not in modes:
+        raise FieldError(field, f"mode {image.mode} is not one of {', '.join(modes)}")
+    grey = field == "mask"
+    pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(pixels.copy())
+    return tensor[None, None] if grey else tensor.permute(2, 0, 1)[None]
+
+
+def to_edits_call(
+    body: EditsBody,
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    t2i: TextToImage,
+    limits: Limits,
+    image_limits: ImageLimits,
+    samplers: tuple[str, ...],
+) -> ImagesCall:
+    """The job of an edit (:func:`read_image` gave ``image`` and ``mask``): the images are the image's size, the
+    image encoded by the VAE (:meth:`TextToImage.edit_latents`, as :meth:`TextToImage.edit` does offline)."""
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    size = f"{width}x{height}"
+    if body.size is not None and body.size != size:
+        raise FieldError("size", f"must be the image's size {size} (or left out), got {short(body.size)}")
+    try:
+        _size(size, t2i, image_limits)
+    except FieldError as exc:
+        raise FieldError("image", exc.message) from None
+    if mask is not None and tuple(mask.shape[-2:]) != (height, width):
+        raise FieldError("mask", f"must be the image's size {size}, got {mask.shape[-1]}x{mask.shape[-2]}")
+    strength = (1.0 if mask is not None else 0.8) if body.strength is None else float(body.strength)
+    if not 0.0 < strength <= 1.0:
+        raise FieldError("strength", f"must be in (0, 1], got {short(body.strength)}")
+
+    def edit(n: int) -> dict[str, Any]:
+        init, latent_mask = t2i.edit_latents(image, mask, n)
+        return dict(init=init, mask=latent_mask, strength=strength)
+
+    return to_images_call(body.model_copy(update={"size": size}), t2i, limits, image_limits, samplers, edit)
 
 
 def _texts(value: str | list[str], field: str) -> list[str]:
@@ -205,4 +312,17 @@ def images_payload(result: ImagesResult, call: ImagesCall) -> dict[str, Any]:
     }
 
 
-__all__ = ["IMAGES_PATH", "ImageLimits", "ImagesBody", "ImagesCall", "image_files", "images_payload", "to_images_call"]
+__all__ = [
+    "EDITS_PATH",
+    "IMAGES_PATH",
+    "EditsBody",
+    "ImageLimits",
+    "ImagesBody",
+    "ImagesCall",
+    "edits_form_fields",
+    "image_files",
+    "images_payload",
+    "read_image",
+    "to_edits_call",
+    "to_images_call",
+]

@@ -94,9 +94,9 @@ def test_the_engine_refuses_what_it_cannot_batch(pipe):
         engine.submit(SampleRequest(**{**req.__dict__, "init": torch.zeros(3, 2)}))
 
 
-def test_a_diffusers_pipeline_refuses_served_edits_it_would_run_otherwise():
-    """A DiffusersPipeline edits as diffusers does (its scheduler's grid and add_noise), which the engine does not
-    reproduce yet: refused with a message, never served as other samples."""
+def test_a_diffusers_pipeline_edits_on_its_schedulers_grid_as_offline():
+    """A pipeline from diffusers edits on its scheduler's own grid, cut for the strength: the engine's rows equal
+    ``Pipeline.sample`` of the same request and ``DiffusersPipeline.sample(init=..., mask=..., strength=...)``."""
     diffusers = pytest.importorskip("diffusers")
     import fastdiff
 
@@ -104,11 +104,27 @@ def test_a_diffusers_pipeline_refuses_served_edits_it_would_run_otherwise():
     unet = diffusers.UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-    )  # fmt: skip
-    pipe = fastdiff.from_diffusers(unet, diffusers.DDIMScheduler(), device="cpu")
-    engine = Engine(pipe, max_batch=4)
-    plain = SampleRequest(n=1, sample_shape=(1, 8, 8), steps=4, seed=0)
-    engine.submit(plain)  # plain requests are served
-    edit = SampleRequest(n=1, sample_shape=(1, 8, 8), steps=4, seed=0, init=torch.zeros(1, 1, 8, 8), strength=0.5)
-    with pytest.raises(ValueError, match="image editing is not served for DiffusersPipeline"):
-        engine.submit(edit)
+    ).eval()  # fmt: skip
+    pipe = fastdiff.from_diffusers(unet, diffusers.DPMSolverMultistepScheduler(), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    init = torch.randn(2, 1, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 4:, :] = 1.0
+    reqs = [
+        SampleRequest(n=2, sample_shape=(1, 8, 8), sampler="dpmpp_2m", steps=6, seed=3, init=init, strength=0.6),
+        SampleRequest(
+            n=2, sample_shape=(1, 8, 8), sampler="dpmpp_2m", steps=6, seed=4, init=init, mask=mask, strength=0.8
+        ),  # fmt: skip
+        SampleRequest(n=1, sample_shape=(1, 8, 8), sampler="dpmpp_2m", steps=5, seed=5),
+    ]
+    engine = Engine(pipe, max_batch=8)
+    ids = [engine.submit(r) for r in reqs]
+    engine.run()
+    with torch.no_grad():
+        for rid, req in zip(ids, reqs, strict=True):
+            got = engine.result(rid)
+            torch.testing.assert_close(got, Pipeline.sample(pipe, req, progress=False), rtol=1e-5, atol=1e-6)
+            if req.init is not None:
+                edit = dict(init=req.init, mask=req.mask, strength=req.strength)
+                want = pipe.sample((req.n, 1, 8, 8), steps=req.steps, seed=req.seed, progress=False, **edit)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
