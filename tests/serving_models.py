@@ -10,6 +10,7 @@ import torch
 
 from fastdiff import Pipeline, Schedule
 from fastdiff.demos.mixture import default_mixture
+from fastdiff.request import SampleRequest
 
 
 class ConditionedMixture:
@@ -82,3 +83,23 @@ def file_gated_mixture() -> Pipeline:
     pipe = mixture_pipeline()
     pipe.model.gate = FileGate(os.environ["FASTDIFF_TEST_GATE"])
     return pipe
+
+
+def offline(pipe: Pipeline, req: SampleRequest) -> torch.Tensor:
+    """``req`` sampled offline through :meth:`Pipeline.sample`'s keyword arguments: what the engine's contract says a
+    served request equals."""
+    return pipe.sample(
+        (req.n, *req.sample_shape),
+        sampler=req.sampler,
+        steps=req.steps,
+        seed=req.seed,
+        spacing=req.spacing,
+        guidance_scale=req.guidance_scale,
+        model_kwargs=dict(req.model_kwargs),
+        uncond_kwargs=req.uncond_kwargs,
+        init=req.init,
+        mask=req.mask,
+        strength=req.strength,
+        progress=False,
+        **dict(req.options),
+    )

@@ -182,16 +182,9 @@ def _samples_endpoint(runner: Runner, limits: Limits, samplers: tuple[str, ...])
         except InvalidBody as exc:
             return JSONResponse({"detail": exc.detail()}, status_code=422)
         try:
-            ticket = runner.submit(sample_request, timeout)
-        except (QueueFull, ShuttingDown) as exc:
-            status = 429 if isinstance(exc, QueueFull) else 503
-            return JSONResponse({"detail": str(exc)}, status_code=status, headers=retry_after_header(exc.retry_after))
-        setattr(request.state, SUBMITTED, True)
-        future = await _until_done(runner, ticket, request)
-        headers = {
-            "X-Fastdiff-Request-Id": str(ticket.id),
-            "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}",
-        }
+            future, headers = await _submit_and_wait(runner, request, sample_request, timeout)
+        except _Refused as refused:
+            return refused.response
         return _answer(future, body.format, headers)
 
     return samples
@@ -247,19 +240,40 @@ async def _file_bytes(value: Any, name: str) -> bytes | None:
     return await value.read()
 
 
-async def _run_images_call(runner: Runner, call: ImagesCall, request: Request) -> Response:
-    """Submits an images job and answers with its images (or latents, or error)."""
+class _Refused(Exception):
+    """The runner did not take a request (queue full: 429; shutting down: 503); ``response`` says so."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status_code)
+        self.response = response
+
+
+async def _submit_and_wait(
+    runner: Runner, request: Request, sample_request: Any, timeout: float | None, job: Any = None
+) -> tuple[asyncio.Future, dict[str, str]]:
+    """Submits to the runner and waits for the ticket (dropping it if the client goes away): its future and the
+    answer's headers (request id, latency). Raises :class:`_Refused` when the runner does not take it."""
     try:
-        ticket = runner.submit(call.request, call.timeout, job=call.job)
+        ticket = runner.submit(sample_request, timeout, job=job)
     except (QueueFull, ShuttingDown) as exc:
         status = 429 if isinstance(exc, QueueFull) else 503
-        return JSONResponse({"detail": str(exc)}, status_code=status, headers=retry_after_header(exc.retry_after))
+        headers = retry_after_header(exc.retry_after)
+        raise _Refused(JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)) from None
     setattr(request.state, SUBMITTED, True)
     future = await _until_done(runner, ticket, request)
     headers = {
         "X-Fastdiff-Request-Id": str(ticket.id),
         "X-Fastdiff-Latency": f"{time.monotonic() - ticket.submitted:.4f}",
     }
+    return future, headers
+
+
+async def _run_images_call(runner: Runner, call: ImagesCall, request: Request) -> Response:
+    """Submits an images job and answers with its images (or latents, or error)."""
+    try:
+        future, headers = await _submit_and_wait(runner, request, call.request, call.timeout, job=call.job)
+    except _Refused as refused:
+        return refused.response
     if call.warnings:
         headers["X-Fastdiff-Warning"] = "; ".join(call.warnings)
     return await _images_answer(future, call, headers)

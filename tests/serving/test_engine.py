@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from serving_models import mixture_pipeline
+from serving_models import mixture_pipeline, offline
 
 from fastdiff import Pipeline
 from fastdiff.serving import Engine, RequestCancelled, RequestFailed, SampleRequest
@@ -17,21 +17,6 @@ from fastdiff.serving import Engine, RequestCancelled, RequestFailed, SampleRequ
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
     return mixture_pipeline()
-
-
-def _offline(pipe: Pipeline, req: SampleRequest) -> torch.Tensor:
-    return pipe.sample(
-        (req.n, *req.sample_shape),
-        sampler=req.sampler,
-        steps=req.steps,
-        seed=req.seed,
-        spacing=req.spacing,
-        guidance_scale=req.guidance_scale,
-        model_kwargs=dict(req.model_kwargs),
-        uncond_kwargs=req.uncond_kwargs,
-        progress=False,
-        **dict(req.options),
-    )
 
 
 def test_mixed_load_equals_offline_sampling_bitwise(pipe):
@@ -69,7 +54,7 @@ def test_mixed_load_equals_offline_sampling_bitwise(pipe):
     assert engine.ticks > 0
     for rid, req in reqs.items():
         got = engine.result(rid)
-        want = _offline(pipe, req)
+        want = offline(pipe, req)
         assert torch.equal(got, want), (req.sampler, req.steps, float((got - want).abs().max()))
 
 
@@ -91,8 +76,8 @@ def test_guided_and_unguided_rows_share_a_batch(pipe):
     )
     a, b = engine.submit(guided), engine.submit(plain)
     engine.run()
-    assert torch.equal(engine.result(a), _offline(pipe, guided))
-    assert torch.equal(engine.result(b), _offline(pipe, plain))
+    assert torch.equal(engine.result(a), offline(pipe, guided))
+    assert torch.equal(engine.result(b), offline(pipe, plain))
 
 
 def test_a_nan_fails_only_its_request(pipe):
@@ -105,7 +90,7 @@ def test_a_nan_fails_only_its_request(pipe):
     engine.run()
     with pytest.raises(RequestFailed, match="NaN"):
         engine.result(bad)
-    assert torch.equal(engine.result(good), _offline(pipe, good_req))
+    assert torch.equal(engine.result(good), offline(pipe, good_req))
 
 
 def test_bad_requests(pipe):
@@ -144,7 +129,7 @@ def test_cancel_drops_queued_and_running_requests(pipe):
     for rid in (running, queued):
         with pytest.raises(RequestCancelled):
             engine.result(rid)
-    assert torch.equal(engine.result(keep), _offline(pipe, keep_req))
+    assert torch.equal(engine.result(keep), offline(pipe, keep_req))
     engine.cancel(keep)  # finished and forgotten: nothing happens
 
 
@@ -171,7 +156,7 @@ def test_single_admission_takes_one_request_at_a_time(pipe):
         rows.append(engine.tick().rows)
     assert rows == [2] * 12
     for rid, req in zip(ids, reqs):
-        assert torch.equal(engine.result(rid), _offline(pipe, req))
+        assert torch.equal(engine.result(rid), offline(pipe, req))
 
 
 def test_engine_arguments_are_checked(pipe):
@@ -212,7 +197,7 @@ def test_stages_without_a_network_call_skip_the_network_for_their_rows():
     b, c = engine.submit(churn), engine.submit(plain)
     engine.run()
     for rid, req in ((a, churn), (b, churn), (c, plain)):
-        assert torch.equal(engine.result(rid), _offline(pipe, req))
+        assert torch.equal(engine.result(rid), offline(pipe, req))
 
 
 def test_pipeline_sample_takes_the_same_request(pipe):
@@ -227,7 +212,7 @@ def test_pipeline_sample_takes_the_same_request(pipe):
         uncond_kwargs={"y": torch.zeros(3, dtype=torch.long)},
         options={"eta": 0.5},
     )
-    assert torch.equal(pipe.sample(req, progress=False), _offline(pipe, req))
+    assert torch.equal(pipe.sample(req, progress=False), offline(pipe, req))
     with pytest.raises(ValueError, match="does not take"):
         pipe.sample(SampleRequest(n=1, sample_shape=(2,), options={"bogus": 1}), progress=False)
     with pytest.raises(ValueError, match="cannot be batched"):  # what the engine refuses, the pipeline runs
@@ -289,7 +274,7 @@ def test_a_network_error_fails_only_the_requests_it_comes_from(pipe):
                 engine.result(rid)
             assert isinstance(info.value.__cause__, RuntimeError)
         else:
-            assert torch.equal(engine.result(rid), _offline(pipe, req)), (req.sampler, req.steps)
+            assert torch.equal(engine.result(rid), offline(pipe, req)), (req.sampler, req.steps)
 
 
 def test_conditioning_that_cannot_be_stacked_is_called_apart(pipe):
@@ -309,7 +294,7 @@ def test_conditioning_that_cannot_be_stacked_is_called_apart(pipe):
     assert pipe.model.calls - calls == 4  # widths 2 and 3 in float, width 3 in int64, no c: one call each
     engine.run()
     for rid, req in zip(ids, reqs):
-        assert torch.equal(engine.result(rid), _offline(pipe, req))
+        assert torch.equal(engine.result(rid), offline(pipe, req))
 
 
 def test_bad_rows_of_every_kind_beside_innocent_ones(pipe):
@@ -339,7 +324,7 @@ def test_bad_rows_of_every_kind_beside_innocent_ones(pipe):
     engine.run()
     for rid, (kind, req) in reqs.items():
         if kind in ("ok", "wide"):
-            assert torch.equal(engine.result(rid), _offline(pipe, req)), (kind, req.sampler)
+            assert torch.equal(engine.result(rid), offline(pipe, req)), (kind, req.sampler)
         else:
             with pytest.raises(RequestFailed, match="label 77" if kind == "raises" else "NaN"):
                 engine.result(rid)

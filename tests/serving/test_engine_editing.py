@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from serving_models import mixture_pipeline
+from serving_models import mixture_pipeline, offline
 
 from fastdiff import Pipeline
 from fastdiff.serving import Engine, SampleRequest
@@ -18,23 +18,6 @@ from fastdiff.serving import Engine, SampleRequest
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
     return mixture_pipeline()
-
-
-def _offline(pipe: Pipeline, req: SampleRequest) -> torch.Tensor:
-    return pipe.sample(
-        (req.n, *req.sample_shape),
-        sampler=req.sampler,
-        steps=req.steps,
-        seed=req.seed,
-        guidance_scale=req.guidance_scale,
-        model_kwargs=dict(req.model_kwargs),
-        uncond_kwargs=req.uncond_kwargs,
-        init=req.init,
-        mask=req.mask,
-        strength=req.strength,
-        progress=False,
-        **dict(req.options),
-    )
 
 
 def _request(i: int, n: int, kind: str, sampler: str, steps: int, strength: float = 1.0, **options) -> SampleRequest:
@@ -67,7 +50,7 @@ def test_edits_and_plain_requests_share_batches_and_equal_offline_bitwise(pipe):
             engine.tick()
     engine.run()
     for rid, req in reqs.items():
-        got, want = engine.result(rid), _offline(pipe, req)
+        got, want = engine.result(rid), offline(pipe, req)
         assert torch.equal(got, want), (req.sampler, req.strength, req.mask is not None)
 
 
@@ -82,7 +65,7 @@ def test_inpainting_keeps_the_known_coordinate_and_plain_rows_are_untouched(pipe
     got = engine.result(a)
     torch.testing.assert_close(got[:, 0], inpaint.init[:, 0], rtol=0, atol=1e-6)
     assert not torch.allclose(got[:, 1], inpaint.init[:, 1])
-    assert torch.equal(engine.result(b), _offline(pipe, plain))
+    assert torch.equal(engine.result(b), offline(pipe, plain))
 
 
 def test_the_engine_refuses_what_it_cannot_batch(pipe):
@@ -94,7 +77,7 @@ def test_the_engine_refuses_what_it_cannot_batch(pipe):
         engine.submit(SampleRequest(**{**req.__dict__, "init": torch.zeros(3, 2)}))
 
 
-def test_a_diffusers_pipeline_edits_on_its_schedulers_grid_as_offline():
+def test_a_diffusers_pipeline_edits_on_its_schedulers_grid_asoffline():
     """A pipeline from diffusers edits on its scheduler's own grid, cut for the strength: the engine's rows equal
     ``Pipeline.sample`` of the same request and ``DiffusersPipeline.sample(init=..., mask=..., strength=...)``."""
     diffusers = pytest.importorskip("diffusers")

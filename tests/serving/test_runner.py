@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from serving_models import gated_mixture_pipeline, mixture_pipeline
+from serving_models import gated_mixture_pipeline, mixture_pipeline, offline
 
 from fastdiff import Pipeline, Schedule
 from fastdiff.serving import (
@@ -41,20 +41,6 @@ def _request(i: int, n: int = 2, **kw) -> SampleRequest:
     return SampleRequest(**fields)
 
 
-def _offline(pipe, req: SampleRequest) -> torch.Tensor:
-    return pipe.sample(
-        (req.n, *req.sample_shape),
-        sampler=req.sampler,
-        steps=req.steps,
-        seed=req.seed,
-        guidance_scale=req.guidance_scale,
-        model_kwargs=dict(req.model_kwargs),
-        uncond_kwargs=req.uncond_kwargs,
-        progress=False,
-        **dict(req.options),
-    )
-
-
 @pytest.mark.parametrize("batching", ["continuous", "request", "single"])
 def test_every_policy_equals_offline_sampling_under_concurrent_submissions(batching):
     pipe = mixture_pipeline()
@@ -73,7 +59,7 @@ def test_every_policy_equals_offline_sampling_under_concurrent_submissions(batch
     for t in threads:
         t.join()
     for req, ticket in zip(reqs, tickets):
-        assert torch.equal(ticket.future.result(30), _offline(pipe, req)), (batching, req.sampler)
+        assert torch.equal(ticket.future.result(30), offline(pipe, req)), (batching, req.sampler)
     runner.stop()
     text = runner.metrics.render(runner.queue_depth, runner.running_rows).decode()
     assert 'fastdiff_requests_total{outcome="ok"} 12.0' in text
@@ -120,7 +106,7 @@ def test_deadline_and_cancel_free_their_rows():
     _wait_for(lambda: runner.running_rows == 0)
     assert pipe.model.calls < 100  # neither ran its 200 steps
     ok = _request(2)
-    assert torch.equal(runner.submit(ok).future.result(30), _offline(pipe, ok))
+    assert torch.equal(runner.submit(ok).future.result(30), offline(pipe, ok))
     runner.stop()
 
 
@@ -135,7 +121,7 @@ def test_network_errors_and_nans_fail_their_request_and_serving_goes_on():
     fine = runner.submit(fine_req)
     with pytest.raises(RequestFailed, match="NaN"):
         nan.future.result(30)
-    assert torch.equal(fine.future.result(30), _offline(pipe, fine_req))
+    assert torch.equal(fine.future.result(30), offline(pipe, fine_req))
     runner.stop()
 
 
@@ -147,7 +133,7 @@ def test_stop_drains_or_cancels():
     runner.stop(drain=True, timeout=60)
     assert not runner.accepting
     for req, ticket in zip(reqs, tickets):
-        assert torch.equal(ticket.future.result(0), _offline(pipe, req))
+        assert torch.equal(ticket.future.result(0), offline(pipe, req))
     with pytest.raises(ShuttingDown):
         runner.submit(reqs[0])
     runner = Runner(pipe, max_batch=2).start()
@@ -228,7 +214,7 @@ def test_bad_requests_from_concurrent_clients_fail_alone():
     assert sorted(refused) == [0, 1, 2, 3]
     for (kind, req), ticket in zip(reqs, tickets):
         if kind in ("ok", "wide"):
-            assert torch.equal(ticket.future.result(30), _offline(pipe, req)), (kind, req.sampler)
+            assert torch.equal(ticket.future.result(30), offline(pipe, req)), (kind, req.sampler)
         else:
             with pytest.raises(RequestFailed, match="label 77" if kind == "raises" else "NaN"):
                 ticket.future.result(30)
@@ -273,7 +259,7 @@ def test_a_frontend_prepares_the_jobs_of_a_pass_in_one_call_and_a_failing_job_fa
                 ticket.future.result(30)
         else:
             got_name, samples = ticket.future.result(30)
-            assert got_name == name and torch.equal(samples, _offline(pipe, req))
+            assert got_name == name and torch.equal(samples, offline(pipe, req))
     runner.stop()
     assert frontend.prepare_calls[0] == names  # one call for the whole pass, then each alone
     assert sorted(frontend.prepare_calls[1:]) == sorted([[n] for n in names])
