@@ -97,6 +97,12 @@ def check_double_batch(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> No
             )
 
 
+def per_sample(weight: float | torch.Tensor, ndim: int) -> float | torch.Tensor:
+    """A guidance weight that multiplies a batch of ``ndim`` dimensions: one number as it is, one per sample ([B]: a
+    captured graph's buffer) as [B, 1, ..., 1]."""
+    return weight if isinstance(weight, float) else weight.view(-1, *([1] * (ndim - 1)))
+
+
 def guided_outputs(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,

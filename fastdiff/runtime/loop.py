@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fastdiff.program import Program
 from fastdiff.runtime.checks import NO_NONFINITE, check_model_output, raise_if_nonfinite
 from fastdiff.runtime.graphs import GraphCache, StaticBuffers, capture, device_guard
-from fastdiff.runtime.guidance import Guidance, guided_outputs, rescale_noise_cfg
+from fastdiff.runtime.guidance import Guidance, guided_outputs, per_sample, rescale_noise_cfg
 from fastdiff.runtime.step import fused_step
 from fastdiff.runtime.tree import map_tensors, tensor_leaves
 from fastdiff.runtime.x0_clip import Bounds, X0Clip
@@ -95,8 +95,8 @@ class Loop:
         check_model_output(m_u, x, stage)
         w = guidance.scale if guidance.row_weights is None else guidance.row_weights
         if guidance.rescale != 0.0:  # not linear in m (per-sample std), so formed here rather than in the op
-            scale = w if isinstance(w, float) else w.view(-1, *([1] * (m.ndim - 1)))
-            return rescale_noise_cfg(m_u + scale * (m - m_u), m, guidance.rescale).contiguous(), None, 1.0
+            guided = m_u + per_sample(w, m.ndim) * (m - m_u)
+            return rescale_noise_cfg(guided, m, guidance.rescale).contiguous(), None, 1.0
         return m.contiguous(), m_u.contiguous(), w
 
     def stages(

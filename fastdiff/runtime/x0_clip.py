@@ -27,6 +27,7 @@ import torch
 
 from fastdiff.kernels.reference import CM, CX, CX0, EM, EX
 from fastdiff.program import Program, clip_form
+from fastdiff.runtime.guidance import per_sample
 
 Bounds = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float, np.ndarray], torch.Tensor]
 
@@ -100,11 +101,11 @@ class X0Clip:
         ratio, top = self.threshold_ratio, self.sample_max_value
 
         def dynamic(
-            x: torch.Tensor, m: torch.Tensor, m_uncond: torch.Tensor | None, w: float, row: np.ndarray
+            x: torch.Tensor, m: torch.Tensor, m_uncond: torch.Tensor | None, w: float | torch.Tensor, row: np.ndarray
         ) -> torch.Tensor:
             mf = m.float()
-            if m_uncond is not None:
-                mf = m_uncond.float() + w * (mf - m_uncond.float())
+            if m_uncond is not None:  # w: one number, or one per sample in a captured graph
+                mf = m_uncond.float() + per_sample(w, mf.ndim) * (mf - m_uncond.float())
             x0 = float(np.float32(row[EX])) * x.float() + float(np.float32(row[EM])) * mf
             s = torch.quantile(x0.reshape(x0.shape[0], -1).abs(), ratio, dim=1).clamp(1.0, top)
             return torch.stack([s, 1.0 / s], dim=1).contiguous()

@@ -285,6 +285,27 @@ def test_one_graph_serves_every_guidance_scale_and_rescale(monkeypatch, mlp_pipe
     assert make_guidance(2.0, 0.0, "double", None).key() == make_guidance(7.5, 0.0, "double", None).key()
 
 
+def test_guided_graph_with_dynamic_thresholding_equals_eager(monkeypatch, mlp_pipe):
+    """Dynamic thresholding forms the guided output itself from the per-row weight buffer of a captured loop: each
+    sample's own weight, broadcast over the sample (a [B] weight against [B, 4, 4] outputs would not broadcast)."""
+    monkeypatch.setattr(loop_mod, "capture", _fake_capture)
+    monkeypatch.setattr(pipeline_mod, "resolve_cuda_graph", lambda mode, *a, **k: mode is True)
+    model = mlp_pipe.model
+
+    def cond_model(x, t, y=None):
+        return model(x, t) + 0.3 * y[:, None].to(x.dtype)
+
+    clip = X0Clip(threshold_ratio=0.9, sample_max_value=1.5)
+    pipe = Pipeline(cond_model, mlp_pipe.schedule, prediction="eps", device="cpu", x0_clip=clip)
+    y, null = torch.tensor([0, 1, 2, 1]), torch.zeros(4, dtype=torch.long)
+    for scale in (3.0, 6.0):
+        kw = dict(steps=4, sampler="ddim", seed=2, progress=False, model_kwargs={"y": y}, uncond_kwargs={"y": null},
+                  guidance_scale=scale)  # fmt: skip
+        g = pipe.sample((4, 8), cuda_graph=True, **kw)
+        torch.testing.assert_close(g, pipe.sample((4, 8), cuda_graph=False, **kw), rtol=0, atol=0)
+    assert pipe.graphs.misses == 1 and pipe.graphs.hits == 1
+
+
 def test_graphs_of_one_cache_share_one_memory_pool(monkeypatch, mlp_pipe):
     """Every capture of a pipeline's graph cache is given the cache's one pool (made once), not a pool of its own."""
     pools, made = [], []
