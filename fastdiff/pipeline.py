@@ -341,19 +341,14 @@ class Pipeline:
             if run.init_noise is not None:
                 raise ValueError("init_noise is the known region's noise: it needs init and mask")
             return None
-        shape, as_state = request.shape, dict(device=self.device, dtype=self.dtype)
         noise = run.init_noise
         if noise is not None:
             if not isinstance(noise, torch.Tensor):
                 raise TypeError(f"init_noise must be a tensor, got {type(noise).__name__}")
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"init_noise must have shape {shape}, got {tuple(noise.shape)}")
-            noise = noise.detach().to(**as_state).contiguous()
-        return Inpaint(
-            request.init.detach().to(**as_state).contiguous(),
-            request.mask.detach().to(**as_state).expand(shape).contiguous(),
-            noise,
-        )
+            if tuple(noise.shape) != request.shape:
+                raise ValueError(f"init_noise must have shape {request.shape}, got {tuple(noise.shape)}")
+            noise = noise.detach().to(device=self.device, dtype=self.dtype).contiguous()
+        return Inpaint(*request.inpaint_tensors(self.device, self.dtype), noise)
 
     def _on_device(self, request: SampleRequest) -> SampleRequest:
         """``request`` (not modified) with its conditioning tensors on the pipeline's device: the network and a
@@ -469,7 +464,7 @@ class Pipeline:
                     if cached is not None:
                         self._programs.move_to_end(key)
                         return cached
-            grid = self.schedule.grid(steps, spacing=spacing, steps_offset=steps_offset, rho=rho)
+            grid = self.default_grid(sampler, steps, spacing, steps_offset, rho)
         prog = build_program(self.schedule, grid, sampler, self.prediction, self.device, **sampler_options)
         prog = prog if self.x0_clip is None else self.x0_clip.program(prog)
         if key is not None:  # a program is read-only once built: calls with the same settings share it

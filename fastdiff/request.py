@@ -21,6 +21,7 @@ from fastdiff.runtime.guidance import make_guidance
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import EAGER_SAMPLERS, get_sampler
 from fastdiff.schedule import Grid
+from fastdiff.solvers.tuned import TUNED_SPACING
 
 SeedLike = int | Sequence[int] | torch.Tensor
 
@@ -154,6 +155,15 @@ class SampleRequest:
         if not bool(((values >= 0) & (values <= 1)).all()):
             raise ValueError("mask values must be in [0, 1] (1 = regenerate, 0 = keep)")
 
+    def inpaint_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Inpainting's image and mask as the state is (``device``, ``dtype``, the mask expanded to the request's
+        shape), what the fused step blends with; None unless the request inpaints."""
+        if self.mask is None:
+            return None
+        as_state = dict(device=device, dtype=dtype)
+        init = self.init.detach().to(**as_state).contiguous()
+        return init, self.mask.detach().to(**as_state).expand(self.shape).contiguous()
+
     def edit_grid(self, grid: Grid) -> Grid:
         """``grid`` as this request runs it: cut where ``strength`` starts when it edits images (:func:`edit_start`),
         else ``grid`` itself."""
@@ -189,7 +199,7 @@ class SampleRequest:
         """The coefficient program this request runs on ``pipe`` (:meth:`Pipeline.program`): on ``grid`` (default the
         spaced grid of ``steps``; ``spacing="tuned"``: the pipeline's tuned grid for the request's sampler, steps and
         guidance scale), cut for ``strength`` when the request edits images."""
-        if grid is None and self.spacing == "tuned":
+        if grid is None and self.spacing == TUNED_SPACING:
             grid = pipe.tuned_grid(self.sampler, self.steps, self.guidance_scale)
         if self.init is not None:
             if grid is None:
@@ -209,7 +219,7 @@ class SampleRequest:
             self.steps_offset,
             self.rho,
             tuple(sorted(dict(self.options).items())),
-            self.guidance_scale if self.spacing == "tuned" else None,  # a tuned grid is per guidance scale too
+            self.guidance_scale if self.spacing == TUNED_SPACING else None,  # a tuned grid is per guidance scale too
             None if self.init is None else float(self.strength),
             int(self.jumps),
         )

@@ -74,25 +74,33 @@ def _vae(latent_channels: int = 4, **extra):
     )
 
 
+def cross_attention_unet(in_channels: int = 4, cross_attention_dim: int = 16):
+    """A tiny UNet2DConditionModel (seeded: the same weights every time) with latents of 4 channels; ``in_channels``
+    9 is an inpainting UNet's (latents, mask, masked image latents)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+
+
 def stable_diffusion(prediction_type: str = "epsilon"):
     """SD 1.x/2.x: one CLIP text encoder, a cross-attention UNet, a VAE with factor 2, a DDIM scheduler."""
     import diffusers
     from transformers import CLIPTextModel
 
     tok = tokenizer()
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    unet = cross_attention_unet(cross_attention_dim=32)
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(_clip_config(len(tok)))
     scheduler = diffusers.DDIMScheduler(

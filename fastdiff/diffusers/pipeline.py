@@ -60,7 +60,7 @@ class DiffusersPipeline(Pipeline):
         (what :meth:`sample` runs by default), so a request run as it is (the serving engine, ``Pipeline.sample``
         with a :class:`~fastdiff.request.SampleRequest`) runs on the grid diffusers would."""
         if grid is None and spacing is None:
-            grid = self._scheduler_grid(steps)
+            grid = self.default_grid(sampler, steps)
         return super().program(sampler, steps, spacing, steps_offset, rho, grid=grid, **sampler_options)
 
     def default_grid(

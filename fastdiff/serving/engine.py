@@ -58,6 +58,9 @@ class RequestCancelled(RuntimeError):
 
 ADMISSION_POLICIES = ("continuous", "drain")
 
+# The engine's tensors with one entry per running row, and the dimension that indexes the rows.
+_ROW_TENSORS = {"_x": 0, "_pool": 1, "_seeds": 0, "_weights": 0, "_bad": 0, "_init": 0, "_mask": 0}
+
 
 @dataclass
 class TickReport:
@@ -480,7 +483,7 @@ class Engine:
             seeds = seeds_t.tolist()  # host values (derived on the host), not a device read
             seeds_new.append(seeds_t)
             states.append(self.pipe.start_state(req, prog.grid, self.pipe.initial_noise(shape, req.seed)))
-            edits.append(_edit_rows(req, shape, self.pipe.device, self.pipe.dtype))
+            edits.append(req.inpaint_tensors(self.pipe.device, self.pipe.dtype))
             guided = req.guided
             admitted.append(rid)
             for i in range(req.n):
@@ -512,34 +515,28 @@ class Engine:
             "_bad": torch.full((len(new),), NO_NONFINITE, dtype=torch.int32, device=x_new.device),
         }
         if self._init is not None or any(e is not None for e in edits):
-            old = len(self._rows)
             pairs = list(zip(edits, states, strict=True))
             per_row["_init"] = torch.cat([e[0] if e is not None else torch.zeros_like(s) for e, s in pairs])
             per_row["_mask"] = torch.cat([e[1] if e is not None else torch.ones_like(s) for e, s in pairs])
-            if self._init is None and old:  # the first inpainting rows: the running rows blend nothing
+            if self._init is None and self._rows:  # the first inpainting rows: the running rows blend nothing
                 self._init, self._mask = torch.zeros_like(self._x), torch.ones_like(self._x)
         self._rows.extend(new)
         for name, value in per_row.items():
-            old = getattr(self, name)
-            dim = 1 if name == "_pool" else 0
-            setattr(self, name, value if old is None else torch.cat([old, value], dim=dim))
+            running = getattr(self, name)
+            setattr(self, name, value if running is None else torch.cat([running, value], dim=_ROW_TENSORS[name]))
         return admitted
 
     def _select(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[b] for b in keep]
-        if not keep:
-            self._x = self._pool = self._seeds = self._weights = self._bad = self._init = self._mask = None
-            return
-        idx = _index(keep, self._x.device)
-        self._x = self._x[idx].contiguous()
-        self._pool = self._pool[:, idx].contiguous()
-        self._seeds, self._weights, self._bad = self._seeds[idx], self._weights[idx], self._bad[idx]
-        if self._init is not None:
-            inpainting = any(r.inpaint for r in self._rows)
-            self._init = self._init[idx].contiguous() if inpainting else None
-            self._mask = self._mask[idx].contiguous() if inpainting else None
+        if not any(r.inpaint for r in self._rows):
+            self._init = self._mask = None  # no row inpaints any more: the step blends nothing
+        idx = _index(keep, self._x.device) if keep else None
+        for name, dim in _ROW_TENSORS.items():
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, None if idx is None else value.index_select(dim, idx))
 
     def _program(self, req: SampleRequest) -> Program:
         key = req.program_key()
@@ -554,17 +551,6 @@ class Engine:
                 (_row_fields(prog, k), float(prog.model_time[k]), prog.calls_model(k)) for k in range(prog.stages)
             ]
         return self._programs[key]
-
-
-def _edit_rows(
-    req: SampleRequest, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """An inpainting request's rows' image and mask in the state's dtype on ``device`` (the mask expanded to the
-    sample shape); None for other requests."""
-    if req.mask is None:
-        return None
-    as_state = dict(device=device, dtype=dtype)
-    return req.init.detach().to(**as_state).contiguous(), req.mask.detach().to(**as_state).expand(shape).contiguous()
 
 
 def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # the Stable Diffusion pipelines need it to import
 
+from tiny_pipelines import cross_attention_unet  # noqa: E402
+
 from fastdiff.diffusers import FastdiffScheduler  # noqa: E402
 
 REL_TOL = 1e-4
@@ -26,19 +28,7 @@ CLASSES = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteSchedul
 
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
+    unet = cross_attention_unet()
     vae = diffusers.AutoencoderKL(
         in_channels=3,
         out_channels=3,

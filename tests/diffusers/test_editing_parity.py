@@ -24,6 +24,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # the Stable Diffusion pipelines need it to import
 
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from tiny_pipelines import cross_attention_unet  # noqa: E402
 
 import fastdiff  # noqa: E402
 
@@ -53,22 +54,6 @@ def _check(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
     assert rel <= REL_TOL, f"{name}: {rel:.3g}"
 
 
-def _unet(in_channels: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
-
-
 def _vae() -> torch.nn.Module:
     """One block: latents and pixels share their size (vae_scale_factor 1); never run (latents in and out)."""
     torch.manual_seed(0)
@@ -92,12 +77,12 @@ def _pipe(cls, unet, vae=None):
 
 @pytest.fixture(scope="module")
 def img2img():
-    return _pipe(diffusers.StableDiffusionImg2ImgPipeline, _unet(4))
+    return _pipe(diffusers.StableDiffusionImg2ImgPipeline, cross_attention_unet(4))
 
 
 @pytest.fixture(scope="module", params=[4, 9], ids=["4-channel", "9-channel"])
 def inpaint(request):
-    return _pipe(diffusers.StableDiffusionInpaintPipeline, _unet(request.param), _vae())
+    return _pipe(diffusers.StableDiffusionInpaintPipeline, cross_attention_unet(request.param), _vae())
 
 
 def _inputs():

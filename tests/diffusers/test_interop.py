@@ -13,6 +13,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # StableDiffusionPipeline needs it to import
 
+from tiny_pipelines import cross_attention_unet  # noqa: E402
+
 import fastdiff  # noqa: E402
 from fastdiff.diffusers import FastdiffScheduler  # noqa: E402
 
@@ -69,19 +71,7 @@ def _check(name: str, ours: torch.Tensor, theirs: torch.Tensor, tol: float = REL
 
 @pytest.fixture(scope="module")
 def cond_unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).eval()
+    return cross_attention_unet()
 
 
 @pytest.fixture(scope="module")
