@@ -305,6 +305,8 @@ class Engine:
         if key is None:
             return False
         static = self._statics.get(key, ...)
+        if static is None:  # this tick shape failed to capture before: eager, without stacking its conditioning
+            return False
         rows = self._rows
         cond = _stack_kwargs([r.cond for r in rows])
         uncond = _stack_kwargs([r.uncond for r in rows]) if rows[0].uncond is not None else None
@@ -315,8 +317,6 @@ class Engine:
                 self.pipe.model, key[0], x.shape[1:], x.dtype, x.device, _first_row(cond), first_uncond, self._table
             )
             self._statics[key] = static
-        if static is None:
-            return False
 
         def load() -> None:
             static.load(self._x, self._pool, desc, times, self._seeds, self._weights, self._bad, cond, uncond)
