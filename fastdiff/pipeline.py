@@ -17,7 +17,7 @@ import torch
 
 from fastdiff.kernels.philox import derive_seeds, philox_normal
 from fastdiff.program import Program, build_program
-from fastdiff.request import SampleOptions, SampleRequest, SeedLike, check_switch
+from fastdiff.request import TUNED_SPACING, SampleOptions, SampleRequest, SeedLike, check_switch
 from fastdiff.runtime.checks import (
     NonFiniteError,  # noqa: F401  (re-exported: fastdiff.pipeline.NonFiniteError)
     as_kwargs,
@@ -37,7 +37,7 @@ from fastdiff.schedule import Grid, Schedule
 from fastdiff.solvers.eager import run_eager_sampler
 from fastdiff.solvers.inversion import encode
 from fastdiff.solvers.likelihood import log_likelihood
-from fastdiff.solvers.tuned import TUNED_SPACING, TunedGrid, TunedGrids, as_tuned_list, weights_fingerprint
+from fastdiff.solvers.tuned import TunedGrid, TunedGrids, as_tuned_list, weights_fingerprint
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

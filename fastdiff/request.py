@@ -21,7 +21,6 @@ from fastdiff.runtime.guidance import make_guidance
 from fastdiff.runtime.pipeline_like import PipelineLike
 from fastdiff.samplers import EAGER_SAMPLERS, get_sampler
 from fastdiff.schedule import Grid
-from fastdiff.solvers.tuned import TUNED_SPACING
 
 SeedLike = int | Sequence[int] | torch.Tensor
 
@@ -224,6 +223,9 @@ class SampleRequest:
             int(self.jumps),
         )
 
+
+TUNED_SPACING = "tuned"
+"""The ``spacing`` that samples on a pipeline's tuned grid for the request's (sampler, steps, guidance scale)."""
 
 MAX_STEPS = 100_000
 """The most steps a request may take (a bound on the memory of its program; schedules may allow fewer)."""

@@ -21,9 +21,6 @@ import torch
 
 from fastdiff.schedule import Grid, Schedule
 
-TUNED_SPACING = "tuned"
-"""The ``spacing`` that samples on a pipeline's tuned grid for the request's (sampler, steps, guidance scale)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class TunedGrid:
